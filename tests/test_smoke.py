@@ -1,0 +1,5 @@
+import hmora_ds
+
+
+def test_version():
+    assert hmora_ds.__version__.count(".") == 2
