@@ -1,0 +1,352 @@
+"""Validated configuration of an HMoRA adapter: experts, routing and auxiliary losses.
+
+Every field maps to a symbol of ``shared/spec/method.md``. User errors raise ``ValueError``
+naming the dotted field (``routing.top_k``) and what to do; ``assert`` is kept for internal
+invariants only.
+
+A config is loaded from a preset name, a YAML/JSON file or a dict, and refined with dotted
+overrides (``routing.eps=2``), exactly like the command-line tools accept them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+#: The seven dense layers of a Qwen2 / LLaMA decoder layer that can carry adapters.
+TARGETS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+#: Router-sharing groups (spec §6): q, k, v read one input, as do gate and up.
+SHARED_GROUPS: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("gate", "up"))
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+def _fail(name: str, msg: str) -> None:
+    raise ValueError(f"{name}: {msg}")
+
+
+def _check_prob(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        _fail(name, f"must lie in [0, 1], got {value}")
+
+
+@dataclass
+class AdapterConfig:
+    """The LoRA experts (spec §1, §6).
+
+    Attributes:
+        rank: LoRA rank ``r`` of every expert.
+        alpha: LoRA ``lora_alpha``; the scaling is ``alpha / r`` (``alpha / sqrt(r)`` with rslora).
+        rslora: rank-stabilised scaling (PEFT's ``use_rslora``).
+        dropout: dropout on the experts' input, applied once per block.
+        num_experts: experts ``e`` per MoRA block.
+        targets: which dense layers get an adapter (subset of ``q k v o gate up down``).
+        hydra: one shared ``A`` and ``e`` heads ``B_i`` (Hydra LoRA).
+        single_lora_layers: targets that get one plain LoRA (no router) instead of a mixture.
+        eta_b: LoRA+ learning-rate ratio for the ``B`` matrices (1 = plain LoRA).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    rslora: bool = False
+    dropout: float = 0.1
+    num_experts: int = 8
+    targets: list[str] = field(default_factory=lambda: list(TARGETS))
+    hydra: bool = False
+    single_lora_layers: list[str] = field(default_factory=list)
+    eta_b: float = 1.0
+
+    def validate(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 1:
+            _fail("adapter.rank", f"must be a positive integer, got {self.rank!r}")
+        if self.alpha <= 0:
+            _fail("adapter.alpha", f"must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            _fail("adapter.dropout", f"must lie in [0, 1), got {self.dropout}")
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            _fail("adapter.num_experts", f"must be a positive integer, got {self.num_experts!r}")
+        for key in ("targets", "single_lora_layers"):
+            names = getattr(self, key)
+            if isinstance(names, str) or not isinstance(names, list):
+                _fail(f"adapter.{key}", f"must be a list of layer names, got {names!r}")
+            unknown = [t for t in names if t not in TARGETS]
+            if unknown:
+                _fail(f"adapter.{key}", f"unknown layer(s) {unknown}; choose from {list(TARGETS)}")
+            if len(set(names)) != len(names):
+                _fail(f"adapter.{key}", f"lists a layer twice: {names}")
+        outside = [t for t in self.single_lora_layers if t not in self.targets]
+        if outside:
+            _fail(
+                "adapter.single_lora_layers",
+                f"{outside} are not in adapter.targets {self.targets}; add them there or drop them",
+            )
+        if self.eta_b <= 0:
+            _fail("adapter.eta_b", f"must be > 0, got {self.eta_b}")
+
+    @property
+    def mixture_targets(self) -> list[str]:
+        """Targets carrying a routed mixture of experts (not single LoRA), in TARGETS order."""
+        return [t for t in TARGETS if t in self.targets and t not in self.single_lora_layers]
+
+
+@dataclass
+class RoutingConfig:
+    """Routers, the task encoder and hierarchical hybrid routing (spec §2–4).
+
+    Attributes:
+        mode: ``soft`` (eq. 14) or ``topk`` (eqs. 15–16).
+        top_k: experts kept per decision with ``topk`` (also ``k`` of L_blc).
+        topk_renorm: ``paper`` (softmax over the kept probabilities, eq. 15) or ``sum``.
+        task_encoder: ``transformer`` | ``mean_pool`` | ``none`` (token routing only).
+        encoder_layers / encoder_heads / encoder_ffn_mult / encoder_dropout: the task encoder.
+        router_dropout: dropout on the router input, ``h(x) = Linear(dropout(x))``.
+        eps, mu: α(l) = σ(−ε + 2ε·l/(L−1) + μ).
+        beta_low, beta_high: α < β_low → token routing only; α > β_high → task routing only.
+        learn_alpha: make α(l) of hybrid layers a trainable parameter.
+        share_routers: one router for q, k, v and one for gate, up, computed once per layer.
+    """
+
+    mode: str = "topk"
+    top_k: int = 2
+    topk_renorm: str = "paper"
+    task_encoder: str = "transformer"
+    encoder_layers: int = 1
+    encoder_heads: int = 16
+    encoder_ffn_mult: float = 2.0
+    encoder_dropout: float = 0.1
+    router_dropout: float = 0.1
+    eps: float = 4.0
+    mu: float = -2.0
+    beta_low: float = 0.2
+    beta_high: float = 0.8
+    learn_alpha: bool = False
+    share_routers: bool = False
+
+    def validate(self) -> None:
+        if self.mode not in ("soft", "topk"):
+            _fail("routing.mode", f"must be 'soft' or 'topk', got {self.mode!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 1:
+            _fail("routing.top_k", f"must be an integer >= 1, got {self.top_k!r}")
+        if self.topk_renorm not in ("paper", "sum"):
+            _fail("routing.topk_renorm", f"must be 'paper' or 'sum', got {self.topk_renorm!r}")
+        if self.task_encoder not in ("transformer", "mean_pool", "none"):
+            _fail(
+                "routing.task_encoder",
+                f"must be 'transformer', 'mean_pool' or 'none', got {self.task_encoder!r}",
+            )
+        if not isinstance(self.encoder_layers, int) or self.encoder_layers < 1:
+            _fail("routing.encoder_layers", f"must be an integer >= 1, got {self.encoder_layers!r}")
+        if not isinstance(self.encoder_heads, int) or self.encoder_heads < 1:
+            _fail("routing.encoder_heads", f"must be an integer >= 1, got {self.encoder_heads!r}")
+        if self.encoder_ffn_mult <= 0:
+            _fail("routing.encoder_ffn_mult", f"must be > 0, got {self.encoder_ffn_mult}")
+        for name in ("encoder_dropout", "router_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                _fail(f"routing.{name}", f"must lie in [0, 1), got {getattr(self, name)}")
+        _check_prob("routing.beta_low", self.beta_low)
+        _check_prob("routing.beta_high", self.beta_high)
+        if self.beta_low > self.beta_high:
+            _fail(
+                "routing.beta_low",
+                f"({self.beta_low}) must not exceed routing.beta_high ({self.beta_high})",
+            )
+
+
+@dataclass
+class LossConfig:
+    """Language-model and auxiliary losses (spec §5).
+
+    Attributes:
+        aux: ``cgjs`` (L_aux, eq. 12), ``blc`` (load balancing, eqs. 17–19) or ``none``.
+        gamma_b, gamma_c: CGJS balance and certainty bounds, 0 <= γ_c <= γ_b <= 1.
+        aux_weight: λ in L = L_LM + λ Σ_R L_aux^(R).
+        label_smoothing: of the LM cross-entropy on target tokens.
+    """
+
+    aux: str = "cgjs"
+    gamma_b: float = 1.0
+    gamma_c: float = 0.4
+    aux_weight: float = 0.003
+    label_smoothing: float = 0.1
+
+    def validate(self) -> None:
+        if self.aux not in ("cgjs", "blc", "none"):
+            _fail("loss.aux", f"must be 'cgjs', 'blc' or 'none', got {self.aux!r}")
+        _check_prob("loss.gamma_b", self.gamma_b)
+        _check_prob("loss.gamma_c", self.gamma_c)
+        if self.gamma_c > self.gamma_b:
+            _fail("loss.gamma_c", f"({self.gamma_c}) must not exceed loss.gamma_b ({self.gamma_b})")
+        if self.aux_weight < 0:
+            _fail("loss.aux_weight", f"must be >= 0, got {self.aux_weight}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            _fail("loss.label_smoothing", f"must lie in [0, 1), got {self.label_smoothing}")
+
+
+@dataclass
+class HMoRAConfig:
+    """The whole method: adapters, routing, losses; ``full_finetune`` trains the base instead."""
+
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    full_finetune: bool = False
+    preset: str | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field and every cross-field combination that needs no model shape."""
+        self.adapter.validate()
+        self.routing.validate()
+        self.loss.validate()
+        if self.full_finetune and self.adapter.targets:
+            _fail(
+                "full_finetune",
+                "trains the base model itself; set adapter.targets=[] (no adapters) with it",
+            )
+        if not self.full_finetune and not self.adapter.targets:
+            _fail("adapter.targets", "is empty: name at least one layer, or set full_finetune=true")
+        if self.has_mixture and self.routing.mode == "topk":
+            e = self.adapter.num_experts
+            if self.routing.top_k > e:
+                _fail(
+                    "routing.top_k",
+                    f"({self.routing.top_k}) exceeds adapter.num_experts ({e}); use top_k <= {e}",
+                )
+
+    @property
+    def has_mixture(self) -> bool:
+        """Whether any target carries a routed mixture (and so routers and aux losses)."""
+        return not self.full_finetune and bool(self.adapter.mixture_targets)
+
+    def validate_for_model(self, hidden_size: int, num_layers: int) -> None:
+        """Checks that need the base model's shape (called at injection)."""
+        from hmora_ds.routing.gates import layer_modes
+
+        if not self.has_mixture:
+            return
+        r = self.routing
+        if r.task_encoder == "transformer" and hidden_size % r.encoder_heads:
+            _fail(
+                "routing.encoder_heads",
+                f"({r.encoder_heads}) must divide the model's hidden size ({hidden_size})",
+            )
+        if r.task_encoder == "none":
+            modes = layer_modes(num_layers, r.eps, r.mu, r.beta_low, r.beta_high)
+            task_only = [i for i, m in enumerate(modes) if m == "task"]
+            if task_only:
+                _fail(
+                    "routing.task_encoder",
+                    f"'none' leaves layers {task_only} (α > beta_high={r.beta_high}) without any "
+                    "router; set routing.beta_high=1.0 or choose a task encoder",
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HMoRAConfig:
+        """Build from a nested dict; unknown keys are errors naming the key."""
+        if not isinstance(data, dict):
+            raise ValueError(f"config: expected a mapping, got {type(data).__name__}")
+        sections = {"adapter": AdapterConfig, "routing": RoutingConfig, "loss": LossConfig}
+        top = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - top)
+        if unknown:
+            raise ValueError(
+                f"config: unknown key(s) {unknown}; valid top-level keys: {sorted(top)}"
+            )
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in sections:
+                kwargs[key] = _build_section(key, sections[key], value or {})
+            else:
+                kwargs[key] = value
+        return cls(**kwargs)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> HMoRAConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist")
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return cls.from_dict(data or {})
+
+    def with_overrides(self, overrides: list[str] | dict[str, Any]) -> HMoRAConfig:
+        """A new validated config with dotted ``key=value`` overrides applied."""
+        data = self.to_dict()
+        apply_overrides(data, overrides)
+        return HMoRAConfig.from_dict(data)
+
+
+def _build_section(name: str, klass: type, values: dict[str, Any]) -> Any:
+    if not isinstance(values, dict):
+        raise ValueError(f"{name}: expected a mapping, got {values!r}")
+    valid = {f.name for f in fields(klass)}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise ValueError(f"{name}: unknown key(s) {unknown}; valid keys: {sorted(valid)}")
+    return klass(**values)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"routing.eps=2"`` → ``("routing.eps", 2)``; values are parsed as YAML scalars/lists."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r}: expected key=value, e.g. routing.eps=2")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ValueError(f"override {item!r}: empty key")
+    return key, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> None:
+    """Apply dotted overrides in place to a nested dict, refusing keys that do not exist."""
+    pairs = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides)
+    for key, value in pairs:
+        node = data
+        parts = key.split(".")
+        for depth, part in enumerate(parts):
+            if not isinstance(node, dict) or part not in node:
+                where = ".".join(parts[: depth + 1])
+                raise ValueError(f"override {key}: unknown key {where!r}")
+            if depth == len(parts) - 1:
+                node[part] = value
+            else:
+                node = node[part]
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def load_config(
+    source: str | Path | dict[str, Any] | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> HMoRAConfig:
+    """Load a config from a preset name, a YAML/JSON path or a dict, then apply overrides.
+
+    Args:
+        source: preset name (``hmora_lw``), file path, dict, or None for the defaults.
+        overrides: dotted ``key=value`` strings or a ``{dotted_key: value}`` dict.
+    """
+    if source is None:
+        cfg = HMoRAConfig()
+    elif isinstance(source, dict):
+        cfg = HMoRAConfig.from_dict(source)
+    elif Path(source).suffix in (".yaml", ".yml", ".json"):
+        cfg = HMoRAConfig.from_file(source)
+    else:
+        path = PRESETS_DIR / f"{source}.yaml"
+        if not path.is_file():
+            raise ValueError(f"preset {source!r} does not exist; available: {available_presets()}")
+        cfg = HMoRAConfig.from_file(path)
+        cfg.preset = str(source)
+    return cfg.with_overrides(overrides) if overrides else cfg

@@ -1,0 +1,116 @@
+"""Config loading, overrides and every invalid combination named by the foundation issue."""
+
+import json
+import re
+
+import pytest
+
+from hmora_ds.config import HMoRAConfig, available_presets, load_config
+from tests.conftest import PRESETS, tiny_hmora
+
+
+def test_all_presets_ship_and_load():
+    assert set(PRESETS) <= set(available_presets())
+    for name in PRESETS:
+        cfg = load_config(name)
+        assert cfg.preset == name
+        assert HMoRAConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
+
+
+def test_paper_main_result_settings():
+    lw = load_config("hmora_lw")
+    assert (lw.adapter.rank, lw.adapter.num_experts, lw.routing.top_k) == (8, 8, 2)
+    assert (lw.routing.eps, lw.routing.mu, lw.routing.beta_low, lw.routing.beta_high) == (
+        4.0,
+        -2.0,
+        0.2,
+        0.8,
+    )
+    assert (lw.loss.aux, lw.loss.gamma_b, lw.loss.gamma_c, lw.loss.aux_weight) == (
+        "cgjs",
+        1.0,
+        0.4,
+        0.003,
+    )
+    assert lw.adapter.eta_b == 2.0 and lw.adapter.hydra and lw.routing.share_routers
+    assert lw.adapter.single_lora_layers == ["o", "down"]
+    assert load_config("hmora").adapter.eta_b == 1.0
+    assert load_config("mixlora").loss.aux == "blc"
+
+
+def test_dotted_overrides_parse_types():
+    cfg = load_config(
+        "hmora",
+        [
+            "routing.eps=2",
+            "routing.mu=0",
+            "routing.beta_low=0.1",
+            "routing.beta_high=0.9",
+            "routing.share_routers=true",
+            "routing.task_encoder=mean_pool",
+            "adapter.num_experts=16",
+            "adapter.rank=4",
+            "adapter.hydra=true",
+            "adapter.single_lora_layers=[o, down]",
+        ],
+    )
+    assert cfg.routing.eps == 2 and cfg.routing.mu == 0
+    assert cfg.routing.share_routers is True and cfg.routing.task_encoder == "mean_pool"
+    assert cfg.adapter.num_experts == 16 and cfg.adapter.rank == 4 and cfg.adapter.hydra
+    assert cfg.adapter.single_lora_layers == ["o", "down"]
+
+
+def test_load_from_yaml_and_json(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("adapter:\n  rank: 4\nrouting:\n  mode: soft\n")
+    assert load_config(y).adapter.rank == 4
+    j = tmp_path / "c.json"
+    j.write_text(json.dumps({"loss": {"aux": "blc", "aux_weight": 0.01}}))
+    assert load_config(j, {"routing.top_k": 1}).routing.top_k == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (["routing.top_k=9"], "routing.top_k"),  # k > e
+        (["routing.top_k=0"], "routing.top_k"),  # k < 1
+        (["loss.gamma_b=1.5"], "loss.gamma_b"),
+        (["loss.gamma_c=-0.1"], "loss.gamma_c"),
+        (["loss.gamma_b=0.3", "loss.gamma_c=0.5"], "loss.gamma_c"),  # γ_c > γ_b
+        (["adapter.targets=[q, attn]"], "adapter.targets"),
+        (["adapter.rank=0"], "adapter.rank"),
+        (["adapter.num_experts=0"], "adapter.num_experts"),
+        (["adapter.single_lora_layers=[q]", "adapter.targets=[k]"], "adapter.single_lora_layers"),
+        (["routing.mode=dense"], "routing.mode"),
+        (["routing.topk_renorm=l1"], "routing.topk_renorm"),
+        (["routing.task_encoder=lstm"], "routing.task_encoder"),
+        (["routing.beta_low=0.9", "routing.beta_high=0.8"], "routing.beta_low"),
+        (["loss.aux=entropy"], "loss.aux"),
+        (["adapter.dropout=1.0"], "adapter.dropout"),
+        (["adapter.targets=[]"], "adapter.targets"),
+    ],
+)
+def test_invalid_combinations_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match="^" + re.escape(field) + ":"):
+        load_config("hmora", overrides)
+
+
+def test_unknown_keys_and_presets():
+    with pytest.raises(ValueError, match=r"unknown key 'routing\.epsilon'"):
+        load_config("hmora", ["routing.epsilon=2"])
+    with pytest.raises(ValueError, match=r"adapter: unknown key\(s\) \['ranks'\]"):
+        HMoRAConfig.from_dict({"adapter": {"ranks": 3}})
+    with pytest.raises(ValueError, match="preset 'hmora_xl' does not exist; available"):
+        load_config("hmora_xl")
+    with pytest.raises(ValueError, match="expected key=value"):
+        load_config("hmora", ["routing.eps"])
+
+
+def test_shape_dependent_checks_at_injection():
+    # 64 hidden / 5 heads does not divide.
+    with pytest.raises(ValueError, match=r"^routing\.encoder_heads: \(5\) must divide .* \(64\)"):
+        tiny_hmora("hmora", overrides=["routing.encoder_heads=5"])
+    # ε = 4, μ = −2 over 6 layers: the last layer is task-only, impossible without an encoder.
+    with pytest.raises(ValueError, match=r"^routing\.task_encoder: 'none' leaves layers \[5\]"):
+        tiny_hmora("hmora", overrides=["routing.task_encoder=none"])
+    tiny_hmora("hmora", overrides=["routing.task_encoder=none", "routing.beta_high=1.0"])
