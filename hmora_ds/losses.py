@@ -1,0 +1,163 @@
+"""Auxiliary routing losses as pure functions of router probabilities (spec §5).
+
+Shapes: ``N…`` routing decisions (tokens (B, T) for a token router, sequences (B,) for a task
+router), ``E`` experts. ``probs`` has shape (N…, E) with rows summing to 1 (the router's own
+softmax, before hybrid mixing and top-k); ``mask`` has shape (N…), 1 = valid decision.
+
+Global batch: with ``group`` set, the masked sums and counts are all-reduced over that process
+group with a *differentiable* all-reduce, so each rank's value and gradient equal those of one
+process holding the concatenated batch. Everything is computed in fp32. ``H`` is the natural-log
+entropy with 0·log 0 = 0; ``Ĥ = H / log E``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """H(p) = −Σ p log p over the last dim, with 0·log 0 = 0 (natural log)."""
+    return -torch.special.xlogy(probs, probs).sum(dim=-1)
+
+
+def _flatten(probs: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    e = probs.shape[-1]
+    p = probs.float().reshape(-1, e)
+    if mask is None:
+        m = torch.ones(p.shape[0], device=p.device, dtype=p.dtype)
+    else:
+        if mask.shape != probs.shape[:-1]:
+            raise ValueError(
+                f"mask: shape {tuple(mask.shape)} must equal probs.shape[:-1] "
+                f"{tuple(probs.shape[:-1])}"
+            )
+        m = mask.reshape(-1).to(p.dtype)
+    return p, m
+
+
+def _all_reduce(t: torch.Tensor, group: Any) -> torch.Tensor:
+    if group is None:
+        return t
+    # The functional all-reduce is differentiable (its backward all-reduces the gradient);
+    # an in-place dist.all_reduce on a tensor that needs grad gives wrong gradients.
+    import torch.distributed.nn.functional as dist_fn
+
+    return dist_fn.all_reduce(t, group=group)
+
+
+def routing_moments(
+    probs: torch.Tensor, mask: torch.Tensor | None = None, *, group: Any = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """M = mean p, mean H(p) and the decision count over the (global) batch.
+
+    Returns:
+        ``(M (E,), mean_entropy (), count ())``, differentiable in ``probs``; with no valid
+        decision M is 0 and the mean entropy 0.
+    """
+    p, m = _flatten(probs, mask)
+    e = p.shape[-1]
+    sums = torch.cat(
+        [(p * m.unsqueeze(-1)).sum(0), (entropy(p) * m).sum().reshape(1), m.sum().reshape(1)]
+    )
+    sums = _all_reduce(sums, group)
+    count = sums[e + 1].detach()
+    denom = count.clamp_min(1.0)
+    return sums[:e] / denom, sums[e] / denom, count
+
+
+def _log_experts(e: int) -> float:
+    if e < 2:
+        raise ValueError(f"probs: routing needs at least 2 experts, got {e}")
+    return math.log(e)
+
+
+def cgjs_divergence(
+    probs: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    gamma_b: float = 1.0,
+    gamma_c: float = 0.4,
+    group: Any = None,
+) -> torch.Tensor:
+    """CGJS(G) = min(H(M), γ_b log E) − max(mean_i H(p^(i)), γ_c log E) (eq. 11), in nats."""
+    log_e = _log_experts(probs.shape[-1])
+    mean_p, mean_h, _ = routing_moments(probs, mask, group=group)
+    return torch.clamp(entropy(mean_p), max=gamma_b * log_e) - torch.clamp(
+        mean_h, min=gamma_c * log_e
+    )
+
+
+def cgjs_loss(
+    probs: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    gamma_b: float = 1.0,
+    gamma_c: float = 0.4,
+    group: Any = None,
+) -> torch.Tensor:
+    """L_aux = max((γ_b − γ_c) log E − CGJS(G), 0) / log E for one router (eq. 12).
+
+    Equivalently ``(γ_b − min(Ĥ(M), γ_b)) + (max(mean Ĥ(p), γ_c) − γ_c)``: zero exactly when
+    routing is balanced to γ_b and certain to γ_c. Returns an fp32 scalar.
+    """
+    if not 0.0 <= gamma_c <= gamma_b <= 1.0:
+        raise ValueError(f"cgjs_loss: need 0 <= gamma_c <= gamma_b <= 1, got {gamma_c}, {gamma_b}")
+    log_e = _log_experts(probs.shape[-1])
+    mean_p, mean_h, count = routing_moments(probs, mask, group=group)
+    balance = entropy(mean_p) / log_e
+    certainty = mean_h / log_e
+    loss = (gamma_b - torch.clamp(balance, max=gamma_b)) + (
+        torch.clamp(certainty, min=gamma_c) - gamma_c
+    )
+    return torch.where(count > 0, loss, torch.zeros_like(loss))
+
+
+def load_balance_loss(
+    probs: torch.Tensor, k: int, mask: torch.Tensor | None = None, *, group: Any = None
+) -> torch.Tensor:
+    """L_blc = E · Σ_i F_i · P_i (eqs. 17–19) for one router.
+
+    ``F_i`` is the fraction of valid decisions whose top-k contains expert i, divided by k
+    (not differentiable); ``P_i`` the mean probability of expert i. Returns an fp32 scalar.
+    """
+    p, m = _flatten(probs, mask)
+    e = p.shape[-1]
+    if not 1 <= k <= e:
+        raise ValueError(f"load_balance_loss: k must lie in [1, {e}], got {k}")
+    chosen = torch.zeros_like(p).scatter(-1, p.topk(k, dim=-1).indices, 1.0)
+    sums = torch.cat(
+        [(chosen * m.unsqueeze(-1)).sum(0), (p * m.unsqueeze(-1)).sum(0), m.sum().reshape(1)]
+    )
+    sums = _all_reduce(sums, group)
+    count = sums[2 * e].detach().clamp_min(1.0)
+    frac = sums[:e].detach() / (k * count)
+    mean_p = sums[e : 2 * e] / count
+    return e * (frac * mean_p).sum()
+
+
+@torch.no_grad()
+def routing_statistics(
+    probs: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    k: int | None = None,
+    group: Any = None,
+) -> dict[str, torch.Tensor]:
+    """Detached per-router statistics (figure 3, table 13).
+
+    Returns:
+        ``balance`` Ĥ(M), ``certainty`` mean Ĥ(p) (lower = more certain), and ``load`` (E,): the
+        share of top-k selections per expert when ``k`` is given, else M.
+    """
+    log_e = _log_experts(probs.shape[-1])
+    mean_p, mean_h, count = routing_moments(probs, mask, group=group)
+    stats = {"balance": entropy(mean_p) / log_e, "certainty": mean_h / log_e, "load": mean_p}
+    if k is not None:
+        p, m = _flatten(probs, mask)
+        chosen = torch.zeros_like(p).scatter(-1, p.topk(k, dim=-1).indices, 1.0)
+        sel = _all_reduce((chosen * m.unsqueeze(-1)).sum(0), group)
+        stats["load"] = sel / (k * count.clamp_min(1.0))
+    return stats

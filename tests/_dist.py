@@ -1,0 +1,36 @@
+"""Spawning several CPU (gloo) ranks from a test, always with a timeout."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch.multiprocessing as mp
+
+
+def _entry(rank: int, world: int, init_file: str, fn, args) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, world: int, tmp_path, *args, timeout: float = 120.0) -> None:
+    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; fail (never hang) after timeout."""
+    init_file = str(tmp_path / "dist_init")
+    if os.path.exists(init_file):
+        os.remove(init_file)
+    ctx = mp.start_processes(
+        _entry, args=(world, init_file, fn, args), nprocs=world, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise TimeoutError(f"{world}-rank run of {fn.__name__} exceeded {timeout:.0f}s")

@@ -1,0 +1,129 @@
+"""CGJS L_aux (eqs. 9–13) and L_blc (eqs. 17–19) against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from hmora_ds.losses import (
+    cgjs_divergence,
+    cgjs_loss,
+    entropy,
+    load_balance_loss,
+    routing_statistics,
+)
+from tests._dist import run_ranks
+
+EYE4 = torch.eye(4)
+
+
+def test_cgjs_zero_when_balanced_and_certain():
+    assert cgjs_loss(EYE4).item() == 0.0
+    assert cgjs_loss(EYE4, gamma_b=1.0, gamma_c=0.0).item() == 0.0
+
+
+@pytest.mark.parametrize(
+    ("probs", "expected"),
+    [
+        (torch.full((5, 4), 0.25), 0.6),  # balanced, maximally uncertain: 1 − 0.4
+        (EYE4[[0, 0, 0]], 1.0),  # certain, fully collapsed: γ_b − 0
+        (torch.tensor([[0.5, 0.5, 0, 0]] * 2), (1 - 0.5) + (0.5 - 0.4)),  # Ĥ(M) = Ĥ(p) = 1/2
+    ],
+)
+def test_cgjs_hand_values(probs, expected):
+    assert cgjs_loss(probs).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_cgjs_two_forms_agree_and_bounds_clip():
+    gen = torch.Generator().manual_seed(0)
+    for gb, gc in [(1.0, 0.4), (0.8, 0.2), (0.5, 0.5)]:
+        for temp in (0.1, 1.0, 5.0):
+            probs = torch.softmax(torch.randn(32, 8, generator=gen) / temp, -1)
+            cg = cgjs_divergence(probs, gamma_b=gb, gamma_c=gc)
+            eq12 = torch.clamp((gb - gc) * math.log(8) - cg, min=0) / math.log(8)
+            ref = cgjs_loss(probs, gamma_b=gb, gamma_c=gc)
+            torch.testing.assert_close(ref, eq12)
+            hm = entropy(probs.mean(0)) / math.log(8)
+            hp = entropy(probs).mean() / math.log(8)
+            torch.testing.assert_close(ref, (gb - hm.clamp(max=gb)) + (hp.clamp(min=gc) - gc))
+
+
+def test_cgjs_masks_padding_and_accepts_token_shapes():
+    probs = torch.tensor([[[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0], [0.1, 0.2, 0.3, 0.4]]])
+    mask = torch.tensor([[1, 1, 0]])
+    assert cgjs_loss(probs, mask).item() == pytest.approx(0.6, abs=1e-6)
+    assert cgjs_loss(probs, torch.zeros(1, 3)).item() == 0.0
+    with pytest.raises(ValueError, match="mask: shape"):
+        cgjs_loss(probs, torch.ones(3))
+    with pytest.raises(ValueError, match="at least 2 experts"):
+        cgjs_loss(torch.ones(3, 1))
+
+
+def test_cgjs_is_fp32_under_low_precision_input():
+    probs = torch.softmax(torch.randn(16, 8), -1)
+    low = cgjs_loss(probs.to(torch.bfloat16))
+    assert low.dtype == torch.float32
+    assert low.item() == pytest.approx(cgjs_loss(probs.to(torch.bfloat16).float()).item())
+
+
+def test_load_balance_hand_values():
+    p = torch.tensor([[0.6, 0.2, 0.15, 0.05], [0.1, 0.6, 0.25, 0.05]])
+    # k = 2: top-2 sets {0, 1}, {1, 2} → F = [1, 2, 1, 0] / (2·2); P = column means.
+    assert load_balance_loss(p, 2).item() == pytest.approx(
+        4 * (0.25 * 0.35 + 0.5 * 0.4 + 0.25 * 0.2)
+    )
+    # k = 1: F = [1/2, 1/2, 0, 0].
+    assert load_balance_loss(p, 1).item() == pytest.approx(4 * (0.5 * 0.35 + 0.5 * 0.4))
+    # Perfectly balanced one-hot routing gives the minimum, 1.
+    assert load_balance_loss(EYE4, 1).item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="k must lie in"):
+        load_balance_loss(p, 5)
+
+
+def test_load_balance_gradient_flows_through_p_only():
+    logits = torch.randn(10, 4, requires_grad=True)
+    load_balance_loss(torch.softmax(logits, -1), 2).backward()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_routing_statistics_on_known_distributions():
+    s = routing_statistics(EYE4[[0, 1, 2, 3]], k=1)
+    assert s["balance"].item() == pytest.approx(1.0)
+    assert s["certainty"].item() == pytest.approx(0.0)
+    torch.testing.assert_close(s["load"], torch.full((4,), 0.25))
+    s = routing_statistics(torch.full((3, 4), 0.25))
+    assert s["certainty"].item() == pytest.approx(1.0)
+
+
+def _global_worker(rank, world, probs_logits, mask, out_dir):
+    import torch.distributed as dist
+
+    local = probs_logits.chunk(world)[rank].clone().requires_grad_(True)
+    local_mask = mask.chunk(world)[rank]
+    probs = torch.softmax(local, -1)
+    cg = cgjs_loss(probs, local_mask, group=dist.group.WORLD)
+    blc = load_balance_loss(probs, 2, local_mask, group=dist.group.WORLD)
+    (cg + blc).backward()
+    # Data-parallel engines average gradients over ranks: do the same for the comparison.
+    torch.save(
+        {"cg": cg.detach(), "blc": blc.detach(), "grad": local.grad / world},
+        out_dir / f"rank{rank}.pt",
+    )
+
+
+def test_global_batch_statistics_two_ranks_equal_one_process(tmp_path):
+    torch.manual_seed(0)
+    logits = torch.randn(12, 8)
+    mask = torch.tensor([1, 1, 1, 0, 1, 1, 1, 1, 0, 0, 1, 1])
+    run_ranks(_global_worker, 2, tmp_path, logits, mask, tmp_path, timeout=90)
+    ref_logits = logits.clone().requires_grad_(True)
+    probs = torch.softmax(ref_logits, -1)
+    cg, blc = cgjs_loss(probs, mask), load_balance_loss(probs, 2, mask)
+    (cg + blc).backward()
+    grads = []
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(got["cg"], cg.detach())
+        torch.testing.assert_close(got["blc"], blc.detach())
+        grads.append(got["grad"])
+    torch.testing.assert_close(torch.cat(grads), ref_logits.grad)
