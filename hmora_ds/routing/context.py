@@ -1,0 +1,122 @@
+"""The routing context: how the task representation reaches every router (spec §3).
+
+One :class:`RoutingContext` is owned by the wrapper model and handed to every router group at
+injection. The wrapper binds the task representation at the start of each forward and it stays
+bound until the next forward, so activation-checkpoint recomputation (which runs during
+backward, after the forward returned) sees the same tensor. Routing *records* (the router
+probabilities the auxiliary losses need) are collected only inside the wrapper's forward scope,
+so a recompute never records twice.
+
+Nothing here is set from the training loop: the wrapper's own ``forward`` and ``generate`` are
+the only writers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class RoutingRecord:
+    """Probabilities of one router in one forward.
+
+    Attributes:
+        name: router name, e.g. ``layer03.qkv.token``.
+        probs: (B, T, E) for a token router, (B, E) for a task router; the router's own softmax.
+        mask: (B, T) validity of token decisions (1 = real token), or None (all valid).
+    """
+
+    name: str
+    probs: torch.Tensor
+    mask: torch.Tensor | None
+
+    @property
+    def kind(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
+
+
+class RoutingContext:
+    """Per-forward routing state shared by the router groups of one model."""
+
+    def __init__(self) -> None:
+        self.forward_id = 0
+        self._task_repr: torch.Tensor | None = None
+        self._token_mask: torch.Tensor | None = None
+        self._expand_batch = False
+        self._recording = False
+        self._records: list[RoutingRecord] = []
+
+    @contextlib.contextmanager
+    def forward_scope(
+        self,
+        task_repr: torch.Tensor | None,
+        token_mask: torch.Tensor | None,
+        *,
+        record: bool,
+        expand_batch: bool = False,
+    ) -> Iterator[list[RoutingRecord]]:
+        """Bind the task representation for one model forward and collect routing records.
+
+        Args:
+            task_repr: (B, D) task representation, or None when no layer routes by task.
+            token_mask: (B, T) 1 for real tokens, used to mask token-router statistics.
+            record: collect routing records (training/eval forwards; not generation steps).
+            expand_batch: allow inputs whose batch is a multiple of B (generation with beams
+                or several return sequences, which repeat each prompt consecutively).
+
+        Yields:
+            The list that receives this forward's records.
+        """
+        self.forward_id += 1
+        self._task_repr = task_repr
+        self._token_mask = token_mask
+        self._expand_batch = expand_batch
+        self._records = []
+        self._recording = record
+        try:
+            yield self._records
+        finally:
+            # The task representation stays bound (checkpoint recompute needs it); recording
+            # stops so a recompute during backward adds nothing.
+            self._recording = False
+
+    @property
+    def task_repr(self) -> torch.Tensor | None:
+        """The task representation bound by the last forward (None if none)."""
+        return self._task_repr
+
+    def record(self, name: str, probs: torch.Tensor, mask: torch.Tensor | None) -> None:
+        if self._recording:
+            self._records.append(RoutingRecord(name, probs, mask))
+
+    def token_mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The (B, T) token mask matching ``x`` (B, T, D), or None when not recording."""
+        if not self._recording or self._token_mask is None:
+            return None
+        if self._token_mask.shape != x.shape[:-1]:
+            raise RuntimeError(
+                f"routing context: token mask {tuple(self._token_mask.shape)} does not match "
+                f"the routed input {tuple(x.shape[:-1])}"
+            )
+        return self._token_mask
+
+    def task_repr_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The (N, D) task representation for the N sequences of ``x`` (N, T, D)."""
+        rep = self._task_repr
+        if rep is None:
+            raise RuntimeError(
+                "routing context: a task router ran but no task representation is bound; "
+                "call the HMoRA wrapper model (its forward/generate), not the inner HF model"
+            )
+        n, b = x.shape[0], rep.shape[0]
+        if n == b:
+            return rep
+        if self._expand_batch and n % b == 0:
+            return rep.repeat_interleave(n // b, dim=0)
+        raise RuntimeError(
+            f"routing context: input batch {n} does not match the task representation batch {b}"
+        )

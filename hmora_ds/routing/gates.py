@@ -1,0 +1,176 @@
+"""Routers and hierarchical hybrid routing (spec §2, §4).
+
+Shapes: ``B`` batch, ``T`` tokens, ``D`` router input width, ``E`` experts.
+
+A :class:`RouterGroup` serves one or more adapted linears of one decoder layer that read the
+same input (q/k/v, gate/up when routers are shared). It owns that layer's token router, task
+router and α, and computes the gates **once per input tensor**: the first member to ask computes,
+the others get the same tensor. The memo is keyed on the identity of the input tensor and the
+routing context's forward counter, so it does not depend on which member is called first.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from hmora_ds.routing.context import RoutingContext
+
+
+def layer_alphas(num_layers: int, eps: float, mu: float) -> list[float]:
+    """α(l) = σ(−ε + 2ε·l/(L−1) + μ) for l = 0 … L−1 (spec §4, paper eq. 8 / table 5).
+
+    The denominator ``L−1`` makes α span exactly ``[σ(−ε+μ), σ(ε+μ)]``.
+    """
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    denom = max(num_layers - 1, 1)
+    return [_sigmoid(-eps + 2.0 * eps * layer / denom + mu) for layer in range(num_layers)]
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def layer_modes(
+    num_layers: int, eps: float, mu: float, beta_low: float, beta_high: float
+) -> list[str]:
+    """Per layer: ``token`` (α < β_low), ``task`` (α > β_high) or ``hybrid``."""
+    modes = []
+    for alpha in layer_alphas(num_layers, eps, mu):
+        if alpha < beta_low:
+            modes.append("token")
+        elif alpha > beta_high:
+            modes.append("task")
+        else:
+            modes.append("hybrid")
+    return modes
+
+
+def topk_gates(probs: torch.Tensor, k: int, renorm: str = "paper") -> torch.Tensor:
+    """Keep the ``k`` largest entries of ``probs`` (…, E) and renormalise (eqs. 15–16).
+
+    ``paper``: softmax over the kept probabilities with −inf elsewhere (eq. 15 literally).
+    ``sum``: ``p_i / Σ_kept p``. Unselected experts get exactly 0 (and so zero gradient).
+    """
+    top_vals, top_idx = probs.topk(k, dim=-1)
+    if renorm == "paper":
+        kept = torch.softmax(top_vals, dim=-1)
+    elif renorm == "sum":
+        kept = top_vals / top_vals.sum(dim=-1, keepdim=True).clamp_min(
+            torch.finfo(probs.dtype).tiny
+        )
+    else:
+        raise ValueError(f"routing.topk_renorm: must be 'paper' or 'sum', got {renorm!r}")
+    return torch.zeros_like(probs).scatter(-1, top_idx, kept)
+
+
+class Router(nn.Module):
+    """``h(x) = Linear(dropout(x))`` → logits ∈ R^E (appendix A); returns ``softmax(h(x))``."""
+
+    def __init__(self, in_features: int, num_experts: int, dropout: float) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(in_features, num_experts, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.linear(self.dropout(x))
+        return torch.softmax(logits.float(), dim=-1)
+
+
+class RouterGroup(nn.Module):
+    """Gates of one decoder layer for the adapted linears that share one input.
+
+    Args:
+        name: stable name for statistics, e.g. ``layer03.qkv``.
+        in_features: width of the dense layers' input (token router input).
+        task_features: width of the task representation (task router input).
+        layer_mode: ``token`` | ``task`` | ``hybrid`` for this layer.
+        alpha: α(l) of this layer (used by ``hybrid`` only).
+        num_experts, mode, top_k, topk_renorm, dropout, learn_alpha: see RoutingConfig.
+        context: the routing context owned by the wrapper model.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        in_features: int,
+        task_features: int,
+        layer_mode: str,
+        alpha: float,
+        num_experts: int,
+        mode: str,
+        top_k: int,
+        topk_renorm: str,
+        dropout: float,
+        learn_alpha: bool,
+        context: RoutingContext,
+    ) -> None:
+        super().__init__()
+        assert layer_mode in ("token", "task", "hybrid"), layer_mode
+        self.name = name
+        self.layer_mode = layer_mode
+        self.mode = mode
+        self.top_k = top_k
+        self.topk_renorm = topk_renorm
+        self.num_experts = num_experts
+        self.token_router = (
+            Router(in_features, num_experts, dropout) if layer_mode != "task" else None
+        )
+        self.task_router = (
+            Router(task_features, num_experts, dropout) if layer_mode != "token" else None
+        )
+        logit = math.log(alpha) - math.log1p(-alpha) if 0.0 < alpha < 1.0 else 0.0
+        if layer_mode == "hybrid" and learn_alpha:
+            # α = σ(a), a initialised so that α starts at α(l); no weight decay (see optim).
+            self.alpha_logit = nn.Parameter(torch.tensor(logit))
+        else:
+            self.register_buffer("alpha_logit", torch.tensor(logit), persistent=False)
+        # The context is shared by every group of the model; a plain attribute, not a module.
+        self._ctx = context
+        self._memo_key: tuple[weakref.ref, int] | None = None
+        self._memo_gates: torch.Tensor | None = None
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        return torch.sigmoid(self.alpha_logit)
+
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """Gates for input ``x`` (B, T, D) → (B, T, E) or (B, 1, E) for task-only layers.
+
+        Computed once per (input tensor, forward); later members of the group reuse it.
+        """
+        key = self._memo_key
+        if key is not None and key[0]() is x and key[1] == self._ctx.forward_id:
+            return self._memo_gates
+        gates = self(x)
+        self._memo_key = (weakref.ref(x), self._ctx.forward_id)
+        self._memo_gates = gates
+        return gates
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = self._ctx
+        p_token = p_task = None
+        if self.token_router is not None:
+            p_token = self.token_router(x)  # (B, T, E), fp32
+            ctx.record(f"{self.name}.token", p_token, ctx.token_mask_for(x))
+        if self.task_router is not None:
+            task_repr = ctx.task_repr_for(x)  # (B, D_task)
+            p_task = self.task_router(task_repr)  # (B, E)
+            ctx.record(f"{self.name}.task", p_task, None)
+            p_task = p_task.unsqueeze(-2)  # (B, 1, E): one decision per sequence
+        if p_token is None:
+            g = p_task
+        elif p_task is None:
+            g = p_token
+        else:
+            a = self.alpha
+            g = a * p_task + (1.0 - a) * p_token
+        if self.mode == "topk":
+            g = topk_gates(g, self.top_k, self.topk_renorm)
+        return g

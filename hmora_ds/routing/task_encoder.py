@@ -1,0 +1,128 @@
+"""The task encoder: H_task = TaskEncoder([Embed(T_in) ; e_task]) at the e_task slot (spec §3).
+
+Shapes: ``B`` batch, ``T`` tokens of the model input, ``D`` hidden size.
+
+Only prompt tokens enter (``prompt_mask``), packed to the left of each row in their original
+order, followed by the trainable ``e_task`` vector; positions count from 0 inside that packed
+row, so a sequence gets exactly the same representation alone or in any padded batch, with left
+or right padding. Sinusoidal positions are scaled to the RMS of the embedding table (an unscaled
+sinusoid has RMS ≈ 0.7, which drowns embeddings of RMS ≈ 0.02).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def sinusoid_positions(length: int, dim: int, device: torch.device) -> torch.Tensor:
+    """The (length, dim) sinusoidal table of "Attention is all you need" (RMS = sqrt(1/2))."""
+    pos = torch.arange(length, device=device, dtype=torch.float32).unsqueeze(1)
+    freq = torch.exp(
+        torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim)
+    )
+    table = torch.zeros(length, dim, device=device)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq[: dim // 2])
+    return table
+
+
+def pack_prompt(
+    embeds: torch.Tensor, prompt_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move each row's prompt embeddings to the front, keeping their order.
+
+    Args:
+        embeds: (B, T, D) token embeddings.
+        prompt_mask: (B, T) 1/True on prompt tokens.
+
+    Returns:
+        packed (B, T, D) with zeros after each row's prompt, and the prompt lengths (B,).
+    """
+    mask = prompt_mask.bool()
+    # Stable sort on "not prompt" puts prompt positions first, in their original order.
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
+    lengths = mask.sum(dim=1)
+    valid = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0) < lengths.unsqueeze(1)
+    packed = embeds.gather(1, order.unsqueeze(-1).expand_as(embeds))
+    packed = packed * valid.unsqueeze(-1).to(packed.dtype)
+    return packed, lengths
+
+
+class TaskEncoder(nn.Module):
+    """Transformer or mean-pool encoder of the prompt into one task vector per sequence.
+
+    Args:
+        hidden_size: the LLM's hidden size D (the encoder's d_model).
+        kind: ``transformer`` or ``mean_pool``.
+        num_layers, num_heads, ffn_mult, dropout: the ``nn.TransformerEncoderLayer`` stack
+            (paper: 1 layer, 16 heads, FFN 2·D, dropout 0.1).
+        init_task_embedding: (D,) initial ``e_task`` (the embedding of ``?``), or None to leave
+            it zero (e.g. on the ``meta`` device).
+        position_scale: RMS the positional table is scaled to (the embeddings' RMS).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        kind: str = "transformer",
+        num_layers: int = 1,
+        num_heads: int = 16,
+        ffn_mult: float = 2.0,
+        dropout: float = 0.1,
+        init_task_embedding: torch.Tensor | None = None,
+        position_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        assert kind in ("transformer", "mean_pool"), kind
+        self.kind = kind
+        self.hidden_size = hidden_size
+        if kind == "transformer":
+            layer = nn.TransformerEncoderLayer(
+                d_model=hidden_size,
+                nhead=num_heads,
+                dim_feedforward=round(ffn_mult * hidden_size),
+                dropout=dropout,
+                batch_first=True,
+            )
+            self.encoder = nn.TransformerEncoder(
+                layer, num_layers=num_layers, enable_nested_tensor=False
+            )
+            self.task_embedding = nn.Parameter(torch.zeros(hidden_size))
+            if init_task_embedding is not None:
+                with torch.no_grad():
+                    self.task_embedding.copy_(init_task_embedding.reshape(hidden_size))
+            # RMS of the sinusoid is sqrt(1/2): rescale it to the embeddings' RMS.
+            self.register_buffer(
+                "position_scale",
+                torch.tensor(float(position_scale) * math.sqrt(2.0)),
+                persistent=False,
+            )
+
+    def forward(self, embeds: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """Encode the prompt tokens of each row.
+
+        Args:
+            embeds: (B, T, D) embeddings of the model input (frozen table).
+            prompt_mask: (B, T) 1 on prompt tokens.
+
+        Returns:
+            (B, D) task representation.
+        """
+        packed, lengths = pack_prompt(embeds, prompt_mask)
+        if self.kind == "mean_pool":
+            return packed.sum(dim=1) / lengths.clamp_min(1).unsqueeze(-1).to(packed.dtype)
+        bsz, t, d = packed.shape
+        # One extra slot so that e_task always fits right after the longest prompt.
+        packed = torch.cat([packed, packed.new_zeros(bsz, 1, d)], dim=1)
+        pos = torch.arange(t + 1, device=packed.device).unsqueeze(0)  # (1, T+1)
+        is_task = pos == lengths.unsqueeze(1)  # (B, T+1)
+        task_vec = self.task_embedding.to(packed.dtype).expand(bsz, t + 1, d)
+        x = torch.where(is_task.unsqueeze(-1), task_vec, packed)
+        table = sinusoid_positions(t + 1, d, packed.device) * self.position_scale
+        x = x + table.to(x.dtype).unsqueeze(0)
+        ignore = pos > lengths.unsqueeze(1)  # keys after e_task are padding
+        out = self.encoder(x, src_key_padding_mask=ignore)
+        return out.gather(1, lengths.view(bsz, 1, 1).expand(bsz, 1, d)).squeeze(1)

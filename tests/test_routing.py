@@ -1,0 +1,129 @@
+"""α(l), layer modes, top-k renormalisations, router sharing and the task encoder."""
+
+import math
+
+import pytest
+import torch
+
+from hmora_ds.routing import layer_alphas, layer_modes, topk_gates
+from hmora_ds.routing.task_encoder import TaskEncoder
+from tests.conftest import batch, tiny_hmora
+
+
+@pytest.mark.parametrize(
+    ("eps", "mu", "row"),
+    [  # Paper table 5 (its "L = 5" means layers l = 0 … 5, i.e. six layers).
+        (2, 0, [0.12, 0.23, 0.40, 0.60, 0.77, 0.88]),
+        (-2, 0, [0.88, 0.77, 0.60, 0.40, 0.23, 0.12]),
+        (10, 0, [0, 0, 0.12, 0.88, 1, 1]),
+        (10, 4, [0, 0.12, 0.88, 1, 1, 1]),
+        (0, 0, [0.5] * 6),
+    ],
+)
+def test_layer_alphas_reproduce_paper_table5(eps, mu, row):
+    assert [round(a, 2) for a in layer_alphas(6, eps, mu)] == row
+
+
+def test_layer_alphas_span_and_modes_on_qwen2_depth():
+    alphas = layer_alphas(28, 4, -2)
+    assert alphas[0] == pytest.approx(1 / (1 + math.exp(6)))
+    assert alphas[-1] == pytest.approx(1 / (1 + math.exp(-2)))
+    modes = layer_modes(28, 4, -2, 0.2, 0.8)
+    # α < 0.2 ⇔ l < 15.57; α > 0.8 ⇔ l > 24.93 (hand-solved from eq. 8).
+    assert modes == ["token"] * 16 + ["hybrid"] * 9 + ["task"] * 3
+
+
+def test_topk_both_renormalisations_by_hand():
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    paper = topk_gates(p, 2, "paper")
+    s = 1 / (1 + math.exp(-0.2))  # softmax([0.5, 0.3]) = [σ(0.2), σ(−0.2)]
+    torch.testing.assert_close(paper, torch.tensor([[s, 1 - s, 0.0, 0.0]]))
+    torch.testing.assert_close(topk_gates(p, 2, "sum"), torch.tensor([[0.625, 0.375, 0, 0]]))
+    assert torch.equal(topk_gates(p, 4, "sum"), p / p.sum())
+    with pytest.raises(ValueError, match=r"routing\.topk_renorm"):
+        topk_gates(p, 2, "l1")
+
+
+def _router_calls(model):
+    calls = {}
+    for key, group in model.routers.items():
+        if group.token_router is not None:
+            group.token_router.register_forward_hook(
+                lambda m, i, o, key=key: calls.__setitem__(key, calls.get(key, 0) + 1)
+            )
+    return calls
+
+
+def test_shared_routers_are_computed_once_per_layer_and_forward():
+    model = tiny_hmora("hmora_lw")
+    keys = sorted(model.routers)
+    assert keys[:2] == ["layer00_gate_up", "layer00_q_k_v"]
+    # q, k, v of a layer hold one and the same router object.
+    mods = model.adapted_modules()
+    layer0 = {n.split(".")[-1]: m for n, m in mods.items() if ".layers.0." in n}
+    assert layer0["q_proj"].router is layer0["k_proj"].router is layer0["v_proj"].router
+    assert layer0["gate_proj"].router is layer0["up_proj"].router
+    assert layer0["o_proj"].router is None and layer0["down_proj"].router is None
+    calls = _router_calls(model)
+    ids, attn, labels, prompt = batch()
+    out = model(ids, attn, labels, prompt)
+    assert calls and set(calls.values()) == {1}
+    # One record per router and forward: no double counting for the shared members.
+    assert sorted(out.router_stats) == sorted(set(out.router_stats))
+    assert "layer00.q_k_v.token" in out.router_stats
+    model(ids, attn, labels, prompt)
+    assert set(calls.values()) == {2}
+
+
+def test_unshared_routers_one_per_target():
+    model = tiny_hmora("hmora")
+    assert len([k for k in model.routers if k.startswith("layer00_")]) == 7
+
+
+def _alone_and_batched(encoder, left_pad):
+    ids, attn, _, prompt = batch(bsz=3, length=14, left_pad=left_pad, seed=3)
+    emb = torch.nn.Embedding(300, 64)
+    with torch.no_grad():
+        together = encoder(emb(ids), prompt)
+        alone = []
+        for i in range(3):
+            keep = attn[i].bool()
+            alone.append(encoder(emb(ids[i : i + 1, keep]), prompt[i : i + 1, keep]))
+    return together, torch.cat(alone)
+
+
+@pytest.mark.parametrize("kind", ["transformer", "mean_pool"])
+@pytest.mark.parametrize("left_pad", [False, True])
+def test_task_representation_is_padding_invariant(kind, left_pad):
+    torch.manual_seed(0)
+    enc = TaskEncoder(64, kind=kind, num_heads=16, position_scale=1.0).eval()
+    together, alone = _alone_and_batched(enc, left_pad)
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_task_representation_ignores_targets_and_sees_prompt():
+    model = tiny_hmora("hmora").eval()
+    ids, attn, labels, prompt = batch(seed=4)
+    base = model.task_representation(ids, attn, prompt)
+    changed = ids.clone()
+    target = labels != -100
+    changed[target] = (changed[target] + 7) % 290 + 3
+    torch.testing.assert_close(model.task_representation(changed, attn, prompt), base)
+    # ...and the same holds through the full forward's routing (task-router records).
+    out_a = model(ids, attn, labels, prompt)
+    out_b = model(changed, attn, torch.where(target, changed, -100), prompt)
+    for name, stats in out_a.router_stats.items():
+        if name.endswith(".task"):
+            torch.testing.assert_close(stats["load"], out_b.router_stats[name]["load"])
+    changed_prompt = ids.clone()
+    changed_prompt[0, 0] = (changed_prompt[0, 0] + 1) % 290 + 3
+    assert not torch.allclose(model.task_representation(changed_prompt, attn, prompt)[0], base[0])
+
+
+def test_positions_are_scaled_to_the_embeddings():
+    model = tiny_hmora("hmora")
+    weight = model.base_model.get_input_embeddings().weight
+    rms = weight.pow(2).mean().sqrt()
+    enc = model.task_encoder
+    assert enc.position_scale.item() == pytest.approx(rms.item() * math.sqrt(2), rel=1e-5)
+    torch.testing.assert_close(enc.task_embedding.detach(), weight[63].detach())
