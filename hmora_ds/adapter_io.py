@@ -1,0 +1,135 @@
+"""Adapters on disk: ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's layout).
+
+``adapter_config.json`` holds the full resolved method config, the base model's name and shape
+fingerprint, and the tensor shapes; ``adapter_model.safetensors`` holds the trainable tensors
+only (real safetensors), named as in the wrapper's ``named_parameters()``. Loading is strict: a
+missing, extra or mis-shaped tensor, or an adapter made for another base, is a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from hmora_ds import __version__
+from hmora_ds.config import HMoRAConfig
+from hmora_ds.model import HMoRAModel, base_fingerprint, gathered
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT = "hmora-ds-adapter"
+
+
+def _trainable(model: HMoRAModel) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_adapter(model: HMoRAModel, directory: str | Path) -> Path:
+    """Write the adapter of ``model`` to ``directory`` (created if needed); returns it.
+
+    ZeRO-3 partitioned tensors are gathered first, so a tensor is never saved empty.
+    """
+    if model.config.full_finetune:
+        raise ValueError(
+            "save_adapter: a full fine-tune has no adapter; save the base model with "
+            "model.base_model.save_pretrained(dir)"
+        )
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, param in _trainable(model).items():
+        with gathered([param]):
+            tensors[name] = param.detach().to("cpu", copy=True).contiguous()
+    for name, t in tensors.items():
+        if t.numel() == 0:
+            raise RuntimeError(f"save_adapter: tensor {name} is empty (a partition not gathered)")
+    meta = {
+        "format": FORMAT,
+        "hmora_ds_version": __version__,
+        "config": model.config.to_dict(),
+        "base_model": {
+            "name_or_path": getattr(model.base_model.config, "_name_or_path", None),
+            "fingerprint": model.shape_fingerprint(),
+        },
+        "task_token_id": model.task_token_id,
+        "tensors": {n: list(t.shape) for n, t in tensors.items()},
+    }
+    # Write next to the target, then rename: a crash never leaves a half-written adapter.
+    tmp_weights = directory / f".{WEIGHTS_NAME}.tmp"
+    tmp_config = directory / f".{CONFIG_NAME}.tmp"
+    save_file(tensors, str(tmp_weights), metadata={"format": FORMAT})
+    tmp_config.write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp_weights, directory / WEIGHTS_NAME)
+    os.replace(tmp_config, directory / CONFIG_NAME)
+    return directory
+
+
+def read_adapter_config(directory: str | Path) -> dict[str, Any]:
+    """The parsed ``adapter_config.json`` of an adapter directory (validated format)."""
+    directory = Path(directory)
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"load_adapter: {path} not found (is {directory} an adapter dir?)")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(
+            f"load_adapter: {path} is not an hmora-ds adapter (format {meta.get('format')!r})"
+        )
+    return meta
+
+
+def load_adapter(base_model: torch.nn.Module, directory: str | Path) -> HMoRAModel:
+    """Inject the saved adapter into ``base_model`` and load its tensors strictly.
+
+    Raises:
+        FileNotFoundError: the directory lacks ``adapter_config.json`` or the weights.
+        ValueError: the adapter was made for a base of another shape, or a tensor is missing,
+            extra or mis-shaped.
+    """
+    directory = Path(directory)
+    meta = read_adapter_config(directory)
+    config = HMoRAConfig.from_dict(meta["config"])
+    expected_fp = meta["base_model"]["fingerprint"]
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"load_adapter: {weights} not found")
+    # Compare shapes before touching the base: a refused adapter leaves it unmodified.
+    actual_fp = base_fingerprint(base_model)
+    diff = {k: (v, actual_fp.get(k)) for k, v in expected_fp.items() if actual_fp.get(k) != v}
+    if diff:
+        details = ", ".join(f"{k} {a} (adapter) vs {b} (base)" for k, (a, b) in diff.items())
+        raise ValueError(
+            f"load_adapter: {directory} was made for base {meta['base_model']['name_or_path']!r} "
+            f"of another shape: {details}"
+        )
+    # e_task is overwritten by the saved tensor; the token id only seeds its initial value.
+    task_token_id = meta.get("task_token_id")
+    model = HMoRAModel(base_model, config, task_token_id=task_token_id or 0)
+    tensors = load_file(str(weights))
+    params = _trainable(model)
+    missing = sorted(set(params) - set(tensors))
+    extra = sorted(set(tensors) - set(params))
+    if missing or extra:
+        raise ValueError(
+            f"load_adapter: {weights} does not match the model: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), "
+            f"{len(extra)} unexpected (e.g. {extra[:3]})"
+        )
+    for name, param in params.items():
+        shape = tuple(getattr(param, "ds_shape", param.shape))
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(
+                f"load_adapter: tensor {name} has shape {tuple(tensors[name].shape)} in {weights}, "
+                f"the model expects {shape}"
+            )
+    with torch.no_grad():
+        for name, param in params.items():
+            with gathered([param], modify=True):
+                param.copy_(tensors[name].to(device=param.device, dtype=param.dtype))
+    model.task_token_id = task_token_id
+    return model
