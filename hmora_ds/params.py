@@ -1,0 +1,153 @@
+"""Trainable-parameter report (the paper's TP column) and ``python -m hmora_ds.params``.
+
+TP = trainable parameters (adapters, routers, task encoder, ``e_task``, learnable α) as a
+percentage of the base model's parameter count, tied embeddings counted once (spec §7).
+Works on a model built on the ``meta`` device from a config alone, so no weights are needed::
+
+    python -m hmora_ds.params --model-config qwen2-1.5b --preset hmora_lw
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hmora_ds.config import HMoRAConfig, available_presets, load_config
+
+MODEL_CONFIGS_DIR = Path(__file__).parent / "model_configs"
+
+#: Display order of the trainable components.
+COMPONENTS = (
+    "lora A",
+    "lora B",
+    "token routers",
+    "task routers",
+    "alpha",
+    "task encoder",
+    "e_task",
+    "base model",
+)
+
+
+def component_of(name: str) -> str:
+    """Which component a trainable parameter (wrapper-relative name) belongs to."""
+    if name.endswith("lora_A"):
+        return "lora A"
+    if name.endswith("lora_B"):
+        return "lora B"
+    if ".token_router." in name:
+        return "token routers"
+    if ".task_router." in name:
+        return "task routers"
+    if name.endswith("alpha_logit"):
+        return "alpha"
+    if name == "task_encoder.task_embedding":
+        return "e_task"
+    if name.startswith("task_encoder."):
+        return "task encoder"
+    return "base model"
+
+
+@dataclass(frozen=True)
+class ParameterReport:
+    """Trainable parameters by component and TP % of the base model."""
+
+    components: dict[str, int]
+    trainable: int
+    base: int
+
+    @property
+    def tp_percent(self) -> float:
+        return 100.0 * self.trainable / self.base
+
+    def format(self) -> str:
+        """A table, ending with the line ``TP <percent>%``."""
+        lines = [f"{'component':<16}{'parameters':>16}{'% of base':>12}"]
+        for comp in COMPONENTS:
+            if self.components.get(comp):
+                n = self.components[comp]
+                lines.append(f"{comp:<16}{n:>16,}{100.0 * n / self.base:>11.3f}%")
+        lines.append(f"{'trainable':<16}{self.trainable:>16,}{self.tp_percent:>11.3f}%")
+        lines.append(f"{'base model':<16}{self.base:>16,}")
+        lines.append(f"TP {self.tp_percent:.2f}%")
+        return "\n".join(lines)
+
+
+def parameter_report(model: torch.nn.Module) -> ParameterReport:
+    """Count the trainable parameters of an :class:`~hmora_ds.model.HMoRAModel`."""
+    counts: Counter[str] = Counter()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            counts[component_of(name)] += int(getattr(p, "ds_numel", p.numel()))
+    return ParameterReport(dict(counts), sum(counts.values()), model.base_parameter_count)
+
+
+def load_model_config(name_or_path: str):
+    """A shipped architecture (``qwen2-1.5b``, ``llama-3.2-1b``) or a config.json / model dir."""
+    from transformers import AutoConfig
+
+    shipped = MODEL_CONFIGS_DIR / f"{name_or_path}.json"
+    path = shipped if shipped.is_file() else Path(name_or_path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        names = sorted(p.stem for p in MODEL_CONFIGS_DIR.glob("*.json"))
+        raise ValueError(
+            f"--model-config: {name_or_path!r} is neither a shipped architecture {names} "
+            "nor a config.json / model directory"
+        )
+    return AutoConfig.from_pretrained(str(path))
+
+
+def build_meta_model(model_config, config: HMoRAConfig):
+    """Base model + HMoRA on the ``meta`` device: shapes only, no memory, no weights."""
+    from transformers import AutoModelForCausalLM
+
+    from hmora_ds.model import HMoRAModel
+
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(model_config)
+        return HMoRAModel(base, config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m hmora_ds.params",
+        description="Trainable parameters and TP % of an HMoRA preset on a base architecture "
+        "(built on the meta device: no weights needed).",
+    )
+    parser.add_argument(
+        "--model-config",
+        required=True,
+        help="qwen2-1.5b, llama-3.2-1b, or a config.json / model directory",
+    )
+    parser.add_argument(
+        "--preset",
+        default="hmora_lw",
+        help=f"preset name or YAML/JSON file; presets: {available_presets()}",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. adapter.num_experts=16"
+    )
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.preset, args.overrides)
+        model = build_meta_model(load_model_config(args.model_config), config)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"model {args.model_config} · preset {args.preset}"
+        + (f" · {' '.join(args.overrides)}" if args.overrides else "")
+    )
+    print(parameter_report(model).format())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
