@@ -33,7 +33,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 import hmora_ds
-from hmora_ds.data.local import BadDataReport, iter_rows, resolve_files
+from hmora_ds.data.local import SUFFIXES, BadDataReport, iter_rows, resolve_files
 from hmora_ds.data.records import (
     DATA_FILE,
     DataError,
@@ -197,8 +197,8 @@ def stream_source(
 ) -> tuple[Iterator[tuple[str, Any]], dict]:
     """Open the upstream rows as a stream of ``(location, row)``, plus provenance info."""
     local = Path(cfg.source).expanduser()
-    if local.exists():
-        files = resolve_files(local)
+    if _is_local(cfg.source):
+        files = resolve_files(local)  # FileNotFoundError for a missing path
 
         def gen() -> Iterator[tuple[str, Any]]:
             for f in files:
@@ -218,6 +218,15 @@ def stream_source(
         }
         return gen(), prov
     return _stream_hub(cfg)
+
+
+def _is_local(source: str) -> bool:
+    """A path (existing, absolute/relative-looking, or a data file name), not a hub id."""
+    return (
+        Path(source).expanduser().exists()
+        or source.startswith(("/", ".", "~"))
+        or source.endswith(SUFFIXES)
+    )
 
 
 def _stream_hub(cfg: FlanConfig) -> tuple[Iterator[tuple[str, Any]], dict]:
