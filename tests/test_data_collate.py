@@ -171,3 +171,18 @@ def test_tokenizer_without_chat_template_is_refused(tiny):
     tok.chat_template = None
     with pytest.raises(ValueError, match="chat_template"):
         ChatEncoder(tok)
+
+
+def test_template_date_is_pinned_so_tokens_do_not_depend_on_the_day():
+    tok = tiny_chat_tokenizer()
+    # The Llama-3.x pattern: today's date unless the caller passes date_string.
+    tok.chat_template = (
+        "{% if date_string is not defined %}"
+        "{% set date_string = strftime_now('%d %b %Y') %}{% endif %}"
+        "<|im_start|>system\nToday: {{ date_string }}<|im_end|>\n" + tok.chat_template
+    )
+    enc = ChatEncoder(tok)
+    assert "Today: 26 Jul 2024" in enc.prompt_text("hi")
+    assert "Today: 01 Jan 2030" in ChatEncoder(
+        tok, template_kwargs={"date_string": "01 Jan 2030"}
+    ).prompt_text("hi")

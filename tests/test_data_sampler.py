@@ -131,3 +131,11 @@ def test_state_mismatch_and_bad_arguments():
         LengthGroupedSampler(LENGTHS, 4, rank=2, world_size=2)
     with pytest.raises(ValueError, match="global batch"):
         LengthGroupedSampler(LENGTHS[:3], 4)
+
+
+def test_state_from_other_lengths_is_refused():
+    state = LengthGroupedSampler(LENGTHS, 4, seed=1).state_dict()
+    other = LENGTHS.copy()
+    other[0] += 1  # e.g. another tokenizer: same size, different order
+    with pytest.raises(ValueError, match="lengths_hash"):
+        LengthGroupedSampler(other, 4, seed=1).load_state_dict(state)

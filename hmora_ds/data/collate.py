@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 _SENTINEL = "\u2063HMORA_TARGET_SENTINEL\u2063"
 _CHUNK = 512
+# Llama-3.x's own fallback date when its template cannot read the clock.
+DEFAULT_TEMPLATE_KWARGS: dict[str, Any] = {"date_string": "26 Jul 2024"}
 
 
 @dataclass
@@ -81,22 +83,34 @@ class ChatEncoder:
     Args:
         tokenizer: A Hugging Face tokenizer with a ``chat_template``.
         config: Token limits.
+        template_kwargs: Extra variables for the chat template. The default pins
+            ``date_string`` (Llama-3.x templates otherwise insert *today's* date, so the
+            same data would tokenise differently on another day and an exact resume,
+            whose length-grouped order depends on the lengths, would break).
 
     Raises:
         ValueError: If the tokenizer has no chat template or no end-of-turn marker.
     """
 
-    def __init__(self, tokenizer: Any, config: EncodeConfig | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        config: EncodeConfig | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the tokenizer has no chat_template; the collator needs one")
         self.tokenizer = tokenizer
         self.config = config or EncodeConfig()
+        self.template_kwargs = dict(
+            DEFAULT_TEMPLATE_KWARGS if template_kwargs is None else template_kwargs
+        )
         self.eot_ids = self._end_of_turn_ids()
 
     def _end_of_turn_ids(self) -> list[int]:
         """Tokens the template puts after an assistant message (trailing whitespace dropped)."""
         msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _SENTINEL}]
-        text = self.tokenizer.apply_chat_template(msgs, tokenize=False)
+        text = self.tokenizer.apply_chat_template(msgs, tokenize=False, **self.template_kwargs)
         suffix = text.split(_SENTINEL, 1)[1].rstrip() if _SENTINEL in text else ""
         if not suffix:
             suffix = self.tokenizer.eos_token or ""
@@ -113,7 +127,10 @@ class ChatEncoder:
     def prompt_text(self, source: str) -> str:
         """The generation prompt for ``source`` (one user turn + assistant header)."""
         return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": source}], add_generation_prompt=True, tokenize=False
+            [{"role": "user", "content": source}],
+            add_generation_prompt=True,
+            tokenize=False,
+            **self.template_kwargs,
         )
 
     def encode_prompt(

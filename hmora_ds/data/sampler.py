@@ -16,6 +16,7 @@ iteration yields exactly the remaining batches of that epoch, in the same order.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -143,6 +144,8 @@ class LengthGroupedSampler(torch.utils.data.Sampler[list[int]]):
             "position": self.position if consumed is None else int(consumed),
             "seed": self.seed,
             "num_examples": len(self.lengths),
+            # The order depends on the lengths: a different tokenizer or data changes it.
+            "lengths_hash": hashlib.blake2b(self.lengths.tobytes(), digest_size=8).hexdigest(),
             "global_batch_size": self.global_batch_size,
             "group_by_length": self.group_by_length,
             "mega_batch_mult": self.mega_batch_mult,
@@ -154,13 +157,14 @@ class LengthGroupedSampler(torch.utils.data.Sampler[list[int]]):
 
         Raises:
             ValueError: If the state was saved with a different order definition (seed,
-                dataset size, global batch size, grouping), so the remaining order would
-                not be the same.
+                dataset size or lengths, global batch size, grouping), so the remaining
+                order would not be the same.
         """
         mine = self.state_dict()
         keys = (
             "seed",
             "num_examples",
+            "lengths_hash",
             "global_batch_size",
             "group_by_length",
             "mega_batch_mult",
