@@ -55,7 +55,7 @@ def test_only_train_split_and_known_sources(flan_source, tmp_path):
         for r in recs
     )
     assert m["skipped"]["split=validation"] == 5 * sum(len(t) for t in FLAN_TASKS.values())
-    assert m["unknown_task_sources"] == {"Dialog": PER_TASK}
+    assert m["excluded_task_sources"] == {"Dialog": PER_TASK}
     assert not any(r["task_name"] == "task_master_dialog" for r in recs)
     assert set(recs[0]) == {"id", "source", "target", "task_name", "task_source", "template"}
 

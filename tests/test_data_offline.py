@@ -136,3 +136,24 @@ def test_cli_build_offline_subset_is_deterministic(sources, tmp_path):
     assert m["counts_by_task"] == {"arc_challenge": 15, "winogrande": 15}
     assert "hellaswag" in m["held_out_tasks"]
     assert main(["build-offline", "--out", str(tmp_path / "c"), "--tasks", "nope"]) == 2
+
+
+def test_ensure_offline_mixture_builds_once(monkeypatch, tmp_path):
+    from hmora_ds.data import offline
+
+    calls = []
+
+    def fake_build(cfg):
+        calls.append(cfg.max_per_task)
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        m = {"kind": "offline", "max_per_task": cfg.max_per_task, "seed": cfg.seed}
+        (cfg.out / "manifest.json").write_text(json.dumps(m))
+        return m
+
+    monkeypatch.setattr(offline, "build_offline", fake_build)
+    monkeypatch.setenv("HMORA_CACHE", str(tmp_path))
+    first = offline.ensure_offline_mixture(max_per_task=5)
+    assert first == tmp_path / "data" / "offline-5-seed42"
+    assert offline.ensure_offline_mixture(max_per_task=5) == first and calls == [5]
+    offline.ensure_offline_mixture(max_per_task=5, out=first, seed=1)  # other settings: rebuilt
+    assert calls == [5, 5]

@@ -407,7 +407,7 @@ def _manifest(
         "heldout_file": HELDOUT_FILE,
         "rows_scanned": scanned,
         "skipped": dict(sorted(skipped.items())),
-        "unknown_task_sources": dict(sorted(unknown_sources.items())),
+        "excluded_task_sources": dict(sorted(unknown_sources.items())),
         "duplicates": sum(p.duplicates for p in pools.values()),
         "bad_data": {str(r.path): r.as_dict() for r in reports if r.bad},
         "data_file": DATA_FILE,
