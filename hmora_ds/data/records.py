@@ -1,0 +1,131 @@
+"""The record schema shared by every data source, and the builder output format.
+
+A *record* is one instruction example: a ``source`` (the user prompt), a ``target`` (the
+answer the model learns to produce), a ``task_name``, and where known ``task_source``
+(the mixture it came from, e.g. ``T0-SF``) and ``template`` (the prompt template used).
+Every record carries a stable ``id``.
+
+Builders write a directory holding ``data.jsonl`` (one record per line) and
+``manifest.json`` (what went in: counts per source and task, seed, held-out tasks,
+upstream revision). ``manifest.json`` is written last, so its presence marks a complete
+build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DATA_FILE = "data.jsonl"
+MANIFEST_FILE = "manifest.json"
+# Task name given to local records that have none.
+DEFAULT_TASK = "unlabelled"
+REQUIRED_FIELDS = ("source", "target")
+OPTIONAL_STR_FIELDS = ("task_name", "task_source", "template")
+
+
+class DataError(ValueError):
+    """A data file or directory that cannot be used (no usable record, unknown format)."""
+
+
+def stable_id(*parts: str) -> str:
+    """A short content hash identifying a record independently of order and seed."""
+    h = hashlib.blake2b(digest_size=8)
+    for part in parts:
+        h.update(part.encode("utf-8", "surrogatepass"))
+        h.update(b"\x1f")
+    return h.hexdigest()
+
+
+def validate_record(obj: Any) -> tuple[dict[str, str] | None, str | None]:
+    """Check one raw object against the record schema.
+
+    Args:
+        obj: A decoded JSON object / Parquet row.
+
+    Returns:
+        ``(record, None)`` with a normalised record (``source``, ``target``, ``task_name``,
+        ``id`` and any optional string fields), or ``(None, reason)`` when it is unusable.
+    """
+    if not isinstance(obj, Mapping):
+        return None, f"not an object ({type(obj).__name__})"
+    for key in REQUIRED_FIELDS:
+        if key not in obj or obj[key] is None:
+            return None, f"missing field '{key}'"
+        if not isinstance(obj[key], str):
+            return None, f"non-string field '{key}' ({type(obj[key]).__name__})"
+    if not obj["source"].strip():
+        return None, "empty source"
+    if not obj["target"].strip():
+        return None, "empty target"
+    rec: dict[str, str] = {"source": obj["source"], "target": obj["target"]}
+    for key in OPTIONAL_STR_FIELDS:
+        value = obj.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            return None, f"non-string field '{key}' ({type(value).__name__})"
+        rec[key] = value
+    rec.setdefault("task_name", DEFAULT_TASK)
+    raw_id = obj.get("id")
+    if isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool) and str(raw_id):
+        rec["id"] = str(raw_id)
+    else:
+        rec["id"] = stable_id(rec["task_name"], rec["source"], rec["target"])
+    return rec, None
+
+
+def write_jsonl(path: Path, records: Iterable[Mapping[str, Any]]) -> int:
+    """Write records one JSON object per line (UTF-8, keys in insertion order).
+
+    Returns:
+        The number of records written.
+    """
+    n = 0
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False))
+            f.write("\n")
+            n += 1
+    os.replace(tmp, path)
+    return n
+
+
+def write_manifest(out_dir: Path, manifest: Mapping[str, Any]) -> Path:
+    """Write ``manifest.json`` atomically (it marks the build as complete)."""
+    path = out_dir / MANIFEST_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(out_dir: Path) -> dict[str, Any]:
+    """Read a build directory's manifest."""
+    return json.loads((Path(out_dir) / MANIFEST_FILE).read_text())
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def prepare_out_dir(out_dir: Path) -> Path:
+    """Create ``out_dir`` and remove a previous build's files in it (manifest first)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in (MANIFEST_FILE, DATA_FILE):
+        (out_dir / name).unlink(missing_ok=True)
+    return out_dir
