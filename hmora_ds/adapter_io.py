@@ -29,26 +29,9 @@ def _trainable(model: HMoRAModel) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_adapter(model: HMoRAModel, directory: str | Path) -> Path:
-    """Write the adapter of ``model`` to ``directory`` (created if needed); returns it.
-
-    ZeRO-3 partitioned tensors are gathered first, so a tensor is never saved empty.
-    """
-    if model.config.full_finetune:
-        raise ValueError(
-            "save_adapter: a full fine-tune has no adapter; save the base model with "
-            "model.base_model.save_pretrained(dir)"
-        )
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, param in _trainable(model).items():
-        with gathered([param]):
-            tensors[name] = param.detach().to("cpu", copy=True).contiguous()
-    for name, t in tensors.items():
-        if t.numel() == 0:
-            raise RuntimeError(f"save_adapter: tensor {name} is empty (a partition not gathered)")
-    meta = {
+def adapter_metadata(model: HMoRAModel) -> dict[str, Any]:
+    """What ``adapter_config.json`` says about a model (without the tensor shapes)."""
+    return {
         "format": FORMAT,
         "hmora_ds_version": __version__,
         "config": model.config.to_dict(),
@@ -57,16 +40,50 @@ def save_adapter(model: HMoRAModel, directory: str | Path) -> Path:
             "fingerprint": model.shape_fingerprint(),
         },
         "task_token_id": model.task_token_id,
-        "tensors": {n: list(t.shape) for n, t in tensors.items()},
     }
+
+
+def write_adapter(directory: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
+    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` atomically; returns the dir.
+
+    Raises:
+        RuntimeError: if a tensor is empty (a ZeRO-3 partition that was not gathered).
+    """
+    for name, t in tensors.items():
+        if t.numel() == 0:
+            raise RuntimeError(f"save_adapter: tensor {name} is empty (a partition not gathered)")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {**meta, "tensors": {n: list(t.shape) for n, t in tensors.items()}}
+    tensors = {n: t.detach().to("cpu", torch.float32).contiguous() for n, t in tensors.items()}
     # Write next to the target, then rename: a crash never leaves a half-written adapter.
     tmp_weights = directory / f".{WEIGHTS_NAME}.tmp"
     tmp_config = directory / f".{CONFIG_NAME}.tmp"
     save_file(tensors, str(tmp_weights), metadata={"format": FORMAT})
-    tmp_config.write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+    tmp_config.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp_weights, directory / WEIGHTS_NAME)
     os.replace(tmp_config, directory / CONFIG_NAME)
     return directory
+
+
+def save_adapter(model: HMoRAModel, directory: str | Path, *, write: bool = True) -> Path:
+    """Write the adapter of ``model`` to ``directory`` (created if needed); returns it.
+
+    ZeRO-3 partitioned tensors are gathered first (a collective: under ZeRO-3 every rank must
+    call this; pass ``write=False`` on all ranks but one), so a tensor is never saved empty.
+    """
+    if model.config.full_finetune:
+        raise ValueError(
+            "save_adapter: a full fine-tune has no adapter; save the base model with "
+            "model.base_model.save_pretrained(dir)"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    for name, param in _trainable(model).items():
+        with gathered([param]):
+            tensors[name] = param.detach().to("cpu", copy=True)
+    if write:
+        write_adapter(directory, tensors, adapter_metadata(model))
+    return Path(directory)
 
 
 def read_adapter_config(directory: str | Path) -> dict[str, Any]:

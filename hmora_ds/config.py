@@ -30,6 +30,27 @@ def _fail(name: str, msg: str) -> None:
     raise ValueError(f"{name}: {msg}")
 
 
+def coerce_numbers(obj: Any, section: str) -> None:
+    """Turn numeric strings into the field's number type, in place.
+
+    YAML 1.1 reads ``5e-3`` (no dot) as a string; users write it anyway.
+    """
+    for f in fields(obj):
+        value, kind = getattr(obj, f.name), str(f.type)
+        if isinstance(value, bool):
+            continue
+        if kind.startswith("float") and isinstance(value, (int, str)):
+            try:
+                setattr(obj, f.name, float(value))
+            except ValueError:
+                _fail(f"{section}.{f.name}", f"must be a number, got {value!r}")
+        elif kind.startswith("int") and isinstance(value, str):
+            try:
+                setattr(obj, f.name, int(value))
+            except ValueError:
+                _fail(f"{section}.{f.name}", f"must be an integer, got {value!r}")
+
+
 def _check_prob(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
         _fail(name, f"must lie in [0, 1], got {value}")
@@ -62,6 +83,7 @@ class AdapterConfig:
     eta_b: float = 1.0
 
     def validate(self) -> None:
+        coerce_numbers(self, "adapter")
         if not isinstance(self.rank, int) or self.rank < 1:
             _fail("adapter.rank", f"must be a positive integer, got {self.rank!r}")
         if self.alpha <= 0:
@@ -128,6 +150,7 @@ class RoutingConfig:
     share_routers: bool = False
 
     def validate(self) -> None:
+        coerce_numbers(self, "routing")
         if self.mode not in ("soft", "topk"):
             _fail("routing.mode", f"must be 'soft' or 'topk', got {self.mode!r}")
         if not isinstance(self.top_k, int) or self.top_k < 1:
@@ -175,6 +198,7 @@ class LossConfig:
     label_smoothing: float = 0.1
 
     def validate(self) -> None:
+        coerce_numbers(self, "loss")
         if self.aux not in ("cgjs", "blc", "none"):
             _fail("loss.aux", f"must be 'cgjs', 'blc' or 'none', got {self.aux!r}")
         _check_prob("loss.gamma_b", self.gamma_b)

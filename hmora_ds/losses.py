@@ -43,9 +43,10 @@ def _all_reduce(t: torch.Tensor, group: Any) -> torch.Tensor:
         return t
     # The functional all-reduce is differentiable (its backward all-reduces the gradient);
     # an in-place dist.all_reduce on a tensor that needs grad gives wrong gradients.
-    import torch.distributed.nn.functional as dist_fn
+    import torch.distributed._functional_collectives as funcol
 
-    return dist_fn.all_reduce(t, group=group)
+    out = funcol.all_reduce(t, "sum", group)
+    return out.wait() if isinstance(out, funcol.AsyncCollectiveTensor) else out
 
 
 def routing_moments(
@@ -136,28 +137,3 @@ def load_balance_loss(
     frac = sums[:e].detach() / (k * count)
     mean_p = sums[e : 2 * e] / count
     return e * (frac * mean_p).sum()
-
-
-@torch.no_grad()
-def routing_statistics(
-    probs: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    *,
-    k: int | None = None,
-    group: Any = None,
-) -> dict[str, torch.Tensor]:
-    """Detached per-router statistics (figure 3, table 13).
-
-    Returns:
-        ``balance`` Ĥ(M), ``certainty`` mean Ĥ(p) (lower = more certain), and ``load`` (E,): the
-        share of top-k selections per expert when ``k`` is given, else M.
-    """
-    log_e = _log_experts(probs.shape[-1])
-    mean_p, mean_h, count = routing_moments(probs, mask, group=group)
-    stats = {"balance": entropy(mean_p) / log_e, "certainty": mean_h / log_e, "load": mean_p}
-    if k is not None:
-        p, m = _flatten(probs, mask)
-        chosen = torch.zeros_like(p).scatter(-1, p.topk(k, dim=-1).indices, 1.0)
-        sel = _all_reduce((chosen * m.unsqueeze(-1)).sum(0), group)
-        stats["load"] = sel / (k * count.clamp_min(1.0))
-    return stats

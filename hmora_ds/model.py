@@ -26,7 +26,8 @@ from torch import nn
 
 from hmora_ds.config import SHARED_GROUPS, TARGETS, HMoRAConfig
 from hmora_ds.lora import MoRALinear
-from hmora_ds.losses import cgjs_loss, load_balance_loss, routing_statistics
+from hmora_ds.losses import cgjs_loss, load_balance_loss
+from hmora_ds.metrics import RouterStatsAccumulator
 from hmora_ds.routing import RouterGroup, RoutingContext, TaskEncoder, layer_alphas, layer_modes
 
 logger = logging.getLogger(__name__)
@@ -64,19 +65,25 @@ class HMoRAOutput:
     Attributes:
         loss: ``lm_loss + λ · aux_loss`` (None without labels).
         lm_loss: mean cross-entropy over target tokens (label smoothing applied).
+        lm_loss_sum: the summed cross-entropy (for normalising by a global token count).
         aux_loss: Σ over routers of L_aux (or L_blc), unweighted; 0 without routers.
+        aux_by_kind: the aux loss split by router kind (``token``, ``task``), detached.
         logits: (B, T, V).
         num_target_tokens: number of target tokens in ``labels``.
         router_stats: router name → ``balance``, ``certainty``, ``load`` (detached).
+        routing_records: this forward's router probabilities (for accumulating statistics).
         past_key_values: the KV cache when ``use_cache``.
     """
 
     logits: torch.Tensor
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
+    lm_loss_sum: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+    aux_by_kind: dict[str, torch.Tensor] = field(default_factory=dict)
     num_target_tokens: torch.Tensor | None = None
     router_stats: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    routing_records: list = field(default_factory=list)
     past_key_values: Any = None
 
 
@@ -226,6 +233,10 @@ class HMoRAModel(nn.Module):
                 ).to(first.weight.device)
                 self.routers[key] = router
                 router_of.update({t: router for t in group})
+                if len(group) > 1:  # shared: one computation per call of the common parent
+                    parent = layer.get_submodule(paths[group[0]].rpartition(".")[0])
+                    parent.register_forward_pre_hook(router.new_round)
+                    router.shared = True
             for target in TARGETS:
                 if target not in a.targets:
                     continue
@@ -403,28 +414,34 @@ class HMoRAModel(nn.Module):
                 use_cache=use_cache,
                 **model_kwargs,
             )
-        result = HMoRAOutput(logits=out.logits, past_key_values=out.past_key_values)
-        aux = self._aux_loss(records, aux_group)
-        result.aux_loss = aux
+        result = HMoRAOutput(
+            logits=out.logits, past_key_values=out.past_key_values, routing_records=records
+        )
+        result.aux_loss, result.aux_by_kind = self._aux_loss(records, aux_group)
         if return_router_stats and records:
-            k = self.config.routing.top_k if self.config.routing.mode == "topk" else None
-            result.router_stats = {
-                rec.name: routing_statistics(rec.probs, rec.mask, k=k, group=aux_group)
-                for rec in records
-            }
+            acc = RouterStatsAccumulator(self.stats_top_k)
+            acc.add(records)
+            result.router_stats = acc.finalize(aux_group)
         if labels is not None:
-            lm_loss, n_target = self.lm_loss(out.logits, labels)
-            result.lm_loss, result.num_target_tokens = lm_loss, n_target
-            result.loss = lm_loss + self.config.loss.aux_weight * aux
+            lm_sum, n_target = self.lm_loss_sum(out.logits, labels)
+            result.lm_loss_sum, result.num_target_tokens = lm_sum, n_target
+            result.lm_loss = lm_sum / n_target.clamp_min(1)
+            result.loss = result.lm_loss + self.config.loss.aux_weight * result.aux_loss
         return result
 
-    def lm_loss(
+    @property
+    def stats_top_k(self) -> int | None:
+        """The k of expert-load shares (None with soft routing: load = mean probability)."""
+        r = self.config.routing
+        return r.top_k if r.mode == "topk" else None
+
+    def lm_loss_sum(
         self, logits: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean next-token cross-entropy over target tokens, with label smoothing.
+        """Summed next-token cross-entropy over target tokens, with label smoothing.
 
         Returns:
-            (loss, number of target tokens).
+            (summed loss in fp32, number of target tokens).
         """
         shift_logits = logits[:, :-1].float()
         shift_labels = labels[:, 1:]
@@ -436,25 +453,32 @@ class HMoRAModel(nn.Module):
             label_smoothing=self.config.loss.label_smoothing,
             reduction="sum",
         )
-        return total / n.clamp_min(1), n
+        return total, n
 
-    def _aux_loss(self, records: list, group: Any) -> torch.Tensor:
-        """Σ over token and task routers of the configured auxiliary loss (fp32 scalar)."""
+    def _aux_loss(self, records: list, group: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Σ over token and task routers of the configured auxiliary loss (fp32 scalar).
+
+        Returns:
+            (total, detached totals per router kind).
+        """
         lc = self.config.loss
         device = next(self.parameters()).device
         total = torch.zeros((), device=device)
+        by_kind: dict[str, torch.Tensor] = {}
         if lc.aux == "none":
-            return total
+            return total, by_kind
         for rec in records:
             if lc.aux == "cgjs":
-                total = total + cgjs_loss(
+                value = cgjs_loss(
                     rec.probs, rec.mask, gamma_b=lc.gamma_b, gamma_c=lc.gamma_c, group=group
                 )
             else:
-                total = total + load_balance_loss(
+                value = load_balance_loss(
                     rec.probs, self.config.routing.top_k, rec.mask, group=group
                 )
-        return total
+            total = total + value
+            by_kind[rec.kind] = by_kind.get(rec.kind, 0.0) + value.detach()
+        return total, by_kind
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()

@@ -16,6 +16,7 @@ def _entry(rank: int, world: int, init_file: str, fn, args) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
+        dist.barrier()  # no rank tears gloo down while a peer still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -34,3 +35,37 @@ def run_ranks(fn, world: int, tmp_path, *args, timeout: float = 120.0) -> None:
             for p in ctx.processes:
                 p.kill()
             raise TimeoutError(f"{world}-rank run of {fn.__name__} exceeded {timeout:.0f}s")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_command(cmd: list[str], timeout: float, env: dict | None = None, cwd=None):
+    """Run a launcher command; on timeout kill its whole process group and fail loudly."""
+    import signal
+    import subprocess
+
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise TimeoutError(
+            f"{' '.join(cmd[:4])}… exceeded {timeout:.0f}s:\n{out[-3000:]}"
+        ) from None
+    return proc.returncode, out

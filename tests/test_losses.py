@@ -5,13 +5,9 @@ import math
 import pytest
 import torch
 
-from hmora_ds.losses import (
-    cgjs_divergence,
-    cgjs_loss,
-    entropy,
-    load_balance_loss,
-    routing_statistics,
-)
+from hmora_ds.losses import cgjs_divergence, cgjs_loss, entropy, load_balance_loss
+from hmora_ds.metrics import RouterStatsAccumulator, routing_statistics
+from hmora_ds.routing.context import RoutingRecord
 from tests._dist import run_ranks
 
 EYE4 = torch.eye(4)
@@ -93,6 +89,20 @@ def test_routing_statistics_on_known_distributions():
     torch.testing.assert_close(s["load"], torch.full((4,), 0.25))
     s = routing_statistics(torch.full((3, 4), 0.25))
     assert s["certainty"].item() == pytest.approx(1.0)
+
+
+def test_statistics_accumulate_over_micro_steps_like_one_batch():
+    """Balance is not linear: two micro-batches must give the statistics of their union."""
+    a, b = EYE4[[0, 0]], EYE4[[1, 1]]  # each alone is fully collapsed (balance 0)
+    acc = RouterStatsAccumulator(k=1)
+    acc.add([RoutingRecord("r.token", a, None)])
+    acc.add([RoutingRecord("r.token", b, None)])
+    stats = acc.finalize()["r.token"]
+    union = routing_statistics(torch.cat([a, b]), k=1)
+    for key in ("balance", "certainty", "load"):
+        torch.testing.assert_close(stats[key], union[key])
+    assert stats["balance"].item() == pytest.approx(0.5)  # Ĥ([.5, .5, 0, 0]) = log 2 / log 4
+    assert len(acc) == 0
 
 
 def _global_worker(rank, world, probs_logits, mask, out_dir):

@@ -4,15 +4,16 @@ Shapes: ``B`` batch, ``T`` tokens, ``D`` router input width, ``E`` experts.
 
 A :class:`RouterGroup` serves one or more adapted linears of one decoder layer that read the
 same input (q/k/v, gate/up when routers are shared). It owns that layer's token router, task
-router and α, and computes the gates **once per input tensor**: the first member to ask computes,
-the others get the same tensor. The memo is keyed on the identity of the input tensor and the
-routing context's forward counter, so it does not depend on which member is called first.
+router and α, and computes the gates **once per call of the members' parent module** (the
+attention or MLP block): a forward pre-hook on the parent opens a new round, the first member to
+ask computes, the others get the same tensor, whichever member comes first. (Keying on the input
+tensor's identity is not enough: ZeRO-3 hands every module call a fresh wrapper tensor.)
+Activation-checkpoint recomputation re-runs the parent, so it opens a new round too.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -133,24 +134,29 @@ class RouterGroup(nn.Module):
             self.register_buffer("alpha_logit", torch.tensor(logit), persistent=False)
         # The context is shared by every group of the model; a plain attribute, not a module.
         self._ctx = context
-        self._memo_key: tuple[weakref.ref, int] | None = None
-        self._memo_gates: torch.Tensor | None = None
+        self._memo: tuple[int, torch.Size, torch.Tensor] | None = None
+        self.shared = False  # set by the injector, which also registers new_round
 
     @property
     def alpha(self) -> torch.Tensor:
         return torch.sigmoid(self.alpha_logit)
 
+    def new_round(self, *_: object) -> None:
+        """Forget the last gates (a forward pre-hook of the members' parent module)."""
+        self._memo = None
+
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """Gates for input ``x`` (B, T, D) → (B, T, E) or (B, 1, E) for task-only layers.
 
-        Computed once per (input tensor, forward); later members of the group reuse it.
+        Computed once per round (see the module docstring); later members reuse it.
         """
-        key = self._memo_key
-        if key is not None and key[0]() is x and key[1] == self._ctx.forward_id:
-            return self._memo_gates
+        if not self.shared:
+            return self(x)
+        memo = self._memo
+        if memo is not None and memo[0] == self._ctx.forward_id and memo[1] == x.shape:
+            return memo[2]
         gates = self(x)
-        self._memo_key = (weakref.ref(x), self._ctx.forward_id)
-        self._memo_gates = gates
+        self._memo = (self._ctx.forward_id, x.shape, gates)
         return gates
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

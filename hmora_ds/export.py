@@ -1,0 +1,62 @@
+"""Export an adapter from a DeepSpeed checkpoint of any ZeRO stage.
+
+    python -m hmora_ds.export runs/default/checkpoints out/adapter     # the latest checkpoint
+    python -m hmora_ds.export runs/default/checkpoints/step00000200 out/adapter
+
+DeepSpeed's ``zero_to_fp32`` reconstructs the full fp32 trainable tensors from the optimizer
+partitions of every rank (ZeRO-3 shards included), on CPU and without a process group; the
+checkpoint's ``adapter_meta.json`` supplies the method config and the base fingerprint. The
+result loads with :func:`hmora_ds.load_adapter`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from hmora_ds.adapter_io import write_adapter
+from hmora_ds.train.checkpoint import find_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def export_adapter(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` from a checkpoint."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ckpt_dir, tag = find_checkpoint(checkpoint)
+    meta_file = ckpt_dir / tag / "adapter_meta.json"
+    if not meta_file.is_file():
+        raise ValueError(f"export: {meta_file} missing (not an hmora-ds checkpoint?)")
+    meta = json.loads(meta_file.read_text())
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    # With exclude_frozen_parameters the state holds the trainable tensors only.
+    tensors = {k: v for k, v in state.items() if v is not None}
+    if not tensors:
+        raise ValueError(f"export: no trainable tensors in {ckpt_dir / tag}")
+    return write_adapter(out, tensors, meta)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m hmora_ds.export",
+        description="Export the adapter of a DeepSpeed checkpoint (ZeRO-0/1/2/3) to safetensors.",
+    )
+    parser.add_argument("checkpoint", help="a run's checkpoints dir (uses 'latest') or a step dir")
+    parser.add_argument("out", help="output adapter directory")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        path = export_adapter(args.checkpoint, args.out)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"adapter written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Command line of ``launchers/train.py``.
+
+    deepspeed launchers/train.py --deepspeed ds_configs/zero2.json [--config configs/x.yaml]
+        [--resume auto|PATH] [key.sub=value …]
+
+``--local_rank`` (injected by the ``deepspeed`` launcher) is accepted; ``torchrun`` and plain
+``python`` (one process) work the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("hmora_ds.train")
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="launchers/train.py",
+        description="Fine-tune a Qwen2 / LLaMA model with HMoRA under DeepSpeed.",
+    )
+    p.add_argument(
+        "--deepspeed",
+        default=str(REPO / "ds_configs" / "zero2.json"),
+        help="DeepSpeed JSON (ds_configs/zero2.json, zero3.json, zero3_offload.json)",
+    )
+    p.add_argument("--config", default=None, help="run config YAML (configs/*.yaml)")
+    p.add_argument("--resume", default=None, help="'auto' (the run's latest) or a checkpoint dir")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "overrides", nargs="*", help="dotted overrides: train.lr=1e-4 method.routing.eps=2"
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from hmora_ds.train.config import load_run_config
+    from hmora_ds.train.deepspeed_config import read_ds_config
+
+    try:
+        run = load_run_config(args.config, args.overrides)
+        ds_config = read_ds_config(args.deepspeed)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from hmora_ds.assets import cache_root
+    from hmora_ds.train.dist import init_distributed, setup_logging
+
+    info = init_distributed(str(cache_root()))
+    setup_logging(info.rank)
+    from hmora_ds.train.trainer import Trainer
+
+    try:
+        trainer = Trainer(run, ds_config, info, resume=args.resume)
+    except ValueError as err:
+        logger.error("%s", err)
+        return 2
+    summary = trainer.train()
+    if info.is_main:
+        brief = {k: v for k, v in summary.items() if k != "history"}
+        print(json.dumps(brief, indent=2))
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0

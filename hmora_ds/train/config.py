@@ -1,0 +1,260 @@
+"""The run configuration: the one place batch sizes, lr, clipping and precision come from.
+
+A run config is a YAML file (``configs/*.yaml``) plus dotted overrides on the command line::
+
+    train.lr=1e-4 train.max_steps=300 method.routing.eps=2 data.kind=local data.path=my.jsonl
+
+``preset`` names the HMoRA method preset; ``method`` holds dotted overrides of it. The DeepSpeed
+JSON only says *how* to shard (ZeRO stage, offload); its batch / clipping fields are ``"auto"``
+and filled from here (see :mod:`hmora_ds.train.deepspeed_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hmora_ds.config import (
+    HMoRAConfig,
+    apply_overrides,
+    coerce_numbers,
+    load_config,
+    parse_override,
+)
+
+
+def _fail(name: str, msg: str) -> None:
+    raise ValueError(f"{name}: {msg}")
+
+
+@dataclass
+class ModelConfig:
+    """The base model.
+
+    Attributes:
+        name_or_path: HF hub name, local directory, or a GGUF file path.
+        gguf_file: GGUF file name inside ``name_or_path`` (dequantised on load).
+        tokenizer: tokenizer name/dir (default: the model's).
+        dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``float32`` or ``bfloat16`` for the frozen base.
+        attn_implementation: ``sdpa`` or ``eager``.
+    """
+
+    name_or_path: str = "smollm2-135m-instruct"
+    gguf_file: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    attn_implementation: str = "sdpa"
+
+    def validate(self) -> None:
+        coerce_numbers(self, "model")
+        if not self.name_or_path:
+            _fail("model.name_or_path", "is empty; give an HF name, a directory or a GGUF file")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            _fail("model.dtype", f"must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.attn_implementation not in ("sdpa", "eager"):
+            _fail(
+                "model.attn_implementation",
+                f"must be sdpa or eager, got {self.attn_implementation!r}",
+            )
+
+
+@dataclass
+class DataConfig:
+    """Training data.
+
+    Attributes:
+        kind: ``offline`` (the real offline mixture, built on first use), ``flan`` (a Flan v2
+            build directory) or ``local`` (a JSONL / JSON / Parquet file or directory).
+        path: the file or directory for ``local`` / ``flan``; for ``offline`` an optional
+            build directory (default: in the cache).
+        val_path: held-out records for validation (default: ``val_fraction`` of the training set).
+        val_fraction: share of training records held out when ``val_path`` is unset.
+        max_records: cap on training records (None = all).
+        max_input_tokens / max_output_tokens: prompt and target limits (paper: 1024 / 512).
+        group_by_length: length-grouped batching.
+        offline_per_task: records per task when the offline mixture is built here.
+    """
+
+    kind: str = "offline"
+    path: str | None = None
+    val_path: str | None = None
+    val_fraction: float = 0.02
+    max_records: int | None = None
+    max_input_tokens: int = 1024
+    max_output_tokens: int = 512
+    group_by_length: bool = True
+    offline_per_task: int | None = 2000
+
+    def validate(self) -> None:
+        coerce_numbers(self, "data")
+        if self.kind not in ("offline", "flan", "local"):
+            _fail("data.kind", f"must be offline, flan or local, got {self.kind!r}")
+        if self.kind in ("flan", "local") and not self.path:
+            _fail("data.path", f"is required with data.kind={self.kind}")
+        if not 0.0 <= self.val_fraction < 0.5:
+            _fail("data.val_fraction", f"must lie in [0, 0.5), got {self.val_fraction}")
+        if self.max_input_tokens < 1 or self.max_output_tokens < 1:
+            _fail("data.max_input_tokens", "and data.max_output_tokens must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation (paper §4.1: AdamW, lr 2e-5, 500 warm-up steps, global batch 12)."""
+
+    micro_batch_size: int = 4
+    grad_accum: int = 3
+    max_steps: int = 10000
+    lr: float = 2e-5
+    warmup_steps: int = 500
+    schedule: str = "linear"
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    seed: int = 42
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    max_nonfinite_steps: int = 5
+    log_every: int = 10
+    router_stats_every: int = 50
+
+    def validate(self) -> None:
+        coerce_numbers(self, "train")
+        for name in (
+            "micro_batch_size",
+            "grad_accum",
+            "max_steps",
+            "log_every",
+            "router_stats_every",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                _fail(f"train.{name}", f"must be a positive integer, got {value!r}")
+        if self.lr <= 0:
+            _fail("train.lr", f"must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            _fail("train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        if self.schedule not in ("linear", "cosine", "constant"):
+            _fail("train.schedule", f"must be linear, cosine or constant, got {self.schedule!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            _fail("train.precision", f"must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.grad_clip < 0:
+            _fail("train.grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
+        if self.max_nonfinite_steps < 1:
+            _fail("train.max_nonfinite_steps", f"must be >= 1, got {self.max_nonfinite_steps}")
+
+
+@dataclass
+class EvalConfig:
+    """Validation every ``every`` steps; early stopping after ``patience`` evaluations."""
+
+    every: int = 200
+    patience: int = 10
+    batch_size: int = 8
+    max_batches: int | None = None
+
+    def validate(self) -> None:
+        coerce_numbers(self, "eval")
+        if self.every < 1:
+            _fail("eval.every", f"must be >= 1, got {self.every}")
+        if self.patience < 1:
+            _fail("eval.patience", f"must be >= 1, got {self.patience}")
+
+
+@dataclass
+class CheckpointConfig:
+    """DeepSpeed checkpoints every ``every`` steps, the last ``keep_last`` kept (plus the best)."""
+
+    every: int = 200
+    keep_last: int = 2
+
+    def validate(self) -> None:
+        coerce_numbers(self, "checkpoint")
+        if self.every < 1:
+            _fail("checkpoint.every", f"must be >= 1, got {self.every}")
+        if self.keep_last < 1:
+            _fail("checkpoint.keep_last", f"must be >= 1, got {self.keep_last}")
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs; saved resolved next to every checkpoint."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    preset: str = "hmora_lw"
+    method: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output_dir: str = "runs/default"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train.adam_betas, list):
+            self.train.adam_betas = tuple(self.train.adam_betas)
+        for part in (self.model, self.data, self.train, self.eval, self.checkpoint):
+            part.validate()
+        self.hmora_config()  # validates preset + method overrides
+
+    def hmora_config(self) -> HMoRAConfig:
+        """The resolved method config: the preset with ``method`` overrides applied."""
+        return load_config(self.preset, dict(self.method) or None)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["train"]["adam_betas"] = list(self.train.adam_betas)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        sections = {
+            "model": ModelConfig,
+            "data": DataConfig,
+            "train": TrainConfig,
+            "eval": EvalConfig,
+            "checkpoint": CheckpointConfig,
+        }
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - valid)
+        if unknown:
+            raise ValueError(f"run config: unknown key(s) {unknown}; valid: {sorted(valid)}")
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in sections:
+                klass = sections[key]
+                names = {f.name for f in fields(klass)}
+                bad = sorted(set(value or {}) - names)
+                if bad:
+                    raise ValueError(f"{key}: unknown key(s) {bad}; valid keys: {sorted(names)}")
+                kwargs[key] = klass(**(value or {}))
+            else:
+                kwargs[key] = value
+        return cls(**kwargs)
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a run config YAML (or the defaults) and apply dotted overrides.
+
+    ``method.<key>=value`` overrides go to the method config (``method.routing.eps=2``).
+    """
+    data: dict[str, Any] = RunConfig().to_dict() if path is None else {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"--config: {path} does not exist")
+        data = RunConfig.from_dict(yaml.safe_load(path.read_text()) or {}).to_dict()
+    method_overrides: dict[str, Any] = dict(data.get("method") or {})
+    plain: list[str] = []
+    for item in overrides or []:
+        key, value = parse_override(item)
+        if key.startswith("method."):
+            method_overrides[key[len("method.") :]] = value
+        else:
+            plain.append(item)
+    apply_overrides(data, plain)
+    data["method"] = method_overrides
+    return RunConfig.from_dict(data)

@@ -1,0 +1,117 @@
+"""Training and validation data for a run: records → encoded datasets → resumable batches."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hmora_ds.data import (
+    ChatEncoder,
+    DataCollator,
+    EncodeConfig,
+    EncodedDataset,
+    LengthGroupedSampler,
+    encode_records,
+    ensure_offline_mixture,
+    load_records,
+)
+from hmora_ds.train.config import RunConfig
+
+logger = logging.getLogger(__name__)
+
+
+def prepare_records(run: RunConfig) -> Path | None:
+    """Build what the data config needs on disk (the offline mixture); returns its dir."""
+    if run.data.kind == "offline":
+        out = Path(run.data.path) if run.data.path else None
+        return ensure_offline_mixture(run.data.offline_per_task, run.train.seed, out)
+    return None
+
+
+def _is_validation(record_id: str, fraction: float) -> bool:
+    """A stable, order-independent split: hash of the record id."""
+    h = int.from_bytes(hashlib.blake2b(record_id.encode(), digest_size=8).digest(), "big")
+    return h / 2**64 < fraction
+
+
+def split_records(run: RunConfig) -> tuple[list[dict], list[dict]]:
+    """Training and validation records of the run."""
+    d = run.data
+    path = prepare_records(run) if d.kind == "offline" else Path(d.path)
+    records = load_records(path)
+    if d.val_path:
+        train, val = records, load_records(d.val_path)
+    else:
+        train, val = [], []
+        for rec in records:
+            (
+                val if _is_validation(str(rec.get("id", rec["source"])), d.val_fraction) else train
+            ).append(rec)
+    if d.max_records is not None:
+        train = train[: d.max_records]
+    if not train:
+        raise ValueError(f"data: no training records in {path}")
+    return train, val
+
+
+@dataclass
+class RunData:
+    """The encoded datasets, the sampler and the collator of one rank."""
+
+    train: EncodedDataset
+    val: EncodedDataset | None
+    sampler: LengthGroupedSampler
+    collator: DataCollator
+
+    def batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's micro-batches forever (epoch after epoch), resumable by the sampler."""
+        while True:
+            for indices in self.sampler:
+                yield self.collator([self.train[i] for i in indices])
+
+    def val_batches(self, batch_size: int, max_batches: int | None) -> list[dict[str, Any]]:
+        """All validation batches, in a fixed order (every rank builds the same list)."""
+        if self.val is None or len(self.val) == 0:
+            return []
+        order = sorted(range(len(self.val)), key=lambda i: -int(self.val.lengths[i]))
+        chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        if max_batches is not None:
+            chunks = chunks[:max_batches]
+        return [self.collator([self.val[i] for i in c]) for c in chunks]
+
+
+def build_run_data(run: RunConfig, tokenizer: Any, rank: int, world_size: int) -> RunData:
+    """Encode the run's records with the tokenizer's chat template and set up sampling."""
+    train_recs, val_recs = split_records(run)
+    encoder = ChatEncoder(
+        tokenizer, EncodeConfig(run.data.max_input_tokens, run.data.max_output_tokens)
+    )
+    progress = None if rank == 0 else False  # None: a bar when stderr is a terminal
+    train = encode_records(train_recs, encoder, progress=progress)
+    val = encode_records(val_recs, encoder, progress=False) if val_recs else None
+    if len(train) < run.train.micro_batch_size * world_size:
+        raise ValueError(
+            f"data: {len(train)} usable training records cannot fill one global micro-batch "
+            f"of {run.train.micro_batch_size} x {world_size} ranks"
+        )
+    sampler = LengthGroupedSampler(
+        train.lengths,
+        run.train.micro_batch_size,
+        seed=run.train.seed,
+        rank=rank,
+        world_size=world_size,
+        group_by_length=run.data.group_by_length,
+    )
+    logger.info(
+        "data: %d training / %d validation examples, %d global micro-batches per epoch",
+        len(train),
+        0 if val is None else len(val),
+        len(sampler),
+    )
+    return RunData(train, val, sampler, DataCollator.from_tokenizer(tokenizer, "right"))

@@ -1,0 +1,115 @@
+"""Process start-up for training and evaluation: devices, process groups, DeepSpeed on CPU.
+
+Works the same under ``deepspeed`` (which injects ``--local_rank``), ``torchrun``, ``mpirun``
+and plain ``python`` (one process). On a machine without CUDA, DeepSpeed runs on its CPU
+accelerator with gloo and fp32.
+
+DeepSpeed-on-CPU trap (measured, ``shared/design/environment.md``): every
+``deepspeed.init_distributed()`` JIT-compiles a shared-memory communication op (70–90 s cold)
+that training never uses. We disable that one op builder before initialising; every other op
+is left alone, and a project-local ``TORCH_EXTENSIONS_DIR`` caches anything else compiled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_environment(cache_dir: str | None = None) -> None:
+    """Environment variables that must be set before DeepSpeed is imported."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if cache_dir:
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(cache_dir, "torch_extensions"))
+    # Plain `python`: make a one-process group out of nothing.
+    if "WORLD_SIZE" not in os.environ and "OMPI_COMM_WORLD_SIZE" not in os.environ:
+        os.environ.update(
+            RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_RANK="0",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(_free_port()),
+        )
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"))
+
+
+def on_cpu() -> bool:
+    return os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
+
+
+def init_distributed(cache_dir: str | None = None) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU)."""
+    prepare_environment(cache_dir)
+    import deepspeed
+
+    cpu = on_cpu()
+    if cpu:
+        # Trap 1 of the environment note: skip the unused shared-memory op build.
+        # (`import deepspeed.comm.torch as m` would bind the package attribute, not the module.)
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl", verbose=False)
+    rank = torch.distributed.get_rank()
+    world = torch.distributed.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cpu:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+        device = torch.device("cpu")
+    else:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    return DistInfo(rank, world, local_rank, device)
+
+
+class _RankZeroFilter(logging.Filter):
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.rank == 0 or record.levelno >= logging.WARNING
+
+
+def setup_logging(rank: int, level: int = logging.INFO) -> None:
+    """Log INFO from rank 0 only (warnings from every rank, prefixed with the rank)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter(f"[%(asctime)s r{rank}] %(levelname)s %(message)s", "%H:%M:%S")
+    )
+    handler.addFilter(_RankZeroFilter(rank))
+    root = logging.getLogger("hmora_ds")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    # DeepSpeed is chatty at INFO on every rank.
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)

@@ -1,0 +1,80 @@
+"""Validation during training, behind one small interface.
+
+An :class:`Evaluator` scores the model every ``eval.every`` steps; the trainer keeps the best
+checkpoint by its ``metric`` (``mode`` says whether lower or higher is better) and stops early
+after ``eval.patience`` evaluations without improvement. :class:`ValidationLoss` (held-out LM
+loss) is the default; the benchmark evaluator of the evaluation module plugs in the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+
+class Evaluator(Protocol):
+    """Scores a model; every rank calls :meth:`evaluate` (it may run collectives)."""
+
+    metric: str
+    mode: str  # "min" or "max"
+
+    def evaluate(self, model: Any, step: int) -> dict[str, float]:
+        """Returns at least ``{metric: value}`` (identical on every rank)."""
+        ...
+
+
+class ValidationLoss:
+    """Held-out LM loss over fixed validation batches, sharded across ranks.
+
+    Every rank runs the same number of forwards (ranks without a batch of their own re-run one
+    with zero weight), which ZeRO-3's collectives inside forward require.
+    """
+
+    metric = "val_loss"
+    mode = "min"
+
+    def __init__(
+        self,
+        batches: list[dict[str, torch.Tensor]],
+        device: torch.device,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.batches = batches
+        self.device = device
+        self.autocast_dtype = autocast_dtype
+
+    @torch.no_grad()
+    def evaluate(self, model: Any, step: int) -> dict[str, float]:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        n = len(self.batches)
+        rounds = -(-n // world)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        was_training = model.training
+        model.eval()
+        for r in range(rounds):
+            idx = r * world + rank
+            batch = self.batches[idx if idx < n else 0]
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with torch.autocast(
+                self.device.type,
+                dtype=self.autocast_dtype or torch.float32,
+                enabled=self.autocast_dtype is not None,
+            ):
+                out = model(**batch, return_router_stats=False)
+            if idx < n:
+                totals[0] += out.lm_loss_sum.double()
+                totals[1] += out.num_target_tokens.double()
+        if was_training:
+            model.train()
+        if world > 1:
+            dist.all_reduce(totals)
+        return {self.metric: (totals[0] / totals[1].clamp_min(1)).item()}
+
+
+def improved(value: float, best: float | None, mode: str) -> bool:
+    if best is None:
+        return True
+    return value < best if mode == "min" else value > best

