@@ -33,9 +33,14 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format hmora_ds tests launchers
 	$(VENV)/bin/ruff check --fix hmora_ds tests launchers
 
-train:
-	@echo "make train: the DeepSpeed training system arrives with issue 4 (training); not available yet." >&2
-	@exit 2
+# The embedded default: SmolLM2-135M-Instruct + the offline mixture, hmora_lw, 2 CPU ranks, ZeRO-2.
+TRAIN_CONFIG ?= configs/default.yaml
+TRAIN_ARGS ?=
+train: $(STAMP)
+	DS_ACCELERATOR=cpu $(PY) -m hmora_ds.train.prepare --config $(TRAIN_CONFIG) $(TRAIN_ARGS)
+	DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES= $(VENV)/bin/deepspeed --num_gpus 2 \
+		--master_port $$($(PY) -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])') \
+		launchers/train.py --deepspeed ds_configs/zero2.json --config $(TRAIN_CONFIG) $(TRAIN_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

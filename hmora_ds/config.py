@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ def coerce_numbers(obj: Any, section: str) -> None:
     """
     for f in fields(obj):
         value, kind = getattr(obj, f.name), str(f.type)
+        if isinstance(value, float) and math.isnan(value):
+            _fail(f"{section}.{f.name}", "is NaN")
         if isinstance(value, bool):
             continue
         if kind.startswith("float") and isinstance(value, (int, str)):

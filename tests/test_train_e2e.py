@@ -258,3 +258,43 @@ def test_resume_after_kill_during_save_equals_uninterrupted(tiny_run_inputs, tmp
     for h in resumed:
         assert h["loss"] == pytest.approx(ref[h["step"]], rel=1e-6, abs=1e-7), h
     assert (ckpts / "step00000006" / "complete.json").is_file()
+
+
+def test_divergence_stops_after_nonfinite_steps(tiny_run_inputs, tmp_path):
+    out = tmp_path / "diverge"
+    log = launch(
+        "python",
+        "zero2.json",
+        overrides(
+            tiny_run_inputs,
+            out,
+            "train.lr=1e30",
+            "train.warmup_steps=0",
+            "train.max_nonfinite_steps=2",
+        ),
+        expect=3,
+    )
+    s = summary(out)
+    assert s["stop_reason"] == "2 non-finite steps in a row"
+    assert s["steps"] < 6 and "update skipped" in log
+
+
+def test_early_stopping_keeps_the_best(tiny_run_inputs, tmp_path):
+    out = tmp_path / "early"
+    # lr far below fp32 resolution: the validation loss cannot improve after the first eval.
+    launch(
+        "python",
+        "zero2.json",
+        overrides(
+            tiny_run_inputs,
+            out,
+            "train.lr=1e-20",
+            "eval.every=1",
+            "eval.patience=2",
+            "train.max_steps=20",
+        ),
+    )
+    s = summary(out)
+    assert s["stop_reason"].startswith("early stopping") and s["steps"] == 3
+    assert s["best"]["step"] == 1 and (out / "adapter_best" / "adapter_config.json").is_file()
+    assert (out / "checkpoints" / "step00000001" / "complete.json").is_file()  # best is kept

@@ -282,12 +282,19 @@ class Trainer:
                 )
                 bar.update(1)
             due_eval = self.step % run.eval.every == 0 or self.step == t.max_steps
-            if due_eval and self._evaluate(writer):
+            stop = due_eval and self._evaluate(writer)
+            # A new best is always checkpointed (and protected from pruning).
+            new_best = due_eval and self.best["step"] == self.step
+            if (
+                stop
+                or new_best
+                or self.step % run.checkpoint.every == 0
+                or self.step == t.max_steps
+            ):
+                self._checkpoint()
+            if stop:
                 stop_reason = f"early stopping ({run.eval.patience} evaluations without gain)"
-                self._checkpoint()
                 break
-            if self.step % run.checkpoint.every == 0 or self.step == t.max_steps:
-                self._checkpoint()
         bar.close()
         return self._finish(writer, stop_reason, time.time() - start_time, tokens_seen)
 
