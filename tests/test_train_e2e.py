@@ -298,3 +298,13 @@ def test_early_stopping_keeps_the_best(tiny_run_inputs, tmp_path):
     assert s["stop_reason"].startswith("early stopping") and s["steps"] == 3
     assert s["best"]["step"] == 1 and (out / "adapter_best" / "adapter_config.json").is_file()
     assert (out / "checkpoints" / "step00000001" / "complete.json").is_file()  # best is kept
+
+
+def test_zero3_offload_without_validation_data(tiny_run_inputs, tmp_path):
+    out = tmp_path / "offload"
+    args = overrides(tiny_run_inputs, out, "data.val_fraction=0.0", "train.max_steps=3")
+    log = launch("python", "zero3_offload.json", args)
+    s = summary(out)
+    assert s["zero_stage"] == 3 and s["steps"] == 3 and s["best"]["value"] is None
+    assert "validation, best-checkpoint selection and early stopping are off" in log
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()

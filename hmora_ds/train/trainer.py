@@ -94,11 +94,18 @@ class Trainer:
         self._setup_model_and_data()
         # A per-rank stream for dropout from here on.
         seed_everything(run.train.seed + info.rank)
-        self.evaluator = evaluator or ValidationLoss(
-            self.data.val_batches(run.eval.batch_size, run.eval.max_batches),
-            info.device,
-            self.autocast_dtype,
-        )
+        self.evaluator: Evaluator | None = evaluator
+        if evaluator is None:
+            val = self.data.val_batches(run.eval.batch_size, run.eval.max_batches)
+            if val:
+                self.evaluator = ValidationLoss(val, info.device, self.autocast_dtype)
+            else:
+                logger.warning(
+                    "no validation records (data.val_fraction=%s, data.val_path=%s): validation, "
+                    "best-checkpoint selection and early stopping are off",
+                    run.data.val_fraction,
+                    run.data.val_path,
+                )
         self.step = 0
         self.best: dict[str, Any] = {"value": None, "tag": None, "step": None}
         self.evals_without_improvement = 0
@@ -281,7 +288,9 @@ class Trainer:
                     tok_s=f"{m['tokens_per_s']:.0f}",
                 )
                 bar.update(1)
-            due_eval = self.step % run.eval.every == 0 or self.step == t.max_steps
+            due_eval = self.evaluator is not None and (
+                self.step % run.eval.every == 0 or self.step == t.max_steps
+            )
             stop = due_eval and self._evaluate(writer)
             # A new best is always checkpointed (and protected from pruning).
             new_best = due_eval and self.best["step"] == self.step
