@@ -93,3 +93,11 @@ def batch(bsz: int = 3, length: int = 12, seed: int = 0, left_pad: bool = False)
 @pytest.fixture
 def qwen_hmora():
     return tiny_hmora("hmora", "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_run_inputs(tmp_path_factory):
+    """Tiny LLaMA dir with SmolLM2's real tokenizer + a JSONL of real Q/A (see _train_helpers)."""
+    from tests._train_helpers import make_tiny_run_inputs
+
+    return make_tiny_run_inputs(tmp_path_factory.mktemp("tiny"))

