@@ -42,5 +42,10 @@ train: $(STAMP)
 		--master_port $$($(PY) -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])') \
 		launchers/train.py --deepspeed ds_configs/zero2.json --config $(TRAIN_CONFIG) $(TRAIN_ARGS)
 
+# Benchmarks: numbers go to bench/results/*.json and *.md (BENCH_ARGS=--quick for a smoke run).
+BENCH_ARGS ?=
+bench: $(STAMP)
+	DS_ACCELERATOR=cpu $(PY) -m hmora_ds.bench all $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

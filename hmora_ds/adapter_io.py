@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,15 @@ def write_adapter(directory: str | Path, tensors: dict[str, torch.Tensor], meta:
     return directory
 
 
+def _expert_parallel_state(model: HMoRAModel) -> dict[str, torch.Tensor] | None:
+    """All experts gathered into the replicated layout, or None without expert parallelism."""
+    if "deepspeed" not in sys.modules:  # expert-parallel blocks are DeepSpeed modules
+        return None
+    from hmora_ds.parallel.expert_parallel import expert_parallel_blocks, gather_expert_state
+
+    return gather_expert_state(model) if expert_parallel_blocks(model) else None
+
+
 def save_adapter(model: HMoRAModel, directory: str | Path, *, write: bool = True) -> Path:
     """Write the adapter of ``model`` to ``directory`` (created if needed); returns it.
 
@@ -77,10 +87,12 @@ def save_adapter(model: HMoRAModel, directory: str | Path, *, write: bool = True
             "save_adapter: a full fine-tune has no adapter; save the base model with "
             "model.base_model.save_pretrained(dir)"
         )
-    tensors: dict[str, torch.Tensor] = {}
-    for name, param in _trainable(model).items():
-        with gathered([param]):
-            tensors[name] = param.detach().to("cpu", copy=True)
+    tensors = _expert_parallel_state(model)
+    if tensors is None:
+        tensors = {}
+        for name, param in _trainable(model).items():
+            with gathered([param]):
+                tensors[name] = param.detach().to("cpu", copy=True)
     if write:
         write_adapter(directory, tensors, adapter_metadata(model))
     return Path(directory)

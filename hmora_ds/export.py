@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -21,6 +22,28 @@ from hmora_ds.adapter_io import write_adapter
 from hmora_ds.train.checkpoint import find_checkpoint
 
 logger = logging.getLogger(__name__)
+
+
+EXPERT_FILES = "layer_*_expert_*_mp_rank_*_model_states.pt"
+_ADAPTER_KEY = re.compile(r"(lora_A|lora_B|hydra_A|alpha_logit)$|^routers\.|^task_encoder\.")
+
+
+def _expert_parallel_tensors(tag_dir: Path) -> dict:
+    """Trainable tensors of an expert-parallel checkpoint, all experts, replicated layout.
+
+    DeepSpeed writes one file per global expert (``layer_<l>_expert_<e>_…``) next to the
+    module states of the replicated part; ZeRO-1/2 keep the fp32 trainable weights in the
+    module itself, so no optimizer partition needs to be read.
+    """
+    import torch
+
+    from hmora_ds.parallel.expert_parallel import standardize_state_dict
+
+    module = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    state = {k: v for k, v in module.items() if _ADAPTER_KEY.search(k)}
+    for path in sorted(tag_dir.glob(EXPERT_FILES)):
+        state.update(torch.load(path, weights_only=False))
+    return {k: v.float() for k, v in standardize_state_dict(state).items()}
 
 
 def export_adapter(checkpoint: str | Path, out: str | Path) -> Path:
@@ -32,9 +55,12 @@ def export_adapter(checkpoint: str | Path, out: str | Path) -> Path:
     if not meta_file.is_file():
         raise ValueError(f"export: {meta_file} missing (not an hmora-ds checkpoint?)")
     meta = json.loads(meta_file.read_text())
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    # With exclude_frozen_parameters the state holds the trainable tensors only.
-    tensors = {k: v for k, v in state.items() if v is not None}
+    if list((ckpt_dir / tag).glob(EXPERT_FILES)):
+        tensors = _expert_parallel_tensors(ckpt_dir / tag)
+    else:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        # With exclude_frozen_parameters the state holds the trainable tensors only.
+        tensors = {k: v for k, v in state.items() if v is not None}
     if not tensors:
         raise ValueError(f"export: no trainable tensors in {ckpt_dir / tag}")
     return write_adapter(out, tensors, meta)

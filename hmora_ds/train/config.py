@@ -41,6 +41,8 @@ class ModelConfig:
         tokenizer: tokenizer name/dir (default: the model's).
         dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``float32`` or ``bfloat16`` for the frozen base.
         attn_implementation: ``sdpa`` or ``eager``.
+        adapter: an exported adapter directory to start from (its method config replaces
+            ``preset`` / ``method``); loads into any ``parallel.ep_size``.
     """
 
     name_or_path: str = "smollm2-135m-instruct"
@@ -48,6 +50,7 @@ class ModelConfig:
     tokenizer: str | None = None
     dtype: str = "auto"
     attn_implementation: str = "sdpa"
+    adapter: str | None = None
 
     def validate(self) -> None:
         coerce_numbers(self, "model")
@@ -166,6 +169,23 @@ class EvalConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Parallelism beyond data parallelism.
+
+    Attributes:
+        ep_size: expert-parallel group size: each MoRA block's experts are split over this
+            many ranks (1 = replicated). Needs ZeRO ≤ 2 and top-k routing.
+    """
+
+    ep_size: int = 1
+
+    def validate(self) -> None:
+        coerce_numbers(self, "parallel")
+        if not isinstance(self.ep_size, int) or self.ep_size < 1:
+            _fail("parallel.ep_size", f"must be a positive integer, got {self.ep_size!r}")
+
+
+@dataclass
 class CheckpointConfig:
     """DeepSpeed checkpoints every ``every`` steps, the last ``keep_last`` kept (plus the best)."""
 
@@ -191,12 +211,13 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     output_dir: str = "runs/default"
 
     def __post_init__(self) -> None:
         if isinstance(self.train.adam_betas, list):
             self.train.adam_betas = tuple(self.train.adam_betas)
-        for part in (self.model, self.data, self.train, self.eval, self.checkpoint):
+        for part in (self.model, self.data, self.train, self.eval, self.checkpoint, self.parallel):
             part.validate()
         self.hmora_config()  # validates preset + method overrides
 
@@ -217,6 +238,7 @@ class RunConfig:
             "train": TrainConfig,
             "eval": EvalConfig,
             "checkpoint": CheckpointConfig,
+            "parallel": ParallelConfig,
         }
         valid = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - valid)

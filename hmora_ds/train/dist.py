@@ -66,6 +66,16 @@ def on_cpu() -> bool:
     return os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
 
 
+def skip_cpu_shm_build() -> None:
+    """Trap 1 of the environment note: skip the unused shared-memory op build on CPU.
+
+    (``import deepspeed.comm.torch as m`` would bind the package attribute, not the module.)
+    """
+    import deepspeed.comm.torch  # noqa: F401  (make sure the module is loaded)
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
 def init_distributed(cache_dir: str | None = None) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU)."""
     prepare_environment(cache_dir)
@@ -73,9 +83,7 @@ def init_distributed(cache_dir: str | None = None) -> DistInfo:
 
     cpu = on_cpu()
     if cpu:
-        # Trap 1 of the environment note: skip the unused shared-memory op build.
-        # (`import deepspeed.comm.torch as m` would bind the package attribute, not the module.)
-        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+        skip_cpu_shm_build()
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl", verbose=False)
     rank = torch.distributed.get_rank()

@@ -28,10 +28,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from hmora_ds.adapter_io import adapter_metadata, save_adapter
+from hmora_ds.adapter_io import adapter_metadata, load_adapter, read_adapter_config, save_adapter
+from hmora_ds.config import HMoRAConfig
 from hmora_ds.metrics import RouterStatsAccumulator
 from hmora_ds.model import HMoRAModel
 from hmora_ds.optim import lora_plus_param_groups
+from hmora_ds.parallel.expert_parallel import to_expert_parallel, validate_expert_parallel
 from hmora_ds.params import parameter_report
 from hmora_ds.train import checkpoint as ckpt
 from hmora_ds.train.config import RunConfig
@@ -87,6 +89,16 @@ class Trainer:
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.ds_config = build_ds_config(ds_config, run, info.world_size, on_cpu())
         self.method = run.hmora_config()
+        if run.model.adapter:  # the adapter's own method config wins
+            self.method = HMoRAConfig.from_dict(read_adapter_config(run.model.adapter)["config"])
+        validate_expert_parallel(
+            run.parallel.ep_size,
+            self.method.adapter.num_experts,
+            info.world_size,
+            zero_stage(self.ds_config),
+            self.method.routing.mode,
+            self.method.has_mixture,
+        )
         self.precision = run.train.precision
         if self.precision == "auto":
             self.precision = "fp32" if info.device.type == "cpu" else "bf16"
@@ -116,6 +128,7 @@ class Trainer:
     # ----------------------------------------------------------------- setup
     def _setup_model_and_data(self) -> None:
         import deepspeed
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
         run, info = self.run, self.info
         checkpoint = self._on_rank0_first(
@@ -130,12 +143,25 @@ class Trainer:
         # Same seed on every rank right before the adapters are initialised: identical replicas,
         # and the same initial weights as a one-process run whatever loading consumed.
         seed_everything(run.train.seed)
-        model = HMoRAModel(base, self.method, tokenizer=self.tokenizer)
+        if run.model.adapter:
+            model = load_adapter(base, run.model.adapter)
+            logger.info("started from adapter %s (its method config is used)", run.model.adapter)
+        else:
+            model = HMoRAModel(base, self.method, tokenizer=self.tokenizer)
         if zero_stage(self.ds_config) < 3:  # ZeRO-3 places (partitioned) weights itself
             model.to(info.device)
+        self.report = parameter_report(model)  # before experts are split over ranks
+        ep = run.parallel.ep_size
+        if ep > 1:
+            n = to_expert_parallel(model, ep, info.rank % ep)
+            logger.info(
+                "expert parallelism: %d blocks, %d of %d experts per rank",
+                n,
+                self.method.adapter.num_experts // ep,
+                self.method.adapter.num_experts,
+            )
         if run.train.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        self.report = parameter_report(model)
         logger.info(
             "model %s (%s): %s trainable parameters, TP %.2f%%",
             run.model.name_or_path,
@@ -144,9 +170,14 @@ class Trainer:
             self.report.tp_percent,
         )
         t = run.train
-        optimizer = torch.optim.AdamW(
-            lora_plus_param_groups(model, t.lr, t.weight_decay), lr=t.lr, betas=t.adam_betas
-        )
+        param_groups = lora_plus_param_groups(model, t.lr, t.weight_decay)
+        if ep > 1:  # expert parameters get their own groups (reduced over expert-DP ranks)
+            param_groups = [
+                g
+                for g in split_params_into_different_moe_groups_for_optimizer(param_groups)
+                if g["params"]
+            ]
+        optimizer = torch.optim.AdamW(param_groups, lr=t.lr, betas=t.adam_betas)
         scheduler = build_scheduler(
             optimizer, t.warmup_steps, t.max_steps, t.schedule, t.min_lr_ratio
         )

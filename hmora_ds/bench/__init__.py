@@ -1,0 +1,1 @@
+"""Benchmarks (``make bench``): numbers go to ``bench/results/*.json`` and ``*.md``."""

@@ -1,0 +1,1 @@
+"""Parallelism beyond data parallelism: expert parallelism of the LoRA experts."""
