@@ -209,18 +209,19 @@ def test_zero3_offload_without_validation_data(tiny_run_inputs, tmp_path):
 
 
 # ------------------------------------------------------------------ expert parallelism (EP = 2)
+EP_ARGS = (
+    *NO_DROPOUT,
+    "train.micro_batch_size=1",
+    "train.grad_accum=2",
+    "parallel.ep_size=2",
+    "checkpoint.keep_last=3",
+)
+
+
 @pytest.fixture(scope="module")
 def ep_run(layouts, tiny_run_inputs):
     out = layouts / "ep2"
-    args = overrides(
-        tiny_run_inputs,
-        out,
-        *NO_DROPOUT,
-        "train.micro_batch_size=1",
-        "train.grad_accum=2",
-        "parallel.ep_size=2",
-        "checkpoint.keep_last=3",
-    )
+    args = overrides(tiny_run_inputs, out, *EP_ARGS)
     launch("torchrun", "zero2_ep.json", args)
     return out
 
@@ -246,25 +247,19 @@ def test_expert_parallel_export_loads_without_ep(ep_run, tiny_run_inputs):
     assert exported.keys() == live.keys()
     for name in live:
         torch.testing.assert_close(exported[name], live[name], rtol=0, atol=0, msg=name)
-    base = AutoModelForCausalLM.from_pretrained(tiny_run_inputs / "model",
-                                                attn_implementation="eager")  # fmt: skip
+    base = AutoModelForCausalLM.from_pretrained(
+        tiny_run_inputs / "model", attn_implementation="eager"
+    )
     model = load_adapter(base, ep_run / "exported").eval()  # EP = 1
     assert model.base_model.model.layers[0].self_attn.q_proj.lora_B.shape[1] == 8 * 8
 
 
 def test_expert_parallel_resume_and_adapter_start(ep_run, tiny_run_inputs, tmp_path):
     out = tmp_path / "ep_crash"
-    args = overrides(
-        tiny_run_inputs,
-        out,
-        *NO_DROPOUT,
-        "train.micro_batch_size=1",
-        "train.grad_accum=2",
-        "parallel.ep_size=2",
-        "checkpoint.keep_last=3",
-    )
-    launch("torchrun", "zero2_ep.json", args, env={"HMORA_CRASH_DURING_SAVE": "step00000006"},
-           expect=1)  # torchrun reports the killed worker  # fmt: skip
+    args = overrides(tiny_run_inputs, out, *EP_ARGS)
+    launch(
+        "torchrun", "zero2_ep.json", args, env={"HMORA_CRASH_DURING_SAVE": "step00000006"}, expect=1
+    )  # torchrun reports the killed worker
     launch("torchrun", "zero2_ep.json", [*args, "--resume", "auto"])
     ref = {h["step"]: h["loss"] for h in summary(ep_run)["history"]}
     resumed = summary(out)["history"]
@@ -274,9 +269,20 @@ def test_expert_parallel_resume_and_adapter_start(ep_run, tiny_run_inputs, tmp_p
     # An exported (EP = 1 layout) adapter starts an EP = 2 run: with a zero lr it comes back out
     # unchanged, so loading split the experts and saving gathered them.
     start = tmp_path / "ep_start"
-    launch("torchrun", "zero2_ep.json", overrides(
-        tiny_run_inputs, start, *NO_DROPOUT, "train.micro_batch_size=1", "parallel.ep_size=2",
-        "train.max_steps=1", "train.lr=1e-30", f"model.adapter={ep_run / 'adapter'}"))  # fmt: skip
+    launch(
+        "torchrun",
+        "zero2_ep.json",
+        overrides(
+            tiny_run_inputs,
+            start,
+            *NO_DROPOUT,
+            "train.micro_batch_size=1",
+            "parallel.ep_size=2",
+            "train.max_steps=1",
+            "train.lr=1e-30",
+            f"model.adapter={ep_run / 'adapter'}",
+        ),
+    )
     a = load_file(str(ep_run / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(start / "adapter" / "adapter_model.safetensors"))
     for name in a:
