@@ -155,6 +155,7 @@ def test_local_jsonl_and_bad_inputs(tmp_path):
         parse_benchmarks("arc-e,arc-x")
     assert parse_benchmarks("csqa,mmlu") == ["mmlu", "commonsense_qa"]  # paper order
     assert parse_benchmarks("all") == list(B.BENCHMARKS)
+    assert parse_benchmarks(["arc-e,csqa", "obqa"]) == ["arc_easy", "openbookqa", "commonsense_qa"]
     with pytest.raises(EvalError, match=r"no split .test.*available: \[.validation.\]"):
         load_benchmark("arc_easy", "test", "local", local_dir=root)
     with pytest.raises(B.BenchmarkUnavailable):
@@ -203,3 +204,12 @@ def test_subsets_deterministic_disjoint_and_sized():
     assert select_from_manifest(csqa, entry["ids"]) == test
     with pytest.raises(EvalError, match="manifest ids"):
         select_from_manifest(csqa, ["nope"])
+
+
+def test_small_split_shared_in_paper_proportion():
+    csqa = _data("commonsense_qa", "validation", 8)  # paper: 300 / 900
+    val, test = select_subset(csqa, "validation"), select_subset(csqa, "test")
+    assert (len(val), len(test)) == (2, 6)
+    assert not {q.id for q in val} & {q.id for q in test}
+    with pytest.raises(EvalError, match="too few"):
+        select_subset(_data("swag", "validation", 1), "test")

@@ -144,8 +144,8 @@ def canonical(name: str) -> str:
 
 def parse_benchmarks(spec: str | Iterable[str]) -> list[str]:
     """``"all"`` or a comma-separated / listed selection, returned in the paper's order."""
-    names = spec.split(",") if isinstance(spec, str) else list(spec)
-    names = [n for n in (s.strip() for s in names) if n]
+    parts = [spec] if isinstance(spec, str) else list(spec)
+    names = [n.strip() for part in parts for n in part.split(",") if n.strip()]
     if not names:
         raise EvalError("no benchmark selected")
     if any(n.lower() == "all" for n in names):

@@ -117,13 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     def rank0_first(fn):
-        if info.rank == 0:
-            out = fn()
+        # Rank 0 first (fetches, conversions); it reaches the barrier even when it fails, so
+        # the other ranks run into the same error instead of waiting for it.
+        if info.rank != 0:
             dist.barrier()
-        else:
+            return fn()
+        try:
+            return fn()
+        finally:
             dist.barrier()
-            out = fn()
-        return out
 
     start = time.time()
     try:

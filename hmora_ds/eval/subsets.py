@@ -15,6 +15,8 @@ Sampling is a seeded permutation of the original split (seed string
 come from one original split, validation takes the permutation's first ``n_val`` questions and
 test the next ``n_test``: disjoint by construction. A sampled subset keeps the permutation's
 order (so ``max_questions`` takes a uniform sample of it); a whole split keeps its own order.
+A split smaller than the paper's subsets (e.g. a small local file) is shared in the paper's
+proportion; the manifest records the sizes actually used.
 
 The manifest (``manifest.json``, written with every result) lists the ids evaluated; passing it
 back (``--manifest``) evaluates exactly the same questions.
@@ -68,6 +70,28 @@ def _permutation(n: int, seed: int, bench: str, orig_split: str) -> list[int]:
     return order
 
 
+def _window(bench: str, split: str, n: int) -> tuple[int, int]:
+    """Start and size of ``split``'s subset in the permutation of an ``n``-question split.
+
+    Validation comes first, then test: disjoint when both come from one original split. A
+    split smaller than both subsets together (a small local file) is divided in the paper's
+    proportion, each side keeping at least one question.
+    """
+    spec = PAPER_SUBSETS[bench][split]
+    assert spec.size is not None
+    val, test = PAPER_SUBSETS[bench]["validation"], PAPER_SUBSETS[bench]["test"]
+    if val.split != test.split or val.size is None or test.size is None:
+        return 0, min(spec.size, n)
+    if n < 2:
+        raise EvalError(f"{bench} [{val.split}] has {n} question(s): too few for two subsets")
+    n_val = val.size
+    if val.size + test.size > n:
+        n_val = min(n - 1, max(1, round(n * val.size / (val.size + test.size))))
+    if split == "validation":
+        return 0, n_val
+    return n_val, min(test.size, n - n_val)
+
+
 def select_subset(
     data: BenchmarkData, split: str, seed: int = 0, max_questions: int | None = None
 ) -> list[Question]:
@@ -87,15 +111,8 @@ def select_subset(
     qs = data.questions
     if spec.size is not None:
         order = _permutation(len(qs), seed, data.benchmark, spec.split)
-        # Validation first, then test: disjoint when both come from one original split.
-        other = "test" if split == "validation" else "validation"
-        other_spec = PAPER_SUBSETS[data.benchmark][other]
-        start = 0
-        if split == "test" and other_spec.split == spec.split and other_spec.size is not None:
-            start = other_spec.size
-        if start + 1 > len(qs):
-            raise EvalError(f"{data.benchmark} [{data.split}] is too small for its subsets")
-        qs = [qs[i] for i in order[start : start + spec.size]]
+        start, size = _window(data.benchmark, split, len(qs))
+        qs = [qs[i] for i in order[start : start + size]]
     if max_questions is not None:
         if max_questions < 1:
             raise EvalError(f"max_questions must be >= 1, got {max_questions}")
