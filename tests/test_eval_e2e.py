@@ -1,4 +1,4 @@
-"""The real entry points: launchers/eval.py (torchrun, 2 ranks; a refused adapter) and training
+"""The real entry points: launchers/eval.py (torchrun, 2 ranks, ZeRO-3; a refused adapter) and training
 with benchmark validation under ZeRO-3 (tiny random-init LLaMA, real SmolLM2 tokenizer)."""
 
 from __future__ import annotations
@@ -30,13 +30,14 @@ def _local(root):
     )
 
 
-def test_eval_launcher_two_ranks_writes_table_json_manifest(tiny_run_inputs, tmp_path):
+def test_eval_launcher_two_ranks_zero3_writes_table_json_manifest(tiny_run_inputs, tmp_path):
     local = _local(tmp_path / "bench")
     out = tmp_path / "out"
     cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", EVAL]
     cmd += ["--model", str(tiny_run_inputs / "model"), "--source", "local"]
     cmd += ["--local-dir", str(local), "--benchmarks", "all", "--split", "test"]
     cmd += ["--batch-size", "2", "--shots", "1", "--output-dir", str(out)]
+    cmd += ["--deepspeed", str(REPO / "ds_configs" / "zero3.json")]  # partitioned base
     rc, log = run_command(cmd, 240, cwd=REPO)
     assert rc == 0, log[-3000:]
     doc = json.loads((out / "results.json").read_text())
