@@ -153,12 +153,27 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Validation every ``every`` steps; early stopping after ``patience`` evaluations."""
+    """Validation every ``every`` steps; early stopping after ``patience`` evaluations.
+
+    ``kind``: ``loss`` (held-out LM loss, lower is better) or ``benchmarks`` (the paper's:
+    mean accuracy over the benchmarks' validation subsets, higher is better; see
+    ``docs/eval.md``). ``benchmarks`` is ``all`` or a comma list (``arc_easy,csqa``);
+    ``source``/``local_dir``/``mode``/``shots``/``max_questions``/``seed`` as in
+    ``launchers/eval.py``. ``batch_size`` is used by both kinds.
+    """
 
     every: int = 200
     patience: int = 10
     batch_size: int = 8
     max_batches: int | None = None
+    kind: str = "loss"
+    benchmarks: str = "all"
+    source: str = "offline"
+    local_dir: str | None = None
+    mode: str = "letter"
+    shots: int = 0
+    max_questions: int | None = None
+    seed: int = 0
 
     def validate(self) -> None:
         coerce_numbers(self, "eval")
@@ -166,6 +181,8 @@ class EvalConfig:
             _fail("eval.every", f"must be >= 1, got {self.every}")
         if self.patience < 1:
             _fail("eval.patience", f"must be >= 1, got {self.patience}")
+        if self.kind not in ("loss", "benchmarks"):
+            _fail("eval.kind", f"must be 'loss' or 'benchmarks', got {self.kind!r}")
 
 
 @dataclass

@@ -107,7 +107,9 @@ class Trainer:
         # A per-rank stream for dropout from here on.
         seed_everything(run.train.seed + info.rank)
         self.evaluator: Evaluator | None = evaluator
-        if evaluator is None:
+        if evaluator is None and run.eval.kind == "benchmarks":
+            self.evaluator = self._on_rank0_first(self._benchmark_evaluator)
+        elif evaluator is None:
             val = self.data.val_batches(run.eval.batch_size, run.eval.max_batches)
             if val:
                 self.evaluator = ValidationLoss(val, info.device, self.autocast_dtype)
@@ -124,6 +126,31 @@ class Trainer:
         self.nonfinite_in_row = 0
         self.history: list[dict[str, float]] = []
         self._resume_from(resume)
+
+    def _benchmark_evaluator(self) -> Evaluator:
+        from hmora_ds.eval.evaluator import BenchmarkEvaluator
+        from hmora_ds.eval.scoring import ScoreConfig
+        from hmora_ds.eval.suite import SuiteConfig
+
+        e = self.run.eval
+        suite = SuiteConfig(
+            benchmarks=[e.benchmarks],
+            split="validation",
+            source=e.source,
+            local_dir=Path(e.local_dir) if e.local_dir else None,
+            seed=e.seed,
+            max_questions=e.max_questions,
+        )
+        score = ScoreConfig(
+            mode=e.mode,
+            shots=e.shots,
+            batch_size=e.batch_size,
+            max_input_tokens=self.run.data.max_input_tokens,
+            seed=e.seed,
+        )
+        return BenchmarkEvaluator(
+            self.tokenizer, suite, score, self.info.device, self.autocast_dtype
+        )
 
     # ----------------------------------------------------------------- setup
     def _setup_model_and_data(self) -> None:

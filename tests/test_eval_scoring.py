@@ -1,0 +1,158 @@
+"""Scoring: letter logits, option-count edge cases, left padding, loglik against a naive
+full-sequence scorer (base and HMoRA), macro vs micro accuracy, tables.
+
+Tiny random-init LLaMA with SmolLM2's real tokenizer and chat template (mechanics only)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from hmora_ds.config import load_config
+from hmora_ds.eval.benchmarks import LETTERS, EvalError, Question
+from hmora_ds.eval.distributed import score_questions
+from hmora_ds.eval.scoring import ScoreConfig, Scorer, accuracy
+from hmora_ds.eval.suite import average
+from hmora_ds.eval.tables import markdown_table
+from hmora_ds.model import HMoRAModel
+from hmora_ds.train.loading import load_tokenizer
+from tests._eval_helpers import toy_questions
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_run_inputs):
+    tok = load_tokenizer(str(tiny_run_inputs / "model"))
+    base = AutoModelForCausalLM.from_pretrained(
+        tiny_run_inputs / "model", attn_implementation="eager"
+    ).eval()
+    return tok, base
+
+
+class ForceLetter(torch.nn.Module):
+    """Wraps a model: adds +100 to one token's logit at every position."""
+
+    def __init__(self, model, token_id: int) -> None:
+        super().__init__()
+        self.model, self.token_id = model, token_id
+
+    def forward(self, **kw):
+        out = self.model(**kw)
+        out.logits[..., self.token_id] += 100.0
+        return out
+
+
+def test_forced_letter_is_predicted_and_out_of_range_letters_never(tiny):
+    tok, base = tiny
+    scorer = Scorer(tok, ScoreConfig(batch_size=3))
+    qs = toy_questions(6)  # 3, 4 and 5 options
+    for letter in "ABC":
+        forced = ForceLetter(base, scorer.letter_ids[LETTERS.index(letter)])
+        preds = score_questions(forced, scorer, qs, CPU)
+        assert set(preds.values()) == {LETTERS.index(letter)}
+    # "E" forced highest: only the 5-option questions may answer E, the others ignore it.
+    forced = ForceLetter(base, scorer.letter_ids[4])
+    preds = score_questions(forced, scorer, qs, CPU)
+    for q in qs:
+        assert (preds[q.id] == 4) == (len(q.options) == 5)
+        assert preds[q.id] < len(q.options)
+    # The prompt is the chat template with lettered options (what training sees).
+    item = scorer.items(qs[:1], None)[0]
+    text = tok.decode(item.prompt["input_ids"])
+    assert text.startswith("<|im_start|>") and text.endswith("<|im_start|>assistant\n")
+    assert "\nA. option a" in text and "\nC. option c" in text and "\nD." not in text
+
+
+def test_left_padded_batches_equal_one_by_one(tiny):
+    tok, base = tiny
+    qs = toy_questions(7)
+    qs[2] = Question("long", "arc_easy", "A much longer question " * 6, ("x", "y", "z"), 1)
+    for mode in ("letter", "loglik"):
+        big = Scorer(tok, ScoreConfig(mode=mode, batch_size=4))
+        one = Scorer(tok, ScoreConfig(mode=mode, batch_size=1))
+        items = big.items(qs, None)
+        a = big.run(base, items, CPU)
+        b = one.run(base, items, CPU)
+        for x, y in zip(a, b, strict=True):
+            assert torch.allclose(torch.tensor(x), torch.tensor(y), atol=1e-4), mode
+
+
+def _naive_loglik(model, prompt_ids, option_ids):
+    ids = torch.tensor([prompt_ids + option_ids])
+    kw = {"return_router_stats": False} if isinstance(model, HMoRAModel) else {}
+    if isinstance(model, HMoRAModel):  # task routing from the prompt only
+        pm = torch.zeros_like(ids)
+        pm[0, : len(prompt_ids)] = 1
+        kw["prompt_mask"] = pm
+    logp = torch.log_softmax(model(input_ids=ids, **kw).logits[0].float(), -1)
+    p = len(prompt_ids)
+    return sum(logp[p - 1 + k, t].item() for k, t in enumerate(option_ids))
+
+
+@pytest.mark.parametrize("kind", ["base", "hmora"])
+def test_loglik_shared_prefix_equals_full_sequences(tiny, kind):
+    tok, base = tiny
+    model = base
+    if kind == "hmora":
+        torch.manual_seed(0)
+        model = HMoRAModel(base, load_config("hmora_lw"), tokenizer=tok).eval()
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("lora_B"):
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    qs = toy_questions(5)
+    qs[1] = Question("empty", "arc_easy", "Pick.", ("", "a real option"), 1)
+    scorer = Scorer(tok, ScoreConfig(mode="loglik", batch_size=3))
+    items = scorer.items(qs, None)
+    raw = scorer.run(model, items, CPU)
+    for it, scores in zip(items, raw, strict=True):
+        for opt, s in zip(it.options, scores, strict=True):
+            if not opt:
+                assert s == float("-inf")
+                continue
+            ref = _naive_loglik(model, it.prompt["input_ids"], opt)
+            assert s == pytest.approx(ref, abs=2e-3)
+    preds = scorer.predict(qs, items, raw)
+    assert preds[1] == 1  # the empty option is never chosen
+    # Normalisations: tokens (default), chars, none pick from the same raw scores.
+    for norm in ("chars", "none"):
+        scorer.config.norm = norm
+        assert len(scorer.predict(qs, items, raw)) == len(qs)
+
+
+def test_macro_vs_micro_and_table():
+    # physics: 3/3 right, law: 0/1 right -> micro 3/4, macro (1 + 0) / 2.
+    qs = [Question(f"p{i}", "mmlu", "q", ("a", "b"), 0, "physics") for i in range(3)]
+    qs.append(Question("l0", "mmlu", "q", ("a", "b"), 0, "law"))
+    preds = {"p0": 0, "p1": 0, "p2": 0, "l0": 1}
+    res = accuracy("mmlu", qs, preds)
+    assert res["micro_accuracy"] == 0.75 and res["macro_accuracy"] == 0.5
+    assert res["accuracy"] == 0.5 and res["per_subject"] == {"law": 0.0, "physics": 1.0}
+    arc = [Question(q.id, "arc_easy", "q", ("a", "b"), 0) for q in qs]
+    assert accuracy("arc_easy", arc, preds)["accuracy"] == 0.75
+    results = {
+        "mmlu": {"status": "ok", **res},
+        "mmlu_pro": {"status": "unavailable", "reason": "no offline source"},
+        "swag": {"status": "ok", "accuracy": 0.25, "stand_in": "HellaSwag (stand-in for SWAG)"},
+    }
+    avg = average(results)
+    assert avg["value"] == pytest.approx(0.375) and not avg["complete"]
+    assert avg["over"] == ["mmlu", "swag"]
+    doc = {"benchmarks": results, "average": avg, "split": "test", "source": "offline"}
+    md = markdown_table(doc, "base")
+    head, _, row = md.splitlines()[:3]
+    assert head == "|  | MMLU | MMLU-Pro | ARC-C | ARC-E | OpenBook | SWAG | Comm | Avg |"
+    assert row == "| base | 50.00 | n/a | — | — | — | 25.00† | — | 37.50* |"
+    assert "HellaSwag (stand-in for SWAG)" in md and "no offline source" in md
+    assert "Average over 2 of 7 benchmarks" in md and "missing: MMLU-Pro, ARC-C" in md
+
+
+def test_bad_scoring_inputs(tiny):
+    tok, _ = tiny
+    with pytest.raises(EvalError, match="mode"):
+        ScoreConfig(mode="generate")
+    with pytest.raises(EvalError, match="duplicate"):
+        score_questions(None, Scorer(tok), toy_questions(2) * 2, CPU)
