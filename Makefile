@@ -36,11 +36,28 @@ format: $(STAMP)
 # The embedded default: SmolLM2-135M-Instruct + the offline mixture, hmora_lw, 2 CPU ranks, ZeRO-2.
 TRAIN_CONFIG ?= configs/default.yaml
 TRAIN_ARGS ?=
+TRAIN_OUT ?= runs/default
+EVAL_BENCHMARKS ?= arc-c,arc-e,obqa,csqa
+EVAL_QUESTIONS ?= 100
 train: $(STAMP)
 	DS_ACCELERATOR=cpu $(PY) -m hmora_ds.train.prepare --config $(TRAIN_CONFIG) $(TRAIN_ARGS)
 	DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES= $(VENV)/bin/deepspeed --num_gpus 2 \
 		--master_port $$($(PY) -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])') \
 		launchers/train.py --deepspeed ds_configs/zero2.json --config $(TRAIN_CONFIG) $(TRAIN_ARGS)
+	@# What fine-tuning changed: the base model and the best adapter on the same validation
+	@# questions of the benchmarks whose *train* splits are in the offline mixture. Option
+	@# log-likelihood scoring: the mixture's targets are option texts, not letters.
+	for who in base adapter; do \
+		DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES= $(VENV)/bin/torchrun --standalone --nproc_per_node 2 \
+			launchers/eval.py --model smollm2-135m-instruct --benchmarks $(EVAL_BENCHMARKS) \
+			--split validation --max-questions $(EVAL_QUESTIONS) --max-input-tokens 512 --mode loglik \
+			$$([ $$who = adapter ] && echo --adapter $(TRAIN_OUT)/adapter_best) \
+			--output-dir $(TRAIN_OUT)/eval_$$who > $(TRAIN_OUT)/eval_$$who.log 2>&1 \
+			|| { tail -20 $(TRAIN_OUT)/eval_$$who.log; exit 1; }; \
+	done
+	@echo; echo "== Benchmarks before / after fine-tuning (validation subsets, $(EVAL_QUESTIONS) questions each)"
+	@$(PY) -m hmora_ds.eval.compare $(TRAIN_OUT)/eval_base/results.json \
+		$(TRAIN_OUT)/eval_adapter/results.json --labels "SmolLM2-135M base" "+ HMoRA w LW"
 
 # Benchmarks: numbers go to bench/results/*.json and *.md (BENCH_ARGS=--quick for a smoke run).
 BENCH_ARGS ?=

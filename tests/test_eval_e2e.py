@@ -1,5 +1,5 @@
-"""The real entry points: launchers/eval.py (torchrun, 2 ranks, ZeRO-3; a refused adapter) and training
-with benchmark validation under ZeRO-3 (tiny random-init LLaMA, real SmolLM2 tokenizer)."""
+"""The real entry points: launchers/eval.py (torchrun, 2 ranks, ZeRO-3; a refused adapter) and
+training with benchmark validation under ZeRO-3 (tiny random-init LLaMA, real SmolLM2 tokenizer)."""
 
 from __future__ import annotations
 

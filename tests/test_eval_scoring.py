@@ -156,3 +156,28 @@ def test_bad_scoring_inputs(tiny):
         ScoreConfig(mode="generate")
     with pytest.raises(EvalError, match="duplicate"):
         score_questions(None, Scorer(tok), toy_questions(2) * 2, CPU)
+
+
+def test_compare_table_before_after():
+    from hmora_ds.eval.compare import compare_table
+
+    def doc(acc_e, acc_c):
+        return {
+            "split": "validation",
+            "mode": "letter",
+            "shots": 0,
+            "benchmarks": {
+                "arc_easy": {"status": "ok", "accuracy": acc_e},
+                "arc_challenge": {"status": "ok", "accuracy": acc_c},
+                "mmlu_pro": {"status": "unavailable", "reason": "no offline source"},
+            },
+        }
+
+    table = compare_table([doc(0.25, 0.30), doc(0.40, 0.35)], ["base", "fine-tuned"])
+    lines = table.splitlines()
+    assert lines[0] == "| | ARC-C | ARC-E | Avg |"
+    assert lines[2] == "| base | 30.0 | 25.0 | 27.5 |"
+    assert lines[3] == "| fine-tuned | 35.0 | 40.0 | 37.5 |"
+    assert lines[4] == "| Δ | +5.0 | +15.0 | +10.0 |"
+    with pytest.raises(ValueError, match="differ in mode"):
+        compare_table([doc(0.1, 0.1), {**doc(0.1, 0.1), "mode": "loglik"}], ["a", "b"])
