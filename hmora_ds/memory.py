@@ -173,7 +173,9 @@ def adapter_terms(method: Any, shapes: Shapes) -> list[tuple[int, int, int, bool
     out = []
     for t in a.targets:
         single = t in a.single_lora_layers
-        out.append((widths[t], 1 if single else a.num_experts, a.rank, bool(a.hydra) and not single))
+        out.append(
+            (widths[t], 1 if single else a.num_experts, a.rank, bool(a.hydra) and not single)
+        )
     return out
 
 

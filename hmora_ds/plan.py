@@ -236,8 +236,12 @@ def report(setup: Setup, ds_paths: list[str] | None = None) -> tuple[str, bool]:
         for ckpt in (False, True):
             est = estimate_for(s, strategy, t.micro_batch_size, ckpt)
             ok, why = fits(s, est)
-            states = sum(v for k, v in est.device.items() if k in ("adapter params", "optimizer states"))
-            weights = est.device.get("weights", est.device.get("model states (DeepSpeed estimator)", 0))
+            states = sum(
+                v for k, v in est.device.items() if k in ("adapter params", "optimizer states")
+            )
+            weights = est.device.get(
+                "weights", est.device.get("model states (DeepSpeed estimator)", 0)
+            )
             act = sum(est.device.get(k, 0) for k in ("activations", "logits", "task encoder"))
             mmax = max_micro_batch(s, strategy, ckpt)
             out.append(
@@ -249,14 +253,20 @@ def report(setup: Setup, ds_paths: list[str] | None = None) -> tuple[str, bool]:
             candidates.append((strategy, ckpt, est, ok, mmax))
             if strategy.name == s.intended and ckpt == t.gradient_checkpointing:
                 chosen = est
-    out.append("(GiB per GPU; 'micro' = the largest micro-batch that fits; columns add up to total)")
+    out.append(
+        "(GiB per GPU; 'micro' = the largest micro-batch that fits; columns add up to total)"
+    )
     if chosen is None:
         chosen = candidates[0][2]
     out += ["", breakdown(s, chosen)]
     if c.full_finetune is False:
         strategy = chosen.strategy
         gpu, _ = deepspeed_all_trainable(
-            c.base + c.trainable, c.largest_module, strategy.stage, s.gpus, s.nodes,
+            c.base + c.trainable,
+            c.largest_module,
+            strategy.stage,
+            s.gpus,
+            s.nodes,
             strategy.offload_optimizer,
         )
         out.append(
@@ -267,7 +277,10 @@ def report(setup: Setup, ds_paths: list[str] | None = None) -> tuple[str, bool]:
     ok, why = fits(s, chosen)
     out.append("")
     ckpt_word = "with" if t.gradient_checkpointing else "without"
-    layout = f"{chosen.strategy.name} {ckpt_word} gradient checkpointing, micro-batch {t.micro_batch_size}"
+    layout = (
+        f"{chosen.strategy.name} {ckpt_word} gradient checkpointing, "
+        f"micro-batch {t.micro_batch_size}"
+    )
     if ok:
         out.append(f"verdict: the run config as written FITS ({layout}).")
         return "\n".join(out), True
@@ -312,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--device", choices=("gpu", "cpu"), default="gpu", help="cpu: fp32, DeepSpeed on CPU"
     )
-    p.add_argument("overrides", nargs="*", help="dotted run-config overrides (train.micro_batch_size=2)")
+    p.add_argument(
+        "overrides", nargs="*", help="dotted run-config overrides (train.micro_batch_size=2)"
+    )
     args = p.parse_args(argv)
     try:
         setup = build_setup(args)
