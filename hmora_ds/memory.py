@@ -158,84 +158,86 @@ class Estimate:
         return sum(self.device.values())
 
 
-def adapter_terms(method: Any, shapes: Shapes) -> list[tuple[int, int, int, bool]]:
-    """(in_features, experts, rank, hydra) of every adapted linear in one decoder layer."""
-    a = method.adapter
-    widths = {
-        "q": shapes.hidden,
-        "k": shapes.hidden,
-        "v": shapes.hidden,
-        "o": shapes.q_width,
-        "gate": shapes.hidden,
-        "up": shapes.hidden,
-        "down": shapes.ffn,
-    }
-    out = []
-    for t in a.targets:
-        single = t in a.single_lora_layers
-        out.append(
-            (widths[t], 1 if single else a.num_experts, a.rank, bool(a.hydra) and not single)
-        )
-    return out
+#: The four inputs adapters and routers read in a decoder layer, and who reads each.
+LAYER_INPUTS = (
+    ("attention input", ("q", "k", "v")),
+    ("attention output", ("o",)),
+    ("MLP input", ("gate", "up")),
+    ("MLP product", ("down",)),
+)
+
+
+def input_width(name: str, shapes: Shapes) -> int:
+    return {
+        "attention input": shapes.hidden,
+        "attention output": shapes.q_width,
+        "MLP input": shapes.hidden,
+        "MLP product": shapes.ffn,
+    }[name]
+
+
+def routers_on(method: Any, targets: tuple[str, ...]) -> int:
+    """Token routers reading one input: one per mixture target, or one shared group."""
+    mixture = [t for t in targets if t in method.adapter.mixture_targets]
+    if not mixture:
+        return 0
+    return 1 if method.routing.share_routers else len(mixture)
 
 
 def layer_activation_bytes(shapes: Shapes, method: Any, w: Workload) -> float:
     """Bytes saved for backward per token in one decoder layer (no checkpointing).
 
-    With ``a`` the compute dtype's bytes, ``h`` hidden, ``f`` FFN width, ``q`` = heads·head_dim,
-    ``n`` heads, ``s`` sequence length::
+    ``a`` is the compute dtype's size, ``h`` hidden, ``f`` FFN width, ``q`` = heads·head_dim,
+    ``n`` heads, ``s`` sequence length, ``E`` experts, ``R`` rank. Frozen linears save nothing
+    (their input gradient needs only the weight), so the base layer keeps::
 
-        base     = 2·(4h + a·h)           two RMSNorms: fp32 input + normalised output
-                 + a·(3q + q)             RoPE'd q, k and v expanded to q (GQA), attention output
-                 + a·4f                   gate, SiLU(gate), up, SiLU(gate)·up
-                 + n·s·(4 + a)            eager attention: fp32 softmax and its cast (0 for SDPA)
-        adapter  = (1 + a)·i  if dropout  dropout mask + dropped input, per adapted linear
-                 + a·E·R·2 + 4·E          expert activations before/after gating, fp32 gates
-                   (hydra: a·R + a·E·R; single LoRA: a·R)
-        router   = (1 + a)·i  if dropout  per token-router group (q/k/v and gate/up share one
-                 + k·4E                   with share_routers): fp32 E-wide routing tensors
-                                          (softmax, α-mix, top-k, scatter, CGJS records);
-                                          k = 36 top-k / 15 soft, counted from the saved
-                                          tensors of a tiny model
+        base = 2·4h          the two RMSNorms' fp32 inputs
+             + a·3q          RoPE'd q, and k, v expanded to q width (GQA) for the matmuls
+             + n·s·(4 + a)   eager attention: fp32 softmax and its cast (a = 4: once);
+                             SDPA instead keeps 4n (log-sum-exp; + a·q output on GPU)
+             + a·3f          gate, SiLU(gate) and up, saved by SiLU and the product
 
-    Checked against the bytes autograd actually saves on a tiny LLaMA (tests/test_plan.py).
+    and each input ``X`` (width ``i``) read by adapters or token routers adds::
+
+             a·i             X itself, if an adapter or router reads it without dropout
+           + 2a·i            per adapter / router with dropout (mask in X's dtype + output)
+
+    and each adapted linear: ``2a·E·R + 4E`` (expert activations before / after gating, fp32
+    gates; Hydra ``a·R + a·E·R + 4E``; single LoRA ``a·R``); each token router ``16E``
+    (fp32 probabilities, top-k / mixing buffers). Full fine-tuning (weights trainable) saves
+    every linear input and both normalised RMSNorm outputs: ``a·(4h + q + f)`` more.
+    Checked against the bytes autograd saves on tiny LLaMAs (tests/test_plan.py).
     """
     a, h, f, q = w.compute_bytes, shapes.hidden, shapes.ffn, shapes.q_width
-    total = 2 * (4 * h + a * h) + a * 4 * q + a * 4 * f
+    total = 2 * 4 * h + a * 3 * q + a * 3 * f
     if w.eager_attention:
         total += shapes.heads * w.seq_len * (4 + (a if a < 4 else 0))
-    else:  # flash / memory-efficient SDPA: q, k, v, output and the log-sum-exp
-        total += shapes.heads * 4
-    if not method.full_finetune:
-        dropout = method.adapter.dropout > 0
-        for width, experts, rank, hydra in adapter_terms(method, shapes):
-            if dropout:
-                total += (1 + a) * width
-            if experts == 1:
+    else:
+        total += 4 * shapes.heads + (a * q if w.on_gpu else 0)
+    if method.full_finetune:
+        return float(total + a * (4 * h + q + f))
+    ad, r = method.adapter, method.routing
+    for name, targets in LAYER_INPUTS:
+        adapters = [t for t in targets if t in ad.targets]
+        routers = routers_on(method, targets)
+        if not adapters and not routers:
+            continue
+        width = input_width(name, shapes)
+        plain = (adapters and ad.dropout == 0) or (routers and r.router_dropout == 0)
+        dropped = (len(adapters) if ad.dropout > 0 else 0) + (
+            routers if r.router_dropout > 0 else 0
+        )
+        total += a * width * (1 if plain else 0) + 2 * a * width * dropped
+        total += 16 * ad.num_experts * routers
+        for t in adapters:
+            e, rank = ad.num_experts, ad.rank
+            if t in ad.single_lora_layers:
                 total += a * rank
-            elif hydra:
-                total += a * rank + a * experts * rank + 4 * experts
+            elif ad.hydra:
+                total += a * rank + a * e * rank + 4 * e
             else:
-                total += 2 * a * experts * rank + 4 * experts
-        r = method.routing
-        per_group = (36 if r.mode == "topk" else 15) * 4 * method.adapter.num_experts
-        for width in router_group_widths(method, shapes):
-            total += per_group + ((1 + a) * width if r.router_dropout > 0 else 0)
+                total += 2 * a * e * rank + 4 * e
     return float(total)
-
-
-def router_group_widths(method: Any, shapes: Shapes) -> list[int]:
-    """Input width of every token-router group of one decoder layer."""
-    mixture = method.adapter.mixture_targets
-    widths = {"q": shapes.hidden, "k": shapes.hidden, "v": shapes.hidden, "o": shapes.q_width}
-    widths |= {"gate": shapes.hidden, "up": shapes.hidden, "down": shapes.ffn}
-    if not method.routing.share_routers:
-        return [widths[t] for t in mixture]
-    groups: list[int] = []
-    for members in (("q", "k", "v"), ("o",), ("gate", "up"), ("down",)):
-        if any(t in mixture for t in members):
-            groups.append(widths[members[0]])
-    return groups
 
 
 def activation_bytes(shapes: Shapes, method: Any, w: Workload) -> dict[str, float]:

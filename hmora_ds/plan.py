@@ -100,33 +100,50 @@ def count_parameters(model_cfg: Any, method: Any) -> Counts:
     return Counts(model.base_parameter_count, report.trainable, largest, method.full_finetune)
 
 
-def build_setup(args: argparse.Namespace) -> Setup:
+def build_setup(
+    preset: str,
+    overrides: list[str] | None = None,
+    *,
+    gpus: int | None = None,
+    nodes: int | None = None,
+    gpu_mem: float | None = None,
+    cpu_mem: float | None = None,
+    device: str = "gpu",
+    model_config: str | None = None,
+) -> Setup:
+    """Resolve a run config, its hardware header and the meta-built parameter counts.
+
+    Arguments left None come from the run config's ``# hardware:`` line (else 1 node, 1 GPU,
+    48 GiB, host RAM unchecked).
+    """
     from hmora_ds.train.config import load_run_config
 
-    path = resolve_preset(args.preset)
+    path = resolve_preset(preset)
     header = hardware_header(path)
-    run = load_run_config(path, args.overrides)
-    model_cfg = model_config_for(args.model_config or run.model.name_or_path)
+    run = load_run_config(path, overrides)
+    model_cfg = model_config_for(model_config or run.model.name_or_path)
     method = run.hmora_config()
-    on_gpu = args.device == "gpu"
 
     def pick(value, key, default, kind):
         return kind(value if value is not None else header.get(key, default))
 
-    cpu_mem = args.cpu_mem if args.cpu_mem is not None else header.get("cpu_mem")
-    return Setup(
+    cpu = cpu_mem if cpu_mem is not None else header.get("cpu_mem")
+    setup = Setup(
         name=path.stem,
         shapes=Shapes.from_hf(model_cfg),
         counts=count_parameters(model_cfg, method),
         method=method,
         run=run,
-        gpus=pick(args.gpus, "gpus", 1, int),
-        nodes=pick(args.nodes, "nodes", 1, int),
-        gpu_mem=pick(args.gpu_mem, "gpu_mem", 48, float),
-        cpu_mem=float(cpu_mem) if cpu_mem is not None else None,
-        on_gpu=on_gpu,
+        gpus=pick(gpus, "gpus", 1, int),
+        nodes=pick(nodes, "nodes", 1, int),
+        gpu_mem=pick(gpu_mem, "gpu_mem", 48, float),
+        cpu_mem=float(cpu) if cpu is not None else None,
+        on_gpu=device == "gpu",
         intended=header.get("deepspeed", "zero2"),
     )
+    if setup.gpus < 1 or setup.nodes < 1:
+        raise ValueError("--gpus and --nodes must be >= 1")
+    return setup
 
 
 def workload(setup: Setup, micro: int, checkpointing: bool) -> Workload:
@@ -330,9 +347,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     try:
-        setup = build_setup(args)
-        if setup.gpus < 1 or setup.nodes < 1:
-            raise ValueError("--gpus and --nodes must be >= 1")
+        setup = build_setup(
+            args.preset,
+            args.overrides,
+            gpus=args.gpus,
+            nodes=args.nodes,
+            gpu_mem=args.gpu_mem,
+            cpu_mem=args.cpu_mem,
+            device=args.device,
+            model_config=args.model_config,
+        )
         if args.deepspeed and setup.intended not in {Path(d).stem for d in args.deepspeed}:
             setup = dataclasses.replace(setup, intended=Path(args.deepspeed[0]).stem)
         text, ok = report(setup, args.deepspeed)
