@@ -306,9 +306,10 @@ def report(setup: Setup, ds_paths: list[str] | None = None) -> tuple[str, bool]:
     if fitting:
         # Prefer the least sharding, no checkpointing, then the largest micro-batch.
         st, ck, m = sorted(fitting, key=lambda x: (x[0].stage, x[0].offload_param, x[1], -x[2]))[0]
-        m = min(m, t.micro_batch_size * t.grad_accum)
-        global_batch = t.micro_batch_size * t.grad_accum
-        accum = max(1, global_batch // m)
+        # The same per-GPU batch (micro × accumulation): the largest micro-batch dividing it.
+        per_gpu = t.micro_batch_size * t.grad_accum
+        m = max(d for d in range(1, min(m, per_gpu) + 1) if per_gpu % d == 0)
+        accum = per_gpu // m
         out.append(
             f"instead: --deepspeed ds_configs/{st.name}.json train.micro_batch_size={m} "
             f"train.grad_accum={accum} train.gradient_checkpointing={str(ck).lower()}"

@@ -31,9 +31,14 @@ def main() -> int:
     from hmora_ds.train.cli import main as train_main
 
     baseline, file_before = status_mb("VmRSS"), status_mb("RssFile")
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+        reset = True
+    except OSError:  # not Linux, or a sandbox that forbids it
+        reset = False
     rc = train_main(argv)
     result = {
+        "hwm_reset": reset,
         "baseline_mb": baseline,
         "peak_mb": status_mb("VmHWM"),
         "file_growth_mb": status_mb("RssFile") - file_before,
