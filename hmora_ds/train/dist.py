@@ -85,7 +85,13 @@ def init_distributed(cache_dir: str | None = None) -> DistInfo:
     if cpu:
         skip_cpu_shm_build()
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl", verbose=False)
+        # Under mpirun without RANK/WORLD_SIZE, DeepSpeed discovers ranks through mpi4py and
+        # sets MASTER_PORT to `distributed_port` (default 29500, overwriting ours): pass the
+        # user's MASTER_PORT (exported with `mpirun -x MASTER_PORT`) so jobs can pick a port.
+        port = int(os.environ.get("MASTER_PORT", "29500"))
+        deepspeed.init_distributed(
+            dist_backend="gloo" if cpu else "nccl", verbose=False, distributed_port=port
+        )
     rank = torch.distributed.get_rank()
     world = torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
