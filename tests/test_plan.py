@@ -79,25 +79,12 @@ def test_layer_activation_formula_matches_saved_tensors(preset):
 def _medium_inputs(root: Path, tokenizer_dir: Path) -> Path:
     """A 37 M-parameter LLaMA (SmolLM2 tokenizer, vocab 49,152) and records long enough that
     every sample is truncated to exactly the configured lengths (so seq_len is known)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    from transformers import AutoTokenizer
+
+    from tests._train_helpers import save_tiny_llama
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=512,
-        intermediate_size=1408,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    save_tiny_llama(root / "model", tok, hidden=512, intermediate=1408, heads=8, kv_heads=4)
     lines = (REPO / "tests" / "fixtures" / "sentences.txt").read_text().strip().splitlines()
     with (root / "data.jsonl").open("w") as f:
         for i in range(32):

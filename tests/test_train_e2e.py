@@ -235,7 +235,7 @@ def test_expert_parallel_training_equals_replicated(layouts, ep_run):
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_expert_parallel_export_loads_without_ep(ep_run, tiny_run_inputs):
+def test_expert_parallel_export_loads_without_ep(layouts, ep_run, tiny_run_inputs):
     from transformers import AutoModelForCausalLM
 
     from hmora_ds.adapter_io import load_adapter
@@ -252,6 +252,13 @@ def test_expert_parallel_export_loads_without_ep(ep_run, tiny_run_inputs):
     )
     model = load_adapter(base, ep_run / "exported").eval()  # EP = 1
     assert model.base_model.model.layers[0].self_attn.q_proj.lora_B.shape[1] == 8 * 8
+    fresh = AutoModelForCausalLM.from_pretrained(
+        tiny_run_inputs / "model", attn_implementation="eager"
+    )
+    replicated = load_adapter(fresh, layouts / "single" / "adapter").eval()
+    ids = torch.tensor([[1, 520, 33, 870, 42, 9, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, replicated(ids).logits, rtol=1e-4, atol=1e-5)
 
 
 def test_expert_parallel_resume_and_adapter_start(ep_run, tiny_run_inputs, tmp_path):
