@@ -128,6 +128,12 @@ def test_outputs_tensorboard_and_router_statistics(layouts):
     kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step"))
     assert "step00000006" in kept and len(kept) <= 2
     assert (run / "checkpoints" / "latest").read_text() == "step00000006"
+    # Frozen base weights stay out of checkpoints, tied aliases (lm_head.weight) included.
+    states = torch.load(
+        run / "checkpoints" / "step00000006" / "mp_rank_00_model_states.pt", weights_only=False
+    )["module"]
+    adapter = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert set(states) == set(adapter)
 
 
 def test_resume_after_kill_during_save_equals_uninterrupted(tiny_run_inputs, tmp_path):

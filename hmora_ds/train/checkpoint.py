@@ -17,6 +17,7 @@ from the previous checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -76,6 +77,30 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
     return sorted(tags)
 
 
+@contextlib.contextmanager
+def frozen_weights_excluded(module: torch.nn.Module):
+    """While saving, drop every frozen weight from ``module.state_dict()``, tied aliases too.
+
+    DeepSpeed's ``exclude_frozen_parameters`` deletes the names ``named_parameters()`` yields,
+    which lists a tied weight once (``embed_tokens``), so the alias (``lm_head.weight``) was
+    still written: +113 MB per SmolLM2 checkpoint, ~0.5 GB for Qwen2-1.5B. A state-dict hook on
+    our own module, removed right after the save, drops the aliases by storage. (Not under
+    ZeRO-3, whose module tensors are empty placeholders and whose state is saved by partition.)
+    """
+    frozen = {p.data_ptr() for p in module.parameters() if not p.requires_grad and p.numel()}
+
+    def drop(_module, state, _prefix, _meta):
+        for key in [k for k, v in state.items() if v.numel() and v.data_ptr() in frozen]:
+            del state[key]
+        return state
+
+    handle = module._register_state_dict_hook(drop)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def save_checkpoint(
     engine: Any,
     ckpt_dir: Path,
@@ -88,13 +113,15 @@ def save_checkpoint(
 ) -> str:
     """Save, commit and prune (every rank must call this). Returns the tag."""
     tag = tag_for(step)
-    engine.save_checkpoint(
-        str(ckpt_dir),
-        tag=tag,
-        client_state=client_state,
-        save_latest=False,
-        exclude_frozen_parameters=True,
-    )
+    stage3 = engine.zero_optimization_partition_weights()
+    with contextlib.nullcontext() if stage3 else frozen_weights_excluded(engine.module):
+        engine.save_checkpoint(
+            str(ckpt_dir),
+            tag=tag,
+            client_state=client_state,
+            save_latest=False,
+            exclude_frozen_parameters=True,
+        )
     tag_dir = ckpt_dir / tag
     torch.save(rng_state(), tag_dir / f"rng_rank{rank:03d}.pt")
     if os.environ.get(CRASH_ENV) == tag:
