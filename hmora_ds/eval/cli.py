@@ -116,16 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(info.rank)
     import torch.distributed as dist
 
+    from hmora_ds.train.dist import rank0_first as _rank0_first
+
     def rank0_first(fn):
-        # Rank 0 first (fetches, conversions); it reaches the barrier even when it fails, so
-        # the other ranks run into the same error instead of waiting for it.
-        if info.rank != 0:
-            dist.barrier()
-            return fn()
-        try:
-            return fn()
-        finally:
-            dist.barrier()
+        return _rank0_first(fn, info.rank)
 
     start = time.time()
     try:

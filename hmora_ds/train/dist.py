@@ -66,6 +66,23 @@ def on_cpu() -> bool:
     return os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
 
 
+def rank0_first(fn, rank: int):
+    """Run ``fn`` on rank 0, then on the other ranks (which reuse what rank 0 cached).
+
+    Rank 0 reaches the barrier even when ``fn`` fails, so the other ranks run into the same
+    error instead of waiting for it forever.
+    """
+    import torch.distributed as dist
+
+    if rank != 0:
+        dist.barrier()
+        return fn()
+    try:
+        return fn()
+    finally:
+        dist.barrier()
+
+
 def skip_cpu_shm_build() -> None:
     """Trap 1 of the environment note: skip the unused shared-memory op build on CPU.
 

@@ -44,7 +44,8 @@ def resolve_gguf(name_or_path: str, gguf_file: str | None) -> tuple[Path, str] |
     return None
 
 
-def converted_dir(directory: Path, gguf_file: str) -> Path:
+def converted_dir(gguf_file: str) -> Path:
+    """Cache directory of the dequantised HF copy of a GGUF checkpoint."""
     from hmora_ds.assets import cache_root
 
     return cache_root() / "models" / Path(gguf_file).stem
@@ -58,7 +59,7 @@ def convert_gguf(directory: Path, gguf_file: str) -> Path:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = converted_dir(directory, gguf_file)
+    out = converted_dir(gguf_file)
     if (out / ".complete").exists():
         return out
     logger.info("dequantising %s/%s into %s (once)", directory, gguf_file, out)

@@ -39,7 +39,7 @@ from hmora_ds.train import checkpoint as ckpt
 from hmora_ds.train.config import RunConfig
 from hmora_ds.train.data import RunData, build_run_data, prepare_records
 from hmora_ds.train.deepspeed_config import build_ds_config, zero_stage
-from hmora_ds.train.dist import DistInfo, on_cpu
+from hmora_ds.train.dist import DistInfo, on_cpu, rank0_first
 from hmora_ds.train.evaluate import Evaluator, ValidationLoss, improved
 from hmora_ds.train.loading import load_base_model, load_tokenizer, resolve_checkpoint, torch_dtype
 from hmora_ds.train.schedule import build_scheduler
@@ -215,14 +215,7 @@ class Trainer:
         self.dp_group = dist.group.WORLD if info.world_size > 1 else None
 
     def _on_rank0_first(self, fn):
-        """Run ``fn`` on rank 0, then on the others (cached results are reused there)."""
-        if self.info.rank == 0:
-            result = fn()
-            dist.barrier()
-        else:
-            dist.barrier()
-            result = fn()
-        return result
+        return rank0_first(fn, self.info.rank)
 
     def _resume_from(self, resume: str | None) -> None:
         if resume is None:
