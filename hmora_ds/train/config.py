@@ -122,6 +122,9 @@ class TrainConfig:
     precision: str = "auto"
     gradient_checkpointing: bool = False
     max_nonfinite_steps: int = 5
+    # Metrics are read back from the device once per ``log_every`` steps (and before every
+    # evaluation / checkpoint): the step itself never waits on the device. Divergence
+    # (max_nonfinite_steps) is therefore noticed at the end of the window it happened in.
     log_every: int = 10
     router_stats_every: int = 50
 

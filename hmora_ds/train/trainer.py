@@ -240,55 +240,107 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.info.device.type, dtype=self.autocast_dtype)
 
-    def train_step(self, batches, stats: RouterStatsAccumulator | None) -> dict[str, float]:
-        """One optimizer step over ``grad_accum`` micro-batches of every rank."""
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Host batch → device without waiting on the device: pinned memory + non_blocking."""
+        device = self.info.device
+        if device.type != "cuda":
+            return {k: v.to(device) for k, v in batch.items()}
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+    def train_step(self, batches, stats: RouterStatsAccumulator | None) -> dict[str, Any]:
+        """One optimizer step over ``grad_accum`` micro-batches of every rank.
+
+        No host-device synchronisation: token counts are taken from the host batches, every
+        loss is accumulated on the device, and the step returns device tensors
+        (``raw``); :meth:`_flush` reads the steps of a logging window back in one transfer.
+        (DeepSpeed's own gradient clipping may still synchronise inside ``engine.step``.)
+        """
         world, accum = self.info.world_size, self.run.train.grad_accum
         micro = [next(batches) for _ in range(accum)]
-        local = torch.tensor(
-            [
-                float(sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)),
-                float(sum(int(m["attention_mask"].sum()) for m in micro)),
-            ],
-            dtype=torch.float64,
-        )
+        device = self.info.device
+        # Counted on the collator's host tensors: no device involved.
+        n_target = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)
+        n_tokens = sum(int(m["attention_mask"].sum()) for m in micro)
+        counts = torch.tensor([n_target, n_tokens], dtype=torch.float64)
+        counts = self._to_device({"c": counts})["c"]
         if world > 1:
-            dist.all_reduce(local)
-        n_target, n_tokens = local.tolist()
-        scale = world * accum / max(n_target, 1.0)
+            dist.all_reduce(counts)  # on the device: NCCL takes no host tensors
+        # Per-token mean over the *global* batch: Σ_micro Σ_rank lm_sum / n_target, as a
+        # device tensor so the loss scale needs no sync.
+        scale = (world * accum) / counts[0].clamp_min(1.0)
         lam = self.method.loss.aux_weight
-        lm_sum = torch.zeros((), dtype=torch.float64, device=self.info.device)
-        aux_total = 0.0
-        aux_kinds: dict[str, float] = {}
+        lm_sum = torch.zeros((), dtype=torch.float64, device=device)
+        aux_total = torch.zeros((), dtype=torch.float32, device=device)
+        aux_kinds: dict[str, torch.Tensor] = {}
         for m in micro:
-            m = {k: v.to(self.info.device) for k, v in m.items()}
+            m = self._to_device(m)
             with self._autocast():
                 out = self.engine(**m, aux_group=self.dp_group, return_router_stats=False)
-            loss = out.lm_loss_sum * scale + lam * out.aux_loss
+            loss = out.lm_loss_sum * scale.to(out.lm_loss_sum.dtype) + lam * out.aux_loss
             self.engine.backward(loss)
             self.engine.step()
             lm_sum += out.lm_loss_sum.detach().double()
-            aux_total += float(out.aux_loss.detach()) / accum
+            aux_total += out.aux_loss.detach().float() / accum
             for kind, value in out.aux_by_kind.items():
-                aux_kinds[kind] = aux_kinds.get(kind, 0.0) + float(value) / accum
+                prev = aux_kinds.get(kind)
+                value = value.detach().float() / accum
+                aux_kinds[kind] = value if prev is None else prev + value
             if stats is not None:
                 stats.add(out.routing_records)
         if world > 1:
             dist.all_reduce(lm_sum)
-        lm = float(lm_sum) / max(n_target, 1.0)
-        metrics = {
-            "loss": lm + lam * aux_total,
-            "lm_loss": lm,
+        grad_norm = self.engine.get_global_grad_norm()
+        return {
+            "lm_sum": lm_sum,
+            "counts": counts,
             "aux_loss": aux_total,
+            "aux_kinds": aux_kinds,
+            "grad_norm": grad_norm,
             "lr": self.engine.get_lr()[0],
-            "target_tokens": n_target,
-            "tokens": n_tokens,
             "applied": float(self.engine.was_step_applied()),
         }
-        metrics.update({f"aux_loss_{k}": v for k, v in aux_kinds.items()})
-        grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
-        return metrics
+
+    @staticmethod
+    def _materialize(raws: list[dict[str, Any]], lam: float) -> list[dict[str, float]]:
+        """Device metrics of several steps → floats, in ONE device-to-host transfer."""
+        kinds = sorted(raws[0]["aux_kinds"]) if raws else []
+        rows = []
+        for r in raws:
+            g = r["grad_norm"]
+            dev = r["lm_sum"].device
+            g = torch.as_tensor(float("nan") if g is None else g, dtype=torch.float64)
+            rows.append(
+                torch.cat(
+                    [
+                        r["lm_sum"].reshape(1),
+                        r["counts"].reshape(2),
+                        r["aux_loss"].double().reshape(1),
+                        *[r["aux_kinds"][k].double().reshape(1) for k in kinds],
+                        g.to(dev).reshape(1),
+                    ]
+                )
+            )
+        if not rows:
+            return []
+        values = torch.stack(rows).tolist()  # the one sync of the window
+        out = []
+        for r, v in zip(raws, values, strict=True):
+            lm_sum, n_target, n_tokens, aux = v[:4]
+            lm = lm_sum / max(n_target, 1.0)
+            m = {
+                "loss": lm + lam * aux,
+                "lm_loss": lm,
+                "aux_loss": aux,
+                "lr": r["lr"],
+                "target_tokens": n_target,
+                "tokens": n_tokens,
+                "applied": r["applied"],
+            }
+            m.update({f"aux_loss_{k}": x for k, x in zip(kinds, v[4:-1], strict=True)})
+            if r["grad_norm"] is not None:
+                m["grad_norm"] = v[-1]
+            out.append(m)
+        return out
 
     # ----------------------------------------------------------------- loop
     def train(self) -> dict[str, Any]:
@@ -306,57 +358,85 @@ class Trainer:
             dynamic_ncols=True,
         )
         start_time, tokens_seen, stop_reason = time.time(), 0.0, "max_steps"
+        # Steps not yet read back from the device: (step, raw metrics). Reading back costs a
+        # host-device sync, so it happens once per logging window, before an evaluation or a
+        # checkpoint, and at the end -- never inside a step.
+        pending: list[tuple[int, dict[str, Any]]] = []
+        window_start = time.time()
         self.engine.train()
         while self.step < t.max_steps:
             want_stats = self.method.has_mixture and (self.step + 1) % t.router_stats_every == 0
             stats = RouterStatsAccumulator(stats_k) if want_stats else None
-            step_start = time.time()
-            m = self.train_step(batches, stats)
+            raw = self.train_step(batches, stats)
             self.step += 1
-            tokens_seen += m["tokens"]
-            m["tokens_per_s"] = m["tokens"] / max(time.time() - step_start, 1e-9)
-            m["peak_memory_mb"] = peak_memory_mb(info.device)
-            if not m["applied"] or not math.isfinite(m["loss"]):
-                self.nonfinite_in_row += 1
-                logger.warning(
-                    "step %d: non-finite loss or gradient (loss %s); update skipped (%d in a row)",
-                    self.step,
-                    m["loss"],
-                    self.nonfinite_in_row,
-                )
-                if self.nonfinite_in_row >= t.max_nonfinite_steps:
-                    stop_reason = f"{self.nonfinite_in_row} non-finite steps in a row"
-                    break
-            else:
-                self.nonfinite_in_row = 0
-            self.history.append({"step": self.step, "loss": m["loss"], "lm_loss": m["lm_loss"]})
-            router = stats.finalize(self.dp_group) if stats is not None else {}
-            if info.is_main:
-                self._log(writer, m, router)
-                bar.set_postfix(
-                    loss=f"{m['loss']:.4f}",
-                    aux=f"{m['aux_loss']:.3f}",
-                    tok_s=f"{m['tokens_per_s']:.0f}",
-                )
-                bar.update(1)
+            pending.append((self.step, raw))
+            bar.update(1)
             due_eval = self.evaluator is not None and (
                 self.step % run.eval.every == 0 or self.step == t.max_steps
             )
+            due_ckpt = self.step % run.checkpoint.every == 0 or self.step == t.max_steps
+            router = stats.finalize(self.dp_group) if stats is not None else {}
+            if self.step % t.log_every == 0 or self.step == 1 or router or due_eval or due_ckpt:
+                now = time.time()
+                diverged, tokens = self._flush(pending, writer, bar, router, now - window_start)
+                tokens_seen += tokens
+                pending, window_start = [], now
+                if diverged:
+                    stop_reason = diverged
+                    break
             stop = due_eval and self._evaluate(writer)
             # A new best is always checkpointed (and protected from pruning).
             new_best = due_eval and self.best["step"] == self.step
-            if (
-                stop
-                or new_best
-                or self.step % run.checkpoint.every == 0
-                or self.step == t.max_steps
-            ):
+            if stop or new_best or due_ckpt:
                 self._checkpoint()
             if stop:
                 stop_reason = f"early stopping ({run.eval.patience} evaluations without gain)"
                 break
+        if pending:
+            diverged, tokens = self._flush(pending, writer, bar, {}, time.time() - window_start)
+            tokens_seen += tokens
+            stop_reason = diverged or stop_reason
         bar.close()
         return self._finish(writer, stop_reason, time.time() - start_time, tokens_seen)
+
+    def _flush(self, pending, writer, bar, router, seconds: float) -> tuple[str | None, float]:
+        """Read a window of steps back (one sync), check divergence, log, extend the history.
+
+        Returns (a stop reason if ``max_nonfinite_steps`` non-finite steps came in a row, the
+        window's tokens).
+        """
+        lam = self.method.loss.aux_weight
+        metrics = self._materialize([raw for _, raw in pending], lam)
+        tokens = sum(m["tokens"] for m in metrics)
+        tokens_per_s = tokens / max(seconds, 1e-9)
+        peak = peak_memory_mb(self.info.device)
+        diverged = None
+        for (step, _), m in zip(pending, metrics, strict=True):
+            m["tokens_per_s"] = tokens_per_s
+            m["peak_memory_mb"] = peak
+            if not m["applied"] or not math.isfinite(m["loss"]):
+                self.nonfinite_in_row += 1
+                logger.warning(
+                    "step %d: non-finite loss or gradient (loss %s); update skipped (%d in a row)",
+                    step,
+                    m["loss"],
+                    self.nonfinite_in_row,
+                )
+                if self.nonfinite_in_row >= self.run.train.max_nonfinite_steps and not diverged:
+                    diverged = f"{self.nonfinite_in_row} non-finite steps in a row"
+            else:
+                self.nonfinite_in_row = 0
+            self.history.append({"step": step, "loss": m["loss"], "lm_loss": m["lm_loss"]})
+            if self.info.is_main:
+                self._log(writer, step, m, router if step == pending[-1][0] else {})
+        if self.info.is_main and metrics:
+            last = metrics[-1]
+            bar.set_postfix(
+                loss=f"{last['loss']:.4f}",
+                aux=f"{last['aux_loss']:.3f}",
+                tok_s=f"{tokens_per_s:.0f}",
+            )
+        return diverged, tokens
 
     def _evaluate(self, writer) -> bool:
         """Evaluate; keep the best adapter; True when early stopping is due."""
@@ -424,10 +504,12 @@ class Trainer:
         (self.out_dir / "run_config.json").write_text(json.dumps(self.run.to_dict(), indent=2))
         return SummaryWriter(str(self.out_dir / "tensorboard"))
 
-    def _log(self, writer, m: dict[str, float], router: dict[str, dict[str, torch.Tensor]]) -> None:
+    def _log(
+        self, writer, step: int, m: dict[str, float], router: dict[str, dict[str, torch.Tensor]]
+    ) -> None:
         if writer is None:
             return
-        if self.step % self.run.train.log_every == 0 or self.step == 1 or router:
+        if step % self.run.train.log_every == 0 or step == 1 or router:
             for key in (
                 "loss",
                 "lm_loss",
@@ -438,16 +520,16 @@ class Trainer:
                 "peak_memory_mb",
             ):
                 if key in m:
-                    writer.add_scalar(f"train/{key}", m[key], self.step)
+                    writer.add_scalar(f"train/{key}", m[key], step)
             for key in m:
                 if key.startswith("aux_loss_"):
-                    writer.add_scalar(f"train/{key}", m[key], self.step)
+                    writer.add_scalar(f"train/{key}", m[key], step)
         if router:
-            record = {"step": self.step}
+            record = {"step": step}
             for name, s in router.items():
-                writer.add_scalar(f"router_balance/{name}", s["balance"].item(), self.step)
-                writer.add_scalar(f"router_certainty/{name}", s["certainty"].item(), self.step)
-                writer.add_scalar(f"router_load_max/{name}", s["load"].max().item(), self.step)
+                writer.add_scalar(f"router_balance/{name}", s["balance"].item(), step)
+                writer.add_scalar(f"router_certainty/{name}", s["certainty"].item(), step)
+                writer.add_scalar(f"router_load_max/{name}", s["load"].max().item(), step)
                 record[name] = {k: v.tolist() for k, v in s.items()}
             with (self.out_dir / "router_stats.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
