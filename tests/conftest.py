@@ -3,6 +3,9 @@ mechanics (injection, routing, gradients, generation); they are built from real 
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
@@ -97,7 +100,14 @@ def qwen_hmora():
 
 @pytest.fixture(scope="session")
 def tiny_run_inputs(tmp_path_factory):
-    """Tiny LLaMA dir with SmolLM2's real tokenizer + a JSONL of real Q/A (see _train_helpers)."""
+    """Tiny LLaMA dir with SmolLM2's real tokenizer + a JSONL of real Q/A (see _train_helpers).
+
+    ``HMORA_TINY_RUN_INPUTS=DIR`` uses a copy made earlier by ``make_tiny_run_inputs`` (the GPU
+    machine cannot fetch SmolLM2's tokenizer; the directory is carried there instead).
+    """
     from tests._train_helpers import make_tiny_run_inputs
 
+    prepared = os.environ.get("HMORA_TINY_RUN_INPUTS")
+    if prepared:
+        return Path(prepared).resolve()
     return make_tiny_run_inputs(tmp_path_factory.mktemp("tiny"))

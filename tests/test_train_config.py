@@ -86,6 +86,22 @@ def test_ds_config_conflicts_name_both_values(ds, message):
         build_ds_config(ds, RunConfig(), 1, on_cpu=True)
 
 
+def test_bf16_autocast_is_declared_to_deepspeed():
+    """DeepSpeed's engine disables an outer torch.autocast unless torch_autocast is on."""
+    ds = read_ds_config(REPO / "ds_configs" / "zero2.json")
+    bf16 = build_ds_config(ds, load_run_config(None, ["train.precision=bf16"]), 1, on_cpu=True)
+    assert bf16["torch_autocast"] == {
+        "enabled": True,
+        "dtype": "bfloat16",
+        "lower_precision_safe_modules": [],  # gradients of fp32 adapters reduced in fp32
+    }
+    gpu_auto = build_ds_config(ds, RunConfig(), 1, on_cpu=False)
+    assert gpu_auto["torch_autocast"]["enabled"] is True
+    assert "torch_autocast" not in build_ds_config(ds, RunConfig(), 1, on_cpu=True)
+    with pytest.raises(ValueError, match="ds_config torch_autocast: precision comes from"):
+        build_ds_config({"torch_autocast": {"enabled": True}}, RunConfig(), 1, on_cpu=True)
+
+
 def test_read_ds_config_errors(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         read_ds_config(tmp_path / "none.json")

@@ -75,6 +75,21 @@ def build_ds_config(
                 f'train.precision (bf16 autocast, fp32 adapters); set it to "auto"'
             )
         cfg.pop(mode, None)
+    # DeepSpeed's engine.forward switches an outer torch.autocast OFF unless its own
+    # ``torch_autocast`` section is on (deepspeed/runtime/torch_autocast.py), so bf16 autocast is
+    # declared there. No lower-precision-safe modules: no parameter gets a bf16 communication
+    # dtype, gradients of the fp32 adapters are reduced in fp32.
+    if "torch_autocast" in cfg:
+        raise ValueError(
+            "ds_config torch_autocast: precision comes from run config train.precision "
+            "(bf16 autocast, fp32 adapters); remove the torch_autocast block"
+        )
+    if t.precision == "bf16" or (t.precision == "auto" and not on_cpu):
+        cfg["torch_autocast"] = {
+            "enabled": True,
+            "dtype": "bfloat16",
+            "lower_precision_safe_modules": [],
+        }
     zero = cfg.setdefault("zero_optimization", {"stage": 0})
     if zero.get("offload_optimizer", {}).get("device", "none") != "none":
         # Our client optimizer is torch AdamW (DeepSpeed's CPUAdam would JIT-compile ~150 s).
