@@ -271,3 +271,30 @@ def test_summary_without_task_routers_skips_mep_with_a_note():
     }
     assert doc["meta"]["mep_router"] is None
     assert "no task routers" in doc["meta"]["notes"][0]
+
+
+def test_analyze_routing_api_matches_the_cli_whatever_the_batch(analysis_inputs, tmp_path):
+    """Padding is masked and the task encoder ignores it: batch size changes no number."""
+    from hmora_ds.adapter_io import load_adapter
+    from hmora_ds.analysis import AnalysisError, analyze_routing
+    from hmora_ds.train.loading import load_base_model, load_tokenizer
+
+    model_dir, root = analysis_inputs
+    rc, out = _run(tmp_path, model_dir, root, "--batch-size", "8")
+    assert rc == 0
+    cli = json.loads((out / "routing.json").read_text())
+    rows = [json.loads(line) for line in (root / "data.jsonl").read_text().splitlines()]
+    examples = [{"task": r["task"], "prompt": r["question"]} for r in rows]
+    tok = load_tokenizer(str(model_dir))
+    model = load_adapter(load_base_model(str(model_dir), torch.float32, "eager"), root / "adapter")
+    with pytest.raises(AnalysisError, match=r"no router 'layer09\.q\.task'"):
+        analyze_routing(model, tok, examples, router="layer09.q.task")
+    doc = analyze_routing(model, tok, examples, batch_size=3, progress=False)
+    assert doc["tasks"] == cli["tasks"]
+    assert doc["summary"]["recognition"] == cli["summary"]["recognition"]
+    assert list(doc["routers"]) == list(cli["routers"])
+    for name, r in doc["routers"].items():
+        ref = cli["routers"][name]
+        assert r["balance"] == pytest.approx(ref["balance"], abs=1e-5)
+        assert r["certainty"] == pytest.approx(ref["certainty"], abs=1e-5)
+        assert r["load"] == pytest.approx(ref["load"], abs=1e-6)
