@@ -135,6 +135,8 @@ def run_routing(args: argparse.Namespace) -> dict[str, Any]:
     )
     tokenizer, model, _ = _load_model(args, device)
     resolve_mep_router(router_names(model), args.router)  # fail before the long pass
+    # bf16 base weights (GPU) run under bf16 autocast with fp32 adapters, as in evaluation.
+    bf16 = model.base_model.get_input_embeddings().weight.dtype == torch.bfloat16
     coll = collect_routing(
         model,
         tokenizer,
@@ -142,6 +144,7 @@ def run_routing(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size,
         max_input_tokens=args.max_input_tokens,
         progress=not args.no_progress,
+        autocast_dtype=torch.bfloat16 if bf16 else None,
     )
     data = args.data if args.data in ("mmlu", "offline") else str(Path(args.data))
     if args.data == "mmlu":

@@ -132,6 +132,7 @@ def collect_routing(
     batch_size: int = 8,
     max_input_tokens: int = 512,
     progress: bool = True,
+    autocast_dtype: torch.dtype | None = None,
 ) -> RoutingCollection:
     """Route every example's prompt through ``model`` and gather the statistics.
 
@@ -143,6 +144,8 @@ def collect_routing(
         batch_size: prompts per forward (grouped by length to limit padding).
         max_input_tokens: longer prompts are cut from the left like in training.
         progress: show a tqdm bar.
+        autocast_dtype: bf16 autocast on GPU as in training and evaluation (None: off); the
+            routers compute their softmax in fp32 either way.
     """
     from tqdm.auto import tqdm
 
@@ -181,13 +184,18 @@ def collect_routing(
     for start in tqdm(batches, desc="routing", unit="batch", disable=not progress):
         chunk = encoded[start : start + batch_size]
         batch = collator([enc for _, enc in chunk])
-        out = model(
-            input_ids=batch["input_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
-            prompt_mask=batch["prompt_mask"].to(device),
-            return_router_stats=False,
-            logits_to_keep=1,  # only the routing matters: skip the (B, T, V) logits
-        )
+        with torch.autocast(
+            device.type,
+            dtype=autocast_dtype or torch.float32,
+            enabled=autocast_dtype is not None,
+        ):
+            out = model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                prompt_mask=batch["prompt_mask"].to(device),
+                return_router_stats=False,
+                logits_to_keep=1,  # only the routing matters: skip the (B, T, V) logits
+            )
         acc.add(out.routing_records)
         for rec in out.routing_records:
             if rec.kind == "task":
@@ -321,6 +329,7 @@ def analyze_routing(
     router: str | None = None,
     meta: Mapping[str, Any] | None = None,
     progress: bool = True,
+    autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """:func:`collect_routing` then :func:`summarize_routing`: the ``routing.json`` document."""
     resolve_mep_router(router_names(model), router)  # a wrong router fails before the run
@@ -331,5 +340,6 @@ def analyze_routing(
         batch_size=batch_size,
         max_input_tokens=max_input_tokens,
         progress=progress,
+        autocast_dtype=autocast_dtype,
     )
     return summarize_routing(coll, meta, router=router)
