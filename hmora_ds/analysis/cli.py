@@ -1,0 +1,204 @@
+"""``python -m hmora_ds.analyze routing``: the paper's routing analysis of a trained adapter.
+
+    python -m hmora_ds.analyze routing --model smollm2-135m-instruct \
+        --adapter runs/default/adapter_best --out runs/default/analysis
+
+Writes ``routing.json`` (schema in ``docs/analysis.md``), ``routing.md``,
+``fig3_routing_entropy.png`` and ``fig4_task_tsne.png`` to ``--out``. Every user error is one
+line on stderr (exit status 2) naming the option and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("hmora_ds.analysis")
+
+FIG3 = "fig3_routing_entropy.png"
+FIG4 = "fig4_task_tsne.png"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m hmora_ds.analyze",
+        description="Analyses of trained HMoRA adapters (the paper's appendix E.4 / E.8).",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser(
+        "routing",
+        help="balance / certainty per router, expert shares, main expert pairs, t-SNE",
+        description="Route labelled prompts through an adapter and write routing.json, "
+        "routing.md and the figure-3 / figure-4 PNGs.",
+    )
+    r.add_argument("--model", required=True, help="base: HF name / dir or smollm2-135m-instruct")
+    r.add_argument("--adapter", required=True, help="adapter directory (save_adapter output)")
+    r.add_argument(
+        "--data",
+        default="mmlu",
+        help="'mmlu' (57 subjects, default), 'offline' (training mixture) or a .jsonl/.json file",
+    )
+    r.add_argument("--out", required=True, type=Path, help="output directory")
+    r.add_argument("--max-per-task", type=int, default=100, help="examples per task (paper: 100)")
+    r.add_argument("--batch-size", type=int, default=8)
+    r.add_argument("--max-input-tokens", type=int, default=512)
+    r.add_argument("--seed", type=int, default=0, help="per-task sampling and t-SNE seed")
+    r.add_argument("--task-field", default="task", help="task column of a --data file")
+    r.add_argument(
+        "--prompt-field", default=None, help="prompt column (default: prompt/question/source)"
+    )
+    r.add_argument("--mmlu-split", default="test", choices=("dev", "validation", "test"))
+    r.add_argument(
+        "--router", default=None, help="task router for MEP / t-SNE (default: the final one)"
+    )
+    r.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity")
+    r.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+    r.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    return p
+
+
+def check_adapter(path: str | Path) -> Path:
+    """The adapter directory, checked before anything slow runs."""
+    from hmora_ds.adapter_io import read_adapter_config
+    from hmora_ds.analysis.collect import AnalysisError
+
+    adapter = Path(path)
+    if not adapter.is_dir():
+        raise AnalysisError(
+            f"--adapter: {adapter} is not a directory; give the directory save_adapter wrote "
+            "(e.g. runs/default/adapter_best after `make train`)"
+        )
+    try:
+        read_adapter_config(adapter)
+    except (FileNotFoundError, ValueError) as err:
+        raise AnalysisError(f"--adapter: {err}") from None
+    return adapter
+
+
+def _load_model(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any, str]:
+    from hmora_ds.adapter_io import load_adapter
+    from hmora_ds.analysis.collect import AnalysisError
+    from hmora_ds.train.loading import (
+        load_base_model,
+        load_tokenizer,
+        resolve_checkpoint,
+        torch_dtype,
+    )
+
+    adapter = check_adapter(args.adapter)
+    ckpt = resolve_checkpoint(args.model)
+    try:
+        tokenizer = load_tokenizer(ckpt)
+        base = load_base_model(ckpt, torch_dtype(args.dtype, device.type == "cuda"))
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AnalysisError(
+            f"--model: cannot load {args.model!r} ({first}); give an HF name or directory, or "
+            "smollm2-135m-instruct"
+        ) from None
+    model = load_adapter(base, adapter).to(device)
+    return tokenizer, model.eval(), ckpt
+
+
+def run_routing(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``routing`` subcommand; returns the written document."""
+    from hmora_ds.analysis.collect import (
+        collect_routing,
+        resolve_mep_router,
+        router_names,
+        summarize_routing,
+    )
+    from hmora_ds.analysis.data import load_examples
+    from hmora_ds.analysis.plots import plot_routing_entropy, plot_task_tsne
+    from hmora_ds.analysis.report import routing_markdown
+    from hmora_ds.analysis.stats import tsne_embedding
+
+    if args.batch_size < 1 or args.max_input_tokens < 1:
+        from hmora_ds.analysis.collect import AnalysisError
+
+        raise AnalysisError("--batch-size / --max-input-tokens: must be positive")
+    check_adapter(args.adapter)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    examples = load_examples(
+        args.data,
+        task_field=args.task_field,
+        prompt_field=args.prompt_field,
+        max_per_task=args.max_per_task,
+        seed=args.seed,
+        mmlu_split=args.mmlu_split,
+    )
+    tokenizer, model, _ = _load_model(args, device)
+    resolve_mep_router(router_names(model), args.router)  # fail before the long pass
+    # bf16 base weights (GPU) run under bf16 autocast with fp32 adapters, as in evaluation.
+    bf16 = model.base_model.get_input_embeddings().weight.dtype == torch.bfloat16
+    coll = collect_routing(
+        model,
+        tokenizer,
+        examples,
+        batch_size=args.batch_size,
+        max_input_tokens=args.max_input_tokens,
+        progress=not args.no_progress,
+        autocast_dtype=torch.bfloat16 if bf16 else None,
+    )
+    data = args.data if args.data in ("mmlu", "offline") else str(Path(args.data))
+    if args.data == "mmlu":
+        data = f"mmlu[{args.mmlu_split}]"
+    meta = {"model": args.model, "adapter": str(args.adapter), "data": data}
+    doc = summarize_routing(coll, meta, router=args.router)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    figures = {"Figure 3: balance and certainty across layers": FIG3}
+    (out / FIG4).unlink(missing_ok=True)  # never leave a previous run's figure 4 behind
+    plot_routing_entropy(doc["routers"], out / FIG3)
+    notes = doc["meta"]["notes"]
+    mep_router = doc["meta"]["mep_router"]
+    if mep_router is not None:
+        try:
+            emb, tsne_notes = tsne_embedding(
+                coll.task_gates[mep_router], seed=args.seed, perplexity=args.perplexity
+            )
+        except ValueError as err:
+            notes.append(f"t-SNE skipped: {err}")
+            logger.warning(notes[-1])
+        else:
+            n_tasks = doc["meta"]["num_tasks"]
+            title = f"t-SNE of {mep_router} gates ({len(coll.tasks)} prompts, {n_tasks} tasks)"
+            _, plot_notes = plot_task_tsne(emb, coll.tasks, out / FIG4, title=title)
+            notes += tsne_notes + plot_notes
+            figures["Figure 4: t-SNE of task-router gates"] = FIG4
+    doc["meta"]["figures"] = list(figures.values())
+    (out / "routing.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out / "routing.md").write_text(routing_markdown(doc, figures))
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand; 0 on success, 2 on a user error (one line on stderr).
+
+    Logging is configured by the ``python -m hmora_ds.analyze`` entry point, not here, so that
+    calling ``main`` from Python (tests, notebooks) leaves the caller's logging alone.
+    """
+    from hmora_ds.analysis.collect import AnalysisError
+    from hmora_ds.data.records import DataError
+    from hmora_ds.eval.benchmarks import EvalError
+
+    args = _parser().parse_args(argv)
+    try:
+        doc = run_routing(args)
+    except (AnalysisError, DataError, EvalError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rec = doc["summary"]["recognition"]
+    print(
+        f"routing: {doc['meta']['num_examples']} examples, {doc['meta']['num_tasks']} tasks, "
+        f"{len(doc['routers'])} routers; recognition ≥ 0.8: "
+        + ("n/a" if rec is None else f"{100 * rec['0.8']:.1f}%")
+    )
+    print(f"written to {args.out}: routing.json, routing.md, " + ", ".join(doc["meta"]["figures"]))
+    return 0
