@@ -73,6 +73,10 @@ class AdapterConfig:
         hydra: one shared ``A`` and ``e`` heads ``B_i`` (Hydra LoRA).
         single_lora_layers: targets that get one plain LoRA (no router) instead of a mixture.
         eta_b: LoRA+ learning-rate ratio for the ``B`` matrices (1 = plain LoRA).
+        compute: how a top-k mixture is computed (same numbers either way): ``dense`` (all
+            experts, two GEMMs), ``sparse`` (each expert only on the tokens routed to it,
+            batched GEMMs over per-expert buckets) or ``auto`` (sparse where the benchmark
+            shows it faster, see :func:`hmora_ds.lora.prefer_sparse`). Soft routing is dense.
     """
 
     rank: int = 8
@@ -84,9 +88,12 @@ class AdapterConfig:
     hydra: bool = False
     single_lora_layers: list[str] = field(default_factory=list)
     eta_b: float = 1.0
+    compute: str = "auto"
 
     def validate(self) -> None:
         coerce_numbers(self, "adapter")
+        if self.compute not in ("auto", "dense", "sparse"):
+            _fail("adapter.compute", f"must be auto, dense or sparse, got {self.compute!r}")
         if not isinstance(self.rank, int) or self.rank < 1:
             _fail("adapter.rank", f"must be a positive integer, got {self.rank!r}")
         if self.alpha <= 0:

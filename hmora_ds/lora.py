@@ -9,6 +9,14 @@ All experts are one computation, whatever E: ``H = dropout(X) · [A_1 … A_E]``
 each R-wide slice by its gate, then ``H · [B_1; …; B_E]``: two GEMMs, dropout once. Expert ``i``
 owns rows ``i·R:(i+1)·R`` of ``lora_A`` and columns ``i·R:(i+1)·R`` of ``lora_B``.
 Hydra LoRA shares one A (``lora_A`` has R rows). A single LoRA is the E = 1 case with no router.
+
+With top-k routing each token uses only k experts; the **sparse** path computes just those:
+the routed (token, expert) pairs are sorted by expert
+(:class:`~hmora_ds.routing.dispatch.DispatchPlan`, built once per router group and forward),
+each expert runs on its slice in one grouped GEMM, and results are added back with
+``index_add``. It gives the same numbers as the dense path and is
+chosen by :func:`prefer_sparse` (``adapter.compute=auto``) where ``make bench`` measured it
+faster.
 """
 
 from __future__ import annotations
@@ -19,7 +27,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hmora_ds.routing.dispatch import DispatchPlan, grouped_matmul
 from hmora_ds.routing.gates import RouterGroup
+
+# adapter.compute=auto picks the sparse path only where the dense adapter is the expensive part
+# of the block: E·R at least SPARSE_MIN_WIDTH × the layer's input width, with each token using at
+# most 1/8 of the experts. Measured (bench/results/step_cuda.md, H100, Qwen2-1.5B shape): with
+# r = 8 and e ≤ 32 (E·R ≤ 256 ≪ 1536) the dense path is faster at every e (sparse 0.6–0.7×) and
+# uses less memory (the grouped GEMM saves the gathered token rows for backward), so the paper's
+# settings stay dense. See docs/performance.md.
+SPARSE_MIN_WIDTH = 2.0
+SPARSE_MIN_RATIO = 8
+
+
+def prefer_sparse(num_experts: int, top_k: int, rank: int, in_features: int) -> bool:
+    """Whether ``adapter.compute=auto`` uses the sparse top-k path for this block."""
+    return (
+        num_experts >= SPARSE_MIN_RATIO * top_k
+        and num_experts * rank >= SPARSE_MIN_WIDTH * in_features
+    )
 
 
 class MoRALinear(nn.Module):
@@ -34,6 +60,7 @@ class MoRALinear(nn.Module):
         num_experts: E (1 with ``router=None`` = plain LoRA).
         hydra: share one ``A`` across the experts.
         router: the router group of this layer's input, or None for a single LoRA.
+        compute: ``auto`` | ``dense`` | ``sparse`` (top-k mixtures only; see the module doc).
     """
 
     def __init__(
@@ -46,6 +73,7 @@ class MoRALinear(nn.Module):
         num_experts: int = 1,
         hydra: bool = False,
         router: RouterGroup | None = None,
+        compute: str = "auto",
     ) -> None:
         super().__init__()
         if router is None and num_experts != 1:
@@ -68,6 +96,7 @@ class MoRALinear(nn.Module):
         # Routers are owned by the wrapper model (one group can serve q, k and v); keep a
         # reference outside the module tree so their parameters are registered once.
         self._router = (router,)
+        self.compute = compute
         self.reset_parameters()
 
     @property
@@ -90,13 +119,26 @@ class MoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
+    @property
+    def sparse(self) -> bool:
+        """Whether this block computes only the routed experts (top-k routing, see module doc)."""
+        router = self.router
+        if router is None or router.mode != "topk" or self.compute == "dense":
+            return False
+        return self.compute == "sparse" or prefer_sparse(
+            self.num_experts, router.top_k, self.rank, self.in_features
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         h = self.dropout(x)
         if not torch.is_autocast_enabled(x.device.type):
             h = h.to(self.lora_A.dtype)
-        h = F.linear(h, self.lora_A)  # (N…, E·R) or (N…, R) for hydra / single LoRA
         router = self.router
+        if router is not None and self.sparse:
+            delta = self._sparse_delta(h, router.dispatch(router.gates(x), x.shape[-2]))
+            return out + delta.view(*out.shape[:-1], -1).to(out.dtype)
+        h = F.linear(h, self.lora_A)  # (N…, E·R) or (N…, R) for hydra / single LoRA
         if router is not None:
             gates = router.gates(x)  # (B, T, E) or (B, 1, E), fp32
             r, e = self.rank, self.num_experts
@@ -105,12 +147,33 @@ class MoRALinear(nn.Module):
             else:
                 h = h.unflatten(-1, (e, r)) * gates.unsqueeze(-1)
             h = h.flatten(-2)
-        delta = F.linear(h, self.lora_B) * self.scaling
-        return out + delta.to(out.dtype)
+        # out + s · h Bᵀ as ONE GEMM with the residual add and the scaling fused in (addmm's
+        # beta/alpha): no separate (N, O) multiply and add, the widest tensors of the block.
+        if not torch.is_autocast_enabled(x.device.type) and out.dtype != h.dtype:
+            return out + (F.linear(h, self.lora_B) * self.scaling).to(out.dtype)  # fp32 LoRA
+        out2d = out.reshape(-1, self.out_features)
+        fused = torch.addmm(out2d, h.reshape(-1, h.shape[-1]), self.lora_B.t(), alpha=self.scaling)
+        return fused.view(out.shape)
+
+    def _sparse_delta(self, h: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """Σ_{i ∈ top-k} g_i (h A_i) B_i · s for the routed experts only → (N, O)."""
+        e, r = self.num_experts, self.rank
+        h = h.reshape(-1, self.in_features)
+        if self.hydra:  # one shared A: project every token once, then route the R-wide rows
+            hs = F.linear(h, self.lora_A)[plan.token]  # (M, R)
+        else:
+            a = self.lora_A.view(e, r, self.in_features).transpose(1, 2)  # (E, I, R)
+            hs = grouped_matmul(h[plan.token], a, plan)  # (M, R)
+        hs = hs * plan.weight.unsqueeze(-1).to(hs.dtype)
+        b = self.lora_B.view(self.out_features, e, r).permute(1, 2, 0)  # (E, R, O)
+        ys = grouped_matmul(hs, b, plan) * self.scaling  # (M, O)
+        delta = ys.new_zeros(plan.num_tokens, self.out_features)
+        return delta.index_add_(0, plan.token, ys)
 
     def extra_repr(self) -> str:
         kind = "lora" if self.router is None else ("hydra" if self.hydra else "mora")
         return (
             f"{kind}, in={self.in_features}, out={self.out_features}, rank={self.rank}, "
             f"experts={self.num_experts}, scaling={self.scaling:g}"
+            + (", sparse" if self.sparse else "")
         )

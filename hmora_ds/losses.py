@@ -58,15 +58,40 @@ def routing_moments(
         ``(M (E,), mean_entropy (), count ())``, differentiable in ``probs``; with no valid
         decision M is 0 and the mean entropy 0.
     """
-    p, m = _flatten(probs, mask)
-    e = p.shape[-1]
+    mean_p, mean_h, count = stacked_routing_moments(probs.unsqueeze(0), mask, group=group)
+    return mean_p[0], mean_h[0], count
+
+
+def stacked_routing_moments(
+    probs: torch.Tensor, mask: torch.Tensor | None = None, *, group: Any = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`routing_moments` of R routers at once: ``probs`` (R, N…, E), one shared mask.
+
+    One fused computation and ONE all-reduce for all R routers (a model has one token and one
+    task stack per forward: a few kernels instead of a few per router, which is what keeps the
+    step from being bound by kernel launches).
+
+    Returns:
+        ``(M (R, E), mean_entropy (R,), count ())``.
+    """
+    r, e = probs.shape[0], probs.shape[-1]
+    if mask is not None and mask.shape != probs.shape[1:-1]:
+        raise ValueError(
+            f"mask: shape {tuple(mask.shape)} must equal probs.shape[:-1] "
+            f"{tuple(probs.shape[1:-1])}"
+        )
+    p = probs.float().reshape(r, -1, e)
+    if mask is None:
+        m = torch.ones(p.shape[1], device=p.device, dtype=p.dtype)
+    else:
+        m = mask.reshape(-1).to(p.dtype)
     sums = torch.cat(
-        [(p * m.unsqueeze(-1)).sum(0), (entropy(p) * m).sum().reshape(1), m.sum().reshape(1)]
+        [torch.einsum("rne,n->re", p, m).reshape(-1), entropy(p) @ m, m.sum().reshape(1)]
     )
     sums = _all_reduce(sums, group)
-    count = sums[e + 1].detach()
+    count = sums[-1].detach()
     denom = count.clamp_min(1.0)
-    return sums[:e] / denom, sums[e] / denom, count
+    return sums[: r * e].view(r, e) / denom, sums[r * e : r * e + r] / denom, count
 
 
 def _log_experts(e: int) -> float:
@@ -104,10 +129,24 @@ def cgjs_loss(
     Equivalently ``(γ_b − min(Ĥ(M), γ_b)) + (max(mean Ĥ(p), γ_c) − γ_c)``: zero exactly when
     routing is balanced to γ_b and certain to γ_c. Returns an fp32 scalar.
     """
+    return stacked_cgjs_loss(
+        probs.unsqueeze(0), mask, gamma_b=gamma_b, gamma_c=gamma_c, group=group
+    )[0]
+
+
+def stacked_cgjs_loss(
+    probs: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    gamma_b: float = 1.0,
+    gamma_c: float = 0.4,
+    group: Any = None,
+) -> torch.Tensor:
+    """:func:`cgjs_loss` of R routers sharing one mask, ``probs`` (R, N…, E) → (R,)."""
     if not 0.0 <= gamma_c <= gamma_b <= 1.0:
         raise ValueError(f"cgjs_loss: need 0 <= gamma_c <= gamma_b <= 1, got {gamma_c}, {gamma_b}")
     log_e = _log_experts(probs.shape[-1])
-    mean_p, mean_h, count = routing_moments(probs, mask, group=group)
+    mean_p, mean_h, count = stacked_routing_moments(probs, mask, group=group)
     balance = entropy(mean_p) / log_e
     certainty = mean_h / log_e
     loss = (gamma_b - torch.clamp(balance, max=gamma_b)) + (
@@ -124,16 +163,37 @@ def load_balance_loss(
     ``F_i`` is the fraction of valid decisions whose top-k contains expert i, divided by k
     (not differentiable); ``P_i`` the mean probability of expert i. Returns an fp32 scalar.
     """
-    p, m = _flatten(probs, mask)
-    e = p.shape[-1]
+    return stacked_load_balance_loss(probs.unsqueeze(0), k, mask, group=group)[0]
+
+
+def stacked_load_balance_loss(
+    probs: torch.Tensor, k: int, mask: torch.Tensor | None = None, *, group: Any = None
+) -> torch.Tensor:
+    """:func:`load_balance_loss` of R routers sharing one mask, ``probs`` (R, N…, E) → (R,)."""
+    r, e = probs.shape[0], probs.shape[-1]
     if not 1 <= k <= e:
         raise ValueError(f"load_balance_loss: k must lie in [1, {e}], got {k}")
+    if mask is not None and mask.shape != probs.shape[1:-1]:
+        raise ValueError(
+            f"mask: shape {tuple(mask.shape)} must equal probs.shape[:-1] "
+            f"{tuple(probs.shape[1:-1])}"
+        )
+    p = probs.float().reshape(r, -1, e)
+    m = (
+        torch.ones(p.shape[1], device=p.device, dtype=p.dtype)
+        if mask is None
+        else mask.reshape(-1).to(p.dtype)
+    )
     chosen = torch.zeros_like(p).scatter(-1, p.topk(k, dim=-1).indices, 1.0)
     sums = torch.cat(
-        [(chosen * m.unsqueeze(-1)).sum(0), (p * m.unsqueeze(-1)).sum(0), m.sum().reshape(1)]
+        [
+            torch.einsum("rne,n->re", chosen, m).reshape(-1),
+            torch.einsum("rne,n->re", p, m).reshape(-1),
+            m.sum().reshape(1),
+        ]
     )
     sums = _all_reduce(sums, group)
-    count = sums[2 * e].detach().clamp_min(1.0)
-    frac = sums[:e].detach() / (k * count)
-    mean_p = sums[e : 2 * e] / count
-    return e * (frac * mean_p).sum()
+    count = sums[-1].detach().clamp_min(1.0)
+    frac = sums[: r * e].detach().view(r, e) / (k * count)
+    mean_p = sums[r * e : 2 * r * e].view(r, e) / count
+    return e * (frac * mean_p).sum(-1)

@@ -26,7 +26,7 @@ from torch import nn
 
 from hmora_ds.config import SHARED_GROUPS, TARGETS, HMoRAConfig
 from hmora_ds.lora import MoRALinear
-from hmora_ds.losses import cgjs_loss, load_balance_loss
+from hmora_ds.losses import stacked_cgjs_loss, stacked_load_balance_loss
 from hmora_ds.metrics import RouterStatsAccumulator
 from hmora_ds.routing import RouterGroup, RoutingContext, TaskEncoder, layer_alphas, layer_modes
 
@@ -261,6 +261,7 @@ class HMoRAModel(nn.Module):
                         num_experts=a.num_experts if router is not None else 1,
                         hydra=a.hydra,
                         router=router,
+                        compute=a.compute,
                     ),
                 )
 
@@ -467,17 +468,25 @@ class HMoRAModel(nn.Module):
         by_kind: dict[str, torch.Tensor] = {}
         if lc.aux == "none":
             return total, by_kind
+        # Routers of one kind share the batch's shape and mask: their losses are computed as
+        # one stack, with one all-reduce per stack (see losses.stacked_routing_moments).
+        stacks: dict[tuple, list] = {}
         for rec in records:
+            key = (rec.kind, tuple(rec.probs.shape), None if rec.mask is None else id(rec.mask))
+            stacks.setdefault(key, []).append(rec)
+        for (kind, _, _), recs in stacks.items():
+            probs, mask = torch.stack([r.probs for r in recs]), recs[0].mask
             if lc.aux == "cgjs":
-                value = cgjs_loss(
-                    rec.probs, rec.mask, gamma_b=lc.gamma_b, gamma_c=lc.gamma_c, group=group
+                values = stacked_cgjs_loss(
+                    probs, mask, gamma_b=lc.gamma_b, gamma_c=lc.gamma_c, group=group
                 )
             else:
-                value = load_balance_loss(
-                    rec.probs, self.config.routing.top_k, rec.mask, group=group
+                values = stacked_load_balance_loss(
+                    probs, self.config.routing.top_k, mask, group=group
                 )
+            value = values.sum()
             total = total + value
-            by_kind[rec.kind] = by_kind.get(rec.kind, 0.0) + value.detach()
+            by_kind[kind] = by_kind.get(kind, 0.0) + value.detach()
         return total, by_kind
 
     # ------------------------------------------------------------------ generation

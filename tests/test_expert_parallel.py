@@ -119,20 +119,3 @@ def test_refusals(kwargs, message):
     with pytest.raises(ValueError, match=message):
         validate_expert_parallel(**args)
     validate_expert_parallel(1, 8, 1, 3, "soft", False)  # ep_size 1: everything is allowed
-
-
-@pytest.mark.slow
-def test_benchmark_quick_writes_results(tmp_path):
-    import json
-
-    from hmora_ds.bench.expert_parallel import run
-
-    path = run(quick=True, out_dir=tmp_path)
-    record = json.loads(path.read_text())
-    rows = {r["ep_size"]: r for r in record["rows"]}
-    assert set(rows) == {1, 2} and all(
-        r["block_ms"] > 0 and r["step_ms"] > 0 for r in rows.values()
-    )
-    # The measured all-to-all payload is exactly the formula 2·K·(I+O)·4 bytes per token.
-    assert rows[2]["bytes_per_token_block"] == rows[2]["formula_bytes_per_token_block"] > 0
-    assert path.with_suffix(".md").read_text().startswith("# Expert parallelism")

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from hmora_ds.routing.dispatch import DispatchPlan
+
 if TYPE_CHECKING:
     from hmora_ds.routing.context import RoutingContext
 
@@ -135,6 +137,7 @@ class RouterGroup(nn.Module):
         # The context is shared by every group of the model; a plain attribute, not a module.
         self._ctx = context
         self._memo: tuple[int, torch.Size, torch.Tensor] | None = None
+        self._plan: tuple[torch.Tensor, DispatchPlan] | None = None
         self.shared = False  # set by the injector, which also registers new_round
 
     @property
@@ -144,6 +147,7 @@ class RouterGroup(nn.Module):
     def new_round(self, *_: object) -> None:
         """Forget the last gates (a forward pre-hook of the members' parent module)."""
         self._memo = None
+        self._plan = None
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """Gates for input ``x`` (B, T, D) → (B, T, E) or (B, 1, E) for task-only layers.
@@ -158,6 +162,17 @@ class RouterGroup(nn.Module):
         gates = self(x)
         self._memo = (self._ctx.forward_id, x.shape, gates)
         return gates
+
+    def dispatch(self, gates: torch.Tensor, num_tokens_per_row: int) -> DispatchPlan:
+        """The sparse path's token buckets for top-k ``gates``; shared members reuse one plan."""
+        if not self.shared:
+            return DispatchPlan.build(gates, self.top_k, num_tokens_per_row)
+        memo = self._plan
+        if memo is not None and memo[0] is gates:
+            return memo[1]
+        plan = DispatchPlan.build(gates, self.top_k, num_tokens_per_row)
+        self._plan = (gates, plan)
+        return plan
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = self._ctx

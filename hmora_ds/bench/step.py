@@ -1,0 +1,642 @@
+"""Benchmark: one training step of every method, side by side on one model shape and batch.
+
+    python -m hmora_ds.bench step [--device cpu|cuda] [--quick] [--out bench/results]
+
+A step is forward + backward + AdamW step (``zero_grad`` included). Rows:
+
+- ``frozen base``: the base model's forward and the backward to its input embeddings, no
+  adapter, no optimizer: the physical limit of adapter training (every adapter method must run
+  at least this, since gradients flow through the frozen layers to the adapters below).
+- every preset: LoRA r = 8 / 64, MoLoRA, MixLoRA, HydraLoRA, HMoRA, HMoRA w LW;
+- HMoRA with e = 4, 8, 16, 32 experts: the dense and the sparse top-k computation, and the
+  **per-expert loop** of peer frameworks (:mod:`hmora_ds.bench.reference`);
+- fast paths, each against its "before": routers shared but recomputed per member, the task
+  encoder run per router, dropout per expert, ``.item()`` syncs in the step, gradient
+  checkpointing on, and (CUDA) fp32 instead of bf16 autocast with fp32 adapters.
+
+Time is the median over the timed steps. Memory: on CUDA the peak allocated bytes of the step;
+on CPU (which has no allocator statistics) the bytes the step keeps alive at its peak, counted
+exactly: parameters + gradients + AdamW state + every tensor autograd saved for backward
+(deduplicated by storage). The base model is random-init (benchmarks time shapes, not weights).
+Results: ``<out>/step_<device>.json`` and ``.md`` with ratios to LoRA r = 64 and the frozen base.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Model shapes (Qwen2 architecture, random init). CPU: small enough for minutes on 2 cores.
+SHAPES: dict[str, dict[str, Any]] = {
+    "cpu": dict(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=8192,
+        batch=4,
+        seq=256,
+        warmup=1,
+        steps=5,
+    ),
+    "quick": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        batch=2,
+        seq=32,
+        warmup=1,
+        steps=2,
+    ),
+    # Qwen2-1.5B (hmora_ds/model_configs/qwen2-1.5b.json), bf16 + SDPA.
+    "cuda": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        batch=4,
+        seq=1024,
+        warmup=3,
+        steps=10,
+    ),
+}
+EXPERTS = (4, 8, 16, 32)
+# Task-encoder heads must divide the hidden size of the small shapes.
+ENCODER_HEADS = {"cpu": 16, "quick": 4, "cuda": 16}
+
+
+@dataclass
+class Variant:
+    name: str
+    group: str
+    preset: str | None  # None: the frozen base
+    overrides: list[str] = field(default_factory=list)
+    patch: Callable[[Any], contextlib.AbstractContextManager] | None = None
+    item_syncs: bool = False
+    grad_ckpt: bool = False
+    fp32: bool = False  # CUDA: no autocast, fp32 base
+    slow: bool = False  # the per-expert loop: fewer timed steps (median of 3 after 1)
+    note: str = ""
+
+
+# ----------------------------------------------------------------------------- "before" patches
+@contextlib.contextmanager
+def _unshared_routers(model: Any) -> Iterator[None]:
+    """Before: every member of a shared router group computes the gates itself."""
+    groups = [g for g in model.routers.values() if g.shared]
+    for g in groups:
+        g.shared = False
+    try:
+        yield
+    finally:
+        for g in groups:
+            g.shared = True
+
+
+@contextlib.contextmanager
+def _task_encoder_per_router(model: Any) -> Iterator[None]:
+    """Before: the task encoder runs again for every task router (not once per forward)."""
+    ctx, encode = model.routing_context, model._task_representation
+    state: dict[str, Any] = {}
+
+    def capture(embeds, pmask):
+        state["args"] = (embeds, pmask)
+        return encode(embeds, pmask)
+
+    bound = ctx.task_repr_for
+
+    def recompute(x):
+        ctx._task_repr = encode(*state["args"])
+        return bound(x)
+
+    model._task_representation, ctx.task_repr_for = capture, recompute
+    try:
+        yield
+    finally:
+        del model._task_representation, ctx.task_repr_for
+
+
+@contextlib.contextmanager
+def _dropout_per_expert(model: Any) -> Iterator[None]:
+    from hmora_ds.bench.reference import per_expert_dropout
+
+    with per_expert_dropout():
+        yield
+
+
+@contextlib.contextmanager
+def _loop(model: Any) -> Iterator[None]:
+    from hmora_ds.bench.reference import per_expert_loop
+
+    with per_expert_loop():
+        yield
+
+
+def variants(device: str) -> list[Variant]:
+    rows = [Variant("frozen base", "methods", None, note="forward + input-gradient backward")]
+    for preset, label in (
+        ("lora_r8", "LoRA r=8"),
+        ("lora_r64", "LoRA r=64"),
+        ("molora", "MoLoRA"),
+        ("mixlora", "MixLoRA"),
+        ("hydralora", "HydraLoRA"),
+        ("hmora", "HMoRA"),
+        ("hmora_lw", "HMoRA w LW"),
+    ):
+        rows.append(Variant(label, "methods", preset))
+    for e in EXPERTS:
+        for compute in ("dense", "sparse"):
+            rows.append(
+                Variant(
+                    f"HMoRA e={e} {compute}",
+                    "experts",
+                    "hmora",
+                    [f"adapter.num_experts={e}", f"adapter.compute={compute}"],
+                )
+            )
+        rows.append(
+            Variant(
+                f"HMoRA e={e} per-expert loop",
+                "experts",
+                "hmora",
+                [f"adapter.num_experts={e}", "adapter.compute=dense"],
+                patch=_loop,
+                slow=True,
+                note="reference: peers' loop over experts",
+            )
+        )
+    lw = "hmora_lw"
+    rows += [
+        Variant("LW: routers recomputed per member", "fast paths", lw, patch=_unshared_routers),
+        Variant("LW: task encoder per router", "fast paths", lw, patch=_task_encoder_per_router),
+        Variant("LW: dropout per expert", "fast paths", lw, patch=_dropout_per_expert),
+        Variant("LW: .item() syncs in the step", "fast paths", lw, item_syncs=True),
+        Variant("LW: gradient checkpointing", "fast paths", lw, grad_ckpt=True),
+    ]
+    if device == "cuda":
+        rows.append(Variant("LW: fp32 (no bf16 autocast)", "fast paths", lw, fp32=True))
+    return rows
+
+
+# ----------------------------------------------------------------------------- measuring
+def _base_config(shape: dict[str, Any]):
+    from transformers import Qwen2Config
+
+    keys = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+    )
+    return Qwen2Config(
+        **{k: shape[k] for k in keys},
+        max_position_embeddings=max(4096, shape["seq"]),
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+
+
+class _SavedBytes:
+    """Bytes of the tensors autograd saves for backward (unique storages), i.e. activations."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, int] = {}
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, torch.nn.Parameter):
+            try:
+                storage = t.untyped_storage()
+                self.seen[storage.data_ptr()] = storage.nbytes()
+            except (RuntimeError, NotImplementedError):
+                pass
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self.seen.values())
+
+
+def _state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer | None) -> int:
+    n = sum(p.numel() * p.element_size() for p in model.parameters())
+    n += sum(
+        p.numel() * p.element_size() for p in model.parameters() if p.requires_grad
+    )  # gradients
+    if opt is not None:
+        for st in opt.state.values():
+            n += sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v))
+    return n
+
+
+def _build(v: Variant, base: torch.nn.Module, shape_name: str, device: torch.device):
+    from hmora_ds.config import load_config
+    from hmora_ds.model import HMoRAModel
+
+    if v.preset is None:
+        model = copy.deepcopy(base)
+        model.requires_grad_(False)
+        return model, None
+    overrides = list(v.overrides)
+    if load_config(v.preset).routing.task_encoder == "transformer":
+        overrides.append(f"routing.encoder_heads={ENCODER_HEADS[shape_name]}")
+    cfg = load_config(v.preset, overrides)
+    model = HMoRAModel(copy.deepcopy(base), cfg, task_token_id=3).to(device)
+    if v.fp32:
+        model.float()
+    if v.grad_ckpt:
+        model.gradient_checkpointing_enable()
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=fused) if params else None
+    return model, opt
+
+
+def _step_fn(v: Variant, model, opt, batch, device: torch.device, autocast: bool):
+    ids, labels, mask, pmask = batch
+    ac = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if autocast and not v.fp32
+        else contextlib.nullcontext()
+    )
+    if v.preset is None:
+        emb = model.get_input_embeddings()
+
+        def step():
+            x = emb(ids).detach().requires_grad_(True)
+            with ac:
+                out = model(inputs_embeds=x, attention_mask=mask, labels=labels)
+            out.loss.backward()
+
+        return step
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with ac:
+            out = model(
+                ids,
+                attention_mask=mask,
+                labels=labels,
+                prompt_mask=pmask,
+                return_router_stats=False,  # as the trainer calls it
+            )
+        out.loss.backward()
+        if v.item_syncs:  # what the training step used to do: read scalars every step
+            float(out.aux_loss.detach())
+            float(out.lm_loss_sum.detach())
+        opt.step()
+
+    return step
+
+
+def measure(
+    v: Variant,
+    base,
+    shape: dict[str, Any],
+    shape_name: str,
+    device: torch.device,
+    profile_dir: Path | None = None,
+) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model, opt = _build(v, base, shape_name, device)
+    model.train()
+    b, t, vocab = shape["batch"], shape["seq"], shape["vocab_size"]
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, vocab, (b, t), generator=g).to(device)
+    labels = ids.clone()
+    labels[:, : t // 2] = -100  # the first half is the prompt, as in instruction tuning
+    mask = torch.ones_like(ids)
+    pmask = (labels == -100).long()
+    autocast = device.type == "cuda"
+    step = _step_fn(v, model, opt, (ids, labels, mask, pmask), device, autocast)
+    patch = v.patch(model) if v.patch is not None else contextlib.nullcontext()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    warmup, steps = (1, 3) if v.slow else (shape["warmup"], shape["steps"])
+    with patch:
+        for _ in range(warmup):
+            step()
+        sync()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            start_mem = torch.cuda.memory_allocated(device)
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step()
+            sync()
+            times.append(time.perf_counter() - t0)
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device)
+            del start_mem
+        else:
+            saved = _SavedBytes()
+            with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda x: x):
+                step()
+            peak = _state_bytes(model, opt) + saved.total
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    base_params = sum(p.numel() for p in base.parameters())
+    median = statistics.median(times)
+    row = {
+        "name": v.name,
+        "group": v.group,
+        "preset": v.preset,
+        "overrides": v.overrides,
+        "note": v.note,
+        "step_ms": median * 1e3,
+        "step_ms_min": min(times) * 1e3,
+        "step_ms_max": max(times) * 1e3,
+        "tokens_per_s": b * t / median,
+        "peak_mb": peak / 2**20,
+        "tp_percent": 100.0 * trainable / base_params,
+    }
+    if v.preset is not None:
+        from hmora_ds.lora import MoRALinear, prefer_sparse
+
+        blocks = [m for m in model.modules() if isinstance(m, MoRALinear) and m.router]
+        row["sparse_blocks"] = sum(m.sparse for m in blocks)
+        row["auto_sparse_blocks"] = sum(
+            m.router.mode == "topk"
+            and prefer_sparse(m.num_experts, m.router.top_k, m.rank, m.in_features)
+            for m in blocks
+        )
+        row["mixture_blocks"] = len(blocks)
+    if profile_dir is not None:
+        row["profile"] = _profile(step, patch_factory=v.patch, model=model, v=v, out=profile_dir)
+    del model, opt, step
+    gc.collect()  # routers and hooks form reference cycles: free the model before the next
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def _profile(step, patch_factory, model, v: Variant, out: Path) -> str:
+    """Two steps under torch.profiler: the ops by self time → ``profile_<variant>.txt``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    patch = patch_factory(model) if patch_factory is not None else contextlib.nullcontext()
+    with patch, profile(activities=activities) as prof:
+        for _ in range(2):
+            step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    name = "".join(c if c.isalnum() else "_" for c in v.name).strip("_")
+    path = out / f"profile_{name}.txt"
+    events = prof.key_averages()
+    path.write_text(
+        f"# {v.name}: 2 steps\n" + events.table(sort_by=key, row_limit=40, max_name_column_width=60)
+    )
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- report
+TARGETS = (
+    ("HMoRA w LW step / LoRA r=64 step", "HMoRA w LW", "LoRA r=64", "step_ms", 1.10),
+    ("HMoRA w LW step / frozen-base limit", "HMoRA w LW", "frozen base", "step_ms", 1.35),
+    ("HMoRA w LW peak memory / LoRA r=64", "HMoRA w LW", "LoRA r=64", "peak_mb", 1.15),
+)
+SPEEDUPS = ((8, 3.0), (32, 5.0))
+FAST_PATHS = (
+    ("fused stacked experts (e=8)", "HMoRA e=8 per-expert loop", "HMoRA e=8 dense"),
+    ("sparse top-k (e=16)", "HMoRA e=16 dense", "HMoRA e=16 sparse"),
+    ("sparse top-k (e=32)", "HMoRA e=32 dense", "HMoRA e=32 sparse"),
+    ("shared routers computed once", "LW: routers recomputed per member", "HMoRA w LW"),
+    ("task encoder once per forward", "LW: task encoder per router", "HMoRA w LW"),
+    ("dropout once", "LW: dropout per expert", "HMoRA w LW"),
+    ("no .item() in the step", "LW: .item() syncs in the step", "HMoRA w LW"),
+    ("bf16 autocast, fp32 adapters", "LW: fp32 (no bf16 autocast)", "HMoRA w LW"),
+)
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    by = {r["name"]: r for r in rows}
+    ref, limit = by.get("LoRA r=64"), by.get("frozen base")
+    for r in rows:
+        r["vs_lora_r64"] = r["step_ms"] / ref["step_ms"] if ref else None
+        r["vs_frozen_base"] = r["step_ms"] / limit["step_ms"] if limit else None
+        r["memory_vs_lora_r64"] = r["peak_mb"] / ref["peak_mb"] if ref else None
+    targets = []
+    for label, a, b, key, bound in TARGETS:
+        if a in by and b in by:
+            value = by[a][key] / by[b][key]
+            targets.append({"target": label, "value": value, "limit": bound, "met": value <= bound})
+    for e, bound in SPEEDUPS:
+        loop, ours = by.get(f"HMoRA e={e} per-expert loop"), _auto_row(by, e)
+        if loop and ours:
+            value = loop["step_ms"] / ours["step_ms"]
+            targets.append(
+                {
+                    "target": f"speed-up over the per-expert loop, e={e} (ours: {ours['name']})",
+                    "value": value,
+                    "limit": bound,
+                    "met": value >= bound,
+                    "higher_is_better": True,
+                }
+            )
+    fast = []
+    for label, before, after in FAST_PATHS:
+        if before in by and after in by:
+            fast.append(
+                {
+                    "fast path": label,
+                    "before": before,
+                    "after": after,
+                    "before_ms": by[before]["step_ms"],
+                    "after_ms": by[after]["step_ms"],
+                    "speedup": by[before]["step_ms"] / by[after]["step_ms"],
+                    "before_mb": by[before]["peak_mb"],
+                    "after_mb": by[after]["peak_mb"],
+                }
+            )
+    if "LW: gradient checkpointing" in by and "HMoRA w LW" in by:
+        gc, lw = by["LW: gradient checkpointing"], by["HMoRA w LW"]
+        fast.append(
+            {
+                "fast path": "non-reentrant gradient checkpointing (memory for time)",
+                "before": "HMoRA w LW",
+                "after": "LW: gradient checkpointing",
+                "before_ms": lw["step_ms"],
+                "after_ms": gc["step_ms"],
+                "speedup": lw["step_ms"] / gc["step_ms"],
+                "before_mb": lw["peak_mb"],
+                "after_mb": gc["peak_mb"],
+            }
+        )
+    return {"targets": targets, "fast_paths": fast}
+
+
+def _auto_row(by: dict[str, dict[str, Any]], e: int) -> dict[str, Any] | None:
+    """Our computation at e experts as ``adapter.compute=auto`` chooses it (dense / sparse)."""
+    dense, sparse = by.get(f"HMoRA e={e} dense"), by.get(f"HMoRA e={e} sparse")
+    if dense is None or sparse is None:
+        return dense or sparse
+    return sparse if dense.get("auto_sparse_blocks") else dense
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    m, s = doc["machine"], doc["shape"]
+    lines = [
+        f"# Training-step benchmark ({doc['device']})",
+        "",
+        f"Machine: {m['device_name']}, {m['cpus']} CPU cores, torch {m['torch']}, "
+        f"transformers {m['transformers']}, {m['platform']}. Date {doc['date']}.",
+        f"Shape: Qwen2 hidden {s['hidden_size']}, FFN {s['intermediate_size']}, "
+        f"{s['num_hidden_layers']} layers, {s['num_attention_heads']}/{s['num_key_value_heads']} "
+        f"heads, vocab {s['vocab_size']}; batch {s['batch']} × {s['seq']} tokens; "
+        f"{doc['precision']}; median of {s['steps']} steps after {s['warmup']} warm-up.",
+        f"Memory: {doc['memory_kind']}.",
+        "",
+        "| variant | group | TP % | step ms | tokens/s | memory MB | × LoRA r=64 | × frozen base "
+        "| memory × LoRA r=64 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in doc["rows"]:
+        name = r["name"]
+        if r.get("sparse_blocks"):
+            name += f" ({r['sparse_blocks']}/{r['mixture_blocks']} blocks sparse)"
+        lines.append(
+            f"| {name} | {r['group']} | {_fmt(r['tp_percent'])} | {_fmt(r['step_ms'], 1)} "
+            f"| {r['tokens_per_s']:.0f} | {_fmt(r['peak_mb'], 0)} | {_fmt(r['vs_lora_r64'])} "
+            f"| {_fmt(r['vs_frozen_base'])} | {_fmt(r['memory_vs_lora_r64'])} |"
+        )
+    lines += ["", "## Targets", "", "| target | measured | limit | met |", "|---|---|---|---|"]
+    for t in doc["targets"]:
+        op = "≥" if t.get("higher_is_better") else "≤"
+        lines.append(
+            f"| {t['target']} | {t['value']:.2f} | {op} {t['limit']:.2f} "
+            f"| {'yes' if t['met'] else '**no**'} |"
+        )
+    lines += [
+        "",
+        "## Fast paths (before → after)",
+        "",
+        "| fast path | before ms | after ms | speed-up | before MB | after MB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for f in doc["fast_paths"]:
+        lines.append(
+            f"| {f['fast path']} | {f['before_ms']:.1f} | {f['after_ms']:.1f} "
+            f"| {f['speedup']:.2f}× | {f['before_mb']:.0f} | {f['after_mb']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _machine(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else (platform.processor() or platform.machine())
+    )
+    return {
+        "device_name": name,
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+def _write(path: Path, device: str, quick: bool, shape, dev, rows: list[dict[str, Any]]) -> None:
+    doc = {
+        "benchmark": "step",
+        "device": device,
+        "date": time.strftime("%Y-%m-%d"),
+        "quick": quick,
+        "machine": _machine(dev),
+        "shape": shape,
+        "precision": "bf16 autocast, bf16 base, fp32 adapters" if device == "cuda" else "fp32",
+        "memory_kind": "torch.cuda.max_memory_allocated during the timed steps"
+        if device == "cuda"
+        else "parameters + gradients + AdamW state + tensors saved for backward (exact count)",
+        "rows": rows,
+    }
+    doc.update(summarize(rows))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(path)
+    path.with_suffix(".md").write_text(markdown(doc))
+
+
+def run(
+    device: str = "auto",
+    quick: bool = False,
+    out_dir: str | Path = "bench/results",
+    only: list[str] | None = None,
+    profile: list[str] | None = None,
+    batch: int | None = None,
+    seq: int | None = None,
+) -> Path:
+    """Measure every variant, write ``step_<device>.json`` / ``.md``; returns the JSON path."""
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench step: --device cuda but no CUDA device is visible")
+    dev = torch.device(device)
+    shape_name = "quick" if quick else device
+    shape = dict(SHAPES[shape_name])
+    tag = ""
+    if batch or seq:
+        shape.update({k: v for k, v in (("batch", batch), ("seq", seq)) if v})
+        tag = f"_b{shape['batch']}x{shape['seq']}"
+    torch.manual_seed(0)
+    cfg = _base_config(shape)
+    cfg._attn_implementation = "sdpa"
+    with dev:
+        base = AutoModelForCausalLM.from_config(
+            cfg, dtype=torch.bfloat16 if device == "cuda" else torch.float32
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"step_{device}{'_quick' if quick else ''}{tag}.json"
+    rows: list[dict[str, Any]] = []
+    todo = [v for v in variants(device) if only is None or v.name in only]
+    if only is not None and len(todo) != len(only):
+        known = [v.name for v in variants(device)]
+        raise SystemExit(f"bench step: --only names unknown variant(s); choose from {known}")
+    for v in tqdm(todo, desc="bench step", unit="variant"):
+        prof = out if profile and v.name in profile else None
+        if v.fp32 and device == "cuda":
+            vbase = copy.deepcopy(base).float()
+            rows.append(measure(v, vbase, shape, shape_name, dev, prof))
+            del vbase
+        else:
+            rows.append(measure(v, base, shape, shape_name, dev, prof))
+        logger.info("%s: %.1f ms, %.0f MB", v.name, rows[-1]["step_ms"], rows[-1]["peak_mb"])
+        _write(path, device, quick, shape, dev, rows)  # after every row: a crash keeps the rest
+    return path

@@ -1,0 +1,57 @@
+"""``make bench BENCH_ARGS=--quick`` as a smoke test: every benchmark runs and writes its files.
+
+No timing assertions (timings live in bench/results, measured on a quiet machine); what is
+checked is that each variant ran, the report has its rows, targets and fast paths, and the
+expert-parallel payload equals its formula.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hmora_ds.bench.step import variants
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def test_make_bench_quick(tmp_path):
+    proc = subprocess.run(
+        ["make", "-s", "bench", f"BENCH_ARGS=--quick --out {tmp_path}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    step = json.loads((tmp_path / "step_cpu_quick.json").read_text())
+    names = [r["name"] for r in step["rows"]]
+    assert names == [v.name for v in variants("cpu")]
+    for row in step["rows"]:
+        assert row["step_ms"] > 0 and row["tokens_per_s"] > 0 and row["peak_mb"] > 0, row
+    by = {r["name"]: r for r in step["rows"]}
+    assert by["frozen base"]["tp_percent"] == 0 and by["LoRA r=64"]["vs_lora_r64"] == 1.0
+    # TP grows with the number of experts; the loop reference shares the dense row's parameters
+    tps = [by[f"HMoRA e={e} dense"]["tp_percent"] for e in (4, 8, 16, 32)]
+    assert tps == sorted(tps) and by["HMoRA e=8 per-expert loop"]["tp_percent"] == tps[1]
+    assert by["HMoRA e=32 sparse"]["sparse_blocks"] == by["HMoRA e=32 sparse"]["mixture_blocks"]
+    assert len(step["targets"]) == 5 and {f["fast path"] for f in step["fast_paths"]} >= {
+        "shared routers computed once",
+        "dropout once",
+        "no .item() in the step",
+    }
+    md = (tmp_path / "step_cpu_quick.md").read_text()
+    assert md.startswith("# Training-step benchmark (cpu)") and "## Targets" in md
+
+    ep = json.loads((tmp_path / "expert_parallel_quick.json").read_text())
+    rows = {r["ep_size"]: r for r in ep["rows"]}
+    assert set(rows) == {1, 2} and all(
+        r["block_ms"] > 0 and r["step_ms"] > 0 for r in rows.values()
+    )
+    # The measured all-to-all payload is exactly the formula 2·K·(I+O)·4 bytes per token.
+    assert rows[2]["bytes_per_token_block"] == rows[2]["formula_bytes_per_token_block"] > 0
