@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         print(list_studies())
         return 0
     # A scheduler's SIGTERM must not leave training ranks running in their own sessions.
-    signal.signal(signal.SIGTERM, lambda *_: (kill_children(), sys.exit(143)))
+    previous = signal.signal(signal.SIGTERM, lambda *_: (kill_children(), sys.exit(143)))
     try:
         return run(build_options(args))
     except AblateError as err:
@@ -265,3 +265,5 @@ def main(argv: list[str] | None = None) -> int:
         kill_children()
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)

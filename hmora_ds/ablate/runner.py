@@ -98,7 +98,10 @@ def check_sets(study: Study, sets: list[str]) -> None:
 
     varied = study.varied_keys()
     for item in sets:
-        key, _ = parse_override(item)
+        try:
+            key, _ = parse_override(item)
+        except ValueError as err:
+            raise AblateError(f"--set: {err}") from None
         if key in OWNED:
             raise AblateError(f"--set {item}: {key} is set by the runner; use {OWNED[key]}")
         if key in varied:
