@@ -233,11 +233,12 @@ def run(opts: Options) -> int:
     from hmora_ds.ablate.runner import check_out_dir
 
     selected = select_rows(opts.study, opts.scale, opts.rows)
-    check_out_dir(opts.out, opts.study, opts.scale, create=not opts.dry_run)
-    jobs = plan(opts, selected)
+    check_out_dir(opts.out, opts.study, opts.scale, create=False)
+    jobs = plan(opts, selected)  # every row validated before anything is written
     if opts.dry_run:
         print(describe(opts, jobs))
         return 0
+    check_out_dir(opts.out, opts.study, opts.scale, create=True)
     records = execute(opts, jobs)
     md = write_tables(opts.out, opts.study, table_rows(opts), setting_line(opts, jobs))
     print(md.read_text())
