@@ -163,6 +163,48 @@ def test_device_slots_and_launch_commands(monkeypatch, tmp_path):
     assert launch_prefix("torchrun", 2, None)[-3:] == ["--standalone", "--nproc_per_node", "2"]
 
 
+def test_analysis_stage_command_and_routing_summary(monkeypatch, tmp_path):
+    """The analysis stage calls `python -m hmora_ds.analyze routing` with the documented options
+    and takes routing.json's summary (the analysis itself is tested with its own module)."""
+    from hmora_ds.ablate import runner
+
+    opts = _options("baselines", CPU, tmp_path, analyze=True, max_per_task=4)
+    jobs = {j.row.name: j for j in plan(opts, get_study("baselines").rows_for("cpu"))}
+    assert jobs["lora-r8"].hashes["analyze"] is None  # no routers, nothing to analyse
+    job = jobs["hmora"]
+    assert job.hashes["analyze"] is not None
+    summary = {"token_balance": 0.9, "token_certainty": 0.4, "task_balance": 0.8}
+    summary |= {"task_certainty": 0.2, "recognition": {"0.8": 0.5}}
+    seen = {}
+
+    def fake_run(cmd, log, env, timeout):
+        seen["cmd"] = cmd
+        out = job.dir / "analysis"
+        out.mkdir(parents=True)
+        (out / "routing.json").write_text(json.dumps({"summary": summary, "tasks": {}}))
+        return 0
+
+    monkeypatch.setattr(runner, "run_logged", fake_run)
+    record = {"stages": {"train": {"adapter": "/x/adapter_best"}}, "metrics": {}}
+    runner._analyze(opts, job, record, None)
+    assert seen["cmd"][1:] == [
+        "-m",
+        "hmora_ds.analyze",
+        "routing",
+        "--model",
+        "smollm2-135m-instruct",
+        "--adapter",
+        "/x/adapter_best",
+        "--data",
+        "mmlu",
+        "--out",
+        str(job.dir / "analysis"),
+        "--max-per-task",
+        "4",
+    ]
+    assert record["metrics"]["routing"] == summary
+
+
 # ---------------------------------------------------------------------------- table
 def _record(seed, accs, routing=None, tp=6.31):
     metrics = {"accuracy": accs, "average": sum(accs.values()) / len(accs), "unavailable": []}
