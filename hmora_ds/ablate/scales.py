@@ -41,17 +41,17 @@ class Scale:
 
 
 # Measured sizing (docs/ablations.md): SmolLM2-135M + the offline mixture, 2 CPU ranks under
-# ZeRO-2. Shorter sequences and 60 steps keep a row (train + evaluate + analyse) to a few
-# minutes, so a study of 3-10 rows takes tens of minutes. The offline mixture keeps the
-# default's size (offline_per_task=1000), so the cached build is reused.
+# ZeRO-2. Shorter sequences and 40 steps keep a row (train + evaluate + analyse) to about six
+# minutes on 2 busy cores, so a study of 3-10 rows takes tens of minutes. The offline mixture
+# keeps the default's size (offline_per_task=1000), so the cached build is reused.
 CPU = Scale(
     name="cpu",
     config=REPO / "configs" / "default.yaml",
     overrides=(
         "data.max_input_tokens=128",
         "data.max_output_tokens=32",
-        "train.max_steps=60",
-        "train.warmup_steps=6",
+        "train.max_steps=40",
+        "train.warmup_steps=4",
         "train.log_every=5",
         "train.router_stats_every=20",
         "eval.every=20",
