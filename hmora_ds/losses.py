@@ -19,8 +19,16 @@ import torch
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:
-    """H(p) = −Σ p log p over the last dim, with 0·log 0 = 0 (natural log)."""
-    return -torch.special.xlogy(probs, probs).sum(dim=-1)
+    """H(p) = −Σ p log p over the last dim, with 0·log 0 = 0 (natural log).
+
+    ``xlogy(p, p)`` has the right value but a NaN gradient at p = 0 (its backward divides
+    p by p), and a saturated router softmax does reach an exact 0 (measured on SmolLM2's
+    ``down_proj`` routers, logits ~100 apart): one such entry made every gradient NaN.
+    Clamping only inside the log keeps the value (0 · log tiny = 0) and gives the finite
+    gradient −(log p + 1) for p > 0 and −log(tiny) at p = 0.
+    """
+    tiny = torch.finfo(probs.dtype).tiny
+    return -(probs * torch.log(probs.clamp_min(tiny))).sum(dim=-1)
 
 
 def _flatten(probs: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -76,6 +76,19 @@ def test_load_balance_hand_values():
         load_balance_loss(p, 5)
 
 
+def test_saturated_router_gives_finite_gradient_and_the_same_value():
+    """A softmax that underflows to an exact 0 (logits ~100 apart, seen on SmolLM2's down_proj
+    routers) must not turn the CGJS gradient into NaN (xlogy's backward divides 0 by 0)."""
+    logits = torch.tensor([[0.0, 200.0, 1.0, 3.0], [2.0, 0.5, -1.0, 0.0]], requires_grad=True)
+    probs = torch.softmax(logits, -1)
+    assert (probs == 0).any()
+    loss = cgjs_loss(probs, gamma_c=0.4)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+    reference = -torch.special.xlogy(probs, probs).sum(-1)
+    assert torch.equal(entropy(probs.detach()), reference.detach())
+
+
 def test_load_balance_gradient_flows_through_p_only():
     logits = torch.randn(10, 4, requires_grad=True)
     load_balance_loss(torch.softmax(logits, -1), 2).backward()

@@ -1,0 +1,671 @@
+"""Run a study: plan every row × seed, then train, evaluate and analyse each in subprocesses.
+
+Each stage is the repository's own entry point, run exactly as a user would run it:
+``launchers/train.py`` (under ``deepspeed``, ``torchrun`` or ``python``), then
+``launchers/eval.py`` on the run's best adapter, then ``python -m hmora_ds.analyze routing``.
+Nothing is re-implemented here; this module only builds command lines, decides what can be
+reused (:mod:`hmora_ds.ablate.rows`) and schedules rows onto devices.
+
+Scheduling: with two or more CUDA devices, rows run concurrently, one per group of ``nproc``
+devices (``CUDA_VISIBLE_DEVICES``); otherwise one after the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hmora_ds.ablate import rows as rowio
+from hmora_ds.ablate.scales import REPO, Scale
+from hmora_ds.ablate.studies import Row, Study, as_overrides
+from hmora_ds.train.config import RunConfig, load_run_config
+
+logger = logging.getLogger("hmora_ds.ablate")
+
+TRAIN = REPO / "launchers" / "train.py"
+EVAL = REPO / "launchers" / "eval.py"
+STUDY_JSON = "study.json"
+#: Keys the runner owns: a ``--set`` of them would fight the runner.
+OWNED = {"train.seed": "--seeds", "output_dir": "--out"}
+
+
+class AblateError(ValueError):
+    """A user error: printed as one line, exit code 2."""
+
+
+@dataclass
+class Options:
+    """Everything one invocation needs (the CLI fills it; tests may build it directly)."""
+
+    study: Study
+    scale: Scale
+    out: Path
+    config: Path
+    seeds: list[int]
+    sets: list[str] = field(default_factory=list)
+    rows: list[str] | None = None
+    benchmarks: str = "all"
+    split: str = "test"
+    mode: str = "loglik"
+    max_questions: int | None = None
+    max_input_tokens: int = 1024
+    source: str = "offline"
+    local_dir: Path | None = None
+    launcher: str = "deepspeed"
+    nproc: int | None = None
+    deepspeed: Path = REPO / "ds_configs" / "zero2.json"
+    analyze: bool = False
+    analysis_data: str = "mmlu"
+    max_per_task: int | None = None
+    stage_timeout: float | None = None
+    dry_run: bool = False
+
+
+@dataclass
+class Job:
+    """One row × seed, fully resolved."""
+
+    row: Row
+    seed: int
+    dir: Path
+    overrides: list[str]
+    run: RunConfig
+    hashes: dict[str, str | None]
+
+    @property
+    def key(self) -> str:
+        return f"{self.row.name} seed {self.seed}"
+
+
+# ---------------------------------------------------------------------------- planning
+def check_sets(study: Study, sets: list[str]) -> None:
+    """Refuse ``--set`` keys that the grid varies or that the runner owns."""
+    from hmora_ds.config import parse_override
+
+    varied = study.varied_keys()
+    for item in sets:
+        try:
+            key, _ = parse_override(item)
+        except ValueError as err:
+            raise AblateError(f"--set: {err}") from None
+        if key in OWNED:
+            raise AblateError(f"--set {item}: {key} is set by the runner; use {OWNED[key]}")
+        if key in varied:
+            raise AblateError(
+                f"--set {item}: the {study.name} study varies {key} itself; "
+                "pick the rows with --rows instead"
+            )
+
+
+def select_rows(study: Study, scale: Scale, names: list[str] | None) -> list[Row]:
+    available = study.rows_for(scale.name)
+    if not names:
+        return available
+    by_name = {r.name: r for r in available}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        extra = ""
+        paper = [n for n in unknown if any(r.name == n for r in study.rows)]
+        if paper:
+            extra = f" ({', '.join(paper)}: --scale paper only)"
+        raise AblateError(
+            f"--rows: unknown row(s) {', '.join(unknown)} in study {study.name}{extra}; "
+            f"valid: {', '.join(by_name)}"
+        )
+    return [r for r in available if r.name in names]  # the paper's order, not the user's
+
+
+def world_size(opts: Options) -> int:
+    if opts.launcher == "python":
+        return 1
+    if opts.nproc is not None:
+        return opts.nproc
+    return 1 if cuda_devices() else opts.scale.nproc_cpu
+
+
+def _eval_overrides(opts: Options, run: RunConfig) -> list[str]:
+    """Training that selects its best checkpoint on benchmarks sees the same benchmarks."""
+    if run.eval.kind != "benchmarks":
+        return []
+    out = [
+        f"eval.benchmarks={opts.benchmarks}",
+        f"eval.mode={opts.mode}",
+        f"eval.source={opts.source}",
+    ]
+    if opts.local_dir is not None:
+        out.append(f"eval.local_dir={opts.local_dir}")
+    return out
+
+
+def plan(opts: Options, rows: list[Row], strict: bool = True) -> list[Job]:
+    """Resolve every row × seed into a validated run config and its stage hashes.
+
+    ``strict=False`` leaves out rows whose config is invalid instead of failing (used for
+    rows only shown in the table, not run now).
+    """
+    check_sets(opts.study, opts.sets)
+    ds_json = _read_json(opts.deepspeed, "--deepspeed")
+    world = world_size(opts)
+    jobs = []
+    for row in rows:
+        for seed in opts.seeds:
+            row_dir = opts.out / row.name / f"seed{seed}"
+            overrides = [
+                *opts.scale.overrides,
+                *as_overrides(opts.study.base),
+                *opts.sets,
+                *as_overrides(row.overrides),
+                f"train.seed={seed}",
+                f"output_dir={row_dir / 'train'}",
+            ]
+            try:
+                run = load_run_config(opts.config, overrides)
+                extra = _eval_overrides(opts, run)
+                if extra:
+                    overrides[-2:-2] = extra
+                    run = load_run_config(opts.config, overrides)
+            except ValueError as err:
+                if not strict:
+                    break
+                raise AblateError(f"row {row.name}: {err}") from None
+            jobs.append(Job(row, seed, row_dir, overrides, run, _hashes(opts, run, ds_json, world)))
+    return jobs
+
+
+def _read_json(path: Path, flag: str) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise AblateError(f"{flag} {path}: cannot read it as JSON ({err})") from None
+
+
+def _hashes(opts: Options, run: RunConfig, ds_json: dict, world: int) -> dict[str, str | None]:
+    train = run.to_dict()
+    train.pop("output_dir")
+    train_hash = rowio.stable_hash(
+        {
+            "run": train,
+            "method": run.hmora_config().to_dict(),  # a changed preset file changes the row
+            "deepspeed": ds_json,
+            "world_size": world,
+        }
+    )
+    eval_hash = rowio.stable_hash(
+        {
+            "benchmarks": opts.benchmarks,
+            "split": opts.split,
+            "mode": opts.mode,
+            "max_questions": opts.max_questions,
+            "max_input_tokens": opts.max_input_tokens,
+            "source": opts.source,
+            "local_dir": str(opts.local_dir) if opts.local_dir else None,
+        }
+    )
+    analyze_hash = None
+    if opts.analyze and run.hmora_config().has_mixture:
+        analyze_hash = rowio.stable_hash(
+            {"data": opts.analysis_data, "max_per_task": opts.max_per_task}
+        )
+    return {"train": train_hash, "eval": eval_hash, "analyze": analyze_hash}
+
+
+def check_out_dir(out: Path, study: Study, scale: Scale, create: bool) -> None:
+    """The output directory is this study's at this scale, or new; never another's."""
+    marker = out / STUDY_JSON
+    if marker.is_file():
+        try:
+            held = json.loads(marker.read_text())
+        except ValueError:
+            held = {}
+        if held.get("study") != study.name:
+            raise AblateError(
+                f"--out {out} holds the {held.get('study')!r} study, not {study.name!r}; "
+                "choose another --out"
+            )
+        if held.get("scale") != scale.name:
+            raise AblateError(
+                f"--out {out} holds the {study.name} study at --scale {held.get('scale')}, "
+                f"not {scale.name}; choose another --out"
+            )
+    elif out.exists() and any(out.iterdir()):
+        raise AblateError(
+            f"--out {out} is not empty and holds no {STUDY_JSON}; choose a new directory"
+        )
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
+        if not marker.is_file():
+            doc = {"study": study.name, "scale": scale.name, "title": study.title}
+            marker.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------- TP %
+_TP_CACHE: dict[str, dict[str, Any] | None] = {}
+
+
+def model_config_source(name_or_path: str) -> str | None:
+    """Where :func:`hmora_ds.params.load_model_config` finds the base model's shape."""
+    from hmora_ds.params import MODEL_CONFIGS_DIR
+
+    path = Path(name_or_path)
+    if (path / "config.json").is_file() or (path.suffix == ".json" and path.is_file()):
+        return str(path)
+    shipped = path.name.lower()  # Qwen/Qwen2-1.5B -> qwen2-1.5b, the shipped shape
+    return shipped if (MODEL_CONFIGS_DIR / f"{shipped}.json").is_file() else None
+
+
+def parameters(run: RunConfig) -> dict[str, Any] | None:
+    """TP % and trainable count of the run's method on its base model (meta device).
+
+    None when the base model's shape is not known without fetching it (an HF name that is not
+    a shipped architecture); training then reports the real count.
+    """
+    method = run.hmora_config()
+    key = rowio.stable_hash([run.model.name_or_path, method.to_dict()])
+    if key not in _TP_CACHE:
+        _TP_CACHE[key] = None
+        source = model_config_source(run.model.name_or_path)
+        if source is not None:
+            from hmora_ds.params import build_meta_model, load_model_config, parameter_report
+
+            quiet = logging.getLogger("hmora_ds.model")
+            level = quiet.level
+            quiet.setLevel(logging.WARNING)  # its per-model TP line would repeat every row's
+            try:
+                report = parameter_report(build_meta_model(load_model_config(source), method))
+                _TP_CACHE[key] = {"tp_percent": report.tp_percent, "trainable": report.trainable}
+            except (ValueError, OSError) as err:
+                logger.warning("TP of %s: %s", run.model.name_or_path, err)
+            finally:
+                quiet.setLevel(level)
+    return _TP_CACHE[key]
+
+
+# ---------------------------------------------------------------------------- devices
+def cuda_devices() -> list[str]:
+    """Visible CUDA device ids (as ``CUDA_VISIBLE_DEVICES`` names them), [] without CUDA."""
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [d.strip() for d in visible.split(",") if d.strip()] if visible else []
+    return ids[:n] if len(ids) >= n else [str(i) for i in range(n)]
+
+
+def device_slots(opts: Options) -> list[list[str] | None]:
+    """Groups of devices that can each run one row; [None] = one row at a time on CPU."""
+    devices = cuda_devices()
+    if not devices:
+        return [None]
+    per = world_size(opts)
+    if per > len(devices):
+        raise AblateError(f"--nproc {per} exceeds the {len(devices)} visible CUDA device(s)")
+    return [devices[i : i + per] for i in range(0, len(devices) - per + 1, per)]
+
+
+# ---------------------------------------------------------------------------- subprocesses
+_RUNNING: set[subprocess.Popen] = set()
+_RUNNING_LOCK = threading.Lock()
+
+
+def kill_children() -> None:
+    """End every stage still running (each is its own process group: launcher + ranks)."""
+    with _RUNNING_LOCK:
+        procs = list(_RUNNING)
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def run_logged(cmd: list[str], log: Path, env: dict[str, str], timeout: float | None) -> int:
+    """Run one stage, its output appended to ``log``; 124 on timeout (its group killed)."""
+    with log.open("a") as f:
+        f.write(f"$ {shlex.join(cmd)}\n")
+        f.flush()
+        # A new session per stage: the launcher and its ranks can be killed as one group.
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        with _RUNNING_LOCK:
+            _RUNNING.add(proc)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            f.write(f"\nablate: stage exceeded --stage-timeout {timeout:.0f}s and was killed\n")
+            return 124
+        finally:
+            with _RUNNING_LOCK:
+                _RUNNING.discard(proc)
+
+
+def last_error(log: Path) -> str:
+    """The most telling line of a failed stage's log (its ``error:`` line if any)."""
+    try:
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "no log"
+    for marker in ("error:", "Error:", "Error", "ERROR"):
+        hits = [ln for ln in lines if marker in ln]
+        if hits:
+            return hits[-1][-300:]
+    return lines[-1][-300:] if lines else "no output"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bin(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if not found:
+        raise AblateError(f"--launcher {name}: no {name} executable next to Python or on PATH")
+    return found
+
+
+def launch_prefix(launcher: str, nproc: int, gpus: list[str] | None) -> list[str]:
+    """The command that starts ``nproc`` ranks of a launcher script."""
+    if launcher == "python":
+        return [sys.executable]
+    if launcher == "torchrun":
+        return [_bin("torchrun"), "--standalone", "--nproc_per_node", str(nproc)]
+    prefix = [_bin("deepspeed"), "--master_port", str(_free_port())]
+    # On GPUs the deepspeed launcher honours CUDA_VISIBLE_DEVICES only without --num_gpus.
+    return prefix if gpus else [*prefix, "--num_gpus", str(nproc)]
+
+
+def child_env(gpus: list[str] | None) -> dict[str, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    else:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    return env
+
+
+# ---------------------------------------------------------------------------- one job
+#: Which ``metrics`` keys each stage writes (kept together with the stage when it is reused).
+STAGE_METRICS = {
+    "eval": {"accuracy", "unavailable", "stand_in", "average", "average_over"},
+    "analyze": {"routing"},
+}
+
+
+class StageError(RuntimeError):
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(f"{stage}: {message}")
+        self.stage = stage
+
+
+def _record(opts: Options, job: Job, old: dict[str, Any] | None) -> dict[str, Any]:
+    """The row's record at start: what it is, with the stages still valid from ``old``."""
+    stages: dict[str, Any] = {}
+    metrics: dict[str, Any] = {}
+    if old and rowio.stage_done(old, "train", job.hashes["train"]):
+        stages["train"] = old["stages"]["train"]
+        for stage in ("eval", "analyze"):
+            info = old["stages"].get(stage)
+            # An analysis of this very adapter stays valid while analysis is switched off.
+            keep = rowio.stage_done(old, stage, job.hashes[stage]) or (
+                stage == "analyze" and job.hashes[stage] is None and info
+            )
+            if keep:
+                stages[stage] = info
+                metrics.update(
+                    {k: v for k, v in old.get("metrics", {}).items() if k in STAGE_METRICS[stage]}
+                )
+    params = parameters(job.run)
+    return {
+        "study": opts.study.name,
+        "scale": opts.scale.name,
+        "row": job.row.name,
+        "labels": job.row.labels,
+        "seed": job.seed,
+        "config": str(opts.config),
+        "overrides": job.overrides,
+        "row_overrides": as_overrides(job.row.overrides),
+        "config_hash": job.hashes["train"],
+        "hashes": job.hashes,
+        "launcher": opts.launcher,
+        "world_size": world_size(opts),
+        "tp_percent": params["tp_percent"] if params else None,
+        "trainable_parameters": params["trainable"] if params else None,
+        "status": rowio.RUNNING,
+        "stages": stages,
+        "metrics": metrics,
+        "timings": {},
+    }
+
+
+def run_job(opts: Options, job: Job, gpus: list[str] | None) -> tuple[dict[str, Any], bool]:
+    """Bring one row × seed to done (or failed); returns (record, whether work was done)."""
+    old = rowio.read_row(job.dir)
+    if rowio.is_complete(old, job.hashes):
+        logger.info("%s: skip: done (config %s)", job.key, job.hashes["train"])
+        return old, False
+    if job.row.unsupported:
+        record = _record(opts, job, None)
+        record.update(status=rowio.UNSUPPORTED, error=job.row.unsupported)
+        rowio.write_row(job.dir, record)
+        logger.warning("%s: not run: %s", job.key, job.row.unsupported)
+        return record, False
+    changed = old is None or old.get("config_hash") != job.hashes["train"]
+    if changed and job.dir.exists():  # another config's checkpoints must never be resumed
+        logger.info("%s: configuration changed, starting the row over", job.key)
+        shutil.rmtree(job.dir)
+    record = _record(opts, job, old)
+    rowio.write_row(job.dir, record)
+    start = time.time()
+    try:
+        for stage, fn in (("train", _train), ("eval", _evaluate), ("analyze", _analyze)):
+            if job.hashes[stage] is None or stage in record["stages"]:
+                continue
+            logger.info("%s: %s", job.key, stage)
+            t0 = time.time()
+            info = fn(opts, job, record, gpus)
+            info.update(hash=job.hashes[stage], seconds=round(time.time() - t0, 1))
+            record["stages"][stage] = info
+            rowio.write_row(job.dir, record)
+    except StageError as err:
+        record.update(status=rowio.FAILED, failed_stage=err.stage, error=str(err))
+        logger.error("%s: failed: %s", job.key, err)
+    else:
+        record.update(status=rowio.DONE, error=None, failed_stage=None)
+    record["timings"] = {
+        **{f"{s}_s": info.get("seconds") for s, info in record["stages"].items()},
+        "total_s": round(time.time() - start, 1),
+    }
+    rowio.write_row(job.dir, record)
+    return record, True
+
+
+def _check(rc: int, stage: str, log: Path) -> None:
+    if rc != 0:
+        raise StageError(stage, f"exit code {rc}: {last_error(log)} (log: {log})")
+
+
+def _train(opts: Options, job: Job, record: dict, gpus: list[str] | None) -> dict[str, Any]:
+    world = world_size(opts)
+    cmd = [*launch_prefix(opts.launcher, world, gpus), str(TRAIN)]
+    cmd += ["--deepspeed", str(opts.deepspeed), "--config", str(opts.config)]
+    # A row that crashed half-way continues from its last checkpoint (same config hash).
+    cmd += ["--resume", "auto", *job.overrides]
+    log = job.dir / "train.log"
+    _check(run_logged(cmd, log, child_env(gpus), opts.stage_timeout), "train", log)
+    summary_path = job.dir / "train" / "summary.json"
+    if not summary_path.is_file():
+        raise StageError("train", f"no {summary_path} after training (log: {log})")
+    s = json.loads(summary_path.read_text())
+    adapter = s.get("adapter_best") or s.get("adapter")
+    record["tp_percent"] = s["tp_percent"]  # the real model's count wins over the meta one
+    record["trainable_parameters"] = s["trainable_parameters"]
+    return {
+        "steps": s["steps"],
+        "stop_reason": s["stop_reason"],
+        "best": s["best"],
+        "lm_loss_first": s["lm_loss_first"],
+        "lm_loss_last": s["lm_loss_last"],
+        "tokens_per_s": s["tokens_per_s"],
+        "train_seconds": s["seconds"],
+        "adapter": str(Path(adapter).resolve()) if adapter else None,
+    }
+
+
+def _evaluate(opts: Options, job: Job, record: dict, gpus: list[str] | None) -> dict[str, Any]:
+    world = world_size(opts)
+    m = job.run.model
+    out = job.dir / "eval"
+    cmd = [*launch_prefix(opts.launcher, world, gpus), str(EVAL), "--model", m.name_or_path]
+    cmd += ["--adapter", record["stages"]["train"]["adapter"]]
+    if m.gguf_file:
+        cmd += ["--gguf-file", m.gguf_file]
+    if m.tokenizer:
+        cmd += ["--tokenizer", m.tokenizer]
+    cmd += ["--benchmarks", opts.benchmarks, "--split", opts.split, "--mode", opts.mode]
+    cmd += ["--source", opts.source, "--max-input-tokens", str(opts.max_input_tokens)]
+    cmd += ["--dtype", m.dtype, "--attn-implementation", m.attn_implementation]
+    if opts.local_dir is not None:
+        cmd += ["--local-dir", str(opts.local_dir)]
+    if opts.max_questions is not None:
+        cmd += ["--max-questions", str(opts.max_questions)]
+    cmd += ["--output-dir", str(out)]
+    log = job.dir / "eval.log"
+    _check(run_logged(cmd, log, child_env(gpus), opts.stage_timeout), "eval", log)
+    doc = json.loads((out / "results.json").read_text())
+    ok = {b: r for b, r in doc["benchmarks"].items() if r.get("status") == "ok"}
+    record["metrics"]["accuracy"] = {b: r["accuracy"] for b, r in ok.items()}
+    record["metrics"]["unavailable"] = sorted(set(doc["benchmarks"]) - set(ok))
+    record["metrics"]["stand_in"] = {b: r["stand_in"] for b, r in ok.items() if r.get("stand_in")}
+    record["metrics"]["average"] = doc["average"]["value"]
+    record["metrics"]["average_over"] = doc["average"]["over"]
+    return {"results": str(out / "results.json")}
+
+
+def _analyze(opts: Options, job: Job, record: dict, gpus: list[str] | None) -> dict[str, Any]:
+    m = job.run.model
+    out = job.dir / "analysis"
+    cmd = [sys.executable, "-m", "hmora_ds.analyze", "routing", "--model", m.name_or_path]
+    cmd += ["--adapter", record["stages"]["train"]["adapter"], "--data", opts.analysis_data]
+    cmd += ["--out", str(out)]
+    if opts.max_per_task is not None:
+        cmd += ["--max-per-task", str(opts.max_per_task)]
+    log = job.dir / "analyze.log"
+    _check(run_logged(cmd, log, child_env(gpus), opts.stage_timeout), "analyze", log)
+    path = out / "routing.json"
+    try:
+        summary = json.loads(path.read_text())["summary"]
+    except (OSError, ValueError, KeyError) as err:
+        raise StageError("analyze", f"{path}: no summary ({err})") from None
+    record["metrics"]["routing"] = summary
+    return {"routing": str(path)}
+
+
+# ---------------------------------------------------------------------------- the study
+def prepare_assets(opts: Options, jobs: list[Job]) -> None:
+    """Fetch the model and build the data once, before concurrent rows would race on them."""
+    done: set[str] = set()
+    for job in jobs:
+        key = rowio.stable_hash([job.run.model.name_or_path, job.run.data.__dict__])
+        if key in done:
+            continue
+        done.add(key)
+        cmd = [sys.executable, "-m", "hmora_ds.train.prepare", "--config", str(opts.config)]
+        log = opts.out / "prepare.log"
+        rc = run_logged([*cmd, *job.overrides], log, child_env(None), opts.stage_timeout)
+        if rc != 0:
+            raise AblateError(f"preparing model and data failed: {last_error(log)} (log: {log})")
+
+
+def execute(opts: Options, jobs: list[Job]) -> list[dict[str, Any]]:
+    """Run every job (concurrently over device slots when there are several)."""
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    slots = device_slots(opts)
+    pending = [j for j in jobs if not rowio.is_complete(rowio.read_row(j.dir), j.hashes)]
+    if len(slots) > 1 and pending:
+        prepare_assets(opts, pending)
+    free: queue.Queue = queue.Queue()
+    for slot in slots:
+        free.put(slot)
+    durations: list[float] = []
+    records: list[dict[str, Any]] = []
+    waiting = {id(j) for j in pending}
+
+    def work(job: Job) -> tuple[Job, dict[str, Any], bool, float]:
+        slot = free.get()
+        t0 = time.time()
+        try:
+            record, worked = run_job(opts, job, slot)
+        finally:
+            free.put(slot)
+        return job, record, worked, time.time() - t0
+
+    where = "CPU" if slots == [None] else f"{len(slots)} device slot(s) {slots}"
+    logger.info(
+        "study %s: %d row(s) x %d seed(s) = %d job(s), %d to run, on %s",
+        opts.study.name,
+        len({j.row.name for j in jobs}),
+        len(opts.seeds),
+        len(jobs),
+        len(waiting),
+        where,
+    )
+    with (
+        logging_redirect_tqdm(),
+        # disable=None: a bar on a terminal; in a log file the ETA lines below say it all.
+        tqdm(total=len(jobs), desc=opts.study.name, unit="row", disable=None) as bar,
+        ThreadPoolExecutor(max_workers=len(slots)) as pool,
+    ):
+        futures = [pool.submit(work, j) for j in jobs]
+        try:
+            for fut in as_completed(futures):
+                job, record, worked, seconds = fut.result()
+                records.append(record)
+                bar.update(1)
+                waiting.discard(id(job))
+                if not worked:
+                    continue
+                durations.append(seconds)
+                # ETA from the rows that ran (skipped ones take no time), over the slots.
+                eta = sum(durations) / len(durations) * len(waiting) / len(slots)
+                logger.info(
+                    "%s: %s in %.1f min; %d to go, ETA %.0f min",
+                    job.key,
+                    record["status"],
+                    seconds / 60,
+                    len(waiting),
+                    eta / 60,
+                )
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            kill_children()
+            raise
+    return records

@@ -1,0 +1,296 @@
+"""The ablation studies: named grids of run-config overrides, rows in the paper's layout.
+
+Every row is a set of dotted overrides of the *run* config (``preset=hmora``,
+``method.routing.mode=soft``), applied on top of the study's base overrides. Values come from
+the paper (tables 2, 3, 9, 10, 11; appendix E) and ``shared/spec/method.md``:
+
+* ``routing`` (table 2): soft / top-2 × no auxiliary loss / L_blc (λ = 0.01) / L_aux
+  (λ = 0.003, γ_c = 0.4, γ_b = 1); token-level routing only, all seven layers, e = r = 8.
+  The paper has no "soft + L_blc" row; the grid keeps the full 2 × 3 cross.
+* ``gamma_c`` (table 9): γ_c ∈ {0, 0.2, 0.4, 0.6, 0.8} for top-2 and soft, same setup.
+* ``alpha`` (table 10): constant α (ε = 0, μ chosen so σ(μ) ≈ 0, 0.2, 0.4, 0.6, 0.8, 1 after
+  the β thresholds) and hierarchical α (ε = ±4), HMoRA without the lightweight designs.
+* ``lightweight`` (table 11): each lightweight design alone, the LoRA+ η_B sweep, and all.
+* ``task_encoder`` (ablation plan A): transformer / mean_pool / none.
+* ``experts`` (ablation plan B): e ∈ {4, 8, 16, 32}.
+* ``baselines`` (table 3): LoRA r = 8 / 64, MoLoRA, MixLoRA, HydraLoRA, HMoRA w LW / w/o LW,
+  full fine-tuning at ``--scale paper`` only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Token-level routing only (§4.1 "we only use token-level routing in this section"): no task
+#: encoder, and β_high = 1 so no layer asks for a task router (the model validates that).
+TOKEN_ONLY: dict[str, Any] = {
+    "method.routing.task_encoder": "none",
+    "method.routing.beta_high": 1.0,
+}
+#: The auxiliary losses as the paper runs them (§4.1): λ differs per loss.
+AUX = {
+    "none": {"method.loss.aux": "none"},
+    "blc": {"method.loss.aux": "blc", "method.loss.aux_weight": 0.01},
+    "aux": {
+        "method.loss.aux": "cgjs",
+        "method.loss.aux_weight": 0.003,
+        "method.loss.gamma_b": 1.0,
+        "method.loss.gamma_c": 0.4,
+    },
+}
+MODES = {"soft": ("Soft", {"method.routing.mode": "soft"}), "topk": ("Top-k", {})}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One grid point.
+
+    Attributes:
+        name: slug used for its directory and ``--rows`` (unique in the study).
+        labels: the paper's label columns for this row (column name → cell).
+        overrides: dotted run-config overrides on top of the study's base overrides.
+        paper_only: only part of the grid at ``--scale paper``.
+        unsupported: why this row cannot run with the current entry points (None = runs).
+    """
+
+    name: str
+    labels: dict[str, str]
+    overrides: dict[str, Any] = field(default_factory=dict)
+    paper_only: bool = False
+    unsupported: str | None = None
+
+
+@dataclass(frozen=True)
+class Study:
+    """A named grid: base overrides shared by every row, then one row per grid point."""
+
+    name: str
+    title: str
+    columns: tuple[str, ...]
+    base: dict[str, Any]
+    rows: tuple[Row, ...]
+
+    def rows_for(self, scale: str) -> list[Row]:
+        return [r for r in self.rows if scale == "paper" or not r.paper_only]
+
+    def varied_keys(self) -> set[str]:
+        """Keys some row sets (``--set`` may not touch them: it would flatten the grid)."""
+        return {k for r in self.rows for k in r.overrides}
+
+
+def _routing() -> Study:
+    rows = []
+    for mode, (label, mode_ov) in MODES.items():
+        for aux in ("none", "blc", "aux"):
+            name = mode if aux == "none" else f"{mode}-{aux}"
+            labels = {
+                "RM": label,
+                "L_aux": "yes" if aux == "aux" else "-",
+                "L_blc": "yes" if aux == "blc" else "-",
+            }
+            rows.append(Row(name, labels, {**mode_ov, **AUX[aux]}))
+    return Study(
+        "routing",
+        "Routing methods (paper table 2): soft / top-2 × none / L_blc / L_aux, token routing",
+        ("RM", "L_aux", "L_blc"),
+        {"preset": "hmora", **TOKEN_ONLY},
+        tuple(rows),
+    )
+
+
+def _gamma_c() -> Study:
+    rows = []
+    for mode, label in (("topk", "Top-2"), ("soft", "Soft")):
+        for gc in (0.0, 0.2, 0.4, 0.6, 0.8):
+            ov = {**MODES[mode][1], "method.loss.gamma_c": gc}
+            rows.append(Row(f"{mode}-gc{gc:g}", {"Routing": label, "γ_c": f"{gc:g}"}, ov))
+    return Study(
+        "gamma_c",
+        "Certainty bound γ_c of L_aux (paper table 9), top-2 and soft, token routing",
+        ("Routing", "γ_c"),
+        {"preset": "hmora", **TOKEN_ONLY, **AUX["aux"]},
+        tuple(rows),
+    )
+
+
+#: Table 10: (manner, ε, μ, α column). Constant α = σ(μ); "0" and "1" are σ(∓2) = 0.12 / 0.88,
+#: which the β thresholds 0.2 / 0.8 turn into token-only and task-only routing.
+ALPHA_GRID = (
+    ("Constant", 0.0, -2.0, "0"),
+    ("Constant", 0.0, -1.35, "0.2"),
+    ("Constant", 0.0, -0.4, "0.4"),
+    ("Constant", 0.0, 0.4, "0.6"),
+    ("Constant", 0.0, 1.35, "0.8"),
+    ("Constant", 0.0, 2.0, "1"),
+    ("Hierarchical", -4.0, 0.0, "↓"),
+    ("Hierarchical", 4.0, 0.0, "↑"),
+    ("Hierarchical", 4.0, -2.0, "↑"),
+    ("Hierarchical", 4.0, 2.0, "↑"),
+)
+
+
+def _alpha() -> Study:
+    rows = [
+        Row(
+            f"eps{eps:g}_mu{mu:g}",
+            {"Manner": manner, "ε": f"{eps:g}", "μ": f"{mu:g}", "α(l)": alpha},
+            {"method.routing.eps": eps, "method.routing.mu": mu},
+        )
+        for manner, eps, mu, alpha in ALPHA_GRID
+    ]
+    return Study(
+        "alpha",
+        "Constant vs hierarchical α(l) (paper table 10), HMoRA w/o LW, β 0.2 / 0.8",
+        ("Manner", "ε", "μ", "α(l)"),
+        {"preset": "hmora", **AUX["aux"]},
+        tuple(rows),
+    )
+
+
+def _lightweight() -> Study:
+    rows = [
+        Row("base", {"Method": "Base", "η_B": "-"}),
+        Row(
+            "router-sharing",
+            {"Method": "+ Router Sharing", "η_B": "-"},
+            {"method.routing.share_routers": True},
+        ),
+        Row(
+            "single-lora",
+            {"Method": "+ Single LoRA", "η_B": "-"},
+            {"method.adapter.single_lora_layers": ["o", "down"]},
+        ),
+        Row("hydra", {"Method": "+ Hydra LoRA", "η_B": "-"}, {"method.adapter.hydra": True}),
+    ]
+    for eta in (1.2, 1.4, 1.6, 1.8, 2.0):
+        rows.append(
+            Row(
+                f"hydra-lora+{eta:.1f}",
+                {"Method": "+ Hydra LoRA+", "η_B": f"{eta:.1f}"},
+                {"method.adapter.hydra": True, "method.adapter.eta_b": eta},
+            )
+        )
+    # "+ All" is the hmora_lw preset; spelled out so the row shows what it changes.
+    rows.append(
+        Row(
+            "all",
+            {"Method": "+ All", "η_B": "2.0"},
+            {
+                "method.routing.share_routers": True,
+                "method.adapter.single_lora_layers": ["o", "down"],
+                "method.adapter.hydra": True,
+                "method.adapter.eta_b": 2.0,
+            },
+        )
+    )
+    return Study(
+        "lightweight",
+        "Lightweight designs (paper table 11): each alone, LoRA+ η_B sweep, all four",
+        ("Method", "η_B"),
+        {"preset": "hmora", **AUX["aux"]},
+        tuple(rows),
+    )
+
+
+ENCODER = "method.routing.task_encoder"
+
+
+def _task_encoder() -> Study:
+    rows = [
+        Row("transformer", {"Task encoder": "transformer"}, {}),
+        Row("mean_pool", {"Task encoder": "mean_pool"}, {ENCODER: "mean_pool"}),
+        # No task representation: every layer falls back to token routing (β_high = 1 says
+        # no layer is task-only, which the model requires without an encoder).
+        Row("none", {"Task encoder": "none (token routing)"}, TOKEN_ONLY),
+    ]
+    return Study(
+        "task_encoder",
+        "Task encoder (ablation A): transformer / masked mean pool / none, HMoRA w/o LW",
+        ("Task encoder",),
+        {"preset": "hmora", **AUX["aux"]},
+        tuple(rows),
+    )
+
+
+def _experts() -> Study:
+    rows = [Row(f"e{e}", {"e": str(e)}, {"method.adapter.num_experts": e}) for e in (4, 8, 16, 32)]
+    return Study(
+        "experts",
+        "Number of experts (ablation B): e = 4, 8, 16, 32, HMoRA w/o LW, top-2",
+        ("e",),
+        {"preset": "hmora", **AUX["aux"]},
+        tuple(rows),
+    )
+
+
+#: Why full fine-tuning cannot go through the ablation runner today (see docs/ablations.md).
+FULL_FT_UNSUPPORTED = (
+    "the trainer saves adapters only (save_adapter refuses a full fine-tune) and "
+    "launchers/eval.py evaluates a base model + adapter, so a full fine-tune has no "
+    "checkpoint the evaluation can read"
+)
+
+
+def _baselines() -> Study:
+    def row(name: str, label: str, preset: str, **kw: Any) -> Row:
+        return Row(name, {"Method": label}, {"preset": preset}, **kw)
+
+    rows = (
+        Row(
+            "full-ft",
+            {"Method": "Full FT"},
+            {"preset": "full_ft", "train.gradient_checkpointing": True},
+            paper_only=True,
+            unsupported=FULL_FT_UNSUPPORTED,
+        ),
+        row("lora-r8", "LoRA r = 8", "lora_r8"),
+        row("lora-r64", "LoRA r = 64", "lora_r64"),
+        row("molora", "MoLoRA", "molora"),
+        row("mixlora", "MixLoRA", "mixlora"),
+        row("hydralora", "HydraLoRA", "hydralora"),
+        row("hmora-lw", "HMoRA w LW", "hmora_lw"),
+        row("hmora", "HMoRA w/o LW", "hmora"),
+    )
+    return Study(
+        "baselines",
+        "Baselines (paper table 3), each preset as shipped (spec §8)",
+        ("Method",),
+        {},
+        rows,
+    )
+
+
+STUDIES: dict[str, Study] = {
+    s.name: s
+    for s in (
+        _routing(),
+        _gamma_c(),
+        _alpha(),
+        _lightweight(),
+        _task_encoder(),
+        _experts(),
+        _baselines(),
+    )
+}
+
+
+def get_study(name: str) -> Study:
+    if name not in STUDIES:
+        raise ValueError(f"unknown study {name!r}; valid studies: {', '.join(STUDIES)}")
+    return STUDIES[name]
+
+
+def render_value(value: Any) -> str:
+    """A command-line ``key=value`` value that the config's YAML parser reads back as ``value``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(render_value(v) for v in value) + "]"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def as_overrides(values: dict[str, Any]) -> list[str]:
+    return [f"{k}={render_value(v)}" for k, v in values.items()]
