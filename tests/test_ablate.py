@@ -221,6 +221,7 @@ def test_table_mean_std_over_seeds_with_routing_columns():
         "task_balance": 0.8,
         "task_certainty": 0.3,
         "recognition": {"0.7": 0.8, "0.8": 0.5, "0.9": 0.2, "1.0": 0.0},
+        "distinct_meps": 3,
     }
     recs = [
         _record(0, {"arc_easy": 0.50, "mmlu": 0.30}, summary),
@@ -231,11 +232,11 @@ def test_table_mean_std_over_seeds_with_routing_columns():
         TableRow(study.rows[1], [], {0: "not run"}, tp_percent=17.62),
     ]
     md = markdown(study, rows, "setting line")
-    head = "| e | TP | MMLU | ARC-E | Avg | Tok. cert. | Tok. bal. | Rec@0.8 % | Seeds |"
+    head = "| e | TP | MMLU | ARC-E | Avg | Tok. cert. | Tok. bal. | Rec@0.8 % | MEPs | Seeds |"
     assert head in md
     assert "| 4 | 6.31% | 35.00 ± 7.07 | 55.00 ± 7.07 | 45.00 ± 7.07 | 0.600 ± 0.141 |" in md
-    assert "0.900 ± 0.000 | 50.0 ± 0.0 | 0,1 |" in md
-    assert "| 8 | 17.62% | — | — | — | — | — | — | — |" in md
+    assert "0.900 ± 0.000 | 50.0 ± 0.0 | 3.0 ± 0.0 | 0,1 |" in md
+    assert "| 8 | 17.62% | — | — | — | — | — | — | — | — |" in md
     assert "- e8 seed 0: not run" in md and "not the paper's seven" in md
     lines = csv_text(study, rows).splitlines()
     assert lines[0].startswith("row,e,tp_percent,n_seeds,seeds,mmlu_mean,mmlu_std,arc_easy_mean")

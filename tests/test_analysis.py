@@ -218,6 +218,7 @@ def test_cli_writes_routing_json_tables_and_figures(analysis_inputs, tmp_path):
         )
     shares = [t["share"] for t in doc["tasks"].values()]
     assert summary["recognition"]["0.8"] == sum(s >= 0.8 for s in shares) / 3
+    assert summary["distinct_meps"] == len({tuple(t["mep"]) for t in doc["tasks"].values()})
     for fig in ("fig3_routing_entropy.png", "fig4_task_tsne.png"):
         data = (out / fig).read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 5000
@@ -261,7 +262,7 @@ def test_summary_without_task_routers_skips_mep_with_a_note():
     }
     coll = RoutingCollection(["a", "b", "a"], stats, {}, top_k=2, routing_mode="topk")
     doc = summarize_routing(coll, {"model": "m", "adapter": "x", "data": "d"})
-    assert doc["summary"]["recognition"] is None
+    assert doc["summary"]["recognition"] is None and doc["summary"]["distinct_meps"] is None
     assert doc["summary"]["task_balance"] is None and doc["summary"][
         "token_balance"
     ] == pytest.approx(0.9)

@@ -20,12 +20,16 @@ from typing import Any
 from hmora_ds.ablate.studies import Row, Study
 from hmora_ds.eval.benchmarks import BENCHMARKS, DISPLAY
 
-#: Routing-analysis columns: (csv name, header, path in routing.json's summary, percent?).
+#: Routing-analysis columns: (csv name, header, path in routing.json's summary, format).
+#: Rec@0.8 alone can mislead: a task router that sends every task to the same pair
+#: "recognises" all of them, hence the number of distinct main expert pairs beside it.
 ROUTING_COLUMNS = (
-    ("token_certainty", "Tok. cert.", ("token_certainty",), False),
-    ("token_balance", "Tok. bal.", ("token_balance",), False),
-    ("recognition_0.8", "Rec@0.8 %", ("recognition", "0.8"), True),
+    ("token_certainty", "Tok. cert.", ("token_certainty",), "fraction"),
+    ("token_balance", "Tok. bal.", ("token_balance",), "fraction"),
+    ("recognition_0.8", "Rec@0.8 %", ("recognition", "0.8"), "percent"),
+    ("distinct_meps", "MEPs", ("distinct_meps",), "count"),
 )
+_FORMATS = {"fraction": (1.0, 3), "percent": (100.0, 1), "count": (1.0, 1)}
 #: Also in the CSV (not in the markdown, to keep it the paper's width).
 ROUTING_CSV_ONLY = (
     ("task_certainty", ("task_certainty",)),
@@ -104,9 +108,9 @@ def markdown(study: Study, rows: list[TableRow], setting: str) -> str:
             cells.append("n/a" if na else _cell(acc))
         cells.append(_cell(_collect(tr.records, lambda r: r["metrics"].get("average"))))
         if routed:
-            for _, _, path, percent in ROUTING_COLUMNS:
+            for _, _, path, fmt in ROUTING_COLUMNS:
                 vals = _collect(tr.records, lambda r, p=path: _dig(r["metrics"].get("routing"), p))
-                cells.append(_cell(vals, 100.0, 1) if percent else _cell(vals, 1.0, 3))
+                cells.append(_cell(vals, *_FORMATS[fmt]))
         cells.append(",".join(str(r["seed"]) for r in tr.records) or "—")
         lines.append("| " + " | ".join(cells) + " |")
         for seed, why in sorted(tr.missing.items()):
@@ -124,7 +128,9 @@ def markdown(study: Study, rows: list[TableRow], setting: str) -> str:
         lines.append(
             "Tok. cert. / Tok. bal.: mean normalised entropy of the token routers' gates (lower "
             "= more certain) and of their mean gate (higher = more balanced); Rec@0.8: share of "
-            "MMLU subjects whose main expert pair takes ≥ 0.8 of the task router's activations."
+            "MMLU subjects whose main expert pair takes ≥ 0.8 of the task router's activations; "
+            "MEPs: how many distinct main expert pairs the subjects have (1 = every subject "
+            "routed alike, so a high Rec@0.8 is then no recognition)."
         )
     if notes:
         lines += ["", "Not in the table:", *notes]

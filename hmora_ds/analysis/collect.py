@@ -285,10 +285,13 @@ def summarize_routing(
         logger.warning(notes[-1])
         tasks = {t: {"n": n, "mep": None, "share": None} for t, n in sorted(task_counts.items())}
         recognition = None
+        distinct = None
     else:
         meps = main_expert_pairs(coll.tasks, coll.task_gates[mep_router], coll.top_k)
         tasks = {t: {"n": m.n, "mep": list(m.pair), "share": m.share} for t, m in meps.items()}
         recognition = recognition_rates(meps)
+        # a router that routes every task alike "recognises" them all: report the spread too
+        distinct = len({m.pair for m in meps.values() if m.pair is not None})
         tied = [t for t, m in meps.items() if m.tied]
         if tied:
             notes.append(
@@ -314,6 +317,7 @@ def summarize_routing(
             "task_balance": _mean(by_kind["task"].get("balance", [])),
             "task_certainty": _mean(by_kind["task"].get("certainty", [])),
             "recognition": recognition,
+            "distinct_meps": distinct,
         },
         "tasks": tasks,
     }
