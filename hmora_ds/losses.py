@@ -32,18 +32,17 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
 
 
 def _flatten(probs: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    e = probs.shape[-1]
-    p = probs.float().reshape(-1, e)
+    """Stacked ``probs`` (R, N…, E) and their shared mask (N…) → fp32 (R, N, E) and (N,)."""
+    r, e = probs.shape[0], probs.shape[-1]
+    if mask is not None and mask.shape != probs.shape[1:-1]:
+        raise ValueError(
+            f"mask: shape {tuple(mask.shape)} must equal probs.shape[:-1] "
+            f"{tuple(probs.shape[1:-1])}"
+        )
+    p = probs.float().reshape(r, -1, e)
     if mask is None:
-        m = torch.ones(p.shape[0], device=p.device, dtype=p.dtype)
-    else:
-        if mask.shape != probs.shape[:-1]:
-            raise ValueError(
-                f"mask: shape {tuple(mask.shape)} must equal probs.shape[:-1] "
-                f"{tuple(probs.shape[:-1])}"
-            )
-        m = mask.reshape(-1).to(p.dtype)
-    return p, m
+        return p, torch.ones(p.shape[1], device=p.device, dtype=p.dtype)
+    return p, mask.reshape(-1).to(p.dtype)
 
 
 def _all_reduce(t: torch.Tensor, group: Any) -> torch.Tensor:
@@ -83,16 +82,7 @@ def stacked_routing_moments(
         ``(M (R, E), mean_entropy (R,), count ())``.
     """
     r, e = probs.shape[0], probs.shape[-1]
-    if mask is not None and mask.shape != probs.shape[1:-1]:
-        raise ValueError(
-            f"mask: shape {tuple(mask.shape)} must equal probs.shape[:-1] "
-            f"{tuple(probs.shape[1:-1])}"
-        )
-    p = probs.float().reshape(r, -1, e)
-    if mask is None:
-        m = torch.ones(p.shape[1], device=p.device, dtype=p.dtype)
-    else:
-        m = mask.reshape(-1).to(p.dtype)
+    p, m = _flatten(probs, mask)
     sums = torch.cat(
         [torch.einsum("rne,n->re", p, m).reshape(-1), entropy(p) @ m, m.sum().reshape(1)]
     )
@@ -181,17 +171,7 @@ def stacked_load_balance_loss(
     r, e = probs.shape[0], probs.shape[-1]
     if not 1 <= k <= e:
         raise ValueError(f"load_balance_loss: k must lie in [1, {e}], got {k}")
-    if mask is not None and mask.shape != probs.shape[1:-1]:
-        raise ValueError(
-            f"mask: shape {tuple(mask.shape)} must equal probs.shape[:-1] "
-            f"{tuple(probs.shape[1:-1])}"
-        )
-    p = probs.float().reshape(r, -1, e)
-    m = (
-        torch.ones(p.shape[1], device=p.device, dtype=p.dtype)
-        if mask is None
-        else mask.reshape(-1).to(p.dtype)
-    )
+    p, m = _flatten(probs, mask)
     chosen = torch.zeros_like(p).scatter(-1, p.topk(k, dim=-1).indices, 1.0)
     sums = torch.cat(
         [

@@ -66,20 +66,20 @@ _ORIGINAL_FORWARD = MoRALinear.forward
 
 
 @contextlib.contextmanager
-def per_expert_dropout() -> Iterator[None]:
+def _forward_as(forward) -> Iterator[None]:
+    """Within the block, every :class:`MoRALinear` computes with ``forward``."""
+    MoRALinear.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        MoRALinear.forward = _ORIGINAL_FORWARD  # type: ignore[method-assign]
+
+
+def per_expert_dropout() -> contextlib.AbstractContextManager:
     """Within the block, mixture blocks draw one dropout mask per expert."""
-    MoRALinear.forward = per_expert_dropout_forward  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        MoRALinear.forward = _ORIGINAL_FORWARD  # type: ignore[method-assign]
+    return _forward_as(per_expert_dropout_forward)
 
 
-@contextlib.contextmanager
-def per_expert_loop() -> Iterator[None]:
+def per_expert_loop() -> contextlib.AbstractContextManager:
     """Within the block, every :class:`MoRALinear` computes with :func:`loop_forward`."""
-    MoRALinear.forward = loop_forward  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        MoRALinear.forward = _ORIGINAL_FORWARD  # type: ignore[method-assign]
+    return _forward_as(loop_forward)
