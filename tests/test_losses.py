@@ -85,8 +85,10 @@ def test_saturated_router_gives_finite_gradient_and_the_same_value():
     loss = cgjs_loss(probs, gamma_c=0.4)
     loss.backward()
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+    # Two code paths (log of a clamped p vs xlogy): equal up to rounding, not bit for bit; the
+    # last bit differs on some CPUs.
     reference = -torch.special.xlogy(probs, probs).sum(-1)
-    assert torch.equal(entropy(probs.detach()), reference.detach())
+    torch.testing.assert_close(entropy(probs.detach()), reference.detach(), rtol=1e-6, atol=1e-7)
 
 
 def test_load_balance_gradient_flows_through_p_only():
