@@ -18,16 +18,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hmora_ds import __version__
+from hmora_ds.base_model import base_fingerprint, gathered
 from hmora_ds.config import HMoRAConfig
-from hmora_ds.model import HMoRAModel, base_fingerprint, gathered
+from hmora_ds.methods import adapter_parameters
+from hmora_ds.model import HMoRAModel
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "hmora-ds-adapter"
-
-
-def _trainable(model: HMoRAModel) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 def adapter_metadata(model: HMoRAModel) -> dict[str, Any]:
@@ -90,7 +88,7 @@ def save_adapter(model: HMoRAModel, directory: str | Path, *, write: bool = True
     tensors = _expert_parallel_state(model)
     if tensors is None:
         tensors = {}
-        for name, param in _trainable(model).items():
+        for name, param in adapter_parameters(model).items():
             with gathered([param]):
                 tensors[name] = param.detach().to("cpu", copy=True)
     if write:
@@ -140,7 +138,7 @@ def load_adapter(base_model: torch.nn.Module, directory: str | Path) -> HMoRAMod
     task_token_id = meta.get("task_token_id")
     model = HMoRAModel(base_model, config, task_token_id=task_token_id or 0)
     tensors = load_file(str(weights))
-    params = _trainable(model)
+    params = adapter_parameters(model)
     missing = sorted(set(params) - set(tensors))
     extra = sorted(set(tensors) - set(params))
     if missing or extra:

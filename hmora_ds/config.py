@@ -76,7 +76,7 @@ class AdapterConfig:
         compute: how a top-k mixture is computed (same numbers either way): ``dense`` (all
             experts, two GEMMs), ``sparse`` (each expert only on the tokens routed to it,
             batched GEMMs over per-expert buckets) or ``auto`` (sparse where the benchmark
-            shows it faster, see :func:`hmora_ds.lora.prefer_sparse`). Soft routing is dense.
+            shows it faster, see :func:`hmora_ds.experts.prefer_sparse`). Soft routing is dense.
     """
 
     rank: int = 8
@@ -223,19 +223,35 @@ class LossConfig:
 
 @dataclass
 class HMoRAConfig:
-    """The whole method: adapters, routing, losses; ``full_finetune`` trains the base instead."""
+    """The configuration of a method: which one, its adapters, routing and losses.
+
+    Attributes:
+        method: the registered method (``hmora_ds.methods.available_methods()``); it decides
+            where experts and routers go, how gates and auxiliary losses are computed, and
+            validates the sections below for itself (when it is built).
+        adapter / routing / loss: the shared vocabulary of LoRA-mixture methods.
+        options: method-specific settings, validated by the method's own options dataclass.
+        full_finetune: train the base model itself (method ``full_ft``).
+        preset: the preset the config was loaded from (informational).
+    """
 
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     full_finetune: bool = False
     preset: str | None = None
+    method: str = "hmora"
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         """Check every field and every cross-field combination that needs no model shape."""
+        if not isinstance(self.method, str) or not self.method:
+            _fail("method", f"must name a registered method, got {self.method!r}")
+        if not isinstance(self.options, dict):
+            _fail("options", f"must be a mapping of method options, got {self.options!r}")
         self.adapter.validate()
         self.routing.validate()
         self.loss.validate()
@@ -259,28 +275,6 @@ class HMoRAConfig:
         """Whether any target carries a routed mixture (and so routers and aux losses)."""
         return not self.full_finetune and bool(self.adapter.mixture_targets)
 
-    def validate_for_model(self, hidden_size: int, num_layers: int) -> None:
-        """Checks that need the base model's shape (called at injection)."""
-        from hmora_ds.routing.gates import layer_modes
-
-        if not self.has_mixture:
-            return
-        r = self.routing
-        if r.task_encoder == "transformer" and hidden_size % r.encoder_heads:
-            _fail(
-                "routing.encoder_heads",
-                f"({r.encoder_heads}) must divide the model's hidden size ({hidden_size})",
-            )
-        if r.task_encoder == "none":
-            modes = layer_modes(num_layers, r.eps, r.mu, r.beta_low, r.beta_high)
-            task_only = [i for i, m in enumerate(modes) if m == "task"]
-            if task_only:
-                _fail(
-                    "routing.task_encoder",
-                    f"'none' leaves layers {task_only} (α > beta_high={r.beta_high}) without any "
-                    "router; set routing.beta_high=1.0 or choose a task encoder",
-                )
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -297,6 +291,10 @@ class HMoRAConfig:
                 f"config: unknown key(s) {unknown}; valid top-level keys: {sorted(top)}"
             )
         kwargs: dict[str, Any] = {}
+        if "method" not in data:
+            # Configs written before methods were named (adapters, runs): today's general
+            # implementation of those configs is the method ``hmora``.
+            kwargs["method"] = "full_ft" if data.get("full_finetune") else "hmora"
         for key, value in data.items():
             if key in sections:
                 kwargs[key] = _build_section(key, sections[key], value or {})
@@ -348,7 +346,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any])
         node = data
         parts = key.split(".")
         for depth, part in enumerate(parts):
-            if not isinstance(node, dict) or part not in node:
+            free = depth == 1 and parts[0] == "options"  # method options: checked by the method
+            if not isinstance(node, dict) or (part not in node and not free):
                 where = ".".join(parts[: depth + 1])
                 raise ValueError(f"override {key}: unknown key {where!r}")
             if depth == len(parts) - 1:

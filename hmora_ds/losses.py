@@ -185,3 +185,10 @@ def stacked_load_balance_loss(
     frac = sums[: r * e].detach().view(r, e) / (k * count)
     mean_p = sums[r * e : 2 * r * e].view(r, e) / count
     return e * (frac * mean_p).sum(-1)
+
+
+def total_loss(lm_loss: torch.Tensor, aux_loss: torch.Tensor, aux_weight: float = 1.0):
+    """The objective ``L = L_LM + λ · L_aux``: the one place it is formed (model forward,
+    training step, evaluation). ``aux_loss`` is usually already ``Σ_k λ_k · L_aux,k`` (the
+    model's ``aux_weighted``, each method weighting its own kinds), with ``aux_weight`` 1."""
+    return lm_loss + aux_weight * aux_loss

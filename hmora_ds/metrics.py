@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from hmora_ds.losses import entropy
-from hmora_ds.routing.context import RoutingRecord
+from hmora_ds.routing.context import RouterId, RoutingRecord
 
 
 class RouterStatsAccumulator:
@@ -92,5 +92,6 @@ def routing_statistics(
 ) -> dict[str, torch.Tensor]:
     """Statistics of one router's probabilities (N…, E) with mask (N…); see the accumulator."""
     acc = RouterStatsAccumulator(k)
-    acc.add([RoutingRecord("router", probs, mask)])
-    return acc.finalize(group)["router"]
+    rid = RouterId(0, ("x",), "router")
+    acc.add([RoutingRecord(rid, probs, mask)])
+    return acc.finalize(group)[str(rid)]

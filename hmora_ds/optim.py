@@ -10,6 +10,8 @@ from typing import Any
 
 from torch import nn
 
+from hmora_ds.methods import adapter_parameters
+
 
 def _no_decay(param: nn.Parameter) -> bool:
     # Biases, norm scales, e_task (all 1-D) and α (0-D): exactly the tensors with ndim < 2.
@@ -38,9 +40,7 @@ def lora_plus_param_groups(
         "lora_B": {"name": "lora_B", "params": [], "lr": lr * eta_b, "weight_decay": weight_decay},
         "no_decay": {"name": "no_decay", "params": [], "lr": lr, "weight_decay": 0.0},
     }
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
+    for name, param in adapter_parameters(model).items():
         if name.endswith("lora_B"):
             key = "lora_B"
         elif _no_decay(param):

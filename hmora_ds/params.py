@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 
 from hmora_ds.config import HMoRAConfig, available_presets, load_config
+from hmora_ds.methods import adapter_parameters
 
 MODEL_CONFIGS_DIR = Path(__file__).parent / "model_configs"
 
-#: Display order of the trainable components.
+#: Display order of the trainable components of the built-in methods (a method may add more).
 COMPONENTS = (
     "lora A",
     "lora B",
@@ -32,25 +33,6 @@ COMPONENTS = (
     "e_task",
     "base model",
 )
-
-
-def component_of(name: str) -> str:
-    """Which component a trainable parameter (wrapper-relative name) belongs to."""
-    if name.endswith("lora_A"):
-        return "lora A"
-    if name.endswith("lora_B"):
-        return "lora B"
-    if ".token_router." in name:
-        return "token routers"
-    if ".task_router." in name:
-        return "task routers"
-    if name.endswith("alpha_logit"):
-        return "alpha"
-    if name == "task_encoder.task_embedding":
-        return "e_task"
-    if name.startswith("task_encoder."):
-        return "task encoder"
-    return "base model"
 
 
 @dataclass(frozen=True)
@@ -68,7 +50,8 @@ class ParameterReport:
     def format(self) -> str:
         """A table, ending with the line ``TP <percent>%``."""
         lines = [f"{'component':<16}{'parameters':>16}{'% of base':>12}"]
-        for comp in COMPONENTS:
+        order = [*COMPONENTS, *sorted(set(self.components) - set(COMPONENTS))]
+        for comp in order:
             if self.components.get(comp):
                 n = self.components[comp]
                 lines.append(f"{comp:<16}{n:>16,}{100.0 * n / self.base:>11.3f}%")
@@ -79,11 +62,11 @@ class ParameterReport:
 
 
 def parameter_report(model: torch.nn.Module) -> ParameterReport:
-    """Count the trainable parameters of an :class:`~hmora_ds.model.HMoRAModel`."""
+    """Count the trainable parameters of an :class:`~hmora_ds.model.HMoRAModel` by component
+    (each method names the components of its parameters)."""
     counts: Counter[str] = Counter()
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            counts[component_of(name)] += int(getattr(p, "ds_numel", p.numel()))
+    for name, p in adapter_parameters(model).items():
+        counts[model.method.component_of(name)] += int(getattr(p, "ds_numel", p.numel()))
     return ParameterReport(dict(counts), sum(counts.values()), model.base_parameter_count)
 
 
@@ -108,7 +91,7 @@ def build_meta_model(model_config, config: HMoRAConfig):
     """Base model + HMoRA on the ``meta`` device: shapes only, no memory, no weights."""
     from transformers import AutoModelForCausalLM
 
-    from hmora_ds.model import HMoRAModel
+    from hmora_ds.model import HMoRAModel  # the model logs its report: imported where used
 
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(model_config)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from hmora_ds.adapter_io import save_adapter
 from hmora_ds.config import load_config
 from hmora_ds.model import HMoRAModel
 from hmora_ds.params import build_meta_model, load_model_config, parameter_report
@@ -85,9 +86,7 @@ def case_outputs(model: HMoRAModel) -> dict:
         "aux_loss": out.aux_loss.item(),
         "aux_by_kind": {k: float(v) for k, v in sorted(out.aux_by_kind.items())},
         "logits": fingerprint(out.logits, 7),
-        "trainable": {
-            n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad
-        },
+        "trainable": {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad},
         "grads": grads,
     }
 
@@ -123,7 +122,7 @@ def record() -> None:
     adapters = {}
     for name, (preset, arch) in ADAPTERS.items():
         model = golden_model(preset, arch, ADAPTER_LAYERS).float()
-        model.save_adapter(GOLDEN_DIR / "adapters" / name)
+        save_adapter(model, GOLDEN_DIR / "adapters" / name)
         adapters[name] = {"preset": preset, "arch": arch, "eval_logits": eval_logits(model)}
     data = {"cases": cases, "tp": tp_reports(), "adapters": adapters}
     GOLDEN_FILE.parent.mkdir(parents=True, exist_ok=True)

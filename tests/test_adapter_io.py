@@ -15,7 +15,7 @@ def saved(tmp_path):
     model = tiny_hmora("hmora_lw", "llama", overrides=["routing.learn_alpha=true"])
     randomize_adapters(model)
     model.eval()
-    path = model.save_adapter(tmp_path / "adapter")
+    path = save_adapter(model, tmp_path / "adapter")
     return model, path
 
 

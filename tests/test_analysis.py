@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from hmora_ds.adapter_io import save_adapter
 from hmora_ds.analysis import (
     activation_shares,
     balance_certainty,
@@ -168,7 +169,7 @@ def analysis_inputs(tiny_run_inputs, tmp_path_factory):
         for name, p in model.named_parameters():
             if ".token_router." in name or ".task_router." in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 2.0)
-    model.save_adapter(root / "adapter")
+    save_adapter(model, root / "adapter")
     rows = [json.loads(line) for line in (tiny_run_inputs / "data.jsonl").read_text().splitlines()]
     with (root / "data.jsonl").open("w") as f:
         for i, row in enumerate(rows[:24]):

@@ -15,9 +15,8 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 from hmora_ds.bench.reference import per_expert_dropout, per_expert_loop
 from hmora_ds.config import load_config
-from hmora_ds.lora import MoRALinear, prefer_sparse
+from hmora_ds.experts import DispatchPlan, MoRALinear, prefer_sparse
 from hmora_ds.model import HMoRAModel
-from hmora_ds.routing.dispatch import DispatchPlan
 
 CFG = Qwen2Config(
     vocab_size=300,
@@ -30,7 +29,11 @@ CFG = Qwen2Config(
 NO_DROPOUT = ["adapter.dropout=0", "routing.router_dropout=0", "routing.encoder_dropout=0"]
 
 
-def _run(mode: str, experts: int, hydra: bool, compute: str, ctx=contextlib.nullcontext):
+def _no_reference(model):
+    return contextlib.nullcontext()
+
+
+def _run(mode: str, experts: int, hydra: bool, compute: str, ctx=_no_reference):
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(CFG)
     method = load_config(
@@ -50,7 +53,7 @@ def _run(mode: str, experts: int, hydra: bool, compute: str, ctx=contextlib.null
         if name.endswith("lora_B"):
             torch.nn.init.normal_(p, std=0.2)
     ids = torch.randint(3, 290, (3, 11), generator=torch.Generator().manual_seed(1))
-    with ctx():
+    with ctx(model):
         out = model(ids, labels=ids, prompt_mask=torch.ones_like(ids))
         out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

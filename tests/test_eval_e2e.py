@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from hmora_ds.adapter_io import save_adapter
 from tests._dist import run_command
 from tests._eval_helpers import toy_questions, write_local
 from tests._train_helpers import BIN, REPO, launch, overrides, summary
@@ -60,7 +61,7 @@ def test_eval_launcher_two_ranks_zero3_writes_table_json_manifest(tiny_run_input
 def test_eval_launcher_refuses_adapter_of_another_base(tiny_run_inputs, tmp_path):
     from tests.conftest import tiny_hmora
 
-    tiny_hmora("hmora_lw", "qwen2").save_adapter(tmp_path / "adapter")
+    save_adapter(tiny_hmora("hmora_lw", "qwen2"), tmp_path / "adapter")
     local = _local(tmp_path / "bench")
     cmd = [sys.executable, EVAL, "--model", str(tiny_run_inputs / "model")]
     cmd += ["--adapter", str(tmp_path / "adapter"), "--source", "local"]

@@ -7,8 +7,10 @@ import torch
 
 from hmora_ds.losses import cgjs_divergence, cgjs_loss, entropy, load_balance_loss
 from hmora_ds.metrics import RouterStatsAccumulator, routing_statistics
-from hmora_ds.routing.context import RoutingRecord
+from hmora_ds.routing.context import RouterId, RoutingRecord
 from tests._dist import run_ranks
+
+RID = RouterId(0, ("r",), "token")
 
 EYE4 = torch.eye(4)
 
@@ -110,9 +112,9 @@ def test_statistics_accumulate_over_micro_steps_like_one_batch():
     """Balance is not linear: two micro-batches must give the statistics of their union."""
     a, b = EYE4[[0, 0]], EYE4[[1, 1]]  # each alone is fully collapsed (balance 0)
     acc = RouterStatsAccumulator(k=1)
-    acc.add([RoutingRecord("r.token", a, None)])
-    acc.add([RoutingRecord("r.token", b, None)])
-    stats = acc.finalize()["r.token"]
+    acc.add([RoutingRecord(RID, a, None)])
+    acc.add([RoutingRecord(RID, b, None)])
+    stats = acc.finalize()[str(RID)]
     union = routing_statistics(torch.cat([a, b]), k=1)
     for key in ("balance", "certainty", "load"):
         torch.testing.assert_close(stats[key], union[key])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hmora_ds.lora import MoRALinear
+from hmora_ds.experts import MoRALinear
 from hmora_ds.model import HMoRAModel
 from hmora_ds.optim import lora_plus_param_groups
 from tests.conftest import PRESETS, batch, randomize_adapters, tiny_base, tiny_hmora

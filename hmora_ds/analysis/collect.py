@@ -23,7 +23,6 @@ the gate activates.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,13 +32,12 @@ import torch
 from hmora_ds.analysis.stats import main_expert_pairs, recognition_rates
 from hmora_ds.config import TARGETS
 from hmora_ds.metrics import RouterStatsAccumulator
+from hmora_ds.routing.context import RouterId
 
 logger = logging.getLogger(__name__)
 
+
 #: ``layer03.q_k_v.token``: layer index, the dense layers served, router kind.
-ROUTER_NAME = re.compile(r"^layer(\d+)\.([A-Za-z0-9_]+)\.(token|task)$")
-
-
 class AnalysisError(ValueError):
     """A user error in the routing analysis inputs (data, router, adapter)."""
 
@@ -53,18 +51,16 @@ class RoutingExample:
 
 
 def parse_router_name(name: str) -> tuple[int, str, str]:
-    """``layer03.q_k_v.token`` → ``(3, "q_k_v", "token")``."""
-    m = ROUTER_NAME.match(name)
-    if m is None:
-        raise ValueError(f"router name {name!r} is not of the form layerNN.<targets>.<kind>")
-    return int(m.group(1)), m.group(2), m.group(3)
+    """``layer03.q_k_v.token`` → ``(3, "q_k_v", "token")`` (see :class:`RouterId`)."""
+    rid = RouterId.parse(name)
+    return rid.layer, "_".join(rid.targets), rid.kind
 
 
 def _router_order(name: str) -> tuple[int, int, int]:
-    layer, layer_type, kind = parse_router_name(name)
-    last = layer_type.split("_")[-1]
+    rid = RouterId.parse(name)
+    last = rid.targets[-1]
     pos = TARGETS.index(last) if last in TARGETS else len(TARGETS)
-    return layer, pos, 0 if kind == "token" else 1
+    return rid.layer, pos, 0 if rid.kind == "token" else 1
 
 
 def sorted_routers(names: Sequence[str]) -> list[str]:
@@ -218,10 +214,10 @@ def router_names(model: Any) -> list[str]:
     """Every router of an HMoRA model, as its routing records name them, in forward order."""
     names = []
     for group in getattr(model, "routers", {}).values():
-        if group.token_router is not None:
-            names.append(f"{group.name}.token")
-        if group.task_router is not None:
-            names.append(f"{group.name}.task")
+        if getattr(group, "token_router", None) is not None:
+            names.append(str(group.token_id))
+        if getattr(group, "task_router", None) is not None:
+            names.append(str(group.task_id))
     return sorted_routers(names)
 
 

@@ -141,7 +141,7 @@ def _task_encoder_per_router(model: Any) -> Iterator[None]:
 def _dropout_per_expert(model: Any) -> Iterator[None]:
     from hmora_ds.bench.reference import per_expert_dropout
 
-    with per_expert_dropout():
+    with per_expert_dropout(model):
         yield
 
 
@@ -149,7 +149,7 @@ def _dropout_per_expert(model: Any) -> Iterator[None]:
 def _loop(model: Any) -> Iterator[None]:
     from hmora_ds.bench.reference import per_expert_loop
 
-    with per_expert_loop():
+    with per_expert_loop(model):
         yield
 
 
@@ -373,7 +373,7 @@ def measure(
         "tp_percent": 100.0 * trainable / base_params,
     }
     if v.preset is not None:
-        from hmora_ds.lora import MoRALinear, prefer_sparse
+        from hmora_ds.experts import MoRALinear, prefer_sparse
 
         blocks = [m for m in model.modules() if isinstance(m, MoRALinear) and m.router]
         row["sparse_blocks"] = sum(m.sparse for m in blocks)

@@ -38,7 +38,7 @@ from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups
 from torch import nn
 
-from hmora_ds.lora import MoRALinear
+from hmora_ds.experts import MoRALinear
 
 EXPERT_PREFIX = "deepspeed_moe.experts.deepspeed_experts"
 _EXPERT_KEY = re.compile(rf"^(.*)\.{re.escape(EXPERT_PREFIX)}\.(\d+)\.(lora_A|lora_B)$")

@@ -20,23 +20,57 @@ from dataclasses import dataclass
 import torch
 
 
+@dataclass(frozen=True, order=True)
+class RouterId:
+    """Which router: decoder layer, the adapted linears it serves, and its kind.
+
+    ``str(RouterId(3, ("q", "k", "v"), "token")) == "layer03.q_k_v.token"``: the name used in
+    statistics, TensorBoard tags and analysis files; :meth:`parse` reads it back.
+    """
+
+    layer: int
+    targets: tuple[str, ...]
+    kind: str
+
+    @property
+    def group(self) -> str:
+        """``layer03.q_k_v``: the router group (the same for its token and task routers)."""
+        return f"layer{self.layer:02d}.{'_'.join(self.targets)}"
+
+    def __str__(self) -> str:
+        return f"{self.group}.{self.kind}"
+
+    @classmethod
+    def parse(cls, name: str) -> RouterId:
+        """The id of a name written by :meth:`__str__` (ValueError naming it otherwise)."""
+        parts = name.split(".")
+        if len(parts) != 3 or not parts[0].startswith("layer") or not parts[0][5:].isdigit():
+            raise ValueError(f"router name {name!r}: expected layerNN.<targets>.<kind>")
+        return cls(int(parts[0][5:]), tuple(parts[1].split("_")), parts[2])
+
+
 @dataclass(frozen=True)
 class RoutingRecord:
     """Probabilities of one router in one forward.
 
     Attributes:
-        name: router name, e.g. ``layer03.qkv.token``.
+        id: which router (layer, targets, kind).
         probs: (B, T, E) for a token router, (B, E) for a task router; the router's own softmax.
         mask: (B, T) validity of token decisions (1 = real token), or None (all valid).
     """
 
-    name: str
+    id: RouterId
     probs: torch.Tensor
     mask: torch.Tensor | None
 
     @property
+    def name(self) -> str:
+        """The router's name, e.g. ``layer03.q_k_v.token``."""
+        return str(self.id)
+
+    @property
     def kind(self) -> str:
-        return self.name.rsplit(".", 1)[-1]
+        return self.id.kind
 
 
 class RoutingContext:
@@ -89,9 +123,9 @@ class RoutingContext:
         """The task representation bound by the last forward (None if none)."""
         return self._task_repr
 
-    def record(self, name: str, probs: torch.Tensor, mask: torch.Tensor | None) -> None:
+    def record(self, rid: RouterId, probs: torch.Tensor, mask: torch.Tensor | None) -> None:
         if self._recording:
-            self._records.append(RoutingRecord(name, probs, mask))
+            self._records.append(RoutingRecord(rid, probs, mask))
 
     def token_mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
         """The (B, T) token mask matching ``x`` (B, T, D), or None when not recording."""

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from hmora_ds.routing.dispatch import DispatchPlan
+from hmora_ds.experts.dispatch import DispatchPlan
+from hmora_ds.routing.context import RouterId
 
 if TYPE_CHECKING:
     from hmora_ds.routing.context import RoutingContext
@@ -90,7 +91,8 @@ class RouterGroup(nn.Module):
     """Gates of one decoder layer for the adapted linears that share one input.
 
     Args:
-        name: stable name for statistics, e.g. ``layer03.qkv``.
+        layer: decoder layer index.
+        targets: the adapted linears it serves, e.g. ``("q", "k", "v")``.
         in_features: width of the dense layers' input (token router input).
         task_features: width of the task representation (task router input).
         layer_mode: ``token`` | ``task`` | ``hybrid`` for this layer.
@@ -101,7 +103,8 @@ class RouterGroup(nn.Module):
 
     def __init__(
         self,
-        name: str,
+        layer: int,
+        targets: tuple[str, ...],
         in_features: int,
         task_features: int,
         layer_mode: str,
@@ -116,7 +119,9 @@ class RouterGroup(nn.Module):
     ) -> None:
         super().__init__()
         assert layer_mode in ("token", "task", "hybrid"), layer_mode
-        self.name = name
+        self.layer, self.targets = layer, tuple(targets)
+        self.token_id = RouterId(layer, self.targets, "token")
+        self.task_id = RouterId(layer, self.targets, "task")
         self.layer_mode = layer_mode
         self.mode = mode
         self.top_k = top_k
@@ -139,6 +144,16 @@ class RouterGroup(nn.Module):
         self._memo: tuple[int, torch.Size, torch.Tensor] | None = None
         self._plan: tuple[torch.Tensor, DispatchPlan] | None = None
         self.shared = False  # set by the injector, which also registers new_round
+
+    @property
+    def name(self) -> str:
+        """``layer03.q_k_v``: the group's part of its routers' ids."""
+        return self.token_id.group
+
+    @property
+    def sparse_gates(self) -> bool:
+        """Whether gates have structural zeros (top-k), so a sparse dispatch can skip them."""
+        return self.mode == "topk"
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -179,11 +194,11 @@ class RouterGroup(nn.Module):
         p_token = p_task = None
         if self.token_router is not None:
             p_token = self.token_router(x)  # (B, T, E), fp32
-            ctx.record(f"{self.name}.token", p_token, ctx.token_mask_for(x))
+            ctx.record(self.token_id, p_token, ctx.token_mask_for(x))
         if self.task_router is not None:
             task_repr = ctx.task_repr_for(x)  # (B, D_task)
             p_task = self.task_router(task_repr)  # (B, E)
-            ctx.record(f"{self.name}.task", p_task, None)
+            ctx.record(self.task_id, p_task, None)
             p_task = p_task.unsqueeze(-2)  # (B, 1, E): one decision per sequence
         if p_token is None:
             g = p_task

@@ -222,7 +222,13 @@ class CheckpointConfig:
 
 @dataclass
 class RunConfig:
-    """Everything one training run needs; saved resolved next to every checkpoint."""
+    """Everything one training run needs; saved resolved next to every checkpoint.
+
+    ``plugins``: Python modules (``my_pkg.my_method``) or ``.py`` files imported before the
+    method is resolved, so a run can use a method registered outside hmora-ds
+    (``hmora_ds.methods.register_method``; see docs/methods.md). They are code you name in your
+    run config; adapters and checkpoints never import anything themselves.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     preset: str = "hmora_lw"
@@ -233,6 +239,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     output_dir: str = "runs/default"
+    plugins: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.train.adam_betas, list):
@@ -242,8 +249,18 @@ class RunConfig:
         self.hmora_config()  # validates preset + method overrides
 
     def hmora_config(self) -> HMoRAConfig:
-        """The resolved method config: the preset with ``method`` overrides applied."""
-        return load_config(self.preset, dict(self.method) or None)
+        """The resolved method config: the preset with ``method`` overrides applied, checked by
+        its method (``plugins`` are imported first: they may register it)."""
+        from hmora_ds.methods import build_method, import_plugins
+
+        if not isinstance(self.plugins, list) or not all(isinstance(p, str) for p in self.plugins):
+            raise ValueError(
+                f"plugins: must be a list of modules or .py files, got {self.plugins!r}"
+            )
+        import_plugins(self.plugins)
+        config = load_config(self.preset, dict(self.method) or None)
+        build_method(config)
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from hmora_ds.adapter_io import adapter_metadata, load_adapter, read_adapter_config, save_adapter
 from hmora_ds.config import HMoRAConfig
+from hmora_ds.losses import total_loss
 from hmora_ds.metrics import RouterStatsAccumulator
 from hmora_ds.model import HMoRAModel
 from hmora_ds.optim import lora_plus_param_groups
@@ -268,7 +269,6 @@ class Trainer:
         # Per-token mean over the *global* batch: Σ_micro Σ_rank lm_sum / n_target, as a
         # device tensor so the loss scale needs no sync.
         scale = (world * accum) / counts[0].clamp_min(1.0)
-        lam = self.method.loss.aux_weight
         lm_sum = torch.zeros((), dtype=torch.float64, device=device)
         aux_total = torch.zeros((), dtype=torch.float32, device=device)
         aux_kinds: dict[str, torch.Tensor] = {}
@@ -276,7 +276,7 @@ class Trainer:
             m = self._to_device(m)
             with self._autocast():
                 out = self.engine(**m, aux_group=self.dp_group, return_router_stats=False)
-            loss = out.lm_loss_sum * scale.to(out.lm_loss_sum.dtype) + lam * out.aux_loss
+            loss = total_loss(out.lm_loss_sum * scale.to(out.lm_loss_sum.dtype), out.aux_weighted)
             self.engine.backward(loss)
             self.engine.step()
             lm_sum += out.lm_loss_sum.detach().double()

@@ -1,22 +1,20 @@
-"""The MoRA block: a frozen dense layer plus a routed mixture of LoRA experts (spec §1, eqs. 3–5).
+"""The expert bank: a frozen dense layer plus LoRA experts behind a router (spec §1, eqs. 3–5).
 
 Shapes: ``N…`` leading dims (B, T), ``I`` in_features, ``O`` out_features, ``E`` experts,
 ``R`` rank.
 
     Z = base(X) + s · Σ_i g_i · (dropout(X) A_i) B_i
 
-All experts are one computation, whatever E: ``H = dropout(X) · [A_1 … A_E]`` (width E·R), scale
-each R-wide slice by its gate, then ``H · [B_1; …; B_E]``: two GEMMs, dropout once. Expert ``i``
-owns rows ``i·R:(i+1)·R`` of ``lora_A`` and columns ``i·R:(i+1)·R`` of ``lora_B``.
-Hydra LoRA shares one A (``lora_A`` has R rows). A single LoRA is the E = 1 case with no router.
-
-With top-k routing each token uses only k experts; the **sparse** path computes just those:
-the routed (token, expert) pairs are sorted by expert
-(:class:`~hmora_ds.routing.dispatch.DispatchPlan`, built once per router group and forward),
-each expert runs on its slice in one grouped GEMM, and results are added back with
-``index_add``. It gives the same numbers as the dense path and is
-chosen by :func:`prefer_sparse` (``adapter.compute=auto``) where ``make bench`` measured it
-faster.
+One bank layout serves every method: the E experts' A matrices stacked in ``lora_A`` (E·R, I)
+(Hydra LoRA: one shared A of R rows), their B matrices side by side in ``lora_B`` (O, E·R); a
+single plain LoRA is the E = 1 case with no router. Expert ``i`` owns rows ``i·R:(i+1)·R`` of
+``lora_A`` and columns ``i·R:(i+1)·R`` of ``lora_B``. E is per site (a method may give each
+layer its own count). The gates come from the block's router (any module with ``gates(x)``,
+``dispatch(gates, T)``, ``top_k`` and ``sparse_gates``); how the routed update is computed is
+the block's :class:`~hmora_ds.experts.dispatch.Dispatcher`: dense (two GEMMs), sparse (the
+routed pairs only, grouped per expert) or the benchmark's per-expert loop, all equal.
+``adapter.compute=auto`` picks sparse where :func:`prefer_sparse` says the benchmark measured
+it faster.
 """
 
 from __future__ import annotations
@@ -27,8 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hmora_ds.routing.dispatch import DispatchPlan, grouped_matmul
-from hmora_ds.routing.gates import RouterGroup
+from hmora_ds.experts.dispatch import DenseDispatcher, Dispatcher, SparseDispatcher
 
 # adapter.compute=auto picks the sparse path only where the dense adapter is the expensive part
 # of the block: E·R at least SPARSE_MIN_WIDTH × the layer's input width, with each token using at
@@ -40,9 +37,10 @@ SPARSE_MIN_WIDTH = 2.0
 SPARSE_MIN_RATIO = 8
 
 
-def prefer_sparse(num_experts: int, top_k: int, rank: int, in_features: int) -> bool:
-    """Whether ``adapter.compute=auto`` uses the sparse top-k path for this block."""
-    return (
+def prefer_sparse(num_experts: int, top_k: int | None, rank: int, in_features: int) -> bool:
+    """Whether ``adapter.compute=auto`` uses the sparse path (``top_k`` None: a variable count
+    of experts per token, whose cost is unknown in advance: dense)."""
+    return top_k is not None and (
         num_experts >= SPARSE_MIN_RATIO * top_k
         and num_experts * rank >= SPARSE_MIN_WIDTH * in_features
     )
@@ -72,7 +70,7 @@ class MoRALinear(nn.Module):
         dropout: float = 0.0,
         num_experts: int = 1,
         hydra: bool = False,
-        router: RouterGroup | None = None,
+        router: nn.Module | None = None,
         compute: str = "auto",
     ) -> None:
         super().__init__()
@@ -97,10 +95,12 @@ class MoRALinear(nn.Module):
         # reference outside the module tree so their parameters are registered once.
         self._router = (router,)
         self.compute = compute
+        #: Overrides the automatic dense/sparse choice (see :func:`use_dispatcher`).
+        self.dispatcher: Dispatcher | None = None
         self.reset_parameters()
 
     @property
-    def router(self) -> RouterGroup | None:
+    def router(self) -> nn.Module | None:
         return self._router[0]
 
     @property
@@ -121,13 +121,18 @@ class MoRALinear(nn.Module):
 
     @property
     def sparse(self) -> bool:
-        """Whether this block computes only the routed experts (top-k routing, see module doc)."""
+        """Whether this block computes only the routed experts (gates with structural zeros)."""
         router = self.router
-        if router is None or router.mode != "topk" or self.compute == "dense":
+        if router is None or not router.sparse_gates or self.compute == "dense":
             return False
         return self.compute == "sparse" or prefer_sparse(
             self.num_experts, router.top_k, self.rank, self.in_features
         )
+
+    def _dispatcher(self) -> Dispatcher:
+        if self.dispatcher is not None:
+            return self.dispatcher
+        return _SPARSE if self.sparse else _DENSE
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -135,18 +140,15 @@ class MoRALinear(nn.Module):
         if not torch.is_autocast_enabled(x.device.type):
             h = h.to(self.lora_A.dtype)
         router = self.router
-        if router is not None and self.sparse:
-            delta = self._sparse_delta(h, router.dispatch(router.gates(x), x.shape[-2]))
-            return out + delta.view(*out.shape[:-1], -1).to(out.dtype)
-        h = F.linear(h, self.lora_A)  # (N…, E·R) or (N…, R) for hydra / single LoRA
-        if router is not None:
+        if router is None:  # a single plain LoRA
+            h = F.linear(h, self.lora_A)
+        else:
             gates = router.gates(x)  # (B, T, E) or (B, 1, E), fp32
-            r, e = self.rank, self.num_experts
-            if self.hydra:
-                h = h.unsqueeze(-2) * gates.unsqueeze(-1)  # (N…, E, R)
-            else:
-                h = h.unflatten(-1, (e, r)) * gates.unsqueeze(-1)
-            h = h.flatten(-2)
+            dispatcher = self._dispatcher()
+            if not isinstance(dispatcher, DenseDispatcher):
+                delta = dispatcher.delta(self, h, x, gates)
+                return out + delta.view(*out.shape[:-1], -1).to(out.dtype)
+            h = dispatcher.hidden(self, h, gates)
         # out + s · h Bᵀ as ONE GEMM with the residual add and the scaling fused in (addmm's
         # beta/alpha): no separate (N, O) multiply and add, the widest tensors of the block.
         if not torch.is_autocast_enabled(x.device.type) and out.dtype != h.dtype:
@@ -155,21 +157,6 @@ class MoRALinear(nn.Module):
         fused = torch.addmm(out2d, h.reshape(-1, h.shape[-1]), self.lora_B.t(), alpha=self.scaling)
         return fused.view(out.shape)
 
-    def _sparse_delta(self, h: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        """Σ_{i ∈ top-k} g_i (h A_i) B_i · s for the routed experts only → (N, O)."""
-        e, r = self.num_experts, self.rank
-        h = h.reshape(-1, self.in_features)
-        if self.hydra:  # one shared A: project every token once, then route the R-wide rows
-            hs = F.linear(h, self.lora_A)[plan.token]  # (M, R)
-        else:
-            a = self.lora_A.view(e, r, self.in_features).transpose(1, 2)  # (E, I, R)
-            hs = grouped_matmul(h[plan.token], a, plan)  # (M, R)
-        hs = hs * plan.weight.unsqueeze(-1).to(hs.dtype)
-        b = self.lora_B.view(self.out_features, e, r).permute(1, 2, 0)  # (E, R, O)
-        ys = grouped_matmul(hs, b, plan) * self.scaling  # (M, O)
-        delta = ys.new_zeros(plan.num_tokens, self.out_features)
-        return delta.index_add_(0, plan.token, ys)
-
     def extra_repr(self) -> str:
         kind = "lora" if self.router is None else ("hydra" if self.hydra else "mora")
         return (
@@ -177,3 +164,6 @@ class MoRALinear(nn.Module):
             f"experts={self.num_experts}, scaling={self.scaling:g}"
             + (", sparse" if self.sparse else "")
         )
+
+
+_DENSE, _SPARSE = DenseDispatcher(), SparseDispatcher()

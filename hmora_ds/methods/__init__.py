@@ -1,0 +1,36 @@
+"""LoRA-mixture methods as plug-ins: one file per method, one registry.
+
+    from hmora_ds.methods import available_methods, get_method, register_method
+
+A method subclasses :class:`Method` and is registered with :func:`register_method`; configs
+name it in their ``method`` field. See ``docs/methods.md`` for how a method is put together.
+"""
+
+from hmora_ds.methods import full_ft, hmora, hydralora, lora, mixlora, molora  # registers them
+from hmora_ds.methods.base import (
+    Method,
+    adapter_parameters,
+    available_methods,
+    build_method,
+    get_method,
+    import_plugins,
+    register_method,
+    stack_records,
+)
+
+__all__ = [
+    "Method",
+    "adapter_parameters",
+    "available_methods",
+    "build_method",
+    "full_ft",
+    "get_method",
+    "hmora",
+    "hydralora",
+    "import_plugins",
+    "lora",
+    "mixlora",
+    "molora",
+    "register_method",
+    "stack_records",
+]

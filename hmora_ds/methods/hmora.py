@@ -1,0 +1,146 @@
+"""HMoRA: hierarchical hybrid routing of LoRA experts (the flagship; spec §1–5).
+
+Paper: "HMoRA: Making LLMs More Effective with Hierarchical Mixture of LoRA Experts" (ICLR 2025).
+What this file decides, and where it comes from:
+
+- sites: every target of ``adapter.targets``; a routed bank of ``adapter.num_experts`` experts
+  (eqs. 3–5) except ``adapter.single_lora_layers`` (one plain LoRA, appendix C); Hydra LoRA's
+  shared A with ``adapter.hydra`` (appendix C);
+- routers: per decoder layer a token router (eq. 6) and a task router over the task
+  representation (eq. 7), mixed by α(l) = σ(−ε + 2ε·l/(L−1) + μ) (eq. 8); layers with
+  α < β_low route by token only, α > β_high by task only (section 3.2); one router per shared
+  input with ``routing.share_routers`` (appendix C); top-k with the paper's renormalisation
+  (eqs. 15–16) or soft routing (eq. 14);
+- routing input: the task encoder over the prompt tokens only (section 3.3, spec §3);
+- auxiliary loss: CGJS (eqs. 10–12) or L_blc (eqs. 17–19) on every token and task router.
+The spec (``shared/spec/method.md``) resolves the paper's ambiguities; the routing context
+(:mod:`hmora_ds.routing.context`) binds the task representation for every router.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from hmora_ds.base_model import gathered
+from hmora_ds.methods.base import Method, register_method
+from hmora_ds.routing.gates import RouterGroup, layer_alphas, layer_modes
+from hmora_ds.routing.task_encoder import TaskEncoder
+
+if TYPE_CHECKING:
+    from hmora_ds.model import HMoRAModel
+
+
+@register_method
+class HMoRA(Method):
+    name = "hmora"
+    preset = "hmora"
+    components: ClassVar[tuple[str, ...]] = (
+        "lora A", "lora B", "token routers", "task routers", "alpha", "task encoder", "e_task",
+        "base model",
+    )  # fmt: skip
+
+    def modes(self, num_layers: int) -> list[str]:
+        """Per layer: ``token``, ``hybrid`` or ``task`` routing (section 3.2)."""
+        r = self.config.routing
+        if r.task_encoder == "none":
+            return ["token"] * num_layers
+        return layer_modes(num_layers, r.eps, r.mu, r.beta_low, r.beta_high)
+
+    def validate_for_model(self, hidden_size: int, num_layers: int) -> None:
+        if not self.has_mixture:
+            return
+        r = self.config.routing
+        if r.task_encoder == "transformer" and hidden_size % r.encoder_heads:
+            self.require(
+                "routing.encoder_heads",
+                False,
+                f"({r.encoder_heads}) must divide the model's hidden size ({hidden_size})",
+            )
+        if r.task_encoder == "none":
+            modes = layer_modes(num_layers, r.eps, r.mu, r.beta_low, r.beta_high)
+            task_only = [i for i, m in enumerate(modes) if m == "task"]
+            self.require(
+                "routing.task_encoder",
+                not task_only,
+                f"'none' leaves layers {task_only} (α > beta_high={r.beta_high}) without any "
+                "router; set routing.beta_high=1.0 or choose a task encoder",
+            )
+
+    def build_router(
+        self, model: HMoRAModel, layer: int, targets: tuple[str, ...], in_features: int,
+        num_experts: int,
+    ) -> nn.Module:  # fmt: skip
+        r = self.config.routing
+        num_layers = model.base_model.config.num_hidden_layers
+        return RouterGroup(
+            layer=layer,
+            targets=targets,
+            in_features=in_features,
+            task_features=model.base_model.config.hidden_size,
+            layer_mode=self.modes(num_layers)[layer],
+            alpha=layer_alphas(num_layers, r.eps, r.mu)[layer],
+            num_experts=num_experts,
+            mode=r.mode,
+            top_k=r.top_k,
+            topk_renorm=r.topk_renorm,
+            dropout=r.router_dropout,
+            learn_alpha=r.learn_alpha,
+            context=model.routing_context,
+        )
+
+    def build_modules(self, model: HMoRAModel, tokenizer: Any, task_token_id: int | None) -> None:
+        """The task encoder, when some layer routes by task (section 3.3)."""
+        num_layers = model.base_model.config.num_hidden_layers
+        if not self.has_mixture or all(m == "token" for m in self.modes(num_layers)):
+            model.task_encoder = None
+            return
+        r = self.config.routing
+        weight = model.base_model.get_input_embeddings().weight
+        init, scale = None, 1.0
+        if r.task_encoder == "transformer" and weight.device.type != "meta":
+            if task_token_id is None:
+                if tokenizer is None:
+                    raise ValueError(
+                        "task_token_id: the transformer task encoder initialises e_task from the "
+                        "embedding of '?'; pass tokenizer= or task_token_id="
+                    )
+                ids = tokenizer.encode("?", add_special_tokens=False)
+                if len(ids) != 1:
+                    raise ValueError(f"tokenizer: '?' is not a single token ({ids})")
+                task_token_id = ids[0]
+            with gathered([weight]), torch.no_grad():
+                init = weight[task_token_id].detach().float().clone()
+                scale = weight.float().pow(2).mean().sqrt().item()
+        model.task_token_id = task_token_id
+        model.task_encoder = TaskEncoder(
+            model.base_model.config.hidden_size,
+            kind=r.task_encoder,
+            num_layers=r.encoder_layers,
+            num_heads=r.encoder_heads,
+            ffn_mult=r.encoder_ffn_mult,
+            dropout=r.encoder_dropout,
+            init_task_embedding=init,
+            position_scale=scale,
+        ).to(weight.device)
+
+    def routing_inputs(
+        self, model: HMoRAModel, embeds: torch.Tensor, prompt_mask: torch.Tensor
+    ) -> torch.Tensor | None:
+        """H_task (B, D) from the prompt tokens only (None without task routing)."""
+        if model.task_encoder is None:
+            return None
+        return model.task_encoder(embeds, prompt_mask)
+
+    def component_of(self, name: str) -> str:
+        if ".task_router." in name:
+            return "task routers"
+        if name.endswith("alpha_logit"):
+            return "alpha"
+        if name == "task_encoder.task_embedding":
+            return "e_task"
+        if name.startswith("task_encoder."):
+            return "task encoder"
+        return super().component_of(name)
