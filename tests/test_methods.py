@@ -1,0 +1,95 @@
+"""The method registry and the invariant table: every registered method is run through the
+same checks (tests/_method_invariants.py) automatically."""
+
+from __future__ import annotations
+
+import pytest
+
+from hmora_ds.config import load_config
+from hmora_ds.methods import Method, available_methods, get_method, register_method
+from tests import _method_invariants as inv
+from tests._dist import run_ranks
+
+BUILTIN = ("full_ft", "hmora", "hydralora", "lora", "mixlora", "molora")
+METHODS = available_methods()
+
+
+def test_builtin_methods_are_registered_with_their_presets():
+    assert set(BUILTIN) <= set(METHODS)
+    for name in BUILTIN:
+        cls = get_method(name)
+        assert cls.name == name and issubclass(cls, Method)
+        assert cls.default_config().method == name
+    # every shipped preset names a registered method
+    from hmora_ds.config import available_presets
+
+    for preset in available_presets():
+        assert load_config(preset).method in METHODS, preset
+
+
+def test_registry_errors_are_one_line_and_name_the_method():
+    with pytest.raises(ValueError, match=r"method: 'nope' is not a registered method; available"):
+        get_method("nope")
+
+    class Clash(Method):
+        name = "hmora"
+
+    with pytest.raises(ValueError, match=r"register_method: 'hmora' is already"):
+        register_method(Clash)
+    with pytest.raises(ValueError, match=r"must be a Method subclass with a name"):
+        register_method(type("Nameless", (Method,), {}))
+    assert get_method("hmora").__name__ == "HMoRA"
+
+
+def test_methods_refuse_settings_they_do_not_have():
+    with pytest.raises(
+        ValueError, match=r"^routing\.task_encoder: must be none.*\(method molora\)"
+    ):
+        inv.build(load_config("molora", ["routing.task_encoder=transformer"]))
+    with pytest.raises(ValueError, match=r"^adapter\.num_experts: must be 1.*\(method lora\)"):
+        inv.build(load_config("lora_r8", ["adapter.num_experts=4"]))
+    with pytest.raises(ValueError, match=r"^options\.x: method hmora takes no options"):
+        inv.build(load_config("hmora", ["options.x=1"]))
+
+
+def test_configs_without_a_method_field_are_read_as_before():
+    data = load_config("molora").to_dict()
+    del data["method"]
+    from hmora_ds.config import HMoRAConfig
+
+    assert HMoRAConfig.from_dict(data).method == "hmora"  # the general implementation
+    data["full_finetune"], data["adapter"]["targets"] = True, []
+    assert HMoRAConfig.from_dict(data).method == "full_ft"
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_init_equals_base_model(name, arch):
+    inv.check_init_equals_base(get_method(name).default_config(), arch)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_only_adapter_parameters_train(name):
+    inv.check_only_adapters_train(get_method(name).default_config())
+
+
+@pytest.mark.parametrize("name", [m for m in METHODS if m != "full_ft"])
+def test_save_load_round_trip(name, tmp_path):
+    inv.check_round_trip(get_method(name).default_config(), tmp_path)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_gradient_checkpointing_parity(name):
+    inv.check_gradient_checkpointing(get_method(name).default_config())
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_tp_report_on_meta(name):
+    inv.check_meta_tp(get_method(name).default_config())
+
+
+@pytest.mark.multirank
+def test_zero2_two_ranks_equal_one_process_and_export_loads(tmp_path):
+    configs = {name: get_method(name).default_config().to_dict() for name in METHODS}
+    run_ranks(inv.zero2_worker, inv.WORLD, tmp_path, configs, tmp_path, [], timeout=300)
+    inv.check_zero2_results(configs, tmp_path)
