@@ -11,6 +11,7 @@ and filled from here (see :mod:`hmora_ds.train.deepspeed_config`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -281,7 +282,10 @@ class RunConfig:
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Load a run config YAML (or the defaults) and apply dotted overrides.
 
-    ``method.<key>=value`` overrides go to the method config (``method.routing.eps=2``).
+    ``method.<key>=value`` overrides go to the method config (``method.routing.eps=2``); an
+    unknown one is an error naming it as written, and a method key without its ``method.``
+    prefix (``routing.eps=2``, as ``python -m hmora_ds.params`` also takes it) an error naming
+    the run-config key. The keys are listed in ``docs/config.md``.
     """
     data: dict[str, Any] = RunConfig().to_dict() if path is None else {}
     if path is not None:
@@ -290,11 +294,20 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
             raise ValueError(f"--config: {path} does not exist")
         data = RunConfig.from_dict(yaml.safe_load(path.read_text()) or {}).to_dict()
     method_overrides: dict[str, Any] = dict(data.get("method") or {})
+    method_keys = {"method": HMoRAConfig().to_dict()}
+    method_top = {f.name for f in fields(HMoRAConfig)}
     plain: list[str] = []
     for item in overrides or []:
         key, value = parse_override(item)
+        top = key.split(".")[0]
         if key.startswith("method."):
+            apply_overrides(copy.deepcopy(method_keys), {key: value})  # unknown: named as written
             method_overrides[key[len("method.") :]] = value
+        elif top not in data and top in method_top:
+            raise ValueError(
+                f"override {key}: a method key; in a run config write method.{key} "
+                "(python -m hmora_ds.params takes both)"
+            )
         else:
             plain.append(item)
     apply_overrides(data, plain)
