@@ -135,7 +135,10 @@ class RoutingConfig:
         top_k: experts kept per decision with ``topk`` (also ``k`` of L_blc).
         topk_renorm: ``paper`` (softmax over the kept probabilities, eq. 15) or ``sum``.
         task_encoder: ``transformer`` | ``mean_pool`` | ``none`` (token routing only).
-        encoder_layers / encoder_heads / encoder_ffn_mult / encoder_dropout: the task encoder.
+        encoder_layers: transformer layers of the task encoder.
+        encoder_heads: attention heads of the task encoder (must divide the hidden size).
+        encoder_ffn_mult: the task encoder's feed-forward width, as a multiple of the hidden size.
+        encoder_dropout: dropout inside the task encoder.
         router_dropout: dropout on the router input, ``h(x) = Linear(dropout(x))``.
         eps, mu: α(l) = σ(−ε + 2ε·l/(L−1) + μ).
         beta_low, beta_high: α < β_low → token routing only; α > β_high → task routing only.
@@ -198,7 +201,7 @@ class LossConfig:
         aux: ``cgjs`` (L_aux, eq. 12), ``blc`` (load balancing, eqs. 17–19) or ``none``.
         gamma_b, gamma_c: CGJS balance and certainty bounds, 0 <= γ_c <= γ_b <= 1.
         aux_weight: λ in L = L_LM + λ Σ_R L_aux^(R).
-        label_smoothing: of the LM cross-entropy on target tokens.
+        label_smoothing: label smoothing of the LM cross-entropy on target tokens.
     """
 
     aux: str = "cgjs"
@@ -231,8 +234,10 @@ class HMoRAConfig:
             validates the sections below for itself (when it is built).
         adapter / routing / loss: the shared vocabulary of LoRA-mixture methods.
         options: method-specific settings, validated by the method's own options dataclass.
-        full_finetune: train the base model itself (method ``full_ft``).
-        preset: the preset the config was loaded from (informational).
+        full_finetune: train every weight of the base model instead of adapters (method
+            ``full_ft``; needs ``adapter.targets=[]``).
+        preset: the preset this config was loaded from (recorded, not an input: choose the
+            preset with the run config's ``preset`` or ``params --preset``).
     """
 
     adapter: AdapterConfig = field(default_factory=AdapterConfig)

@@ -4,20 +4,31 @@ TP = trainable parameters (adapters, routers, task encoder, ``e_task``, learnabl
 percentage of the base model's parameter count, tied embeddings counted once (spec §7).
 Works on a model built on the ``meta`` device from a config alone, so no weights are needed::
 
-    python -m hmora_ds.params --model-config qwen2-1.5b --preset hmora_lw
+    python -m hmora_ds.params --model-config qwen2-1.5b --preset hmora_lw method.routing.eps=2
+
+Overrides are the run config's ``method.*`` keys (``docs/config.md``), or the same keys without
+the ``method.`` prefix (``routing.eps=2``).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from hmora_ds.config import HMoRAConfig, available_presets, load_config
+from hmora_ds.config import (
+    HMoRAConfig,
+    apply_overrides,
+    available_presets,
+    load_config,
+    parse_override,
+)
 from hmora_ds.methods import adapter_parameters
 
 MODEL_CONFIGS_DIR = Path(__file__).parent / "model_configs"
@@ -98,6 +109,42 @@ def build_meta_model(model_config, config: HMoRAConfig):
         return HMoRAModel(base, config)
 
 
+#: The run config's namespace of method keys: ``method.routing.eps`` is ``routing.eps`` here.
+METHOD_PREFIX = "method."
+
+
+def method_overrides(items: list[str]) -> dict[str, Any]:
+    """Dotted overrides in either namespace as ``{method-config key: value}`` (:func:`load_config`).
+
+    ``method.routing.eps=2`` (the run config's key, as launchers/train.py, ``hmora_ds.plan`` and
+    ``hmora_ds.ablate`` take it) and ``routing.eps=2`` name the same field. A key of another
+    run-config section (``train.lr``) is an error naming the key and the tools that use it;
+    unknown keys are errors naming the key as it was written.
+    """
+    from hmora_ds.train.config import RunConfig
+
+    method_fields = {f.name for f in fields(HMoRAConfig)}
+    run_only = {f.name for f in fields(RunConfig)} - method_fields
+    known = {"method": HMoRAConfig().to_dict()}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, value = parse_override(item)
+        top = key.split(".")[0]
+        if key.startswith(METHOD_PREFIX):
+            apply_overrides(copy.deepcopy(known), {key: value})  # an unknown key, as written
+            key = key[len(METHOD_PREFIX) :]
+        elif top in run_only:
+            hint = "; give the architecture with --model-config" if top == "model" else ""
+            raise ValueError(
+                f"override {key}: a run-config key for launchers/train.py, "
+                "python -m hmora_ds.plan and python -m hmora_ds.ablate --set; "
+                "hmora_ds.params takes method keys only: method.adapter.*, method.routing.*, "
+                f"method.loss.* (the method. prefix is optional){hint}"
+            )
+        out[key] = value
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m hmora_ds.params",
@@ -115,11 +162,14 @@ def main(argv: list[str] | None = None) -> int:
         help=f"preset name or YAML/JSON file; presets: {available_presets()}",
     )
     parser.add_argument(
-        "overrides", nargs="*", help="dotted overrides, e.g. adapter.num_experts=16"
+        "overrides",
+        nargs="*",
+        help="method keys of the run config (docs/config.md), with or without the method. "
+        "prefix: method.adapter.num_experts=16 or adapter.num_experts=16",
     )
     args = parser.parse_args(argv)
     try:
-        config = load_config(args.preset, args.overrides)
+        config = load_config(args.preset, method_overrides(args.overrides) or None)
         model = build_meta_model(load_model_config(args.model_config), config)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

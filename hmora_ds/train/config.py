@@ -11,6 +11,7 @@ and filled from here (see :mod:`hmora_ds.train.deepspeed_config`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -106,7 +107,33 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation (paper §4.1: AdamW, lr 2e-5, 500 warm-up steps, global batch 12)."""
+    """Optimisation (paper §4.1: AdamW, lr 2e-5, 500 warm-up steps, global batch 12).
+
+    Attributes:
+        micro_batch_size: sequences per rank per forward (DeepSpeed
+            ``train_micro_batch_size_per_gpu``).
+        grad_accum: micro-batches accumulated per optimizer step; the global batch is
+            ``micro_batch_size × grad_accum × ranks``.
+        max_steps: optimizer steps to train (fewer if early stopping ends the run).
+        lr: peak learning rate (LoRA+ multiplies it by ``method.adapter.eta_b`` for ``B``).
+        warmup_steps: linear warm-up steps from 0 to ``lr``.
+        schedule: after warm-up: ``linear`` or ``cosine`` decay to ``min_lr_ratio × lr`` at
+            ``max_steps``, or ``constant``.
+        min_lr_ratio: the decayed schedules end at this fraction of ``lr``.
+        weight_decay: AdamW weight decay (not on norms or ``e_task``).
+        adam_betas: AdamW ``(beta1, beta2)``; on the command line ``train.adam_betas=[0.9,0.95]``.
+        grad_clip: global gradient-norm clipping (0 = off).
+        seed: seed of initialisation and data order (dropout adds the rank).
+        precision: ``auto`` (bf16 autocast on GPU, fp32 on CPU), ``fp32`` or ``bf16``; the
+            adapters' weights stay fp32.
+        gradient_checkpointing: recompute the base model's activations in the backward pass
+            (less memory, more compute).
+        max_nonfinite_steps: stop the run after this many non-finite losses in a row.
+        log_every: steps between metric logs. Metrics are read back from the device once per
+            window (and before every evaluation / checkpoint), so the step never waits on
+            the device and divergence is noticed at the end of the window it happened in.
+        router_stats_every: steps between routing statistics (expert load, certainty).
+    """
 
     micro_batch_size: int = 4
     grad_accum: int = 3
@@ -122,9 +149,6 @@ class TrainConfig:
     precision: str = "auto"
     gradient_checkpointing: bool = False
     max_nonfinite_steps: int = 5
-    # Metrics are read back from the device once per ``log_every`` steps (and before every
-    # evaluation / checkpoint): the step itself never waits on the device. Divergence
-    # (max_nonfinite_steps) is therefore noticed at the end of the window it happened in.
     log_every: int = 10
     router_stats_every: int = 50
 
@@ -158,11 +182,23 @@ class TrainConfig:
 class EvalConfig:
     """Validation every ``every`` steps; early stopping after ``patience`` evaluations.
 
-    ``kind``: ``loss`` (held-out LM loss, lower is better) or ``benchmarks`` (the paper's:
-    mean accuracy over the benchmarks' validation subsets, higher is better; see
-    ``docs/eval.md``). ``benchmarks`` is ``all`` or a comma list (``arc_easy,csqa``);
-    ``source``/``local_dir``/``mode``/``shots``/``max_questions``/``seed`` as in
-    ``launchers/eval.py``. ``batch_size`` is used by both kinds.
+    Attributes:
+        every: steps between evaluations (the best one selects the best checkpoint).
+        patience: stop after this many evaluations without improvement.
+        batch_size: sequences (``loss``) or questions (``benchmarks``) per evaluation batch.
+        max_batches: with ``kind=loss``, evaluate at most this many validation batches
+            (None = all).
+        kind: ``loss`` (held-out LM loss, lower is better) or ``benchmarks`` (the paper's:
+            mean accuracy over the benchmarks' validation subsets, higher is better; see
+            ``docs/eval.md``).
+        benchmarks: with ``kind=benchmarks``: ``all`` or a comma list (``arc_easy,csqa``).
+        source: where benchmark questions come from: ``offline``, ``hub`` or ``local``
+            (as ``launchers/eval.py --source``).
+        local_dir: with ``source=local``: ``<dir>/<benchmark>/<split>.jsonl``.
+        mode: benchmark scoring, ``letter`` or ``loglik`` (as ``launchers/eval.py --mode``).
+        shots: k-shot examples per benchmark question (0 = zero-shot).
+        max_questions: cap on questions per benchmark (None = the whole validation subset).
+        seed: seed of benchmark subset sampling and shot selection.
     """
 
     every: int = 200
@@ -207,7 +243,12 @@ class ParallelConfig:
 
 @dataclass
 class CheckpointConfig:
-    """DeepSpeed checkpoints every ``every`` steps, the last ``keep_last`` kept (plus the best)."""
+    """DeepSpeed checkpoints every ``every`` steps, the last ``keep_last`` kept (plus the best).
+
+    Attributes:
+        every: steps between checkpoints (and one at the last step).
+        keep_last: newest complete checkpoints kept on disk; the best one is kept as well.
+    """
 
     every: int = 200
     keep_last: int = 2
@@ -224,15 +265,30 @@ class CheckpointConfig:
 class RunConfig:
     """Everything one training run needs; saved resolved next to every checkpoint.
 
-    ``plugins``: Python modules (``my_pkg.my_method``) or ``.py`` files imported before the
-    method is resolved, so a run can use a method registered outside hmora-ds
-    (``hmora_ds.methods.register_method``; see docs/methods.md). They are code you name in your
-    run config; adapters and checkpoints never import anything themselves.
+    Attributes:
+        model: the base model.
+        preset: the HMoRA method preset (``hmora_ds/presets/<name>.yaml``: ``hmora_lw``,
+            ``hmora``, ``lora_r8`` …) or a YAML / JSON method file; ``method.*`` refine it.
+        method: dotted overrides of the preset's method config (adapters, routing, losses).
+            In a run-config YAML a mapping without the prefix (``routing.eps: 2``); on the
+            command line ``method.routing.eps=2``.
+        data: training data.
+        train: optimisation.
+        eval: validation and early stopping.
+        checkpoint: DeepSpeed checkpoints.
+        parallel: parallelism beyond data parallelism.
+        output_dir: the run directory: checkpoints, exported adapters, TensorBoard logs,
+            ``summary.json``.
+        plugins: Python modules (``my_pkg.my_method``) or ``.py`` files imported before the
+            method is resolved, so a run can use a method registered outside hmora-ds
+            (``hmora_ds.methods.register_method``; see docs/methods.md). They are code you
+            name in your run config; adapters and checkpoints never import anything themselves.
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     preset: str = "hmora_lw"
-    method: dict[str, Any] = field(default_factory=dict)
+    # ``keys_of``: the dict holds dotted keys of that dataclass (docs/config.md lists them).
+    method: dict[str, Any] = field(default_factory=dict, metadata={"keys_of": HMoRAConfig})
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -298,7 +354,10 @@ class RunConfig:
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Load a run config YAML (or the defaults) and apply dotted overrides.
 
-    ``method.<key>=value`` overrides go to the method config (``method.routing.eps=2``).
+    ``method.<key>=value`` overrides go to the method config (``method.routing.eps=2``); an
+    unknown one is an error naming it as written, and a method key without its ``method.``
+    prefix (``routing.eps=2``, as ``python -m hmora_ds.params`` also takes it) an error naming
+    the run-config key. The keys are listed in ``docs/config.md``.
     """
     data: dict[str, Any] = RunConfig().to_dict() if path is None else {}
     if path is not None:
@@ -307,11 +366,20 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
             raise ValueError(f"--config: {path} does not exist")
         data = RunConfig.from_dict(yaml.safe_load(path.read_text()) or {}).to_dict()
     method_overrides: dict[str, Any] = dict(data.get("method") or {})
+    method_keys = {"method": HMoRAConfig().to_dict()}
+    method_top = {f.name for f in fields(HMoRAConfig)}
     plain: list[str] = []
     for item in overrides or []:
         key, value = parse_override(item)
+        top = key.split(".")[0]
         if key.startswith("method."):
+            apply_overrides(copy.deepcopy(method_keys), {key: value})  # unknown: named as written
             method_overrides[key[len("method.") :]] = value
+        elif top not in data and top in method_top:
+            raise ValueError(
+                f"override {key}: a method key; in a run config write method.{key} "
+                "(python -m hmora_ds.params takes both)"
+            )
         else:
             plain.append(item)
     apply_overrides(data, plain)
