@@ -6,5 +6,5 @@ routing analysis, benchmarks):
 * :mod:`~hmora_ds.runtime.loading` — the base model and tokenizer: HF names, local directories,
   GGUF files (converted and cached once), dtypes.
 
-A bottom-layer package: it imports nothing above it.
+A bottom-layer package: it imports nothing above it (``docs/architecture.md``).
 """
