@@ -7,7 +7,7 @@ import sys
 
 if __name__ == "__main__":
     from hmora_ds.analysis.cli import main
-    from hmora_ds.train.dist import setup_logging
+    from hmora_ds.runtime.dist import setup_logging
 
     setup_logging(0)
     sys.exit(main())

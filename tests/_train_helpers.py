@@ -49,7 +49,7 @@ def save_tiny_llama(
 def make_tiny_run_inputs(root: Path) -> Path:
     """A tiny LLaMA directory (real SmolLM2 tokenizer) and a JSONL of real Q/A sentences."""
     from hmora_ds import assets
-    from hmora_ds.train.loading import load_tokenizer, resolve_checkpoint
+    from hmora_ds.runtime.loading import load_tokenizer, resolve_checkpoint
 
     try:
         smol = resolve_checkpoint("smollm2-135m-instruct")

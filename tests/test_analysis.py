@@ -156,7 +156,7 @@ def analysis_inputs(tiny_run_inputs, tmp_path_factory):
     """A tiny HMoRA w LW adapter with random routers and a JSONL of 3 tasks."""
     from hmora_ds.config import load_config
     from hmora_ds.model import HMoRAModel
-    from hmora_ds.train.loading import load_base_model, load_tokenizer
+    from hmora_ds.runtime.loading import load_base_model, load_tokenizer
 
     root = tmp_path_factory.mktemp("analysis")
     model_dir = tiny_run_inputs / "model"
@@ -283,7 +283,7 @@ def test_analyze_routing_api_matches_the_cli_whatever_the_batch(analysis_inputs,
     """
     from hmora_ds.adapter_io import load_adapter
     from hmora_ds.analysis import AnalysisError, analyze_routing
-    from hmora_ds.train.loading import load_base_model, load_tokenizer
+    from hmora_ds.runtime.loading import load_base_model, load_tokenizer
 
     model_dir, root = analysis_inputs
     rc, out = _run(tmp_path, model_dir, root, "--batch-size", "8", "--dtype", "float32")

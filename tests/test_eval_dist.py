@@ -19,7 +19,7 @@ def _model_and_tok(model_dir):
 
     from hmora_ds.config import load_config
     from hmora_ds.model import HMoRAModel
-    from hmora_ds.train.loading import load_tokenizer
+    from hmora_ds.runtime.loading import load_tokenizer
 
     tok = load_tokenizer(str(model_dir))
     base = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager")

@@ -16,7 +16,7 @@ from hmora_ds.eval.scoring import ScoreConfig, Scorer, accuracy
 from hmora_ds.eval.suite import average
 from hmora_ds.eval.tables import markdown_table
 from hmora_ds.model import HMoRAModel
-from hmora_ds.train.loading import load_tokenizer
+from hmora_ds.runtime.loading import load_tokenizer
 from tests._eval_helpers import toy_questions
 
 CPU = torch.device("cpu")

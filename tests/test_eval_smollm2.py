@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from hmora_ds.train.loading import load_base_model, load_tokenizer, resolve_checkpoint
+    from hmora_ds.runtime.loading import load_base_model, load_tokenizer, resolve_checkpoint
 
     try:
         ckpt = resolve_checkpoint("smollm2-135m-instruct")

@@ -16,7 +16,7 @@ def _ep_setup(world):
     import deepspeed
     from deepspeed.utils import groups
 
-    from hmora_ds.train.dist import skip_cpu_shm_build
+    from hmora_ds.runtime.dist import skip_cpu_shm_build
 
     skip_cpu_shm_build()
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)  # wraps the live group

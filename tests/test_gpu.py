@@ -17,7 +17,7 @@ pytestmark = [
 def test_bf16_autocast_step_keeps_fp32_adapters(tiny_run_inputs):
     from hmora_ds.config import load_config
     from hmora_ds.model import HMoRAModel
-    from hmora_ds.train.loading import load_base_model
+    from hmora_ds.runtime.loading import load_base_model
 
     base = load_base_model(str(tiny_run_inputs / "model"), torch.bfloat16, "sdpa").cuda()
     model = HMoRAModel(base, load_config("hmora_lw"), task_token_id=5).cuda()

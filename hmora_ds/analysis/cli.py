@@ -84,7 +84,7 @@ def check_adapter(path: str | Path) -> Path:
 def _load_model(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any, str]:
     from hmora_ds.adapter_io import load_adapter
     from hmora_ds.analysis.collect import AnalysisError
-    from hmora_ds.train.loading import (
+    from hmora_ds.runtime.loading import (
         load_base_model,
         load_tokenizer,
         resolve_checkpoint,

@@ -28,7 +28,7 @@ EXPERTS = (8, 16, 32)
 def _worker(rank: int, world: int, init: str, cfg: dict[str, Any], out: str) -> None:
     import torch.distributed as dist
 
-    from hmora_ds.train.dist import skip_cpu_shm_build
+    from hmora_ds.runtime.dist import skip_cpu_shm_build
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)

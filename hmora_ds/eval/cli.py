@@ -77,7 +77,7 @@ def eval_ds_config(path: str, batch_size: int, world: int, bf16: bool) -> dict[s
 def load_model(args: argparse.Namespace, info: Any, rank0_first) -> tuple[Any, Any, dict]:
     """Tokenizer and model (base, or base + adapter), placed or wrapped for evaluation."""
     from hmora_ds.adapter_io import load_adapter, read_adapter_config
-    from hmora_ds.train.loading import (
+    from hmora_ds.runtime.loading import (
         load_base_model,
         load_tokenizer,
         resolve_checkpoint,
@@ -110,13 +110,13 @@ def load_model(args: argparse.Namespace, info: Any, rank0_first) -> tuple[Any, A
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from hmora_ds import assets
-    from hmora_ds.train.dist import init_distributed, setup_logging
+    from hmora_ds.runtime.dist import init_distributed, setup_logging
 
     info = init_distributed(str(assets.cache_root()))
     setup_logging(info.rank)
     import torch.distributed as dist
 
-    from hmora_ds.train.dist import rank0_first as _rank0_first
+    from hmora_ds.runtime.dist import rank0_first as _rank0_first
 
     def rank0_first(fn):
         return _rank0_first(fn, info.rank)

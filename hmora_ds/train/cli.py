@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from hmora_ds.assets import cache_root
-    from hmora_ds.train.dist import init_distributed, setup_logging
+    from hmora_ds.runtime.dist import init_distributed, setup_logging
 
     info = init_distributed(str(cache_root()))
     setup_logging(info.rank)

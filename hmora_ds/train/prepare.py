@@ -19,9 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from hmora_ds.runtime.loading import resolve_checkpoint
     from hmora_ds.train.config import load_run_config
     from hmora_ds.train.data import prepare_records
-    from hmora_ds.train.loading import resolve_checkpoint
 
     try:
         run = load_run_config(args.config, args.overrides)

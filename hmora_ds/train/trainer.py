@@ -36,13 +36,18 @@ from hmora_ds.model import HMoRAModel
 from hmora_ds.optim import lora_plus_param_groups
 from hmora_ds.parallel.expert_parallel import to_expert_parallel, validate_expert_parallel
 from hmora_ds.params import parameter_report
+from hmora_ds.runtime.dist import DistInfo, on_cpu, rank0_first
+from hmora_ds.runtime.loading import (
+    load_base_model,
+    load_tokenizer,
+    resolve_checkpoint,
+    torch_dtype,
+)
 from hmora_ds.train import checkpoint as ckpt
 from hmora_ds.train.config import RunConfig
 from hmora_ds.train.data import RunData, build_run_data, prepare_records
 from hmora_ds.train.deepspeed_config import build_ds_config, zero_stage
-from hmora_ds.train.dist import DistInfo, on_cpu, rank0_first
 from hmora_ds.train.evaluate import Evaluator, ValidationLoss, improved
-from hmora_ds.train.loading import load_base_model, load_tokenizer, resolve_checkpoint, torch_dtype
 from hmora_ds.train.schedule import build_scheduler
 
 logger = logging.getLogger(__name__)
