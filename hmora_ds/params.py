@@ -111,6 +111,11 @@ def build_meta_model(model_config, config: HMoRAConfig):
 
 #: The run config's namespace of method keys: ``method.routing.eps`` is ``routing.eps`` here.
 METHOD_PREFIX = "method."
+#: The run config's other top-level keys (``hmora_ds.train.config.RunConfig``; the training
+#: package is a layer above this one, tests/test_config_keys.py keeps the two in sync).
+RUN_CONFIG_KEYS = frozenset(
+    {"model", "preset", "data", "train", "eval", "checkpoint", "parallel", "output_dir", "plugins"}
+)
 
 
 def method_overrides(items: list[str]) -> dict[str, Any]:
@@ -121,10 +126,7 @@ def method_overrides(items: list[str]) -> dict[str, Any]:
     run-config section (``train.lr``) is an error naming the key and the tools that use it;
     unknown keys are errors naming the key as it was written.
     """
-    from hmora_ds.train.config import RunConfig
-
-    method_fields = {f.name for f in fields(HMoRAConfig)}
-    run_only = {f.name for f in fields(RunConfig)} - method_fields
+    run_only = RUN_CONFIG_KEYS - {f.name for f in fields(HMoRAConfig)}
     known = {"method": HMoRAConfig().to_dict()}
     out: dict[str, Any] = {}
     for item in items:

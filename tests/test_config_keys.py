@@ -112,3 +112,12 @@ def test_params_refuses_other_run_config_keys_naming_the_tools(key, extra, tmp_p
     name = key.split("=")[0]
     assert f"override {name}: a run-config key for launchers/train.py" in err
     assert "hmora_ds.plan" in err and "hmora_ds.ablate --set" in err and extra in err
+
+
+def test_params_knows_every_run_config_key():
+    from dataclasses import fields
+
+    from hmora_ds.params import RUN_CONFIG_KEYS
+    from hmora_ds.train.config import RunConfig
+
+    assert {f.name for f in fields(RunConfig)} - {"method"} == set(RUN_CONFIG_KEYS)

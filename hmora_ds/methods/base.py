@@ -29,16 +29,13 @@ The objective ``L = L_LM + Σ_k λ_k · L_aux,k`` is formed in one place,
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from hmora_ds.config import SHARED_GROUPS, TARGETS, HMoRAConfig
 from hmora_ds.routing.context import RoutingRecord
-
-if TYPE_CHECKING:
-    from hmora_ds.model import HMoRAModel
 
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -210,7 +207,7 @@ class Method:
         return sorted(groups, key=lambda g: TARGETS.index(g[0]))
 
     def build_router(
-        self, model: HMoRAModel, layer: int, targets: tuple[str, ...], in_features: int,
+        self, model: nn.Module, layer: int, targets: tuple[str, ...], in_features: int,
         num_experts: int,
     ) -> nn.Module:  # fmt: skip
         """The router module of one group (token routing by default)."""
@@ -233,11 +230,11 @@ class Method:
             context=model.routing_context,
         )
 
-    def build_modules(self, model: HMoRAModel, tokenizer: Any, task_token_id: int | None) -> None:
+    def build_modules(self, model: nn.Module, tokenizer: Any, task_token_id: int | None) -> None:
         """Attach extra trainable modules to ``model`` (none by default)."""
 
     def routing_inputs(
-        self, model: HMoRAModel, embeds: torch.Tensor, prompt_mask: torch.Tensor
+        self, model: nn.Module, embeds: torch.Tensor, prompt_mask: torch.Tensor
     ) -> torch.Tensor | None:
         """The per-sequence input bound for the routers (the task representation), or None."""
         return None

@@ -19,7 +19,7 @@ The spec (``shared/spec/method.md``) resolves the paper's ambiguities; the routi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -28,9 +28,6 @@ from hmora_ds.base_model import gathered
 from hmora_ds.methods.base import Method, register_method
 from hmora_ds.routing.gates import RouterGroup, layer_alphas, layer_modes
 from hmora_ds.routing.task_encoder import TaskEncoder
-
-if TYPE_CHECKING:
-    from hmora_ds.model import HMoRAModel
 
 
 @register_method
@@ -70,7 +67,7 @@ class HMoRA(Method):
             )
 
     def build_router(
-        self, model: HMoRAModel, layer: int, targets: tuple[str, ...], in_features: int,
+        self, model: nn.Module, layer: int, targets: tuple[str, ...], in_features: int,
         num_experts: int,
     ) -> nn.Module:  # fmt: skip
         r = self.config.routing
@@ -91,7 +88,7 @@ class HMoRA(Method):
             context=model.routing_context,
         )
 
-    def build_modules(self, model: HMoRAModel, tokenizer: Any, task_token_id: int | None) -> None:
+    def build_modules(self, model: nn.Module, tokenizer: Any, task_token_id: int | None) -> None:
         """The task encoder, when some layer routes by task (section 3.3)."""
         num_layers = model.base_model.config.num_hidden_layers
         if not self.has_mixture or all(m == "token" for m in self.modes(num_layers)):
@@ -127,7 +124,7 @@ class HMoRA(Method):
         ).to(weight.device)
 
     def routing_inputs(
-        self, model: HMoRAModel, embeds: torch.Tensor, prompt_mask: torch.Tensor
+        self, model: nn.Module, embeds: torch.Tensor, prompt_mask: torch.Tensor
     ) -> torch.Tensor | None:
         """H_task (B, D) from the prompt tokens only (None without task routing)."""
         if model.task_encoder is None:
