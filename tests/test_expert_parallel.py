@@ -119,3 +119,15 @@ def test_refusals(kwargs, message):
     with pytest.raises(ValueError, match=message):
         validate_expert_parallel(**args)
     validate_expert_parallel(1, 8, 1, 3, "soft", False)  # ep_size 1: everything is allowed
+
+
+def test_per_site_expert_counts_are_checked_before_any_block_changes():
+    from hmora_ds.experts import MoRALinear
+    from hmora_ds.parallel.expert_parallel import to_expert_parallel
+
+    model = tiny_hmora("hmora", overrides={"adapter.num_experts": 4})
+    last = model.base_model.model.layers[5].mlp.down_proj
+    last.num_experts = 3  # as a method with its own count at this site would build it
+    with pytest.raises(ValueError, match=r"parallel\.ep_size \(2\) must divide the 3 experts of "):
+        to_expert_parallel(model, 2, 0)
+    assert all(isinstance(m, MoRALinear) for m in model.adapted_modules().values())

@@ -46,7 +46,48 @@ def prefer_sparse(num_experts: int, top_k: int | None, rank: int, in_features: i
     )
 
 
-class MoRALinear(nn.Module):
+class ExpertBankForward:
+    """``Z = base(X) + s · Σ_i g_i · (dropout(X) A_i) B_i`` (eqs. 3–5), written once for every
+    bank layout: the replicated :class:`MoRALinear` and the expert-parallel block
+    (:mod:`hmora_ds.parallel.expert_parallel`) differ only in their dispatcher.
+
+    Needs ``base_layer``, ``dropout``, ``router``, ``lora_A`` / ``lora_B`` (or the dispatcher's
+    own weights), ``scaling``, :attr:`adapter_dtype` and :meth:`_dispatcher`.
+    """
+
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        """The adapters' dtype (fp32 whatever the base; bf16 autocast computes in bf16)."""
+        return self.lora_B.dtype
+
+    def _dispatcher(self) -> Dispatcher:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        h = self.dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            h = h.to(self.adapter_dtype)
+        router = self.router
+        if router is None:  # a single plain LoRA
+            h = F.linear(h, self.lora_A)
+        else:
+            gates = router.gates(x)  # (B, T, E) or (B, 1, E), fp32
+            dispatcher = self._dispatcher()
+            if not isinstance(dispatcher, DenseDispatcher):
+                delta = dispatcher.delta(self, h, x, gates)
+                return out + delta.view(*out.shape[:-1], -1).to(out.dtype)
+            h = dispatcher.hidden(self, h, gates)
+        # out + s · h Bᵀ as ONE GEMM with the residual add and the scaling fused in (addmm's
+        # beta/alpha): no separate (N, O) multiply and add, the widest tensors of the block.
+        if not torch.is_autocast_enabled(x.device.type) and out.dtype != h.dtype:
+            return out + (F.linear(h, self.lora_B) * self.scaling).to(out.dtype)  # fp32 LoRA
+        out2d = out.reshape(-1, self.out_features)
+        fused = torch.addmm(out2d, h.reshape(-1, h.shape[-1]), self.lora_B.t(), alpha=self.scaling)
+        return fused.view(out.shape)
+
+
+class MoRALinear(ExpertBankForward, nn.Module):
     """An adapted ``nn.Linear``: the original module is kept and called, never copied.
 
     Args:
@@ -133,29 +174,6 @@ class MoRALinear(nn.Module):
         if self.dispatcher is not None:
             return self.dispatcher
         return _SPARSE if self.sparse else _DENSE
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
-        h = self.dropout(x)
-        if not torch.is_autocast_enabled(x.device.type):
-            h = h.to(self.lora_A.dtype)
-        router = self.router
-        if router is None:  # a single plain LoRA
-            h = F.linear(h, self.lora_A)
-        else:
-            gates = router.gates(x)  # (B, T, E) or (B, 1, E), fp32
-            dispatcher = self._dispatcher()
-            if not isinstance(dispatcher, DenseDispatcher):
-                delta = dispatcher.delta(self, h, x, gates)
-                return out + delta.view(*out.shape[:-1], -1).to(out.dtype)
-            h = dispatcher.hidden(self, h, gates)
-        # out + s · h Bᵀ as ONE GEMM with the residual add and the scaling fused in (addmm's
-        # beta/alpha): no separate (N, O) multiply and add, the widest tensors of the block.
-        if not torch.is_autocast_enabled(x.device.type) and out.dtype != h.dtype:
-            return out + (F.linear(h, self.lora_B) * self.scaling).to(out.dtype)  # fp32 LoRA
-        out2d = out.reshape(-1, self.out_features)
-        fused = torch.addmm(out2d, h.reshape(-1, h.shape[-1]), self.lora_B.t(), alpha=self.scaling)
-        return fused.view(out.shape)
 
     def extra_repr(self) -> str:
         kind = "lora" if self.router is None else ("hydra" if self.hydra else "mora")

@@ -1,5 +1,10 @@
 """Expert parallelism: the LoRA experts of each MoRA block placed across ranks.
 
+The block computes eqs. 3–5 with the same code as every expert bank
+(:class:`~hmora_ds.experts.bank.ExpertBankForward`); what is expert-parallel is its dispatcher,
+:class:`AllToAllDispatcher`, which sends each routed (token, expert) pair to the rank that owns
+the expert.
+
 Shapes: ``N`` routed tokens of this rank, ``K`` top-k, ``M`` rows received, ``I`` / ``O`` the
 block's in / out features, ``E`` experts, ``L = E / ep`` local experts, ``R`` rank.
 
@@ -38,7 +43,9 @@ from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups
 from torch import nn
 
-from hmora_ds.experts import MoRALinear
+from hmora_ds.experts import Dispatcher, DispatchPlan, MoRALinear
+from hmora_ds.experts.bank import ExpertBankForward
+from hmora_ds.methods import adapter_parameters
 
 EXPERT_PREFIX = "deepspeed_moe.experts.deepspeed_experts"
 _EXPERT_KEY = re.compile(rf"^(.*)\.{re.escape(EXPERT_PREFIX)}\.(\d+)\.(lora_A|lora_B)$")
@@ -114,7 +121,7 @@ class LoRAExpert(nn.Module):
             p.group_name = name
 
 
-class ExpertParallelMoRA(MoE):
+class ExpertParallelMoRA(ExpertBankForward, MoE):
     """A MoRA block whose experts live on the ranks of an expert-parallel group.
 
     Built from a replicated :class:`MoRALinear` by :func:`to_expert_parallel` (which keeps the
@@ -134,7 +141,6 @@ class ExpertParallelMoRA(MoE):
         self.rank, self.hydra, self.scaling = r, block.hydra, block.scaling
         self.dropout = block.dropout
         self._router = block._router
-        self.top_k = block.router.top_k
         first = ep_rank * self.num_local_experts
         local = range(first, first + self.num_local_experts)
         with torch.no_grad():
@@ -181,44 +187,56 @@ class ExpertParallelMoRA(MoE):
         a = None if self.hydra else torch.cat([ex.lora_A for ex in experts], 0)
         return a, torch.cat([ex.lora_B for ex in experts], 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        return self.local_experts[0].lora_B.dtype
+
+    def _dispatcher(self) -> Dispatcher:
         if self._ep_group is None:
             raise RuntimeError("ExpertParallelMoRA: no process group bound (deepspeed.initialize "
                                "binds it; or call bind_group)")  # fmt: skip
-        out = self.base_layer(x)
-        h = self.dropout(x)
-        if not torch.is_autocast_enabled(x.device.type):
-            h = h.to(self.local_experts[0].lora_B.dtype)
-        if self.hydra:
-            h = F.linear(h, self.hydra_A)  # (…, R): Hydra ships R-wide rows
-        gates = self.router.gates(x).expand(*x.shape[:-1], self.num_experts)
-        rows_in = h.reshape(-1, h.shape[-1])  # (N, I or R)
-        vals, idx = gates.reshape(-1, self.num_experts).topk(self.top_k, dim=-1)  # (N, K)
-        n, k, lx = rows_in.shape[0], self.top_k, self.num_local_experts
-        token = torch.arange(n, device=x.device).repeat_interleave(k)
-        expert, gate = idx.reshape(-1), vals.reshape(-1)
-        dest = torch.div(expert, lx, rounding_mode="floor")
-        order = torch.argsort(dest, stable=True)
-        token, expert, gate = token[order], expert[order], gate[order]
-        send_counts = torch.bincount(dest, minlength=self.ep_size)
-        recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self._ep_group)
-        in_splits, out_splits = send_counts.tolist(), recv_counts.tolist()
-        rows = _AllToAll.apply(rows_in[token], out_splits, in_splits, self._ep_group)  # (M, ·)
-        local_id = torch.empty(sum(out_splits), dtype=expert.dtype, device=x.device)
-        dist.all_to_all_single(local_id, expert % lx, out_splits, in_splits, group=self._ep_group)
-        a, b = self._local_weights()
-        hid = rows.unsqueeze(1) if self.hydra else F.linear(rows, a).unflatten(-1, (lx, self.rank))
-        mask = F.one_hot(local_id, lx).to(hid.dtype).unsqueeze(-1)  # (M, L, 1)
-        y = F.linear((hid * mask).flatten(1), b)  # (M, O): every local expert in the graph
-        back = _AllToAll.apply(y, in_splits, out_splits, self._ep_group)  # (N·K, O)
-        contrib = back * (gate.unsqueeze(-1) * self.scaling).to(back.dtype)
-        delta = contrib.new_zeros(n, self.out_features).index_add(0, token, contrib)
-        return out + delta.reshape(out.shape).to(out.dtype)
+        return _ALL_TO_ALL
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, ep_size={self.ep_size}, ep_rank={self.ep_rank}, "
                 f"local={self.num_local_experts}, hydra={self.hydra}")  # fmt: skip
+
+
+class AllToAllDispatcher(Dispatcher):
+    """The routed pairs of this rank's tokens computed by the experts' owners (steps 2–4 of the
+    module docstring); any number of experts per token (the router's non-zero gates)."""
+
+    name = "expert-parallel"
+
+    def delta(self, block, h: torch.Tensor, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        group, lx, e = block._ep_group, block.num_local_experts, block.num_experts
+        if block.hydra:
+            h = F.linear(h, block.hydra_A)  # (…, R): Hydra ships R-wide rows
+        rows_in = h.reshape(-1, h.shape[-1])  # (N, I or R)
+        plan = DispatchPlan.build(gates, block.router.top_k, x.shape[-2])  # sorted by expert
+        counts = torch.diff(plan.offsets.long(), prepend=plan.offsets.new_zeros(1).long())
+        expert = torch.repeat_interleave(torch.arange(e, device=x.device), counts)
+        # Experts sorted ⇒ owners sorted: each owner's pairs are one contiguous slice.
+        send_counts = counts.view(block.ep_size, lx).sum(-1)
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=group)
+        in_splits, out_splits = send_counts.tolist(), recv_counts.tolist()
+        rows = _AllToAll.apply(rows_in[plan.token], out_splits, in_splits, group)  # (M, ·)
+        local_id = torch.empty(sum(out_splits), dtype=expert.dtype, device=x.device)
+        dist.all_to_all_single(local_id, expert % lx, out_splits, in_splits, group=group)
+        a, b = block._local_weights()
+        hid = (
+            rows.unsqueeze(1) if block.hydra else F.linear(rows, a).unflatten(-1, (lx, block.rank))
+        )
+        mask = F.one_hot(local_id, lx).to(hid.dtype).unsqueeze(-1)  # (M, L, 1)
+        y = F.linear((hid * mask).flatten(1), b)  # (M, O): every local expert in the graph
+        back = _AllToAll.apply(y, in_splits, out_splits, group)  # this rank's pairs, (P, O)
+        contrib = back * (plan.weight.unsqueeze(-1) * block.scaling).to(back.dtype)
+        return contrib.new_zeros(plan.num_tokens, block.out_features).index_add(0, plan.token,
+                                                                               contrib)  # fmt: skip
+
+
+_ALL_TO_ALL = AllToAllDispatcher()
 
 
 def to_expert_parallel(model: nn.Module, ep_size: int, ep_rank: int) -> int:
@@ -227,13 +245,19 @@ def to_expert_parallel(model: nn.Module, ep_size: int, ep_rank: int) -> int:
     Returns:
         The number of blocks converted.
     """
-    converted = 0
-    for name, module in list(model.named_modules()):
-        if isinstance(module, MoRALinear) and module.router is not None:
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child,
-                    ExpertParallelMoRA(module, ep_size, ep_rank))  # fmt: skip
-            converted += 1
+    blocks = [(n, m) for n, m in model.named_modules()
+              if isinstance(m, MoRALinear) and m.router is not None]  # fmt: skip
+    for name, module in blocks:  # a method may give each site its own E: check all first
+        if module.num_experts % ep_size:
+            raise ValueError(
+                f"parallel.ep_size ({ep_size}) must divide the {module.num_experts} experts "
+                f"of {name}; choose an ep_size dividing every site's expert count"
+            )
+    for name, module in blocks:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child,
+                ExpertParallelMoRA(module, ep_size, ep_rank))  # fmt: skip
+    converted = len(blocks)
     return converted
 
 
@@ -272,8 +296,8 @@ def gather_expert_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     state: dict[str, torch.Tensor] = {}
     blocks = expert_parallel_blocks(model)
-    for name, p in model.named_parameters():
-        if p.requires_grad and f".{EXPERT_PREFIX}." not in name:
+    for name, p in adapter_parameters(model).items():
+        if f".{EXPERT_PREFIX}." not in name:
             state[name] = p.detach().cpu()
     for name, block in blocks.items():
         world = dist.get_world_size(block._ep_group)

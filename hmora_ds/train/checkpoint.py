@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from hmora_ds.methods import adapter_parameters
+
 logger = logging.getLogger(__name__)
 
 LATEST = "latest"
@@ -87,7 +89,8 @@ def frozen_weights_excluded(module: torch.nn.Module):
     our own module, removed right after the save, drops the aliases by storage. (Not under
     ZeRO-3, whose module tensors are empty placeholders and whose state is saved by partition.)
     """
-    frozen = {p.data_ptr() for p in module.parameters() if not p.requires_grad and p.numel()}
+    trainable = {id(p) for p in adapter_parameters(module).values()}
+    frozen = {p.data_ptr() for p in module.parameters() if id(p) not in trainable and p.numel()}
 
     def drop(_module, state, _prefix, _meta):
         for key in [k for k, v in state.items() if v.numel() and v.data_ptr() in frozen]:
