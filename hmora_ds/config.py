@@ -10,12 +10,15 @@ overrides (``routing.eps=2``), exactly like the command-line tools accept them.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -27,8 +30,56 @@ SHARED_GROUPS: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("gate", "up"))
 PRESETS_DIR = Path(__file__).parent / "presets"
 
 
+#: The errors of the validation in progress (see :func:`collect_errors`), or None: raise at once.
+_COLLECTING: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "hmora_config_errors", default=None
+)
+
+
 def _fail(name: str, msg: str) -> None:
-    raise ValueError(f"{name}: {msg}")
+    """Report a bad field: raise, or record it while :func:`collect_errors` is active (the
+    first message per field is kept)."""
+    errors = _COLLECTING.get()
+    if errors is None:
+        raise ValueError(f"{name}: {msg}")
+    errors.setdefault(name, f"{name}: {msg}")
+
+
+@contextlib.contextmanager
+def collect_errors() -> Iterator[None]:
+    """Validate several fields and sections, then raise ONE ``ValueError`` listing every bad
+    field (``a.b: …; c.d: …``), so a config with three mistakes needs one run to fix, not three.
+
+    A section whose check stops on a value of the wrong type (a ``TypeError`` after its first
+    error was recorded) is left there; the other sections are still checked.
+    """
+    if _COLLECTING.get() is not None:  # nested: the outermost one reports
+        yield
+        return
+    errors: dict[str, str] = {}
+    token = _COLLECTING.set(errors)
+    try:
+        yield
+    finally:
+        _COLLECTING.reset(token)
+    if errors:
+        raise ValueError("; ".join(errors.values()))
+
+
+def check_sections(*checks: Any) -> None:
+    """Run each check (a callable) under :func:`collect_errors`, one after the other; a check
+    that raises ``ValueError`` itself (code that does not report through ``_fail``) adds its
+    message and the next check still runs."""
+    with collect_errors():
+        errors = _COLLECTING.get()
+        for check in checks:
+            try:
+                check()
+            except ValueError as err:
+                errors.setdefault(str(err), str(err))
+            except TypeError:
+                if not errors:  # a TypeError that does not follow a reported error: a bug
+                    raise
 
 
 def coerce_numbers(obj: Any, section: str) -> None:
@@ -88,7 +139,7 @@ class AdapterConfig:
     hydra: bool = False
     single_lora_layers: list[str] = field(default_factory=list)
     eta_b: float = 1.0
-    compute: str = "auto"
+    compute: Literal["auto", "dense", "sparse"] = "auto"
 
     def validate(self) -> None:
         coerce_numbers(self, "adapter")
@@ -146,10 +197,10 @@ class RoutingConfig:
         share_routers: one router for q, k, v and one for gate, up, computed once per layer.
     """
 
-    mode: str = "topk"
+    mode: Literal["soft", "topk"] = "topk"
     top_k: int = 2
-    topk_renorm: str = "paper"
-    task_encoder: str = "transformer"
+    topk_renorm: Literal["paper", "sum"] = "paper"
+    task_encoder: Literal["transformer", "mean_pool", "none"] = "transformer"
     encoder_layers: int = 1
     encoder_heads: int = 16
     encoder_ffn_mult: float = 2.0
@@ -204,7 +255,7 @@ class LossConfig:
         label_smoothing: label smoothing of the LM cross-entropy on target tokens.
     """
 
-    aux: str = "cgjs"
+    aux: Literal["cgjs", "blc", "none"] = "cgjs"
     gamma_b: float = 1.0
     gamma_c: float = 0.4
     aux_weight: float = 0.003
@@ -252,14 +303,20 @@ class HMoRAConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Check every field and every cross-field combination that needs no model shape."""
+        """Check every field and every cross-field combination that needs no model shape;
+        every bad field is reported in one error (:func:`collect_errors`)."""
+        check_sections(
+            self._validate_own, self.adapter.validate, self.routing.validate,
+            self.loss.validate, self._validate_across,
+        )  # fmt: skip
+
+    def _validate_own(self) -> None:
         if not isinstance(self.method, str) or not self.method:
             _fail("method", f"must name a registered method, got {self.method!r}")
         if not isinstance(self.options, dict):
             _fail("options", f"must be a mapping of method options, got {self.options!r}")
-        self.adapter.validate()
-        self.routing.validate()
-        self.loss.validate()
+
+    def _validate_across(self) -> None:
         if self.full_finetune and self.adapter.targets:
             _fail(
                 "full_finetune",

@@ -114,3 +114,29 @@ def test_shape_dependent_checks_at_injection():
     with pytest.raises(ValueError, match=r"^routing\.task_encoder: 'none' leaves layers \[5\]"):
         tiny_hmora("hmora", overrides=["routing.task_encoder=none"])
     tiny_hmora("hmora", overrides=["routing.task_encoder=none", "routing.beta_high=1.0"])
+
+
+def test_every_bad_field_is_reported_in_one_line():
+    with pytest.raises(ValueError) as err:
+        load_config("hmora", ["adapter.rank=0", "routing.mode=x", "adapter.alpha=abc",
+                              "loss.gamma_c=2"])  # fmt: skip
+    msg = str(err.value)
+    assert "\n" not in msg
+    for field in ("adapter.rank:", "routing.mode:", "adapter.alpha:", "loss.gamma_c:"):
+        assert field in msg, msg
+    # a method's own refusals are collected the same way
+    from hmora_ds.methods import build_method
+
+    config = load_config("mixlora", ["routing.mode=soft", "adapter.hydra=true"])
+    with pytest.raises(ValueError, match=r"routing\.mode: .*; adapter\.hydra: "):
+        build_method(config)
+
+
+def test_run_config_reports_every_section_at_once():
+    from hmora_ds.train.config import load_run_config
+
+    with pytest.raises(ValueError) as err:
+        load_run_config(None, ["train.lr=-1", "checkpoint.every=0", "method.adapter.rank=0"])
+    msg = str(err.value)
+    for field in ("train.lr", "checkpoint.every", "adapter.rank"):
+        assert field in msg, msg

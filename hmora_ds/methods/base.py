@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from hmora_ds.config import SHARED_GROUPS, TARGETS, HMoRAConfig
+from hmora_ds.config import SHARED_GROUPS, TARGETS, HMoRAConfig, _fail, check_sections
 from hmora_ds.routing.context import RoutingRecord
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -112,10 +112,6 @@ def import_plugins(specs: list[str]) -> None:
             raise ValueError(msg) from None
 
 
-def _fail(field: str, msg: str) -> None:
-    raise ValueError(f"{field}: {msg}")
-
-
 class Method:
     """Base class of methods; the defaults are those of a routed LoRA mixture.
 
@@ -134,7 +130,7 @@ class Method:
     def __init__(self, config: HMoRAConfig) -> None:
         self.config = config
         self.options = self._parse_options(config.options)
-        self.validate()
+        check_sections(self.validate)  # every refused setting in one error
 
     # ------------------------------------------------------------------ configuration
     @classmethod

@@ -21,15 +21,13 @@ import yaml
 
 from hmora_ds.config import (
     HMoRAConfig,
+    _fail,
     apply_overrides,
+    check_sections,
     coerce_numbers,
     load_config,
     parse_override,
 )
-
-
-def _fail(name: str, msg: str) -> None:
-    raise ValueError(f"{name}: {msg}")
 
 
 @dataclass
@@ -300,9 +298,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         if isinstance(self.train.adam_betas, list):
             self.train.adam_betas = tuple(self.train.adam_betas)
-        for part in (self.model, self.data, self.train, self.eval, self.checkpoint, self.parallel):
-            part.validate()
-        self.hmora_config()  # validates preset + method overrides
+        parts = (self.model, self.data, self.train, self.eval, self.checkpoint, self.parallel)
+        # Every bad key of every section in one error; then preset + method overrides.
+        check_sections(*(part.validate for part in parts), self.hmora_config)
 
     def hmora_config(self) -> HMoRAConfig:
         """The resolved method config: the preset with ``method`` overrides applied, checked by
