@@ -185,3 +185,19 @@ def stacked_load_balance_loss(
     frac = sums[: r * e].detach().view(r, e) / (k * count)
     mean_p = sums[r * e : 2 * r * e].view(r, e) / count
     return e * (frac * mean_p).sum(-1)
+
+
+def total_loss(lm_loss: Any, aux_loss: Any, aux_weight: float) -> Any:
+    """L = L_LM + λ · L_aux: the training objective, formed here and nowhere else (spec §5).
+
+    Used by the model's forward (mean LM loss), by the trainer's step (the LM *sum* scaled to
+    the global per-token mean, so the gradient equals one process holding the whole batch) and
+    for the logged ``loss`` (floats read back from the device): all three must agree, so any
+    change to the objective is made once. Works on tensors (differentiable) and on floats.
+
+    Args:
+        lm_loss: the language-modelling term (scalar tensor or float).
+        aux_loss: Σ over routers of the unweighted auxiliary routing loss (scalar or float).
+        aux_weight: λ (``config.loss.aux_weight``).
+    """
+    return lm_loss + aux_weight * aux_loss

@@ -26,7 +26,7 @@ from torch import nn
 
 from hmora_ds.config import SHARED_GROUPS, TARGETS, HMoRAConfig
 from hmora_ds.lora import MoRALinear
-from hmora_ds.losses import stacked_cgjs_loss, stacked_load_balance_loss
+from hmora_ds.losses import stacked_cgjs_loss, stacked_load_balance_loss, total_loss
 from hmora_ds.metrics import RouterStatsAccumulator
 from hmora_ds.routing import RouterGroup, RoutingContext, TaskEncoder, layer_alphas, layer_modes
 
@@ -427,7 +427,7 @@ class HMoRAModel(nn.Module):
             lm_sum, n_target = self.lm_loss_sum(out.logits, labels)
             result.lm_loss_sum, result.num_target_tokens = lm_sum, n_target
             result.lm_loss = lm_sum / n_target.clamp_min(1)
-            result.loss = result.lm_loss + self.config.loss.aux_weight * result.aux_loss
+            result.loss = total_loss(result.lm_loss, result.aux_loss, self.config.loss.aux_weight)
         return result
 
     @property

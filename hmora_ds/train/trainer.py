@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from hmora_ds.adapter_io import adapter_metadata, load_adapter, read_adapter_config, save_adapter
 from hmora_ds.config import HMoRAConfig
+from hmora_ds.losses import total_loss
 from hmora_ds.metrics import RouterStatsAccumulator
 from hmora_ds.model import HMoRAModel
 from hmora_ds.optim import lora_plus_param_groups
@@ -276,7 +277,8 @@ class Trainer:
             m = self._to_device(m)
             with self._autocast():
                 out = self.engine(**m, aux_group=self.dp_group, return_router_stats=False)
-            loss = out.lm_loss_sum * scale.to(out.lm_loss_sum.dtype) + lam * out.aux_loss
+            lm = out.lm_loss_sum * scale.to(out.lm_loss_sum.dtype)
+            loss = total_loss(lm, out.aux_loss, lam)
             self.engine.backward(loss)
             self.engine.step()
             lm_sum += out.lm_loss_sum.detach().double()
@@ -328,7 +330,7 @@ class Trainer:
             lm_sum, n_target, n_tokens, aux = v[:4]
             lm = lm_sum / max(n_target, 1.0)
             m = {
-                "loss": lm + lam * aux,
+                "loss": total_loss(lm, aux, lam),
                 "lm_loss": lm,
                 "aux_loss": aux,
                 "lr": r["lr"],
