@@ -16,7 +16,6 @@ Non-finite loss or gradient: DeepSpeed skips the update (its grad-norm check) an
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import resource
@@ -26,7 +25,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from hmora_ds.adapter_io import adapter_metadata, load_adapter, read_adapter_config, save_adapter
 from hmora_ds.config import HMoRAConfig
@@ -44,6 +42,7 @@ from hmora_ds.train.dist import DistInfo, on_cpu, rank0_first
 from hmora_ds.train.evaluate import Evaluator, ValidationLoss, improved
 from hmora_ds.train.loading import load_base_model, load_tokenizer, resolve_checkpoint, torch_dtype
 from hmora_ds.train.schedule import build_scheduler
+from hmora_ds.train.sinks import Sinks, build_summary, log_eval_result, log_nonfinite
 
 logger = logging.getLogger(__name__)
 
@@ -348,17 +347,11 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         run, info = self.run, self.info
         t = run.train
-        writer = self._tensorboard()
+        sinks = Sinks.open(
+            self.out_dir, run.to_dict(), info.is_main, t.max_steps, self.step, t.log_every
+        )
         batches = self.data.batches()
         stats_k = self.model.stats_top_k
-        bar = tqdm(
-            total=t.max_steps,
-            initial=self.step,
-            desc="train",
-            unit="step",
-            disable=not info.is_main,
-            dynamic_ncols=True,
-        )
         start_time, tokens_seen, stop_reason = time.time(), 0.0, "max_steps"
         # Steps not yet read back from the device: (step, raw metrics). Reading back costs a
         # host-device sync, so it happens once per logging window, before an evaluation or a
@@ -372,7 +365,7 @@ class Trainer:
             raw = self.train_step(batches, stats)
             self.step += 1
             pending.append((self.step, raw))
-            bar.update(1)
+            sinks.step_done()
             due_eval = self.evaluator is not None and (
                 self.step % run.eval.every == 0 or self.step == t.max_steps
             )
@@ -380,13 +373,13 @@ class Trainer:
             router = stats.finalize(self.dp_group) if stats is not None else {}
             if self.step % t.log_every == 0 or self.step == 1 or router or due_eval or due_ckpt:
                 now = time.time()
-                diverged, tokens = self._flush(pending, writer, bar, router, now - window_start)
+                diverged, tokens = self._flush(pending, sinks, router, now - window_start)
                 tokens_seen += tokens
                 pending, window_start = [], now
                 if diverged:
                     stop_reason = diverged
                     break
-            stop = due_eval and self._evaluate(writer)
+            stop = due_eval and self._evaluate(sinks)
             # A new best is always checkpointed (and protected from pruning).
             new_best = due_eval and self.best["step"] == self.step
             if stop or new_best or due_ckpt:
@@ -395,13 +388,13 @@ class Trainer:
                 stop_reason = f"early stopping ({run.eval.patience} evaluations without gain)"
                 break
         if pending:
-            diverged, tokens = self._flush(pending, writer, bar, {}, time.time() - window_start)
+            diverged, tokens = self._flush(pending, sinks, {}, time.time() - window_start)
             tokens_seen += tokens
             stop_reason = diverged or stop_reason
-        bar.close()
-        return self._finish(writer, stop_reason, time.time() - start_time, tokens_seen)
+        sinks.close_bar()
+        return self._finish(sinks, stop_reason, time.time() - start_time, tokens_seen)
 
-    def _flush(self, pending, writer, bar, router, seconds: float) -> tuple[str | None, float]:
+    def _flush(self, pending, sinks: Sinks, router, seconds: float) -> tuple[str | None, float]:
         """Read a window of steps back (one sync), check divergence, log, extend the history.
 
         Returns (a stop reason if ``max_nonfinite_steps`` non-finite steps came in a row, the
@@ -418,36 +411,22 @@ class Trainer:
             m["peak_memory_mb"] = peak
             if not m["applied"] or not math.isfinite(m["loss"]):
                 self.nonfinite_in_row += 1
-                logger.warning(
-                    "step %d: non-finite loss or gradient (loss %s); update skipped (%d in a row)",
-                    step,
-                    m["loss"],
-                    self.nonfinite_in_row,
-                )
+                log_nonfinite(step, m["loss"], self.nonfinite_in_row)
                 if self.nonfinite_in_row >= self.run.train.max_nonfinite_steps and not diverged:
                     diverged = f"{self.nonfinite_in_row} non-finite steps in a row"
             else:
                 self.nonfinite_in_row = 0
             self.history.append({"step": step, "loss": m["loss"], "lm_loss": m["lm_loss"]})
-            if self.info.is_main:
-                self._log(writer, step, m, router if step == pending[-1][0] else {})
-        if self.info.is_main and metrics:
-            last = metrics[-1]
-            bar.set_postfix(
-                loss=f"{last['loss']:.4f}",
-                aux=f"{last['aux_loss']:.3f}",
-                tok_s=f"{tokens_per_s:.0f}",
-            )
+        sinks.log_window([step for step, _ in pending], metrics, router)
         return diverged, tokens
 
-    def _evaluate(self, writer) -> bool:
+    def _evaluate(self, sinks: Sinks) -> bool:
         """Evaluate; keep the best adapter; True when early stopping is due."""
         result = self.evaluator.evaluate(self.engine, self.step)
         value = result[self.evaluator.metric]
-        if self.info.is_main and writer is not None:
-            for k, v in result.items():
-                writer.add_scalar(f"eval/{k}", v, self.step)
-        if improved(value, self.best["value"], self.evaluator.mode):
+        sinks.log_eval(result, self.step)
+        new_best = improved(value, self.best["value"], self.evaluator.mode)
+        if new_best:
             self.best = {
                 "value": value,
                 "tag": ckpt.tag_for(self.step),
@@ -456,18 +435,16 @@ class Trainer:
             }
             self.evals_without_improvement = 0
             save_adapter(self.model, self.out_dir / "adapter_best", write=self.info.is_main)
-            logger.info("step %d: %s = %.4f (best so far)", self.step, self.evaluator.metric, value)
         else:
             self.evals_without_improvement += 1
-            logger.info(
-                "step %d: %s = %.4f (best %.4f at step %d; %d without gain)",
-                self.step,
-                self.evaluator.metric,
-                value,
-                self.best["value"],
-                self.best["step"],
-                self.evals_without_improvement,
-            )
+        log_eval_result(
+            self.step,
+            self.evaluator.metric,
+            value,
+            new_best,
+            self.best,
+            self.evals_without_improvement,
+        )
         return self.evals_without_improvement >= self.run.eval.patience
 
     def _checkpoint(self) -> None:
@@ -496,71 +473,20 @@ class Trainer:
             self.info.rank,
         )
 
-    # ----------------------------------------------------------------- logging
-    def _tensorboard(self):
-        if not self.info.is_main:
-            return None
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "run_config.json").write_text(json.dumps(self.run.to_dict(), indent=2))
-        return SummaryWriter(str(self.out_dir / "tensorboard"))
-
-    def _log(
-        self, writer, step: int, m: dict[str, float], router: dict[str, dict[str, torch.Tensor]]
-    ) -> None:
-        if writer is None:
-            return
-        if step % self.run.train.log_every == 0 or step == 1 or router:
-            for key in (
-                "loss",
-                "lm_loss",
-                "aux_loss",
-                "lr",
-                "grad_norm",
-                "tokens_per_s",
-                "peak_memory_mb",
-            ):
-                if key in m:
-                    writer.add_scalar(f"train/{key}", m[key], step)
-            for key in m:
-                if key.startswith("aux_loss_"):
-                    writer.add_scalar(f"train/{key}", m[key], step)
-        if router:
-            record = {"step": step}
-            for name, s in router.items():
-                writer.add_scalar(f"router_balance/{name}", s["balance"].item(), step)
-                writer.add_scalar(f"router_certainty/{name}", s["certainty"].item(), step)
-                writer.add_scalar(f"router_load_max/{name}", s["load"].max().item(), step)
-                record[name] = {k: v.tolist() for k, v in s.items()}
-            with (self.out_dir / "router_stats.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def _finish(self, writer, stop_reason: str, seconds: float, tokens: float) -> dict[str, Any]:
+    def _finish(self, sinks: Sinks, stop_reason: str, seconds: float, tokens: float) -> dict:
         save_adapter(self.model, self.out_dir / "adapter", write=self.info.is_main)
-        window = max(1, min(10, len(self.history) // 4 or 1))
-        first = [h["lm_loss"] for h in self.history[:window]]
-        last = [h["lm_loss"] for h in self.history[-window:]]
-        summary = {
-            "steps": self.step,
-            "stop_reason": stop_reason,
-            "lm_loss_first": sum(first) / len(first) if first else None,
-            "lm_loss_last": sum(last) / len(last) if last else None,
-            "best": self.best,
-            "trainable_parameters": self.report.trainable,
-            "tp_percent": self.report.tp_percent,
-            "world_size": self.info.world_size,
-            "zero_stage": zero_stage(self.ds_config),
-            "seconds": seconds,
-            "tokens_per_s": tokens / max(seconds, 1e-9),
-            "adapter": str(self.out_dir / "adapter"),
-            "adapter_best": str(self.out_dir / "adapter_best") if self.best["tag"] else None,
-            "checkpoints": str(self.ckpt_dir),
-            "tensorboard": str(self.out_dir / "tensorboard"),
-            "history": self.history,
-        }
-        if self.info.is_main:
-            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            if writer is not None:
-                writer.close()
+        summary = build_summary(
+            steps=self.step,
+            stop_reason=stop_reason,
+            best=self.best,
+            history=self.history,
+            report=self.report,
+            world_size=self.info.world_size,
+            zero_stage=zero_stage(self.ds_config),
+            seconds=seconds,
+            tokens=tokens,
+            out_dir=self.out_dir,
+            ckpt_dir=self.ckpt_dir,
+        )
+        sinks.finish(summary)
         return summary
