@@ -15,10 +15,8 @@ Non-finite loss or gradient: DeepSpeed skips the update (its grad-norm check) an
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,6 @@ import torch.distributed as dist
 
 from hmora_ds.adapter_io import adapter_metadata, load_adapter, read_adapter_config, save_adapter
 from hmora_ds.config import HMoRAConfig
-from hmora_ds.losses import total_loss
 from hmora_ds.metrics import RouterStatsAccumulator
 from hmora_ds.model import HMoRAModel
 from hmora_ds.optim import lora_plus_param_groups
@@ -43,6 +40,7 @@ from hmora_ds.train.evaluate import Evaluator, ValidationLoss, improved
 from hmora_ds.train.loading import load_base_model, load_tokenizer, resolve_checkpoint, torch_dtype
 from hmora_ds.train.schedule import build_scheduler
 from hmora_ds.train.sinks import Sinks, build_summary, log_eval_result, log_nonfinite
+from hmora_ds.train.step import StepMetrics, train_step, window_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +53,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 class Trainer:
@@ -235,113 +227,20 @@ class Trainer:
         logger.info("resumed from %s/%s at step %d", ckpt_dir, tag, self.step)
 
     # ----------------------------------------------------------------- one step
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.info.device.type, dtype=self.autocast_dtype)
-
-    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Host batch → device without waiting on the device: pinned memory + non_blocking."""
-        device = self.info.device
-        if device.type != "cuda":
-            return {k: v.to(device) for k, v in batch.items()}
-        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
-
-    def train_step(self, batches, stats: RouterStatsAccumulator | None) -> dict[str, Any]:
-        """One optimizer step over ``grad_accum`` micro-batches of every rank.
-
-        No host-device synchronisation: token counts are taken from the host batches, every
-        loss is accumulated on the device, and the step returns device tensors
-        (``raw``); :meth:`_flush` reads the steps of a logging window back in one transfer.
-        (DeepSpeed's own gradient clipping may still synchronise inside ``engine.step``.)
-        """
-        world, accum = self.info.world_size, self.run.train.grad_accum
-        micro = [next(batches) for _ in range(accum)]
-        device = self.info.device
-        # Counted on the collator's host tensors: no device involved.
-        n_target = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)
-        n_tokens = sum(int(m["attention_mask"].sum()) for m in micro)
-        counts = torch.tensor([n_target, n_tokens], dtype=torch.float64)
-        counts = self._to_device({"c": counts})["c"]
-        if world > 1:
-            dist.all_reduce(counts)  # on the device: NCCL takes no host tensors
-        # Per-token mean over the *global* batch: Σ_micro Σ_rank lm_sum / n_target, as a
-        # device tensor so the loss scale needs no sync.
-        scale = (world * accum) / counts[0].clamp_min(1.0)
-        lam = self.method.loss.aux_weight
-        lm_sum = torch.zeros((), dtype=torch.float64, device=device)
-        aux_total = torch.zeros((), dtype=torch.float32, device=device)
-        aux_kinds: dict[str, torch.Tensor] = {}
-        for m in micro:
-            m = self._to_device(m)
-            with self._autocast():
-                out = self.engine(**m, aux_group=self.dp_group, return_router_stats=False)
-            lm = out.lm_loss_sum * scale.to(out.lm_loss_sum.dtype)
-            loss = total_loss(lm, out.aux_loss, lam)
-            self.engine.backward(loss)
-            self.engine.step()
-            lm_sum += out.lm_loss_sum.detach().double()
-            aux_total += out.aux_loss.detach().float() / accum
-            for kind, value in out.aux_by_kind.items():
-                prev = aux_kinds.get(kind)
-                value = value.detach().float() / accum
-                aux_kinds[kind] = value if prev is None else prev + value
-            if stats is not None:
-                stats.add(out.routing_records)
-        if world > 1:
-            dist.all_reduce(lm_sum)
-        grad_norm = self.engine.get_global_grad_norm()
-        return {
-            "lm_sum": lm_sum,
-            "counts": counts,
-            "aux_loss": aux_total,
-            "aux_kinds": aux_kinds,
-            "grad_norm": grad_norm,
-            "lr": self.engine.get_lr()[0],
-            "applied": float(self.engine.was_step_applied()),
-        }
-
-    @staticmethod
-    def _materialize(raws: list[dict[str, Any]], lam: float) -> list[dict[str, float]]:
-        """Device metrics of several steps → floats, in ONE device-to-host transfer."""
-        kinds = sorted(raws[0]["aux_kinds"]) if raws else []
-        rows = []
-        for r in raws:
-            g = r["grad_norm"]
-            dev = r["lm_sum"].device
-            g = torch.as_tensor(float("nan") if g is None else g, dtype=torch.float64)
-            rows.append(
-                torch.cat(
-                    [
-                        r["lm_sum"].reshape(1),
-                        r["counts"].reshape(2),
-                        r["aux_loss"].double().reshape(1),
-                        *[r["aux_kinds"][k].double().reshape(1) for k in kinds],
-                        g.to(dev).reshape(1),
-                    ]
-                )
-            )
-        if not rows:
-            return []
-        values = torch.stack(rows).tolist()  # the one sync of the window
-        out = []
-        for r, v in zip(raws, values, strict=True):
-            lm_sum, n_target, n_tokens, aux = v[:4]
-            lm = lm_sum / max(n_target, 1.0)
-            m = {
-                "loss": total_loss(lm, aux, lam),
-                "lm_loss": lm,
-                "aux_loss": aux,
-                "lr": r["lr"],
-                "target_tokens": n_target,
-                "tokens": n_tokens,
-                "applied": r["applied"],
-            }
-            m.update({f"aux_loss_{k}": x for k, x in zip(kinds, v[4:-1], strict=True)})
-            if r["grad_norm"] is not None:
-                m["grad_norm"] = v[-1]
-            out.append(m)
-        return out
+    def train_step(self, batches, stats: RouterStatsAccumulator | None) -> StepMetrics:
+        """One optimizer step over ``grad_accum`` micro-batches of every rank
+        (:func:`hmora_ds.train.step.train_step` with this run's settings)."""
+        return train_step(
+            self.engine,
+            batches,
+            stats,
+            grad_accum=self.run.train.grad_accum,
+            world=self.info.world_size,
+            device=self.info.device,
+            aux_weight=self.method.loss.aux_weight,
+            autocast_dtype=self.autocast_dtype,
+            dp_group=self.dp_group,
+        )
 
     # ----------------------------------------------------------------- loop
     def train(self) -> dict[str, Any]:
@@ -401,14 +300,10 @@ class Trainer:
         window's tokens).
         """
         lam = self.method.loss.aux_weight
-        metrics = self._materialize([raw for _, raw in pending], lam)
-        tokens = sum(m["tokens"] for m in metrics)
-        tokens_per_s = tokens / max(seconds, 1e-9)
-        peak = peak_memory_mb(self.info.device)
+        raws = [raw for _, raw in pending]
+        metrics, tokens = window_metrics(raws, lam, seconds, self.info.device)
         diverged = None
         for (step, _), m in zip(pending, metrics, strict=True):
-            m["tokens_per_s"] = tokens_per_s
-            m["peak_memory_mb"] = peak
             if not m["applied"] or not math.isfinite(m["loss"]):
                 self.nonfinite_in_row += 1
                 log_nonfinite(step, m["loss"], self.nonfinite_in_row)
