@@ -21,38 +21,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
-
-from hmora_ds.adapter_io import adapter_metadata, load_adapter, read_adapter_config, save_adapter
-from hmora_ds.config import HMoRAConfig
+from hmora_ds.adapter_io import adapter_metadata, save_adapter
 from hmora_ds.metrics import RouterStatsAccumulator
-from hmora_ds.model import HMoRAModel
-from hmora_ds.optim import lora_plus_param_groups
-from hmora_ds.parallel.expert_parallel import to_expert_parallel, validate_expert_parallel
-from hmora_ds.params import parameter_report
 from hmora_ds.train import checkpoint as ckpt
 from hmora_ds.train.config import RunConfig
 from hmora_ds.train.data import RunData, build_run_data, prepare_records
-from hmora_ds.train.deepspeed_config import build_ds_config, zero_stage
-from hmora_ds.train.dist import DistInfo, on_cpu, rank0_first
+from hmora_ds.train.deepspeed_config import zero_stage
+from hmora_ds.train.dist import DistInfo, rank0_first
+from hmora_ds.train.engine import build_engine, plan_engine, resolve_base, seed_everything
 from hmora_ds.train.evaluate import Evaluator, ValidationLoss, improved
-from hmora_ds.train.loading import load_base_model, load_tokenizer, resolve_checkpoint, torch_dtype
-from hmora_ds.train.schedule import build_scheduler
 from hmora_ds.train.sinks import Sinks, build_summary, log_eval_result, log_nonfinite
 from hmora_ds.train.step import StepMetrics, train_step, window_metrics
 
 logger = logging.getLogger(__name__)
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class Trainer:
@@ -79,22 +60,9 @@ class Trainer:
         self.info = info
         self.out_dir = Path(run.output_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
-        self.ds_config = build_ds_config(ds_config, run, info.world_size, on_cpu())
-        self.method = run.hmora_config()
-        if run.model.adapter:  # the adapter's own method config wins
-            self.method = HMoRAConfig.from_dict(read_adapter_config(run.model.adapter)["config"])
-        validate_expert_parallel(
-            run.parallel.ep_size,
-            self.method.adapter.num_experts,
-            info.world_size,
-            zero_stage(self.ds_config),
-            self.method.routing.mode,
-            self.method.has_mixture,
-        )
-        self.precision = run.train.precision
-        if self.precision == "auto":
-            self.precision = "fp32" if info.device.type == "cpu" else "bf16"
-        self.autocast_dtype = torch.bfloat16 if self.precision == "bf16" else None
+        self.plan = plan_engine(run, ds_config, info)  # fails before anything is loaded
+        self.ds_config, self.method = self.plan.ds_config, self.plan.method
+        self.precision, self.autocast_dtype = self.plan.precision, self.plan.autocast_dtype
         self._setup_model_and_data()
         # A per-rank stream for dropout from here on.
         seed_everything(run.train.seed + info.rank)
@@ -146,65 +114,14 @@ class Trainer:
 
     # ----------------------------------------------------------------- setup
     def _setup_model_and_data(self) -> None:
-        import deepspeed
-        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-
         run, info = self.run, self.info
-        checkpoint = self._on_rank0_first(
-            lambda: resolve_checkpoint(run.model.name_or_path, run.model.gguf_file)
-        )
-        self.tokenizer = load_tokenizer(checkpoint, run.model.tokenizer)
+        checkpoint, self.tokenizer = resolve_base(run, info.rank)
         # The offline mixture is built once (rank 0) before every rank reads it.
         self._on_rank0_first(lambda: prepare_records(run))
         self.data: RunData = build_run_data(run, self.tokenizer, info.rank, info.world_size)
-        dtype = torch_dtype(run.model.dtype, info.device.type == "cuda")
-        base = load_base_model(checkpoint, dtype, run.model.attn_implementation, self.ds_config)
-        # Same seed on every rank right before the adapters are initialised: identical replicas,
-        # and the same initial weights as a one-process run whatever loading consumed.
-        seed_everything(run.train.seed)
-        if run.model.adapter:
-            model = load_adapter(base, run.model.adapter)
-            logger.info("started from adapter %s (its method config is used)", run.model.adapter)
-        else:
-            model = HMoRAModel(base, self.method, tokenizer=self.tokenizer)
-        if zero_stage(self.ds_config) < 3:  # ZeRO-3 places (partitioned) weights itself
-            model.to(info.device)
-        self.report = parameter_report(model)  # before experts are split over ranks
-        ep = run.parallel.ep_size
-        if ep > 1:
-            n = to_expert_parallel(model, ep, info.rank % ep)
-            logger.info(
-                "expert parallelism: %d blocks, %d of %d experts per rank",
-                n,
-                self.method.adapter.num_experts // ep,
-                self.method.adapter.num_experts,
-            )
-        if run.train.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        logger.info(
-            "model %s (%s): %s trainable parameters, TP %.2f%%",
-            run.model.name_or_path,
-            self.run.preset,
-            f"{self.report.trainable:,}",
-            self.report.tp_percent,
-        )
-        t = run.train
-        param_groups = lora_plus_param_groups(model, t.lr, t.weight_decay)
-        if ep > 1:  # expert parameters get their own groups (reduced over expert-DP ranks)
-            param_groups = [
-                g
-                for g in split_params_into_different_moe_groups_for_optimizer(param_groups)
-                if g["params"]
-            ]
-        optimizer = torch.optim.AdamW(param_groups, lr=t.lr, betas=t.adam_betas)
-        scheduler = build_scheduler(
-            optimizer, t.warmup_steps, t.max_steps, t.schedule, t.min_lr_ratio
-        )
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
-        )
-        self.model: HMoRAModel = self.engine.module
-        self.dp_group = dist.group.WORLD if info.world_size > 1 else None
+        built = build_engine(run, self.plan, info, checkpoint, self.tokenizer)
+        self.engine, self.model = built.engine, built.model
+        self.report, self.dp_group = built.report, built.dp_group
 
     def _on_rank0_first(self, fn):
         return rank0_first(fn, self.info.rank)
