@@ -187,8 +187,19 @@ def stacked_load_balance_loss(
     return e * (frac * mean_p).sum(-1)
 
 
-def total_loss(lm_loss: torch.Tensor, aux_loss: torch.Tensor, aux_weight: float = 1.0):
-    """The objective ``L = L_LM + λ · L_aux``: the one place it is formed (model forward,
-    training step, evaluation). ``aux_loss`` is usually already ``Σ_k λ_k · L_aux,k`` (the
-    model's ``aux_weighted``, each method weighting its own kinds), with ``aux_weight`` 1."""
+def total_loss(lm_loss: Any, aux_loss: Any, aux_weight: float = 1.0) -> Any:
+    """L = L_LM + λ · L_aux: the training objective, formed here and nowhere else (spec §5).
+
+    Used by the model's forward (mean LM loss), by the trainer's step (the LM *sum* scaled to
+    the global per-token mean, so the gradient equals one process holding the whole batch) and
+    for the logged ``loss`` (floats read back from the device): all three must agree, so any
+    change to the objective is made once. Works on tensors (differentiable) and on floats.
+
+    Args:
+        lm_loss: the language-modelling term (scalar tensor or float).
+        aux_loss: the auxiliary term: the model's ``aux_weighted`` = Σ_k λ_k · L_aux,k (each
+            method weighting its own kinds; then ``aux_weight`` stays 1), or an unweighted
+            Σ of routing losses with its λ in ``aux_weight``.
+        aux_weight: λ multiplying ``aux_loss``.
+    """
     return lm_loss + aux_weight * aux_loss

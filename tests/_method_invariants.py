@@ -169,8 +169,8 @@ def zero2_worker(rank: int, world: int, configs: dict, out_dir: Path, plugins: l
     import torch.distributed as dist
 
     from hmora_ds.methods import import_plugins
-    from hmora_ds.train.checkpoint import save_checkpoint
     from hmora_ds.runtime.dist import skip_cpu_shm_build
+    from hmora_ds.train.checkpoint import save_checkpoint
 
     import_plugins(plugins)
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))

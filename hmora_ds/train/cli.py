@@ -38,31 +38,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def format_summary(s: dict) -> str:
-    """The closing summary printed by rank 0 (all of it is in <output_dir>/summary.json)."""
-    best = s["best"]
-    lines = [
-        "",
-        f"== hmora-ds run finished: {s['steps']} steps ({s['stop_reason']}), "
-        f"{s['world_size']} rank(s), ZeRO-{s['zero_stage']}, {s['seconds'] / 60:.1f} min",
-        f"   LM loss      {s['lm_loss_first']:.4f} (first steps) -> {s['lm_loss_last']:.4f} (last)",
-    ]
-    if best.get("value") is not None:
-        lines.append(f"   best {best['metric']} {best['value']:.4f} at step {best['step']}")
-    lines += [
-        f"   trainable    {s['trainable_parameters']:,} parameters, TP {s['tp_percent']:.2f}%",
-        f"   throughput   {s['tokens_per_s']:.0f} tokens/s",
-        f"   adapter      {s['adapter']}",
-    ]
-    if s.get("adapter_best"):
-        lines.append(f"   best adapter {s['adapter_best']}")
-    lines += [
-        f"   checkpoints  {s['checkpoints']}",
-        f"   tensorboard  tensorboard --logdir {s['tensorboard']}",
-    ]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from hmora_ds.train.config import load_run_config
@@ -79,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     info = init_distributed(str(cache_root()))
     setup_logging(info.rank)
+    from hmora_ds.train.sinks import format_summary
     from hmora_ds.train.trainer import Trainer
 
     try:

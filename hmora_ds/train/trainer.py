@@ -1,72 +1,45 @@
-"""The DeepSpeed training loop: forward → total loss → ``engine.backward`` → ``engine.step``.
+"""One training run: wires the engine, the step, the loop's cadence and the output sinks.
 
-Global batch (spec §5): one optimizer step consumes ``grad_accum`` micro-batches on each of the
-``world`` ranks. The LM loss is the summed cross-entropy over *all* of them divided by the
-global number of target tokens (counted before the step and all-reduced), so with N ranks each
-holding 1/N of a batch the loss value and update equal one process holding the whole batch.
-DeepSpeed divides the gradient by ``grad_accum`` and averages it over ranks; the LM term is
-scaled by ``world · grad_accum`` to undo exactly that. Router statistics of the auxiliary
-losses are all-reduced inside the model over the data-parallel group (a differentiable
-all-reduce), per micro-step; the logged routing statistics accumulate over micro-steps.
+* :mod:`hmora_ds.train.engine` builds the DeepSpeed engine (base, adapters, expert
+  parallelism, optimizer, schedule);
+* :mod:`hmora_ds.train.step` runs one optimizer step (global batch, loss scaling) and reads a
+  logging window's metrics back in one transfer;
+* :mod:`hmora_ds.train.loop` decides when to log, evaluate, checkpoint and stop, and holds the
+  :class:`~hmora_ds.train.loop.LoopState` checkpoints carry;
+* :mod:`hmora_ds.train.sinks` writes TensorBoard, the progress bar, log lines and summary.json.
 
-Non-finite loss or gradient: DeepSpeed skips the update (its grad-norm check) and we count it;
-``train.max_nonfinite_steps`` in a row stop the run.
+:class:`Trainer` owns the run's objects and implements the loop's actions
+(:class:`~hmora_ds.train.loop.LoopActions`) with them.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import math
-import resource
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
-from tqdm import tqdm
-
-from hmora_ds.adapter_io import adapter_metadata, load_adapter, read_adapter_config, save_adapter
-from hmora_ds.config import HMoRAConfig
-from hmora_ds.losses import total_loss
+from hmora_ds.adapter_io import adapter_metadata, save_adapter
 from hmora_ds.metrics import RouterStatsAccumulator
-from hmora_ds.model import HMoRAModel
-from hmora_ds.optim import lora_plus_param_groups
-from hmora_ds.parallel.expert_parallel import to_expert_parallel, validate_expert_parallel
-from hmora_ds.params import parameter_report
-from hmora_ds.runtime.dist import DistInfo, on_cpu, rank0_first
-from hmora_ds.runtime.loading import (
-    load_base_model,
-    load_tokenizer,
-    resolve_checkpoint,
-    torch_dtype,
-)
-from hmora_ds.train import checkpoint as ckpt
+from hmora_ds.runtime.dist import DistInfo, rank0_first
 from hmora_ds.train.config import RunConfig
 from hmora_ds.train.data import RunData, build_run_data, prepare_records
-from hmora_ds.train.deepspeed_config import build_ds_config, zero_stage
-from hmora_ds.train.evaluate import Evaluator, ValidationLoss, improved
-from hmora_ds.train.schedule import build_scheduler
+from hmora_ds.train.deepspeed_config import zero_stage
+from hmora_ds.train.engine import build_engine, plan_engine, resolve_base, seed_everything
+from hmora_ds.train.evaluate import Evaluator, ValidationLoss
+from hmora_ds.train.loop import (
+    Cadence,
+    LoopState,
+    record_eval,
+    record_window,
+    restore_state,
+    run_loop,
+    save_state,
+)
+from hmora_ds.train.sinks import Sinks, build_summary, log_eval_result
+from hmora_ds.train.step import StepMetrics, train_step, window_metrics
 
 logger = logging.getLogger(__name__)
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 class Trainer:
@@ -93,45 +66,46 @@ class Trainer:
         self.info = info
         self.out_dir = Path(run.output_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
-        self.ds_config = build_ds_config(ds_config, run, info.world_size, on_cpu())
-        self.method = run.hmora_config()
-        if run.model.adapter:  # the adapter's own method config wins
-            self.method = HMoRAConfig.from_dict(read_adapter_config(run.model.adapter)["config"])
-        validate_expert_parallel(
-            run.parallel.ep_size,
-            self.method.adapter.num_experts,
-            info.world_size,
-            zero_stage(self.ds_config),
-            self.method.routing.mode,
-            self.method.has_mixture,
-        )
-        self.precision = run.train.precision
-        if self.precision == "auto":
-            self.precision = "fp32" if info.device.type == "cpu" else "bf16"
-        self.autocast_dtype = torch.bfloat16 if self.precision == "bf16" else None
+        self.plan = plan_engine(run, ds_config, info)  # fails before anything is loaded
+        self.ds_config, self.method = self.plan.ds_config, self.plan.method
+        self.precision, self.autocast_dtype = self.plan.precision, self.plan.autocast_dtype
         self._setup_model_and_data()
         # A per-rank stream for dropout from here on.
         seed_everything(run.train.seed + info.rank)
-        self.evaluator: Evaluator | None = evaluator
-        if evaluator is None and run.eval.kind == "benchmarks":
-            self.evaluator = self._on_rank0_first(self._benchmark_evaluator)
-        elif evaluator is None:
-            val = self.data.val_batches(run.eval.batch_size, run.eval.max_batches)
-            if val:
-                self.evaluator = ValidationLoss(val, info.device, self.autocast_dtype)
-            else:
-                logger.warning(
-                    "no validation records (data.val_fraction=%s, data.val_path=%s): validation, "
-                    "best-checkpoint selection and early stopping are off",
-                    run.data.val_fraction,
-                    run.data.val_path,
-                )
-        self.step = 0
-        self.best: dict[str, Any] = {"value": None, "tag": None, "step": None}
-        self.evals_without_improvement = 0
-        self.nonfinite_in_row = 0
-        self.history: list[dict[str, float]] = []
-        self._resume_from(resume)
+        self.evaluator = evaluator if evaluator is not None else self._default_evaluator()
+        self.cadence = Cadence.from_run(run, self.evaluator is not None, self.method.has_mixture)
+        self.state: LoopState = restore_state(
+            resume, self.ckpt_dir, self.engine, self.data.sampler, info.rank
+        )
+        self._sinks: Sinks | None = None
+        self._batches = None
+
+    # ----------------------------------------------------------------- setup
+    def _setup_model_and_data(self) -> None:
+        run, info = self.run, self.info
+        checkpoint, self.tokenizer = resolve_base(run, info.rank)
+        # The offline mixture is built once (rank 0) before every rank reads it.
+        rank0_first(lambda: prepare_records(run), info.rank)
+        self.data: RunData = build_run_data(run, self.tokenizer, info.rank, info.world_size)
+        built = build_engine(run, self.plan, info, checkpoint, self.tokenizer)
+        self.engine, self.model = built.engine, built.model
+        self.report, self.dp_group = built.report, built.dp_group
+
+    def _default_evaluator(self) -> Evaluator | None:
+        """Benchmarks (``eval.kind``), else the held-out loss; None without validation data."""
+        run = self.run
+        if run.eval.kind == "benchmarks":
+            return rank0_first(self._benchmark_evaluator, self.info.rank)
+        val = self.data.val_batches(run.eval.batch_size, run.eval.max_batches)
+        if val:
+            return ValidationLoss(val, self.info.device, self.autocast_dtype)
+        logger.warning(
+            "no validation records (data.val_fraction=%s, data.val_path=%s): validation, "
+            "best-checkpoint selection and early stopping are off",
+            run.data.val_fraction,
+            run.data.val_path,
+        )
+        return None
 
     def _benchmark_evaluator(self) -> Evaluator:
         from hmora_ds.eval.evaluator import BenchmarkEvaluator
@@ -158,412 +132,97 @@ class Trainer:
             self.tokenizer, suite, score, self.info.device, self.autocast_dtype
         )
 
-    # ----------------------------------------------------------------- setup
-    def _setup_model_and_data(self) -> None:
-        import deepspeed
-        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-
-        run, info = self.run, self.info
-        checkpoint = self._on_rank0_first(
-            lambda: resolve_checkpoint(run.model.name_or_path, run.model.gguf_file)
-        )
-        self.tokenizer = load_tokenizer(checkpoint, run.model.tokenizer)
-        # The offline mixture is built once (rank 0) before every rank reads it.
-        self._on_rank0_first(lambda: prepare_records(run))
-        self.data: RunData = build_run_data(run, self.tokenizer, info.rank, info.world_size)
-        dtype = torch_dtype(run.model.dtype, info.device.type == "cuda")
-        base = load_base_model(checkpoint, dtype, run.model.attn_implementation, self.ds_config)
-        # Same seed on every rank right before the adapters are initialised: identical replicas,
-        # and the same initial weights as a one-process run whatever loading consumed.
-        seed_everything(run.train.seed)
-        if run.model.adapter:
-            model = load_adapter(base, run.model.adapter)
-            logger.info("started from adapter %s (its method config is used)", run.model.adapter)
-        else:
-            model = HMoRAModel(base, self.method, tokenizer=self.tokenizer)
-        if zero_stage(self.ds_config) < 3:  # ZeRO-3 places (partitioned) weights itself
-            model.to(info.device)
-        self.report = parameter_report(model)  # before experts are split over ranks
-        ep = run.parallel.ep_size
-        if ep > 1:
-            n = to_expert_parallel(model, ep, info.rank % ep)
-            logger.info(
-                "expert parallelism: %d blocks, %d of %d experts per rank",
-                n,
-                self.method.adapter.num_experts // ep,
-                self.method.adapter.num_experts,
-            )
-        if run.train.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        logger.info(
-            "model %s (%s): %s trainable parameters, TP %.2f%%",
-            run.model.name_or_path,
-            self.run.preset,
-            f"{self.report.trainable:,}",
-            self.report.tp_percent,
-        )
-        t = run.train
-        param_groups = lora_plus_param_groups(model, t.lr, t.weight_decay)
-        if ep > 1:  # expert parameters get their own groups (reduced over expert-DP ranks)
-            param_groups = [
-                g
-                for g in split_params_into_different_moe_groups_for_optimizer(param_groups)
-                if g["params"]
-            ]
-        optimizer = torch.optim.AdamW(param_groups, lr=t.lr, betas=t.adam_betas)
-        scheduler = build_scheduler(
-            optimizer, t.warmup_steps, t.max_steps, t.schedule, t.min_lr_ratio
-        )
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
-        )
-        self.model: HMoRAModel = self.engine.module
-        self.dp_group = dist.group.WORLD if info.world_size > 1 else None
-
-    def _on_rank0_first(self, fn):
-        return rank0_first(fn, self.info.rank)
-
-    def _resume_from(self, resume: str | None) -> None:
-        if resume is None:
-            return
-        if resume == "auto":
-            if not (self.ckpt_dir / ckpt.LATEST).is_file():
-                logger.info("resume=auto: no checkpoint in %s, starting fresh", self.ckpt_dir)
-                return
-            resume = str(self.ckpt_dir)
-        ckpt_dir, tag = ckpt.find_checkpoint(resume)
-        state = ckpt.load_checkpoint(self.engine, ckpt_dir, tag, self.info.rank)
-        self.step = int(state["step"])
-        self.data.sampler.load_state_dict(state["sampler"])
-        self.best = state["best"]
-        self.evals_without_improvement = int(state["evals_without_improvement"])
-        self.nonfinite_in_row = int(state["nonfinite_in_row"])
-        logger.info("resumed from %s/%s at step %d", ckpt_dir, tag, self.step)
-
-    # ----------------------------------------------------------------- one step
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.info.device.type, dtype=self.autocast_dtype)
-
-    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Host batch → device without waiting on the device: pinned memory + non_blocking."""
-        device = self.info.device
-        if device.type != "cuda":
-            return {k: v.to(device) for k, v in batch.items()}
-        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
-
-    def train_step(self, batches, stats: RouterStatsAccumulator | None) -> dict[str, Any]:
-        """One optimizer step over ``grad_accum`` micro-batches of every rank.
-
-        No host-device synchronisation: token counts are taken from the host batches, every
-        loss is accumulated on the device, and the step returns device tensors
-        (``raw``); :meth:`_flush` reads the steps of a logging window back in one transfer.
-        (DeepSpeed's own gradient clipping may still synchronise inside ``engine.step``.)
-        """
-        world, accum = self.info.world_size, self.run.train.grad_accum
-        micro = [next(batches) for _ in range(accum)]
-        device = self.info.device
-        # Counted on the collator's host tensors: no device involved.
-        n_target = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)
-        n_tokens = sum(int(m["attention_mask"].sum()) for m in micro)
-        counts = torch.tensor([n_target, n_tokens], dtype=torch.float64)
-        counts = self._to_device({"c": counts})["c"]
-        if world > 1:
-            dist.all_reduce(counts)  # on the device: NCCL takes no host tensors
-        # Per-token mean over the *global* batch: Σ_micro Σ_rank lm_sum / n_target, as a
-        # device tensor so the loss scale needs no sync.
-        scale = (world * accum) / counts[0].clamp_min(1.0)
-        lm_sum = torch.zeros((), dtype=torch.float64, device=device)
-        aux_total = torch.zeros((), dtype=torch.float32, device=device)
-        aux_kinds: dict[str, torch.Tensor] = {}
-        for m in micro:
-            m = self._to_device(m)
-            with self._autocast():
-                out = self.engine(**m, aux_group=self.dp_group, return_router_stats=False)
-            loss = total_loss(out.lm_loss_sum * scale.to(out.lm_loss_sum.dtype), out.aux_weighted)
-            self.engine.backward(loss)
-            self.engine.step()
-            lm_sum += out.lm_loss_sum.detach().double()
-            aux_total += out.aux_loss.detach().float() / accum
-            for kind, value in out.aux_by_kind.items():
-                prev = aux_kinds.get(kind)
-                value = value.detach().float() / accum
-                aux_kinds[kind] = value if prev is None else prev + value
-            if stats is not None:
-                stats.add(out.routing_records)
-        if world > 1:
-            dist.all_reduce(lm_sum)
-        grad_norm = self.engine.get_global_grad_norm()
-        return {
-            "lm_sum": lm_sum,
-            "counts": counts,
-            "aux_loss": aux_total,
-            "aux_kinds": aux_kinds,
-            "grad_norm": grad_norm,
-            "lr": self.engine.get_lr()[0],
-            "applied": float(self.engine.was_step_applied()),
-        }
-
-    @staticmethod
-    def _materialize(raws: list[dict[str, Any]], lam: float) -> list[dict[str, float]]:
-        """Device metrics of several steps → floats, in ONE device-to-host transfer."""
-        kinds = sorted(raws[0]["aux_kinds"]) if raws else []
-        rows = []
-        for r in raws:
-            g = r["grad_norm"]
-            dev = r["lm_sum"].device
-            g = torch.as_tensor(float("nan") if g is None else g, dtype=torch.float64)
-            rows.append(
-                torch.cat(
-                    [
-                        r["lm_sum"].reshape(1),
-                        r["counts"].reshape(2),
-                        r["aux_loss"].double().reshape(1),
-                        *[r["aux_kinds"][k].double().reshape(1) for k in kinds],
-                        g.to(dev).reshape(1),
-                    ]
-                )
-            )
-        if not rows:
-            return []
-        values = torch.stack(rows).tolist()  # the one sync of the window
-        out = []
-        for r, v in zip(raws, values, strict=True):
-            lm_sum, n_target, n_tokens, aux = v[:4]
-            lm = lm_sum / max(n_target, 1.0)
-            m = {
-                "loss": lm + lam * aux,
-                "lm_loss": lm,
-                "aux_loss": aux,
-                "lr": r["lr"],
-                "target_tokens": n_target,
-                "tokens": n_tokens,
-                "applied": r["applied"],
-            }
-            m.update({f"aux_loss_{k}": x for k, x in zip(kinds, v[4:-1], strict=True)})
-            if r["grad_norm"] is not None:
-                m["grad_norm"] = v[-1]
-            out.append(m)
-        return out
-
-    # ----------------------------------------------------------------- loop
+    # ----------------------------------------------------------------- the run
     def train(self) -> dict[str, Any]:
-        run, info = self.run, self.info
-        t = run.train
-        writer = self._tensorboard()
-        batches = self.data.batches()
-        stats_k = self.model.stats_top_k
-        bar = tqdm(
-            total=t.max_steps,
-            initial=self.step,
-            desc="train",
-            unit="step",
-            disable=not info.is_main,
-            dynamic_ncols=True,
+        """Train to a stop (see :mod:`hmora_ds.train.loop`); returns the summary."""
+        t = self.run.train
+        self._sinks = Sinks.open(
+            self.out_dir,
+            self.run.to_dict(),
+            self.info.is_main,
+            t.max_steps,
+            self.state.step,
+            t.log_every,
         )
-        start_time, tokens_seen, stop_reason = time.time(), 0.0, "max_steps"
-        # Steps not yet read back from the device: (step, raw metrics). Reading back costs a
-        # host-device sync, so it happens once per logging window, before an evaluation or a
-        # checkpoint, and at the end -- never inside a step.
-        pending: list[tuple[int, dict[str, Any]]] = []
-        window_start = time.time()
+        self._batches = self.data.batches()
+        start_time = time.time()
         self.engine.train()
-        while self.step < t.max_steps:
-            want_stats = self.method.has_mixture and (self.step + 1) % t.router_stats_every == 0
-            stats = RouterStatsAccumulator(stats_k) if want_stats else None
-            raw = self.train_step(batches, stats)
-            self.step += 1
-            pending.append((self.step, raw))
-            bar.update(1)
-            due_eval = self.evaluator is not None and (
-                self.step % run.eval.every == 0 or self.step == t.max_steps
-            )
-            due_ckpt = self.step % run.checkpoint.every == 0 or self.step == t.max_steps
-            router = stats.finalize(self.dp_group) if stats is not None else {}
-            if self.step % t.log_every == 0 or self.step == 1 or router or due_eval or due_ckpt:
-                now = time.time()
-                diverged, tokens = self._flush(pending, writer, bar, router, now - window_start)
-                tokens_seen += tokens
-                pending, window_start = [], now
-                if diverged:
-                    stop_reason = diverged
-                    break
-            stop = due_eval and self._evaluate(writer)
-            # A new best is always checkpointed (and protected from pruning).
-            new_best = due_eval and self.best["step"] == self.step
-            if stop or new_best or due_ckpt:
-                self._checkpoint()
-            if stop:
-                stop_reason = f"early stopping ({run.eval.patience} evaluations without gain)"
-                break
-        if pending:
-            diverged, tokens = self._flush(pending, writer, bar, {}, time.time() - window_start)
-            tokens_seen += tokens
-            stop_reason = diverged or stop_reason
-        bar.close()
-        return self._finish(writer, stop_reason, time.time() - start_time, tokens_seen)
+        stop_reason, tokens_seen = run_loop(self.state, self.cadence, self)
+        self._sinks.close_bar()
+        return self._finish(stop_reason, time.time() - start_time, tokens_seen)
 
-    def _flush(self, pending, writer, bar, router, seconds: float) -> tuple[str | None, float]:
-        """Read a window of steps back (one sync), check divergence, log, extend the history.
+    def train_step(self, batches, stats: RouterStatsAccumulator | None) -> StepMetrics:
+        """One optimizer step over ``grad_accum`` micro-batches of every rank
+        (:func:`hmora_ds.train.step.train_step` with this run's settings)."""
+        return train_step(
+            self.engine,
+            batches,
+            stats,
+            grad_accum=self.run.train.grad_accum,
+            world=self.info.world_size,
+            device=self.info.device,
+            autocast_dtype=self.autocast_dtype,
+            dp_group=self.dp_group,
+        )
 
-        Returns (a stop reason if ``max_nonfinite_steps`` non-finite steps came in a row, the
-        window's tokens).
-        """
-        lam = self.method.loss.aux_weight
-        metrics = self._materialize([raw for _, raw in pending], lam)
-        tokens = sum(m["tokens"] for m in metrics)
-        tokens_per_s = tokens / max(seconds, 1e-9)
-        peak = peak_memory_mb(self.info.device)
-        diverged = None
-        for (step, _), m in zip(pending, metrics, strict=True):
-            m["tokens_per_s"] = tokens_per_s
-            m["peak_memory_mb"] = peak
-            if not m["applied"] or not math.isfinite(m["loss"]):
-                self.nonfinite_in_row += 1
-                logger.warning(
-                    "step %d: non-finite loss or gradient (loss %s); update skipped (%d in a row)",
-                    step,
-                    m["loss"],
-                    self.nonfinite_in_row,
-                )
-                if self.nonfinite_in_row >= self.run.train.max_nonfinite_steps and not diverged:
-                    diverged = f"{self.nonfinite_in_row} non-finite steps in a row"
-            else:
-                self.nonfinite_in_row = 0
-            self.history.append({"step": step, "loss": m["loss"], "lm_loss": m["lm_loss"]})
-            if self.info.is_main:
-                self._log(writer, step, m, router if step == pending[-1][0] else {})
-        if self.info.is_main and metrics:
-            last = metrics[-1]
-            bar.set_postfix(
-                loss=f"{last['loss']:.4f}",
-                aux=f"{last['aux_loss']:.3f}",
-                tok_s=f"{tokens_per_s:.0f}",
-            )
+    # ----------------------------------------------------------------- loop actions
+    def run_step(self, router_stats: bool) -> tuple[StepMetrics, dict]:
+        stats = RouterStatsAccumulator(self.model.stats_top_k) if router_stats else None
+        raw = self.train_step(self._batches, stats)
+        self._sinks.step_done()
+        return raw, stats.finalize(self.dp_group) if stats is not None else {}
+
+    def flush(self, pending, router, seconds: float) -> tuple[str | None, float]:
+        """Read a window of steps back (one sync), check divergence, extend the history, log."""
+        steps = [step for step, _ in pending]
+        raws = [raw for _, raw in pending]
+        metrics, tokens = window_metrics(raws, seconds, self.info.device)
+        diverged = record_window(self.state, steps, metrics, self.cadence.max_nonfinite_steps)
+        self._sinks.log_window(steps, metrics, router)
         return diverged, tokens
 
-    def _evaluate(self, writer) -> bool:
+    def evaluate(self) -> bool:
         """Evaluate; keep the best adapter; True when early stopping is due."""
-        result = self.evaluator.evaluate(self.engine, self.step)
-        value = result[self.evaluator.metric]
-        if self.info.is_main and writer is not None:
-            for k, v in result.items():
-                writer.add_scalar(f"eval/{k}", v, self.step)
-        if improved(value, self.best["value"], self.evaluator.mode):
-            self.best = {
-                "value": value,
-                "tag": ckpt.tag_for(self.step),
-                "step": self.step,
-                "metric": self.evaluator.metric,
-            }
-            self.evals_without_improvement = 0
+        step, ev = self.state.step, self.evaluator
+        result = ev.evaluate(self.engine, step)
+        value = result[ev.metric]
+        self._sinks.log_eval(result, step)
+        new_best = record_eval(self.state, value, ev.metric, ev.mode)
+        if new_best:
             save_adapter(self.model, self.out_dir / "adapter_best", write=self.info.is_main)
-            logger.info("step %d: %s = %.4f (best so far)", self.step, self.evaluator.metric, value)
-        else:
-            self.evals_without_improvement += 1
-            logger.info(
-                "step %d: %s = %.4f (best %.4f at step %d; %d without gain)",
-                self.step,
-                self.evaluator.metric,
-                value,
-                self.best["value"],
-                self.best["step"],
-                self.evals_without_improvement,
-            )
-        return self.evals_without_improvement >= self.run.eval.patience
+        s = self.state
+        log_eval_result(step, ev.metric, value, new_best, s.best, s.evals_without_improvement)
+        return self.cadence.patience_exhausted(self.state)
 
-    def _checkpoint(self) -> None:
-        if (self.ckpt_dir / ckpt.tag_for(self.step) / ckpt.COMPLETE).is_file():
-            return
-        state = {
-            "step": self.step,
-            "sampler": self.data.sampler.state_dict(),
-            "best": self.best,
-            "evals_without_improvement": self.evals_without_improvement,
-            "nonfinite_in_row": self.nonfinite_in_row,
-        }
-        extra = {
-            "run_config.json": self.run.to_dict(),
-            "adapter_meta.json": adapter_metadata(self.model),
-        }
-        protect = {self.best["tag"]} if self.best.get("tag") else set()
-        ckpt.save_checkpoint(
+    def checkpoint(self) -> None:
+        save_state(
             self.engine,
             self.ckpt_dir,
-            self.step,
-            state,
-            extra,
+            self.state,
+            self.data.sampler,
+            lambda: {
+                "run_config.json": self.run.to_dict(),
+                "adapter_meta.json": adapter_metadata(self.model),
+            },
             self.run.checkpoint.keep_last,
-            protect,
             self.info.rank,
         )
 
-    # ----------------------------------------------------------------- logging
-    def _tensorboard(self):
-        if not self.info.is_main:
-            return None
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "run_config.json").write_text(json.dumps(self.run.to_dict(), indent=2))
-        return SummaryWriter(str(self.out_dir / "tensorboard"))
-
-    def _log(
-        self, writer, step: int, m: dict[str, float], router: dict[str, dict[str, torch.Tensor]]
-    ) -> None:
-        if writer is None:
-            return
-        if step % self.run.train.log_every == 0 or step == 1 or router:
-            for key in (
-                "loss",
-                "lm_loss",
-                "aux_loss",
-                "lr",
-                "grad_norm",
-                "tokens_per_s",
-                "peak_memory_mb",
-            ):
-                if key in m:
-                    writer.add_scalar(f"train/{key}", m[key], step)
-            for key in m:
-                if key.startswith("aux_loss_"):
-                    writer.add_scalar(f"train/{key}", m[key], step)
-        if router:
-            record = {"step": step}
-            for name, s in router.items():
-                writer.add_scalar(f"router_balance/{name}", s["balance"].item(), step)
-                writer.add_scalar(f"router_certainty/{name}", s["certainty"].item(), step)
-                writer.add_scalar(f"router_load_max/{name}", s["load"].max().item(), step)
-                record[name] = {k: v.tolist() for k, v in s.items()}
-            with (self.out_dir / "router_stats.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def _finish(self, writer, stop_reason: str, seconds: float, tokens: float) -> dict[str, Any]:
+    # ----------------------------------------------------------------- the end
+    def _finish(self, stop_reason: str, seconds: float, tokens: float) -> dict[str, Any]:
         save_adapter(self.model, self.out_dir / "adapter", write=self.info.is_main)
-        window = max(1, min(10, len(self.history) // 4 or 1))
-        first = [h["lm_loss"] for h in self.history[:window]]
-        last = [h["lm_loss"] for h in self.history[-window:]]
-        summary = {
-            "steps": self.step,
-            "stop_reason": stop_reason,
-            "lm_loss_first": sum(first) / len(first) if first else None,
-            "lm_loss_last": sum(last) / len(last) if last else None,
-            "best": self.best,
-            "trainable_parameters": self.report.trainable,
-            "tp_percent": self.report.tp_percent,
-            "world_size": self.info.world_size,
-            "zero_stage": zero_stage(self.ds_config),
-            "seconds": seconds,
-            "tokens_per_s": tokens / max(seconds, 1e-9),
-            "adapter": str(self.out_dir / "adapter"),
-            "adapter_best": str(self.out_dir / "adapter_best") if self.best["tag"] else None,
-            "checkpoints": str(self.ckpt_dir),
-            "tensorboard": str(self.out_dir / "tensorboard"),
-            "history": self.history,
-        }
-        if self.info.is_main:
-            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            if writer is not None:
-                writer.close()
+        summary = build_summary(
+            steps=self.state.step,
+            stop_reason=stop_reason,
+            best=self.state.best,
+            history=self.state.history,
+            report=self.report,
+            world_size=self.info.world_size,
+            zero_stage=zero_stage(self.ds_config),
+            seconds=seconds,
+            tokens=tokens,
+            out_dir=self.out_dir,
+            ckpt_dir=self.ckpt_dir,
+        )
+        self._sinks.finish(summary)
         return summary
