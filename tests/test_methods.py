@@ -93,3 +93,29 @@ def test_zero2_two_ranks_equal_one_process_and_export_loads(tmp_path):
     configs = {name: get_method(name).default_config().to_dict() for name in METHODS}
     run_ranks(inv.zero2_worker, inv.WORLD, tmp_path, configs, tmp_path, [], timeout=300)
     inv.check_zero2_results(configs, tmp_path)
+
+
+def test_benchmark_and_baselines_study_list_every_registered_preset():
+    from hmora_ds.ablate.studies import get_study
+    from hmora_ds.bench.step import variants
+    from hmora_ds.methods import method_presets
+
+    presets = [p for p, _, _ in method_presets()]
+    assert presets[0] == "full_ft" and set(BUILTIN) <= {c.name for _, _, c in method_presets()}
+    rows = {r.overrides["preset"] for r in get_study("baselines").rows}
+    assert rows == set(presets)
+    bench = {v.preset for v in variants("cpu") if v.group == "methods"} - {None}
+    assert bench == set(presets) - {"full_ft"}  # a full fine-tune is not an adapter step
+
+
+def test_plugins_that_cannot_be_imported_are_one_line_errors(tmp_path):
+    from hmora_ds.methods import import_plugins
+
+    with pytest.raises(ValueError, match=r"^plugins: could not import 'no_such_mod_xyz': "):
+        import_plugins(["no_such_mod_xyz"])
+    bad = tmp_path / "bad.py"
+    bad.write_text("raise RuntimeError('boom')\n")
+    with pytest.raises(ValueError, match=r"^plugins: could not import .*bad\.py.*: boom"):
+        import_plugins([str(bad)])
+    with pytest.raises(ValueError, match=r"does not exist"):
+        import_plugins([str(tmp_path / "missing.py")])

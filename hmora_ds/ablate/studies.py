@@ -233,31 +233,24 @@ FULL_FT_UNSUPPORTED = (
 
 
 def _baselines() -> Study:
-    def row(name: str, label: str, preset: str, **kw: Any) -> Row:
-        return Row(name, {"Method": label}, {"preset": preset}, **kw)
+    """Every registered method's shipped presets (the built-ins are table 3's rows)."""
+    from hmora_ds.methods import method_presets
 
-    rows = (
-        Row(
-            "full-ft",
-            {"Method": "Full FT"},
-            {"preset": "full_ft", "train.gradient_checkpointing": True},
-            paper_only=True,
-            unsupported=FULL_FT_UNSUPPORTED,
-        ),
-        row("lora-r8", "LoRA r = 8", "lora_r8"),
-        row("lora-r64", "LoRA r = 64", "lora_r64"),
-        row("molora", "MoLoRA", "molora"),
-        row("mixlora", "MixLoRA", "mixlora"),
-        row("hydralora", "HydraLoRA", "hydralora"),
-        row("hmora-lw", "HMoRA w LW", "hmora_lw"),
-        row("hmora", "HMoRA w/o LW", "hmora"),
-    )
+    rows = []
+    for preset, label, _ in method_presets():
+        name = preset.replace("_", "-")
+        if preset == "full_ft":
+            rows.append(Row(name, {"Method": label},
+                            {"preset": preset, "train.gradient_checkpointing": True},
+                            paper_only=True, unsupported=FULL_FT_UNSUPPORTED))  # fmt: skip
+        else:
+            rows.append(Row(name, {"Method": label}, {"preset": preset}))
     return Study(
         "baselines",
         "Baselines (paper table 3), each preset as shipped (spec §8)",
         ("Method",),
         {},
-        rows,
+        tuple(rows),
     )
 
 

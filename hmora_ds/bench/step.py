@@ -7,7 +7,8 @@ A step is forward + backward + AdamW step (``zero_grad`` included). Rows:
 - ``frozen base``: the base model's forward and the backward to its input embeddings, no
   adapter, no optimizer: the physical limit of adapter training (every adapter method must run
   at least this, since gradients flow through the frozen layers to the adapters below).
-- every preset: LoRA r = 8 / 64, MoLoRA, MixLoRA, HydraLoRA, HMoRA, HMoRA w LW;
+- every registered method's presets (LoRA r = 8 / 64, MoLoRA, MixLoRA, HydraLoRA, HMoRA w LW,
+  HMoRA w/o LW, and any method registered with a preset);
 - HMoRA with e = 4, 8, 16, 32 experts: the dense and the sparse top-k computation, and the
   **per-expert loop** of peer frameworks (:mod:`hmora_ds.bench.reference`);
 - fast paths, each against its "before": routers shared but recomputed per member, the task
@@ -154,17 +155,14 @@ def _loop(model: Any) -> Iterator[None]:
 
 
 def variants(device: str) -> list[Variant]:
+    from hmora_ds.config import load_config
+    from hmora_ds.methods import method_presets
+
     rows = [Variant("frozen base", "methods", None, note="forward + input-gradient backward")]
-    for preset, label in (
-        ("lora_r8", "LoRA r=8"),
-        ("lora_r64", "LoRA r=64"),
-        ("molora", "MoLoRA"),
-        ("mixlora", "MixLoRA"),
-        ("hydralora", "HydraLoRA"),
-        ("hmora", "HMoRA"),
-        ("hmora_lw", "HMoRA w LW"),
-    ):
-        rows.append(Variant(label, "methods", preset))
+    # Every registered method's presets (a full fine-tune is not an adapter step: left out).
+    for preset, label, _ in method_presets():
+        if not load_config(preset).full_finetune:
+            rows.append(Variant(label.replace(" = ", "="), "methods", preset))
     for e in EXPERTS:
         for compute in ("dense", "sparse"):
             rows.append(

@@ -14,6 +14,7 @@ from hmora_ds.methods.base import (
     build_method,
     get_method,
     import_plugins,
+    method_presets,
     register_method,
     stack_records,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "hydralora",
     "import_plugins",
     "lora",
+    "method_presets",
     "mixlora",
     "molora",
     "register_method",

@@ -73,6 +73,14 @@ def available_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def method_presets() -> list[tuple[str, str, type[Method]]]:
+    """``(preset, label, method class)`` of every registered method's shipped presets, in
+    table order (:attr:`Method.order`, then name): what the step benchmark and the baselines
+    study run, so a new method with a preset joins them by registering."""
+    classes = sorted(_REGISTRY.values(), key=lambda c: (c.order, c.name))
+    return [(preset, label, cls) for cls in classes for preset, label in cls.presets.items()]
+
+
 def build_method(config: HMoRAConfig) -> Method:
     """The validated method object of a config."""
     return get_method(config.method)(config)
@@ -122,6 +130,10 @@ class Method:
     name: ClassVar[str] = ""
     #: The preset with this method's published settings (its default configuration).
     preset: ClassVar[str | None] = None
+    #: Every shipped preset of the method → its label in tables (paper layout).
+    presets: ClassVar[dict[str, str]] = {}
+    #: Position in comparison tables (the HMoRA paper's table 3 order for the built-ins).
+    order: ClassVar[int] = 100
     #: A dataclass of method-specific settings (``options.<field>=…``), or None.
     options_class: ClassVar[type | None] = None
     #: Display order of parameter components in the TP report.

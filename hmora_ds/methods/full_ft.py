@@ -9,6 +9,8 @@ from hmora_ds.methods.base import Method, register_method
 class FullFineTune(Method):
     name = "full_ft"
     preset = "full_ft"
+    presets = {"full_ft": "Full FT"}  # noqa: RUF012
+    order = 0
     components = ("base model",)
 
     def validate(self) -> None:

@@ -34,6 +34,8 @@ from hmora_ds.routing.task_encoder import TaskEncoder
 class HMoRA(Method):
     name = "hmora"
     preset = "hmora"
+    presets = {"hmora_lw": "HMoRA w LW", "hmora": "HMoRA w/o LW"}  # noqa: RUF012
+    order = 50
     components: ClassVar[tuple[str, ...]] = (
         "lora A", "lora B", "token routers", "task routers", "alpha", "task encoder", "e_task",
         "base model",

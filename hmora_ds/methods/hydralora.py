@@ -15,6 +15,8 @@ from hmora_ds.methods.base import Method, register_method
 class HydraLoRA(Method):
     name = "hydralora"
     preset = "hydralora"
+    presets = {"hydralora": "HydraLoRA"}  # noqa: RUF012
+    order = 40
 
     def validate(self) -> None:
         c = self.config

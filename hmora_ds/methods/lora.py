@@ -15,6 +15,8 @@ from hmora_ds.methods.base import Method, register_method
 class LoRA(Method):
     name = "lora"
     preset = "lora_r8"
+    presets = {"lora_r8": "LoRA r = 8", "lora_r64": "LoRA r = 64"}  # noqa: RUF012
+    order = 10
     components = ("lora A", "lora B", "base model")
 
     def validate(self) -> None:

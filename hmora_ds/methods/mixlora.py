@@ -16,6 +16,8 @@ from hmora_ds.methods.base import Method, register_method
 class MixLoRA(Method):
     name = "mixlora"
     preset = "mixlora"
+    presets = {"mixlora": "MixLoRA"}  # noqa: RUF012
+    order = 30
 
     def validate(self) -> None:
         c = self.config

@@ -16,6 +16,8 @@ from hmora_ds.methods.base import Method, register_method
 class MoLoRA(Method):
     name = "molora"
     preset = "molora"
+    presets = {"molora": "MoLoRA"}  # noqa: RUF012
+    order = 20
 
     def validate(self) -> None:
         c = self.config
