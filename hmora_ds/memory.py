@@ -176,16 +176,32 @@ def input_width(name: str, shapes: Shapes) -> int:
     }[name]
 
 
-def routers_on(method: Any, targets: tuple[str, ...]) -> int:
-    """Token routers reading one input: one per mixture target, or one shared group."""
-    mixture = [t for t in targets if t in method.adapter.mixture_targets]
-    if not mixture:
-        return 0
-    return 1 if method.routing.share_routers else len(mixture)
+def site_method(method: Any, shapes: Shapes) -> Any:
+    """The method object (its sites: experts per layer and target, router groups) of a config
+    (or a method already built), bound to the model's shape."""
+    from hmora_ds.methods import Method, build_method
+
+    built = method if isinstance(method, Method) else build_method(method)
+    built.bind(shapes.hidden, shapes.layers)
+    return built
 
 
-def layer_activation_bytes(shapes: Shapes, method: Any, w: Workload) -> float:
-    """Bytes saved for backward per token in one decoder layer (no checkpointing).
+def routers_on(method: Any, layer: int, targets: tuple[str, ...]) -> list[int]:
+    """The expert counts of the routers reading one input of ``layer`` (one per router group
+    with a member among ``targets``)."""
+    return [
+        method.experts_at(layer, group[0])
+        for group in method.router_groups(layer)
+        if set(group) & set(targets)
+    ]
+
+
+def layer_activation_bytes(
+    shapes: Shapes, method: Any, w: Workload, layer: int | None = None
+) -> float:
+    """Bytes saved for backward per token in decoder layer ``layer`` (no checkpointing); the
+    mean over the layers when ``layer`` is None. ``method``: a method config or object — its
+    sites (experts per layer and target, router groups) decide the adapter terms.
 
     ``a`` is the compute dtype's size, ``h`` hidden, ``f`` FFN width, ``q`` = heads·head_dim,
     ``n`` heads, ``s`` sequence length, ``E`` experts, ``R`` rank. Frozen linears save nothing
@@ -214,24 +230,29 @@ def layer_activation_bytes(shapes: Shapes, method: Any, w: Workload) -> float:
         total += shapes.heads * w.seq_len * (4 + (a if a < 4 else 0))
     else:
         total += 4 * shapes.heads + (a * q if w.on_gpu else 0)
-    if method.full_finetune:
+    m = site_method(method, shapes)
+    if m.trains_base:
         return float(total + a * (4 * h + q + f))
-    ad, r = method.adapter, method.routing
+    if layer is None:
+        layers = range(shapes.layers)
+        return sum(layer_activation_bytes(shapes, m, w, i) for i in layers) / shapes.layers
+    ad, r = m.config.adapter, m.config.routing
     for name, targets in LAYER_INPUTS:
-        adapters = [t for t in targets if t in ad.targets]
-        routers = routers_on(method, targets)
+        adapters = {t: m.experts_at(layer, t) for t in targets}
+        adapters = {t: e for t, e in adapters.items() if e is not None}
+        routers = routers_on(m, layer, targets)
         if not adapters and not routers:
             continue
         width = input_width(name, shapes)
         plain = (adapters and ad.dropout == 0) or (routers and r.router_dropout == 0)
         dropped = (len(adapters) if ad.dropout > 0 else 0) + (
-            routers if r.router_dropout > 0 else 0
+            len(routers) if r.router_dropout > 0 else 0
         )
         total += a * width * (1 if plain else 0) + 2 * a * width * dropped
-        total += 16 * ad.num_experts * routers
-        for t in adapters:
-            e, rank = ad.num_experts, ad.rank
-            if t in ad.single_lora_layers:
+        total += 16 * sum(routers)
+        for e in adapters.values():
+            rank = ad.rank
+            if e == 1:
                 total += a * rank
             elif ad.hydra:
                 total += a * rank + a * e * rank + 4 * e
@@ -242,16 +263,19 @@ def layer_activation_bytes(shapes: Shapes, method: Any, w: Workload) -> float:
 
 def activation_bytes(shapes: Shapes, method: Any, w: Workload) -> dict[str, float]:
     """Activation memory of one micro-batch: decoder layers, LM head, task encoder."""
-    per_layer = layer_activation_bytes(shapes, method, w) * w.tokens
+    m = site_method(method, shapes)
+    per_layer = [layer_activation_bytes(shapes, m, w, i) * w.tokens for i in range(shapes.layers)]
+    if m.trains_base:
+        per_layer = [layer_activation_bytes(shapes, m, w) * w.tokens] * shapes.layers
     if w.gradient_checkpointing:
         # Only each layer's input survives the forward; one layer is recomputed at a time.
-        layers = w.compute_bytes * shapes.hidden * w.tokens * shapes.layers + per_layer
+        layers = w.compute_bytes * shapes.hidden * w.tokens * shapes.layers + max(per_layer)
     else:
-        layers = per_layer * shapes.layers
+        layers = sum(per_layer)
     logits = (2 * w.compute_bytes + 8) * shapes.vocab * w.tokens
     encoder = 0.0
-    if not method.full_finetune and method.routing.task_encoder == "transformer":
-        r = method.routing
+    if m.task_encoder_kind == "transformer":
+        r = m.config.routing
         ffn = int(r.encoder_ffn_mult * shapes.hidden)
         tokens = w.micro_batch * w.prompt_len
         # nn.TransformerEncoderLayer in fp32: ~6 h-wide tensors, 3 FFN-wide, the scores.

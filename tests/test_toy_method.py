@@ -211,3 +211,20 @@ def test_the_toy_trains_under_the_deepspeed_launcher_exports_and_reloads(tiny_ru
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)  # export == the run's own adapter
     # The run trained: the routers and B moved away from their initial values.
     assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("lora_B"))
+
+
+def test_the_memory_planner_counts_the_toys_own_sites():
+    from transformers import LlamaConfig
+
+    from hmora_ds.memory import Shapes, Workload, layer_activation_bytes, site_method
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=6,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=300)  # fmt: skip
+    w = Workload(2, 32, 16, False, 4, 4, eager_attention=True, on_gpu=False)
+    shapes = Shapes.from_hf(cfg)
+    method = site_method(_config(), shapes)
+    per_layer = [layer_activation_bytes(shapes, method, w, i) for i in range(6)]
+    # 2 experts on the lower half, 4 on the upper: 3 adapted linears × (2aER + 4E) + routers
+    upper_minus_lower = 3 * (2 * 4 * 2 * 4 + 4 * 2) + 3 * 16 * 2
+    assert per_layer[5] - per_layer[0] == upper_minus_lower
+    assert layer_activation_bytes(shapes, method, w) == pytest.approx(sum(per_layer) / 6)

@@ -191,6 +191,9 @@ class Method:
         """Whether any site carries a routed bank (and so routers and aux losses)."""
         return not self.config.full_finetune and bool(self.config.adapter.mixture_targets)
 
+    #: The task encoder the model builds (``"transformer"``…), None without one.
+    task_encoder_kind: str | None = None
+
     @property
     def trains_base(self) -> bool:
         return self.config.full_finetune

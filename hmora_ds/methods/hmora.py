@@ -48,6 +48,13 @@ class HMoRA(Method):
             return ["token"] * num_layers
         return layer_modes(num_layers, r.eps, r.mu, r.beta_low, r.beta_high)
 
+    @property
+    def task_encoder_kind(self) -> str | None:
+        """The task encoder the model builds (after :meth:`bind`), or None without one."""
+        if not self.has_mixture or all(m == "token" for m in self.modes(self.num_layers)):
+            return None
+        return self.config.routing.task_encoder
+
     def validate_for_model(self, hidden_size: int, num_layers: int) -> None:
         if not self.has_mixture:
             return
@@ -92,8 +99,7 @@ class HMoRA(Method):
 
     def build_modules(self, model: nn.Module, tokenizer: Any, task_token_id: int | None) -> None:
         """The task encoder, when some layer routes by task (section 3.3)."""
-        num_layers = model.base_model.config.num_hidden_layers
-        if not self.has_mixture or all(m == "token" for m in self.modes(num_layers)):
+        if self.task_encoder_kind is None:
             model.task_encoder = None
             return
         r = self.config.routing
