@@ -30,7 +30,7 @@ from hmora_ds.base_model import ARCH_TARGETS, base_fingerprint, count_parameters
 from hmora_ds.config import TARGETS, HMoRAConfig
 from hmora_ds.experts import MoRALinear
 from hmora_ds.losses import total_loss
-from hmora_ds.methods import Method, build_method
+from hmora_ds.methods import Method, RoutingBatch, build_method
 from hmora_ds.metrics import RouterStatsAccumulator
 from hmora_ds.routing import RoutingContext, TaskEncoder
 
@@ -178,22 +178,44 @@ class HMoRAModel(nn.Module):
         return base_fingerprint(self.base_model, self.base_parameter_count)
 
     def _task_representation(
-        self, embeds: torch.Tensor, prompt_mask: torch.Tensor
+        self,
+        embeds: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        extras: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor | None:
-        return self.method.routing_inputs(self, embeds, prompt_mask)
+        """The method's routing input for this batch (HMoRA: H_task of the prompt tokens)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(prompt_mask)
+        batch = RoutingBatch(embeds, attention_mask.bool(), prompt_mask, extras or {})
+        return self.method.routing_inputs(self, batch)
+
+    def _batch_extras(self, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Pop the batch inputs the method routes on (:attr:`Method.batch_inputs`) from
+        ``kwargs``; a missing one is an error naming it."""
+        missing = [k for k in self.method.batch_inputs if k not in kwargs]
+        if missing:
+            raise ValueError(
+                f"forward: method {self.method.name} routes on batch input(s) {missing}; "
+                "pass them as keyword arguments (the collator's batch keys of that name)"
+            )
+        return {k: kwargs.pop(k) for k in self.method.batch_inputs}
 
     def task_representation(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         prompt_mask: torch.Tensor | None = None,
+        **batch_inputs: torch.Tensor,
     ) -> torch.Tensor | None:
-        """H_task (B, D) of a batch, from its prompt tokens only (None without task routing)."""
+        """The method's routing input of a batch (HMoRA: H_task (B, D) from its prompt tokens
+        only; None without task routing). ``batch_inputs``: the method's extra batch tensors."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         pmask = self._resolve_prompt_mask(prompt_mask, attention_mask, None)
+        extras = self._batch_extras(dict(batch_inputs))
         embeds = self.base_model.get_input_embeddings()(input_ids)
-        return self._task_representation(embeds, pmask)
+        return self._task_representation(embeds, pmask, attention_mask, extras)
 
     def _resolve_prompt_mask(
         self,
@@ -251,6 +273,7 @@ class HMoRAModel(nn.Module):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        extras = self._batch_extras(model_kwargs)
         embeds = self.base_model.get_input_embeddings()(input_ids)
         decoding = past_key_values is not None and past_key_values.get_seq_length() > 0
         if position_ids is None and not decoding:
@@ -260,7 +283,7 @@ class HMoRAModel(nn.Module):
             scope = ctx.forward_scope(ctx.task_repr, None, record=False, expand_batch=True)
         else:
             pmask = self._resolve_prompt_mask(prompt_mask, attention_mask, labels)
-            task_repr = self._task_representation(embeds, pmask)
+            task_repr = self._task_representation(embeds, pmask, attention_mask, extras)
             scope = ctx.forward_scope(task_repr, attention_mask.bool(), record=True)
         with scope as records:
             out = self.base_model(
@@ -341,8 +364,9 @@ class HMoRAModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         pmask = self._resolve_prompt_mask(prompt_mask, attention_mask, None)
+        extras = self._batch_extras(generate_kwargs)
         embeds = self.base_model.get_input_embeddings()(input_ids)
-        task_repr = self._task_representation(embeds, pmask)
+        task_repr = self._task_representation(embeds, pmask, attention_mask, extras)
         with self.routing_context.forward_scope(task_repr, None, record=False, expand_batch=True):
             return self.base_model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs

@@ -119,3 +119,49 @@ def test_plugins_that_cannot_be_imported_are_one_line_errors(tmp_path):
         import_plugins([str(bad)])
     with pytest.raises(ValueError, match=r"does not exist"):
         import_plugins([str(tmp_path / "missing.py")])
+
+
+def test_a_method_can_route_on_extra_batch_inputs():
+    """A method that routes its task routers on a domain label of each sequence (as gates
+    over known domains do): the label is a keyword of forward / generate, reaches the method
+    through RoutingBatch.extras, and a forward without it is a one-line error naming it."""
+    import torch
+    from torch import nn
+
+    from hmora_ds.methods import RoutingBatch
+    from hmora_ds.methods.hmora import HMoRA
+
+    @register_method
+    class DomainRouted(HMoRA):
+        name = "test_domain_routed"
+        batch_inputs = ("domain",)
+
+        def build_modules(self, model, tokenizer, task_token_id):
+            super().build_modules(model, tokenizer, task_token_id)
+            model.domain_embedding = nn.Embedding(4, model.base_model.config.hidden_size)
+
+        def routing_inputs(self, model, batch: RoutingBatch):
+            return model.domain_embedding(batch.extras["domain"])
+
+        def component_of(self, name):
+            return "task encoder" if name.startswith("domain_") else super().component_of(name)
+
+    config = load_config("hmora", ["method=test_domain_routed"])
+    model = inv.build(config).eval()
+    from tests.conftest import batch
+
+    ids, attn, labels, prompt = batch(bsz=2)
+    with torch.no_grad():
+        a = model(ids, attn, labels, prompt, domain=torch.tensor([0, 0]))
+        b = model(ids, attn, labels, prompt, domain=torch.tensor([0, 1]))
+        rep = model.task_representation(ids, attn, prompt, domain=torch.tensor([2, 3]))
+    task_a = [r.probs for r in a.routing_records if r.kind == "task"]
+    task_b = [r.probs for r in b.routing_records if r.kind == "task"]
+    assert task_a and all(torch.equal(x[0], y[0]) for x, y in zip(task_a, task_b, strict=True))
+    assert not torch.allclose(task_a[0][1], task_b[0][1])  # only sequence 1 changed domain
+    torch.testing.assert_close(rep, model.domain_embedding(torch.tensor([2, 3])))
+    with pytest.raises(ValueError, match=r"routes on batch input\(s\) \['domain'\]"):
+        model(ids, attn, labels, prompt)
+    out = model.generate(ids, attention_mask=attn, domain=torch.tensor([1, 2]),
+                         max_new_tokens=2, do_sample=False, pad_token_id=0)  # fmt: skip
+    assert out.shape == (2, ids.shape[1] + 2)

@@ -121,9 +121,9 @@ def _task_encoder_per_router(model: Any) -> Iterator[None]:
     ctx, encode = model.routing_context, model._task_representation
     state: dict[str, Any] = {}
 
-    def capture(embeds, pmask):
-        state["args"] = (embeds, pmask)
-        return encode(embeds, pmask)
+    def capture(*args):
+        state["args"] = args
+        return encode(*args)
 
     bound = ctx.task_repr_for
 

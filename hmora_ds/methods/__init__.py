@@ -9,6 +9,7 @@ name it in their ``method`` field. See ``docs/methods.md`` for how a method is p
 from hmora_ds.methods import full_ft, hmora, hydralora, lora, mixlora, molora  # registers them
 from hmora_ds.methods.base import (
     Method,
+    RoutingBatch,
     adapter_parameters,
     available_methods,
     build_method,
@@ -21,6 +22,7 @@ from hmora_ds.methods.base import (
 
 __all__ = [
     "Method",
+    "RoutingBatch",
     "adapter_parameters",
     "available_methods",
     "build_method",

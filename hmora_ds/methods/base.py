@@ -15,8 +15,9 @@ frozen base, injection into its dense layers, the expert banks and their dispatc
 ``build_router``              the module that turns a site's input into gates (B, T|1, E), with
                               zeros for unused experts (any number per token)
 ``build_modules``             extra trainable modules on the model (e.g. a task encoder)
-``routing_inputs``            per-batch inputs the routers need (e.g. the task representation),
-                              bound in the routing context for the forward
+``routing_inputs``            what the routers route on, from the batch (:class:`RoutingBatch`:
+                              embeddings, masks, the ``batch_inputs`` it asks for), bound in the
+                              routing context for the forward (HMoRA: the task representation)
 ``aux_losses``                auxiliary losses, pure functions of the forward's routing records
                               (+ the data-parallel group), by kind; ``aux_weight(kind)`` is λ
 ``component_of(name)``        which component a trainable parameter belongs to (TP report)
@@ -29,6 +30,7 @@ The objective ``L = L_LM + Σ_k λ_k · L_aux,k`` is formed in one place,
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -78,7 +80,12 @@ def method_presets() -> list[tuple[str, str, type[Method]]]:
     table order (:attr:`Method.order`, then name): what the step benchmark and the baselines
     study run, so a new method with a preset joins them by registering."""
     classes = sorted(_REGISTRY.values(), key=lambda c: (c.order, c.name))
-    return [(preset, label, cls) for cls in classes for preset, label in cls.presets.items()]
+    # A method's own presets only: a subclass does not re-list its parent's.
+    return [
+        (preset, label, cls)
+        for cls in classes
+        for preset, label in cls.__dict__.get("presets", {}).items()
+    ]
 
 
 def build_method(config: HMoRAConfig) -> Method:
@@ -120,6 +127,24 @@ def import_plugins(specs: list[str]) -> None:
             raise ValueError(msg) from None
 
 
+@dataclass
+class RoutingBatch:
+    """What a method may route on, per forward (see :meth:`Method.routing_inputs`).
+
+    Attributes:
+        embeds: (B, T, D) input embeddings.
+        attention_mask: (B, T) bool, real tokens.
+        prompt_mask: (B, T) bool, prompt tokens (never the targets: routing must not see them).
+        extras: the batch tensors the method asks for in :attr:`Method.batch_inputs`
+            (e.g. domain labels), by name.
+    """
+
+    embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_mask: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
 class Method:
     """Base class of methods; the defaults are those of a routed LoRA mixture.
 
@@ -130,10 +155,13 @@ class Method:
     name: ClassVar[str] = ""
     #: The preset with this method's published settings (its default configuration).
     preset: ClassVar[str | None] = None
-    #: Every shipped preset of the method → its label in tables (paper layout).
+    #: Every shipped preset of the method → its label in tables (paper layout); not inherited.
     presets: ClassVar[dict[str, str]] = {}
     #: Position in comparison tables (the HMoRA paper's table 3 order for the built-ins).
     order: ClassVar[int] = 100
+    #: Extra per-batch tensors the method routes on (keyword arguments of the model's forward
+    #: and ``generate``, e.g. ``("domain",)``), handed to :meth:`routing_inputs`.
+    batch_inputs: ClassVar[tuple[str, ...]] = ()
     #: A dataclass of method-specific settings (``options.<field>=…``), or None.
     options_class: ClassVar[type | None] = None
     #: Display order of parameter components in the TP report.
@@ -150,8 +178,8 @@ class Method:
         """The method's default configuration: its preset, else the shared defaults."""
         from hmora_ds.config import load_config
 
-        if cls.preset is not None:
-            return load_config(cls.preset)
+        if cls.preset is not None:  # its own, or its parent's with this method named
+            return load_config(cls.preset, {"method": cls.name})
         return HMoRAConfig(method=cls.name)
 
     def _parse_options(self, values: dict[str, Any]) -> Any:
@@ -244,10 +272,9 @@ class Method:
     def build_modules(self, model: nn.Module, tokenizer: Any, task_token_id: int | None) -> None:
         """Attach extra trainable modules to ``model`` (none by default)."""
 
-    def routing_inputs(
-        self, model: nn.Module, embeds: torch.Tensor, prompt_mask: torch.Tensor
-    ) -> torch.Tensor | None:
-        """The per-sequence input bound for the routers (the task representation), or None."""
+    def routing_inputs(self, model: nn.Module, batch: RoutingBatch) -> torch.Tensor | None:
+        """The per-sequence input (B, …) bound in the routing context for every router of the
+        forward (HMoRA: the task representation), or None."""
         return None
 
     # ------------------------------------------------------------------ losses

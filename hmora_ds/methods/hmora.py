@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from hmora_ds.base_model import gathered
-from hmora_ds.methods.base import Method, register_method
+from hmora_ds.methods.base import Method, RoutingBatch, register_method
 from hmora_ds.routing.gates import RouterGroup, layer_alphas, layer_modes
 from hmora_ds.routing.task_encoder import TaskEncoder
 
@@ -131,13 +131,11 @@ class HMoRA(Method):
             position_scale=scale,
         ).to(weight.device)
 
-    def routing_inputs(
-        self, model: nn.Module, embeds: torch.Tensor, prompt_mask: torch.Tensor
-    ) -> torch.Tensor | None:
+    def routing_inputs(self, model: nn.Module, batch: RoutingBatch) -> torch.Tensor | None:
         """H_task (B, D) from the prompt tokens only (None without task routing)."""
         if model.task_encoder is None:
             return None
-        return model.task_encoder(embeds, prompt_mask)
+        return model.task_encoder(batch.embeds, batch.prompt_mask)
 
     def component_of(self, name: str) -> str:
         if ".task_router." in name:
