@@ -250,6 +250,14 @@ class Method:
         num_experts: int,
     ) -> nn.Module:  # fmt: skip
         """The router module of one group (token routing by default)."""
+        return self.router_group(model, layer, targets, in_features, num_experts)
+
+    def router_group(
+        self, model: nn.Module, layer: int, targets: tuple[str, ...], in_features: int,
+        num_experts: int, layer_mode: str = "token", alpha: float = 0.0, learn_alpha: bool = False,
+    ) -> nn.Module:  # fmt: skip
+        """A :class:`~hmora_ds.routing.gates.RouterGroup` with the config's routing settings
+        (soft or top-k, renormalisation, router dropout) in ``layer_mode``."""
         from hmora_ds.routing.gates import RouterGroup
 
         r = self.config.routing
@@ -258,14 +266,14 @@ class Method:
             targets=targets,
             in_features=in_features,
             task_features=model.base_model.config.hidden_size,
-            layer_mode="token",
-            alpha=0.0,
+            layer_mode=layer_mode,
+            alpha=alpha,
             num_experts=num_experts,
             mode=r.mode,
             top_k=r.top_k,
             topk_renorm=r.topk_renorm,
             dropout=r.router_dropout,
-            learn_alpha=False,
+            learn_alpha=learn_alpha,
             context=model.routing_context,
         )
 

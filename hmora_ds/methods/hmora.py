@@ -26,7 +26,7 @@ from torch import nn
 
 from hmora_ds.base_model import gathered
 from hmora_ds.methods.base import Method, RoutingBatch, register_method
-from hmora_ds.routing.gates import RouterGroup, layer_alphas, layer_modes
+from hmora_ds.routing.gates import layer_alphas, layer_modes
 from hmora_ds.routing.task_encoder import TaskEncoder
 
 
@@ -81,21 +81,12 @@ class HMoRA(Method):
     ) -> nn.Module:  # fmt: skip
         r = self.config.routing
         num_layers = model.base_model.config.num_hidden_layers
-        return RouterGroup(
-            layer=layer,
-            targets=targets,
-            in_features=in_features,
-            task_features=model.base_model.config.hidden_size,
+        return self.router_group(
+            model, layer, targets, in_features, num_experts,
             layer_mode=self.modes(num_layers)[layer],
             alpha=layer_alphas(num_layers, r.eps, r.mu)[layer],
-            num_experts=num_experts,
-            mode=r.mode,
-            top_k=r.top_k,
-            topk_renorm=r.topk_renorm,
-            dropout=r.router_dropout,
             learn_alpha=r.learn_alpha,
-            context=model.routing_context,
-        )
+        )  # fmt: skip
 
     def build_modules(self, model: nn.Module, tokenizer: Any, task_token_id: int | None) -> None:
         """The task encoder, when some layer routes by task (section 3.3)."""
