@@ -265,8 +265,6 @@ def activation_bytes(shapes: Shapes, method: Any, w: Workload) -> dict[str, floa
     """Activation memory of one micro-batch: decoder layers, LM head, task encoder."""
     m = site_method(method, shapes)
     per_layer = [layer_activation_bytes(shapes, m, w, i) * w.tokens for i in range(shapes.layers)]
-    if m.trains_base:
-        per_layer = [layer_activation_bytes(shapes, m, w) * w.tokens] * shapes.layers
     if w.gradient_checkpointing:
         # Only each layer's input survives the forward; one layer is recomputed at a time.
         layers = w.compute_bytes * shapes.hidden * w.tokens * shapes.layers + max(per_layer)

@@ -36,7 +36,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from hmora_ds.config import SHARED_GROUPS, TARGETS, HMoRAConfig, _fail, check_sections
+from hmora_ds.config import (
+    SHARED_GROUPS,
+    TARGETS,
+    HMoRAConfig,
+    _fail,
+    check_sections,
+    load_config,
+)
 from hmora_ds.routing.context import RoutingRecord
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -176,8 +183,6 @@ class Method:
     @classmethod
     def default_config(cls) -> HMoRAConfig:
         """The method's default configuration: its preset, else the shared defaults."""
-        from hmora_ds.config import load_config
-
         if cls.preset is not None:  # its own, or its parent's with this method named
             return load_config(cls.preset, {"method": cls.name})
         return HMoRAConfig(method=cls.name)
@@ -217,7 +222,7 @@ class Method:
     @property
     def has_mixture(self) -> bool:
         """Whether any site carries a routed bank (and so routers and aux losses)."""
-        return not self.config.full_finetune and bool(self.config.adapter.mixture_targets)
+        return self.config.has_mixture
 
     #: The task encoder the model builds (``"transformer"``…), None without one.
     task_encoder_kind: str | None = None

@@ -59,12 +59,11 @@ class HMoRA(Method):
         if not self.has_mixture:
             return
         r = self.config.routing
-        if r.task_encoder == "transformer" and hidden_size % r.encoder_heads:
-            self.require(
-                "routing.encoder_heads",
-                False,
-                f"({r.encoder_heads}) must divide the model's hidden size ({hidden_size})",
-            )
+        self.require(
+            "routing.encoder_heads",
+            r.task_encoder != "transformer" or hidden_size % r.encoder_heads == 0,
+            f"({r.encoder_heads}) must divide the model's hidden size ({hidden_size})",
+        )
         if r.task_encoder == "none":
             modes = layer_modes(num_layers, r.eps, r.mu, r.beta_low, r.beta_high)
             task_only = [i for i, m in enumerate(modes) if m == "task"]

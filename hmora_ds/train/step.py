@@ -48,7 +48,7 @@ class StepMetrics:
     counts: torch.Tensor
     lm_sum: torch.Tensor
     aux_loss: torch.Tensor
-    aux_weighted: torch.Tensor | None = None
+    aux_weighted: torch.Tensor
     aux_kinds: dict[str, torch.Tensor] = field(default_factory=dict)
     grad_norm: Any = None
     lr: float = 0.0
@@ -156,7 +156,7 @@ def _device_row(r: StepMetrics, kinds: list[str]) -> torch.Tensor:
             r.lm_sum.reshape(1),
             r.counts.reshape(2),
             r.aux_loss.double().reshape(1),
-            (r.aux_loss if r.aux_weighted is None else r.aux_weighted).double().reshape(1),
+            r.aux_weighted.double().reshape(1),
             *[r.aux_kinds[k].double().reshape(1) for k in kinds],
             g.to(r.lm_sum.device).reshape(1),
         ]
