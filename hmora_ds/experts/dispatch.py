@@ -126,10 +126,14 @@ class DenseDispatcher(Dispatcher):
     """Every expert on every token: ``H = h·[A_1 … A_E]``, scale each R-wide slice by its gate,
     ``H·[B_1; …; B_E]`` — two GEMMs, dropout once (eqs. 3–5 as one computation).
 
-    Returns the gated hidden (N…, E·R) for the block's fused ``addmm`` with the residual.
+    The bank calls :meth:`hidden` and fuses ``· B`` with the residual add in one ``addmm``;
+    :meth:`delta` is the same update on its own.
     """
 
     name = "dense"
+
+    def delta(self, block: Any, h: torch.Tensor, x: torch.Tensor, gates: torch.Tensor):
+        return F.linear(self.hidden(block, h, gates), block.lora_B) * block.scaling
 
     def hidden(self, block: Any, h: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         h = F.linear(h, block.lora_A)  # (N…, E·R) or (N…, R) with a shared (Hydra) A
