@@ -43,7 +43,7 @@ from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups
 from torch import nn
 
-from hmora_ds.experts import Dispatcher, DispatchPlan, MoRALinear
+from hmora_ds.experts import Dispatcher, MoRALinear
 from hmora_ds.experts.bank import ExpertBankForward
 from hmora_ds.methods import adapter_parameters
 
@@ -213,7 +213,7 @@ class AllToAllDispatcher(Dispatcher):
         if block.hydra:
             h = F.linear(h, block.hydra_A)  # (…, R): Hydra ships R-wide rows
         rows_in = h.reshape(-1, h.shape[-1])  # (N, I or R)
-        plan = DispatchPlan.build(gates, block.router.top_k, x.shape[-2])  # sorted by expert
+        plan = block.router.dispatch(gates, x.shape[-2])  # sorted by expert, shared per group
         counts = torch.diff(plan.offsets.long(), prepend=plan.offsets.new_zeros(1).long())
         expert = torch.repeat_interleave(torch.arange(e, device=x.device), counts)
         # Experts sorted ⇒ owners sorted: each owner's pairs are one contiguous slice.
