@@ -253,6 +253,16 @@ class LossConfig:
         gamma_b, gamma_c: CGJS balance and certainty bounds, 0 <= γ_c <= γ_b <= 1.
         aux_weight: λ in L = L_LM + λ Σ_R L_aux^(R).
         label_smoothing: label smoothing of the LM cross-entropy on target tokens.
+        task_stats: the sequences a task router's auxiliary statistics (M, mean H) are taken
+            over. ``step`` (the paper's): every sequence of the optimizer step, across
+            gradient-accumulation micro-steps and data-parallel ranks, with the exact gradient
+            of that global loss (the step's other prompts are encoded once more by the task
+            encoder). ``micro``: each micro-batch's sequences (× ranks) only; with fewer
+            sequences than experts the balance target H(M) = γ_b·log E is out of reach there.
+            Token routers are always per micro-batch (their statistics already cover thousands
+            of tokens, and a step-level version would keep every micro-step's activations).
+        blc_task_routers: with ``aux=blc``, apply L_blc to the task routers too. Off by default,
+            as in the official code, which balances token routers only.
     """
 
     aux: Literal["cgjs", "blc", "none"] = "cgjs"
@@ -260,6 +270,8 @@ class LossConfig:
     gamma_c: float = 0.4
     aux_weight: float = 0.003
     label_smoothing: float = 0.1
+    task_stats: Literal["step", "micro"] = "step"
+    blc_task_routers: bool = False
 
     def validate(self) -> None:
         coerce_numbers(self, "loss")
@@ -273,6 +285,10 @@ class LossConfig:
             _fail("loss.aux_weight", f"must be >= 0, got {self.aux_weight}")
         if not 0.0 <= self.label_smoothing < 1.0:
             _fail("loss.label_smoothing", f"must lie in [0, 1), got {self.label_smoothing}")
+        if self.task_stats not in ("step", "micro"):
+            _fail("loss.task_stats", f"must be 'step' or 'micro', got {self.task_stats!r}")
+        if not isinstance(self.blc_task_routers, bool):
+            _fail("loss.blc_task_routers", f"must be true or false, got {self.blc_task_routers!r}")
 
 
 @dataclass

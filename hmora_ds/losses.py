@@ -6,7 +6,8 @@ softmax, before hybrid mixing and top-k); ``mask`` has shape (N…), 1 = valid d
 
 Global batch: with ``group`` set, the masked sums and counts are all-reduced over that process
 group with a *differentiable* all-reduce, so each rank's value and gradient equal those of one
-process holding the concatenated batch. Everything is computed in fp32. ``H`` is the natural-log
+process holding the concatenated batch. Everything is computed in fp32 (fp64 for fp64
+probabilities). ``H`` is the natural-log
 entropy with 0·log 0 = 0; ``Ĥ = H / log E``.
 """
 
@@ -39,7 +40,7 @@ def _flatten(probs: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tens
             f"mask: shape {tuple(mask.shape)} must equal probs.shape[:-1] "
             f"{tuple(probs.shape[1:-1])}"
         )
-    p = probs.float().reshape(r, -1, e)
+    p = probs.to(torch.promote_types(probs.dtype, torch.float32)).reshape(r, -1, e)
     if mask is None:
         return p, torch.ones(p.shape[1], device=p.device, dtype=p.dtype)
     return p, mask.reshape(-1).to(p.dtype)

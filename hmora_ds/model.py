@@ -32,7 +32,7 @@ from hmora_ds.experts import MoRALinear
 from hmora_ds.losses import total_loss
 from hmora_ds.methods import Method, RoutingBatch, build_method
 from hmora_ds.metrics import RouterStatsAccumulator
-from hmora_ds.routing import RoutingContext, TaskEncoder
+from hmora_ds.routing import RouterId, RoutingContext, RoutingRecord, TaskEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,10 @@ class HMoRAOutput:
         lm_loss_sum: the summed cross-entropy (for normalising by a global token count).
         aux_loss: Σ of the method's auxiliary losses, unweighted; 0 without routers.
         aux_weighted: Σ_k λ_k · L_aux,k, the auxiliary part of the objective.
+        aux_step_weighted: the part of ``aux_weighted`` whose kinds are taken over the whole
+            optimizer step (``step_kinds``); 0 when none was computed in this forward.
+        step_kinds: the kinds of ``aux_by_kind`` computed over the optimizer step (the
+            step's other micro-batches included through ``step_batches``).
         aux_by_kind: the aux losses by kind (HMoRA: ``token``, ``task``), detached.
         logits: (B, T, V).
         num_target_tokens: number of target tokens in ``labels``.
@@ -61,11 +65,32 @@ class HMoRAOutput:
     lm_loss_sum: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     aux_weighted: torch.Tensor | None = None
+    aux_step_weighted: torch.Tensor | None = None
     aux_by_kind: dict[str, torch.Tensor] = field(default_factory=dict)
+    step_kinds: tuple[str, ...] = ()
     num_target_tokens: torch.Tensor | None = None
     router_stats: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     routing_records: list = field(default_factory=list)
     past_key_values: Any = None
+
+
+def merge_sequence_records(
+    records: list[RoutingRecord], extra: list[RoutingRecord]
+) -> list[RoutingRecord]:
+    """``records`` with each per-sequence router's probabilities extended by its ``extra``
+    rows (same router id, concatenated along the sequence dim), so its statistics cover both
+    batches. Records without extra rows are kept as they are."""
+    more: dict[RouterId, list[torch.Tensor]] = {}
+    for rec in extra:
+        more.setdefault(rec.id, []).append(rec.probs)
+    out = []
+    for rec in records:
+        rows = more.get(rec.id)
+        if rows is None or rec.mask is not None:
+            out.append(rec)
+        else:
+            out.append(RoutingRecord(rec.id, torch.cat([rec.probs, *rows]), None))
+    return out
 
 
 class HMoRAModel(nn.Module):
@@ -253,6 +278,8 @@ class HMoRAModel(nn.Module):
         use_cache: bool = False,
         return_router_stats: bool = True,
         aux_group: Any = None,
+        step_batches: list[dict[str, torch.Tensor]] | None = None,
+        step_aux: bool = True,
         **model_kwargs: Any,
     ) -> HMoRAOutput:
         """Run the model on a batch.
@@ -267,6 +294,14 @@ class HMoRAModel(nn.Module):
                 representation bound by the previous (prompt) forward is kept.
             return_router_stats: compute per-router statistics (detached).
             aux_group: process group over which routing statistics are global (None = local).
+            step_batches: the optimizer step's *other* micro-batches on this rank (dicts with
+                ``input_ids``, ``attention_mask``, ``prompt_mask`` and the method's batch
+                inputs; host or device): the auxiliary losses of the method's step kinds
+                (:attr:`~hmora_ds.methods.Method.step_aux_kinds`, HMoRA's task routers) then
+                cover this batch and those, differentiably (the trainer passes them to the
+                step's first micro-step).
+            step_aux: compute the step kinds' losses in this forward (the trainer turns it
+                off for the step's later micro-steps, whose sequences the first one covered).
 
         Returns:
             :class:`HMoRAOutput`.
@@ -297,10 +332,21 @@ class HMoRAModel(nn.Module):
         result = HMoRAOutput(
             logits=out.logits, past_key_values=out.past_key_values, routing_records=records
         )
-        terms = self.method.aux_losses(records, aux_group)
+        step_kinds = self.method.step_aux_kinds
+        aux_records = records
+        if not step_aux:
+            aux_records = [r for r in records if r.kind not in step_kinds]
+        elif step_batches and step_kinds and records:
+            extra = self.method.step_records(self, self._step_routing_batch(step_batches))
+            aux_records = merge_sequence_records(records, extra)
+        terms = self.method.aux_losses(aux_records, aux_group)
         result.aux_by_kind = {k: v.detach() for k, v in terms.items()}
+        result.step_kinds = tuple(k for k in terms if k in step_kinds)
         result.aux_loss = self._sum(terms.values())
         result.aux_weighted = self._sum(self.method.aux_weight(k) * v for k, v in terms.items())
+        result.aux_step_weighted = self._sum(
+            self.method.aux_weight(k) * terms[k] for k in result.step_kinds
+        )
         if return_router_stats and records:
             acc = RouterStatsAccumulator(self.stats_top_k)
             acc.add(records)
@@ -311,6 +357,31 @@ class HMoRAModel(nn.Module):
             result.lm_loss = lm_sum / n_target.clamp_min(1)
             result.loss = total_loss(result.lm_loss, result.aux_weighted)
         return result
+
+    def _step_routing_batch(self, batches: list[dict[str, torch.Tensor]]) -> RoutingBatch:
+        """The prompts of several micro-batches as one :class:`RoutingBatch`: rows
+        concatenated, each right-padded to the longest (padding is masked out of the prompt
+        mask, and the task encoder is padding-invariant)."""
+        device = self.base_model.get_input_embeddings().weight.device
+        width = max(b["input_ids"].shape[1] for b in batches)
+
+        def padded(t: torch.Tensor) -> torch.Tensor:
+            return F.pad(t.long(), (0, width - t.shape[1])).to(device, non_blocking=True)
+
+        ids = torch.cat([padded(b["input_ids"]) for b in batches])
+        attn, pmask = [], []
+        for b in batches:
+            a = b.get("attention_mask", torch.ones_like(b["input_ids"]))
+            attn.append(padded(a))
+            pmask.append(
+                padded(self._resolve_prompt_mask(b.get("prompt_mask"), a, b.get("labels")))
+            )
+        attn, pmask = torch.cat(attn).bool(), torch.cat(pmask).bool()
+        extras = {
+            k: torch.cat([b[k] for b in batches]).to(device) for k in self.method.batch_inputs
+        }
+        embeds = self.base_model.get_input_embeddings()(ids)
+        return RoutingBatch(embeds, attn, pmask, extras)
 
     @property
     def stats_top_k(self) -> int | None:

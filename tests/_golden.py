@@ -1,7 +1,7 @@
 """Golden outputs of every preset on tiny Qwen2 / LLaMA models (mechanics only, random init).
 
-What is recorded (``tests/golden/golden.json``), in float64 (routers and losses compute in fp32
-by design), with fixed seeds:
+What is recorded (``tests/golden/golden.json``), in float64 (router softmax and losses too), with
+fixed seeds:
 - ``lm_loss`` and the auxiliary loss per router kind;
 - the logits and every trainable gradient, each as a fingerprint: sum, sum of squares and the
   dot product with a fixed seeded Gaussian tensor of the same shape. A change of any element

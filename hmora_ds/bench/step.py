@@ -13,7 +13,10 @@ A step is forward + backward + AdamW step (``zero_grad`` included). Rows:
   **per-expert loop** of peer frameworks (:mod:`hmora_ds.bench.reference`);
 - fast paths, each against its "before": routers shared but recomputed per member, the task
   encoder run per router, dropout per expert, ``.item()`` syncs in the step, gradient
-  checkpointing on, and (CUDA) fp32 instead of bf16 autocast with fp32 adapters.
+  checkpointing on, and (CUDA) fp32 instead of bf16 autocast with fp32 adapters;
+- the cost of task-router statistics over the optimizer step: the first micro-step of a
+  6-micro-step step (the paper configs' accumulation), whose forward also re-encodes the other
+  5 micro-batches' prompts (once per optimizer step; compare with ``HMoRA w LW``).
 
 Time is the median over the timed steps. Memory: on CUDA the peak allocated bytes of the step;
 on CPU (which has no allocator statistics) the bytes the step keeps alive at its peak, counted
@@ -98,6 +101,9 @@ class Variant:
     grad_ckpt: bool = False
     fp32: bool = False  # CUDA: no autocast, fp32 base
     slow: bool = False  # the per-expert loop: fewer timed steps (median of 3 after 1)
+    # The first micro-step of an optimizer step of 1 + step_batches micro-batches: its forward
+    # also encodes the other micro-batches' prompts for the step-level task statistics.
+    step_batches: int = 0
     note: str = ""
 
 
@@ -191,6 +197,13 @@ def variants(device: str) -> list[Variant]:
         Variant("LW: dropout per expert", "fast paths", lw, patch=_dropout_per_expert),
         Variant("LW: .item() syncs in the step", "fast paths", lw, item_syncs=True),
         Variant("LW: gradient checkpointing", "fast paths", lw, grad_ckpt=True),
+        Variant(
+            "LW: 1st of 6 micro-steps (step task stats)",
+            "fast paths",
+            lw,
+            step_batches=5,
+            note="re-encodes 5 more micro-batches' prompts, once per optimizer step",
+        ),
     ]
     if device == "cuda":
         rows.append(Variant("LW: fp32 (no bf16 autocast)", "fast paths", lw, fp32=True))
@@ -291,6 +304,8 @@ def _step_fn(v: Variant, model, opt, batch, device: torch.device, autocast: bool
 
         return step
 
+    others = [{"input_ids": ids, "attention_mask": mask, "prompt_mask": pmask}] * v.step_batches
+
     def step():
         opt.zero_grad(set_to_none=True)
         with ac:
@@ -300,6 +315,7 @@ def _step_fn(v: Variant, model, opt, batch, device: torch.device, autocast: bool
                 labels=labels,
                 prompt_mask=pmask,
                 return_router_stats=False,  # as the trainer calls it
+                step_batches=others or None,
             )
         out.loss.backward()
         if v.item_syncs:  # what the training step used to do: read scalars every step

@@ -291,15 +291,38 @@ class Method:
         return None
 
     # ------------------------------------------------------------------ losses
+    @property
+    def step_aux_kinds(self) -> frozenset[str]:
+        """Record kinds whose auxiliary statistics cover the whole optimizer step (every
+        micro-batch of every rank) instead of one micro-batch: the per-sequence ``task``
+        routers with ``loss.task_stats=step`` (see :meth:`step_records`)."""
+        return frozenset({"task"}) if self.config.loss.task_stats == "step" else frozenset()
+
+    def step_records(self, model: nn.Module, batch: RoutingBatch) -> list[RoutingRecord]:
+        """The per-sequence (``task``) router probabilities of the optimizer step's *other*
+        micro-batches, ``batch`` (their prompts concatenated): the routing input computed once
+        more (HMoRA: the task encoder over those prompts, as the official training loop does)
+        and every task router applied to it. Token routers are not re-run."""
+        routers = [g for g in model.routers.values() if getattr(g, "task_router", None)]
+        if not routers:
+            return []
+        rep = self.routing_inputs(model, batch)
+        if rep is None:
+            return []
+        return [RoutingRecord(g.task_id, g.task_router(rep), None) for g in routers]
+
     def aux_losses(self, records: list[RoutingRecord], group: Any) -> dict[str, torch.Tensor]:
         """Unweighted auxiliary losses by kind (``loss.aux``: cgjs, blc or none); routers of
-        one kind and shape form one stack with one all-reduce (see losses)."""
+        one kind and shape form one stack with one all-reduce (see losses). L_blc leaves the
+        task routers out unless ``loss.blc_task_routers`` (the official code's choice)."""
         from hmora_ds.losses import stacked_cgjs_loss, stacked_load_balance_loss
 
         lc = self.config.loss
         out: dict[str, torch.Tensor] = {}
         if lc.aux == "none":
             return out
+        if lc.aux == "blc" and not lc.blc_task_routers:
+            records = [r for r in records if r.kind != "task"]
         for kind, probs, mask in stack_records(records):
             if lc.aux == "cgjs":
                 values = stacked_cgjs_loss(

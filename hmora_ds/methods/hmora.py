@@ -12,7 +12,11 @@ What this file decides, and where it comes from:
   input with ``routing.share_routers`` (appendix C); top-k with the paper's renormalisation
   (eqs. 15–16) or soft routing (eq. 14);
 - routing input: the task encoder over the prompt tokens only (section 3.3, spec §3);
-- auxiliary loss: CGJS (eqs. 10–12) or L_blc (eqs. 17–19) on every token and task router.
+- auxiliary loss: CGJS (eqs. 10–12) on every token and task router, or L_blc (eqs. 17–19) on
+  the token routers (the official code's choice; ``loss.blc_task_routers`` adds the task
+  routers). A task router's statistics cover every sequence of the optimizer step (the paper's
+  batch of 12, which the official loop re-encodes once per step: ``loss.task_stats``), a token
+  router's one micro-batch (:meth:`Method.step_records` in ``methods/base.py``).
 The spec (``shared/spec/method.md``) resolves the paper's ambiguities; the routing context
 (:mod:`hmora_ds.routing.context`) binds the task representation for every router.
 """

@@ -75,7 +75,8 @@ def topk_gates(probs: torch.Tensor, k: int, renorm: str = "paper") -> torch.Tens
 
 
 class Router(nn.Module):
-    """``h(x) = Linear(dropout(x))`` → logits ∈ R^E (appendix A); returns ``softmax(h(x))``."""
+    """``h(x) = Linear(dropout(x))`` → logits ∈ R^E (appendix A); returns ``softmax(h(x))`` in
+    fp32 (fp64 for an fp64 model)."""
 
     def __init__(self, in_features: int, num_experts: int, dropout: float) -> None:
         super().__init__()
@@ -84,7 +85,9 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.linear(self.dropout(x))
-        return torch.softmax(logits.float(), dim=-1)
+        # At least fp32 (bf16 logits are rounded too coarsely for the auxiliary statistics);
+        # fp64 stays fp64.
+        return torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
 
 
 class RouterGroup(nn.Module):

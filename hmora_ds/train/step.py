@@ -7,7 +7,14 @@ holding 1/N of a batch the loss value and update equal one process holding the w
 DeepSpeed divides the gradient by ``grad_accum`` and averages it over ranks; the LM term is
 scaled by ``world · grad_accum`` to undo exactly that. Router statistics of the auxiliary
 losses are all-reduced inside the model over the data-parallel group (a differentiable
-all-reduce), per micro-step; the logged routing statistics accumulate over micro-steps.
+all-reduce, whose backward sums the ranks' gradients, which DeepSpeed's average then divides
+back). Token routers' statistics are per micro-step (their loss is the mean over micro-steps);
+the method's *step kinds* (HMoRA's task routers, ``loss.task_stats=step``) cover every sequence
+of the optimizer step: the first micro-step receives the step's other micro-batches
+(``step_batches``), computes that loss once, and back-propagates it scaled by ``grad_accum``
+(undoing DeepSpeed's division); the later micro-steps skip it. So N ranks × K micro-steps give
+the loss value and gradient of one process holding the whole global batch. The logged routing
+statistics accumulate over micro-steps.
 
 No host-device synchronisation inside a step: token counts come from the collator's host
 tensors, every loss is accumulated on the device (:class:`StepMetrics`), and
@@ -65,14 +72,17 @@ class StepMetrics:
         )
 
     def add_micro(self, out: Any, accum: int) -> None:
-        """Accumulate one micro-step's (detached) losses from an ``HMoRAOutput``."""
+        """Accumulate one micro-step's (detached) losses from an ``HMoRAOutput``: per-micro
+        kinds as the mean over the ``accum`` micro-steps, step kinds (computed once, over the
+        whole step) as they are."""
         self.lm_sum += out.lm_loss_sum.detach().double()
-        self.aux_loss += out.aux_loss.detach().float() / accum
-        self.aux_weighted += out.aux_weighted.detach().float() / accum
+        step = out.aux_step_weighted.detach().float()
+        self.aux_weighted += (out.aux_weighted.detach().float() - step) / accum + step
         for kind, value in out.aux_by_kind.items():
             prev = self.aux_kinds.get(kind)
-            value = value.detach().float() / accum
+            value = value.detach().float() / (1 if kind in out.step_kinds else accum)
             self.aux_kinds[kind] = value if prev is None else prev + value
+            self.aux_loss += value
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -128,12 +138,18 @@ def train_step(
     # tensor so the loss scale needs no sync.
     scale = (world * grad_accum) / counts[0].clamp_min(1.0)
     metrics = StepMetrics.zeros(counts)
-    for m in micro:
+    for i, m in enumerate(micro):
+        # The step kinds' loss: computed in the first micro-step over all of the step's
+        # sequences (the others' prompts passed along), skipped in the later ones.
+        step_kw = {"step_batches": micro[1:]} if i == 0 else {"step_aux": False}
         m = to_device(m, device)
         with autocast(device, autocast_dtype):
-            out = engine(**m, aux_group=dp_group, return_router_stats=False)
+            out = engine(**m, aux_group=dp_group, return_router_stats=False, **step_kw)
         lm = out.lm_loss_sum * scale.to(out.lm_loss_sum.dtype)
-        engine.backward(total_loss(lm, out.aux_weighted))  # the method weighs its aux kinds
+        # DeepSpeed divides every backward by grad_accum: the once-per-step part is scaled
+        # back up so that it enters the update once, in full. The method weighs its kinds.
+        aux = out.aux_weighted + (grad_accum - 1) * out.aux_step_weighted
+        engine.backward(total_loss(lm, aux))
         engine.step()
         metrics.add_micro(out, grad_accum)
         if stats is not None:
