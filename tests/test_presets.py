@@ -94,10 +94,12 @@ def test_paper_qwen2_runs_follow_section_4(name):
     run = load_run_config(REPO / "configs" / f"{name}.yaml")
     t = run.train
     assert run.model.name_or_path == "Qwen/Qwen2-1.5B"
-    assert (t.lr, t.warmup_steps, t.max_steps, t.schedule) == (2e-5, 500, 10000, "linear")
+    # Linear warm-up, then constant (the official training loop).
+    assert (t.lr, t.warmup_steps, t.max_steps, t.schedule) == (2e-5, 500, 10000, "constant")
     assert t.micro_batch_size * t.grad_accum == 12  # on the one GPU the header states
     assert hardware_header(REPO / "configs" / f"{name}.yaml")["gpus"] == "1"
     assert (run.eval.every, run.eval.patience) == (200, 10)
+    assert_selects_by_validation_accuracy(run)
     assert (run.data.max_input_tokens, run.data.max_output_tokens) == (1024, 512)
     assert run.hmora_config().loss.label_smoothing == 0.1
     if run.preset in PAPER_TP:
@@ -113,6 +115,23 @@ def test_paper_llama_runs_follow_appendix_e7(name):
     assert method.loss.gamma_c == 0.8 and method.adapter.eta_b == 4.0
     assert run.train.max_steps == 20000 and run.eval.every == 1000
     assert run.train.lr == 2e-5 and run.train.micro_batch_size * run.train.grad_accum == 12
+    assert (run.train.warmup_steps, run.train.schedule) == (500, "constant")
+    assert run.eval.patience == 10
+    assert_selects_by_validation_accuracy(run)
+
+
+def assert_selects_by_validation_accuracy(run):
+    """Section 4.2: best checkpoint and early stopping by the mean accuracy of the seven
+    benchmarks' whole validation subsets, zero-shot; all of Flan trains."""
+    e = run.eval
+    assert (e.kind, e.benchmarks, e.source, e.shots, e.max_questions) == (
+        "benchmarks",
+        "all",
+        "hub",
+        0,
+        None,
+    )
+    assert run.data.val_fraction == 0.0 and run.data.val_path is None
 
 
 # Published totals (tied embeddings once) of every shipped architecture.

@@ -114,6 +114,12 @@ class TrainConfig:
             ``micro_batch_size × grad_accum × ranks``.
         max_steps: optimizer steps to train (fewer if early stopping ends the run).
         lr: peak learning rate (LoRA+ multiplies it by ``method.adapter.eta_b`` for ``B``).
+        router_lr_mult: multiplies ``lr`` for the routing parameters: token and task routers,
+            the task encoder with ``e_task``, a learnable α (1 = the paper). A compression knob
+            for short runs, not the paper's setting: the paper trains up to 10,000 steps at
+            lr 2e-5, and in a run of a few hundred steps the routers barely leave their
+            initialisation; a higher router lr (e.g. 10) makes them move. The schedule scales
+            it with every other group (warm-up and decay keep the ratio).
         warmup_steps: linear warm-up steps from 0 to ``lr``.
         schedule: after warm-up: ``linear`` or ``cosine`` decay to ``min_lr_ratio × lr`` at
             ``max_steps``, or ``constant``.
@@ -137,6 +143,7 @@ class TrainConfig:
     grad_accum: int = 3
     max_steps: int = 10000
     lr: float = 2e-5
+    router_lr_mult: float = 1.0
     warmup_steps: int = 500
     schedule: str = "linear"
     min_lr_ratio: float = 0.0
@@ -164,6 +171,11 @@ class TrainConfig:
                 _fail(f"train.{name}", f"must be a positive integer, got {value!r}")
         if self.lr <= 0:
             _fail("train.lr", f"must be > 0, got {self.lr}")
+        if not 0 < self.router_lr_mult < float("inf"):
+            _fail(
+                "train.router_lr_mult",
+                f"must be > 0 and finite (1 = the paper), got {self.router_lr_mult}",
+            )
         if self.warmup_steps < 0:
             _fail("train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         if self.schedule not in ("linear", "cosine", "constant"):

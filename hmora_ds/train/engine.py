@@ -154,14 +154,17 @@ def split_experts(model: HMoRAModel, ep: int, num_experts: int, rank: int) -> No
 
 
 def build_optimizer(model: HMoRAModel, t: TrainConfig, ep: int):
-    """AdamW over LoRA+ parameter groups, and the LR schedule.
+    """AdamW over LoRA+ parameter groups (routing parameters at ``router_lr_mult · lr``), and
+    the LR schedule (a ``LambdaLR``: one factor for every group, so their ratios hold).
 
     With EP > 1 expert parameters get groups of their own (DeepSpeed reduces them over the
     expert-data-parallel ranks only); empty groups are dropped.
     """
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    param_groups = lora_plus_param_groups(model, t.lr, t.weight_decay)
+    param_groups = lora_plus_param_groups(
+        model, t.lr, t.weight_decay, router_lr_mult=t.router_lr_mult
+    )
     if ep > 1:
         param_groups = [
             g
