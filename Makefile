@@ -62,12 +62,15 @@ train: $(STAMP)
 		launchers/train.py --deepspeed ds_configs/zero2.json --config $(TRAIN_CONFIG) $(TRAIN_ARGS)
 	@# What fine-tuning changed: the base model and the best adapter on the same validation
 	@# questions of the benchmarks whose *train* splits are in the offline mixture. Option
-	@# log-likelihood scoring: the mixture's targets are option texts, not letters.
+	@# log-likelihood scoring: the mixture's targets are option texts, not letters. The adapter
+	@# scores the base's exact questions (its manifest), so the table's Δ is paired: it ends
+	@# with Δ's 95 % confidence interval and a verdict (better / worse / not detectable).
 	for who in base adapter; do \
 		DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES= $(VENV)/bin/torchrun --standalone --nproc_per_node 2 \
 			launchers/eval.py --model smollm2-135m-instruct --benchmarks $(EVAL_BENCHMARKS) \
 			--split validation --max-questions $(EVAL_QUESTIONS) --max-input-tokens 512 --mode loglik \
-			$$([ $$who = adapter ] && echo --adapter $(TRAIN_OUT)/adapter_best) \
+			$$([ $$who = adapter ] && echo --adapter $(TRAIN_OUT)/adapter_best \
+				--manifest $(TRAIN_OUT)/eval_base/manifest.json) \
 			--output-dir $(TRAIN_OUT)/eval_$$who > $(TRAIN_OUT)/eval_$$who.log 2>&1 \
 			|| { tail -20 $(TRAIN_OUT)/eval_$$who.log; exit 1; }; \
 	done

@@ -5,6 +5,8 @@ Tiny random-init LLaMA with SmolLM2's real tokenizer and chat template (mechanic
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -158,26 +160,38 @@ def test_bad_scoring_inputs(tiny):
         score_questions(None, Scorer(tok), toy_questions(2) * 2, CPU)
 
 
-def test_compare_table_before_after():
+def test_results_carry_per_question_correctness_that_compare_pairs(tiny, tiny_run_inputs):
+    """run_suite records each question's correctness (and MMLU's subjects); two evaluations of
+    the same questions compare pairwise, Δ being exactly the difference of their accuracies."""
     from hmora_ds.eval.compare import compare_table
+    from hmora_ds.eval.suite import Prepared, SuiteConfig, result_document, run_suite
 
-    def doc(acc_e, acc_c):
-        return {
-            "split": "validation",
-            "mode": "letter",
-            "shots": 0,
-            "benchmarks": {
-                "arc_easy": {"status": "ok", "accuracy": acc_e},
-                "arc_challenge": {"status": "ok", "accuracy": acc_c},
-                "mmlu_pro": {"status": "unavailable", "reason": "no offline source"},
-            },
-        }
-
-    table = compare_table([doc(0.25, 0.30), doc(0.40, 0.35)], ["base", "fine-tuned"])
-    lines = table.splitlines()
-    assert lines[0] == "| | ARC-C | ARC-E | Avg |"
-    assert lines[2] == "| base | 30.0 | 25.0 | 27.5 |"
-    assert lines[3] == "| fine-tuned | 35.0 | 40.0 | 37.5 |"
-    assert lines[4] == "| Δ | +5.0 | +15.0 | +10.0 |"
-    with pytest.raises(ValueError, match="differ in mode"):
-        compare_table([doc(0.1, 0.1), {**doc(0.1, 0.1), "mode": "loglik"}], ["a", "b"])
+    tok, _ = tiny
+    # A fresh base: an HMoRA test earlier in this module wraps the shared one's linears.
+    base = AutoModelForCausalLM.from_pretrained(
+        tiny_run_inputs / "model", attn_implementation="eager"
+    ).eval()
+    scorer = Scorer(tok, ScoreConfig(batch_size=4))
+    prepared = {
+        "mmlu": Prepared("mmlu", toy_questions(6, "mmlu")),
+        "arc_easy": Prepared("arc_easy", toy_questions(7)),
+    }
+    docs = []
+    for letter in "AB":
+        model = ForceLetter(base, scorer.letter_ids[LETTERS.index(letter)])
+        results = run_suite(model, scorer, prepared, CPU)
+        for bench, p in prepared.items():
+            res = results[bench]
+            want = {q.id: q.answer == LETTERS.index(letter) for q in p.questions}
+            assert res["correct"] == want
+            assert sum(res["correct"].values()) == res["num_correct"]
+        assert results["mmlu"]["subjects"] == {q.id: q.subject for q in prepared["mmlu"].questions}
+        assert "subjects" not in results["arc_easy"]  # micro accuracy needs none
+        suite = SuiteConfig(benchmarks=["mmlu", "arc_easy"], split="validation")
+        docs.append(json.loads(json.dumps(result_document(results, scorer.config, suite))))
+    lines = compare_table(docs, ["A", "B"]).splitlines()
+    delta = [float(x) for x in lines[4].strip("|").split("|")[1:]]
+    for col, bench in enumerate(("mmlu", "arc_easy")):
+        acc = [d["benchmarks"][bench]["accuracy"] for d in docs]
+        assert delta[col] == pytest.approx(100 * (acc[1] - acc[0]), abs=0.05 + 1e-9)
+    assert lines[6] == "| questions | 6 | 7 | 13 |"

@@ -16,6 +16,7 @@ import torch
 
 from hmora_ds.eval.benchmarks import (
     BENCHMARKS,
+    MACRO,
     SHOTS_SPLIT,
     BenchmarkUnavailable,
     EvalError,
@@ -144,6 +145,11 @@ def run_suite(
         if p.stand_in:
             res["stand_in"] = p.stand_in
         res["predictions"] = {q.id: preds[q.id] for q in p.questions}
+        # Per-question correctness (and subject, for macro accuracy): two evaluations of the
+        # same questions compare pairwise (python -m hmora_ds.eval.compare).
+        res["correct"] = {q.id: preds[q.id] == q.answer for q in p.questions}
+        if bench in MACRO:
+            res["subjects"] = {q.id: q.subject or "all" for q in p.questions}
         results[bench] = res
         logger.info(
             "%s: accuracy %.2f%% (%d questions)", bench, 100 * res["accuracy"], len(p.questions)
