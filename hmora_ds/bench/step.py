@@ -299,6 +299,7 @@ def _step_fn(v: Variant, model, opt, batch, device: torch.device, autocast: bool
                 attention_mask=mask,
                 labels=labels,
                 prompt_mask=pmask,
+                instruction_mask=pmask,  # synthetic prompts: no template wrapper
                 return_router_stats=False,  # as the trainer calls it
             )
         out.loss.backward()

@@ -11,7 +11,9 @@ What this file decides, and where it comes from:
   α < β_low route by token only, α > β_high by task only (section 3.2); one router per shared
   input with ``routing.share_routers`` (appendix C); top-k with the paper's renormalisation
   (eqs. 15–16) or soft routing (eq. 14);
-- routing input: the task encoder over the prompt tokens only (section 3.3, spec §3);
+- routing input: the task encoder over the raw instruction's tokens (``routing.task_input``;
+  the official code's input, the paper's T_in) or the whole prompt, never the targets; e_task
+  without a position by default (``routing.task_slot_position``; section 3.3, spec §3);
 - auxiliary loss: CGJS (eqs. 10–12) or L_blc (eqs. 17–19) on every token and task router.
 The spec (``shared/spec/method.md``) resolves the paper's ambiguities; the routing context
 (:mod:`hmora_ds.routing.context`) binds the task representation for every router.
@@ -119,10 +121,12 @@ class HMoRA(Method):
             dropout=r.encoder_dropout,
             init_task_embedding=init,
             position_scale=scale,
+            slot_position=r.task_slot_position,
         ).to(weight.device)
 
     def routing_inputs(self, model: nn.Module, batch: RoutingBatch) -> torch.Tensor | None:
-        """H_task (B, D) from the prompt tokens only (None without task routing)."""
+        """H_task (B, D) from the task encoder's input tokens (``batch.prompt_mask``; None
+        without task routing)."""
         if model.task_encoder is None:
             return None
         return model.task_encoder(batch.embeds, batch.prompt_mask)
