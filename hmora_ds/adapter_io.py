@@ -96,8 +96,25 @@ def save_adapter(model: HMoRAModel, directory: str | Path, *, write: bool = True
     return Path(directory)
 
 
+#: Routing options added after adapters were first written → the behaviour those adapters were
+#: trained with (a missing key means the adapter predates the option).
+LEGACY_ROUTING = {"task_slot_position": True, "task_input": "prompt"}
+
+
+def legacy_routing_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (a saved adapter's) with :data:`LEGACY_ROUTING` filled in where missing, so
+    an adapter saved before an option existed keeps computing what it was trained with."""
+    routing = config.get("routing")
+    if not isinstance(routing, dict):
+        return config
+    filled = {k: v for k, v in LEGACY_ROUTING.items() if k not in routing}
+    return {**config, "routing": {**routing, **filled}} if filled else config
+
+
 def read_adapter_config(directory: str | Path) -> dict[str, Any]:
-    """The parsed ``adapter_config.json`` of an adapter directory (validated format)."""
+    """The parsed ``adapter_config.json`` of an adapter directory (validated format), with
+    routing options the adapter predates set to what it was trained with
+    (:func:`legacy_routing_defaults`)."""
     directory = Path(directory)
     path = directory / CONFIG_NAME
     if not path.is_file():
@@ -107,6 +124,8 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
         raise ValueError(
             f"load_adapter: {path} is not an hmora-ds adapter (format {meta.get('format')!r})"
         )
+    if isinstance(meta.get("config"), dict):
+        meta["config"] = legacy_routing_defaults(meta["config"])
     return meta
 
 

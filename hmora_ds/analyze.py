@@ -1,6 +1,7 @@
 """``python -m hmora_ds.analyze <subcommand>``: the command line of :mod:`hmora_ds.analysis`.
 
-Only an entry point (the code lives in the ``analysis`` package); subcommands: ``routing``.
+Only an entry point (the code lives in the ``analysis`` package); subcommands: ``routing``,
+``task-repr``.
 """
 
 import sys

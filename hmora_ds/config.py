@@ -190,6 +190,19 @@ class RoutingConfig:
         encoder_heads: attention heads of the task encoder (must divide the hidden size).
         encoder_ffn_mult: the task encoder's feed-forward width, as a multiple of the hidden size.
         encoder_dropout: dropout inside the task encoder.
+        task_input: what the task encoder reads (spec §3): ``instruction`` (default, as the
+            official HMoRA code: only the tokens of the raw instruction / source text inside
+            the templated prompt, without the chat template's system and role wrapper) or
+            ``prompt`` (every prompt token, wrapper included). Needs the collator's
+            ``instruction_mask``; a caller that passes none falls back to the prompt tokens
+            with a one-time warning. Adapters saved before this option existed load as
+            ``prompt``.
+        task_slot_position: add the sinusoidal position to the ``e_task`` slot too. ``false``
+            (default, as the official code): only the input tokens get positions. ``true``
+            (earlier behaviour): the slot gets the position of the input length, which at
+            initialisation makes H_task mostly a code of the prompt length (see the
+            "Task representation at init" section of docs/ablations.md). Adapters saved
+            before this option existed load as ``true``.
         router_dropout: dropout on the router input, ``h(x) = Linear(dropout(x))``.
         eps, mu: α(l) = σ(−ε + 2ε·l/(L−1) + μ).
         beta_low, beta_high: α < β_low → token routing only; α > β_high → task routing only.
@@ -205,6 +218,8 @@ class RoutingConfig:
     encoder_heads: int = 16
     encoder_ffn_mult: float = 2.0
     encoder_dropout: float = 0.1
+    task_input: Literal["instruction", "prompt"] = "instruction"
+    task_slot_position: bool = False
     router_dropout: float = 0.1
     eps: float = 4.0
     mu: float = -2.0
@@ -225,6 +240,16 @@ class RoutingConfig:
             _fail(
                 "routing.task_encoder",
                 f"must be 'transformer', 'mean_pool' or 'none', got {self.task_encoder!r}",
+            )
+        if self.task_input not in ("instruction", "prompt"):
+            _fail(
+                "routing.task_input",
+                f"must be 'instruction' or 'prompt', got {self.task_input!r}",
+            )
+        if not isinstance(self.task_slot_position, bool):
+            _fail(
+                "routing.task_slot_position",
+                f"must be true or false, got {self.task_slot_position!r}",
             )
         if not isinstance(self.encoder_layers, int) or self.encoder_layers < 1:
             _fail("routing.encoder_layers", f"must be an integer >= 1, got {self.encoder_layers!r}")

@@ -10,10 +10,10 @@ router; the target ``nn.Linear`` modules are wrapped by an expert bank
 in :attr:`HMoRAModel.routers`, one group per layer and shared input.
 
 :meth:`HMoRAModel.forward` asks the method for its per-batch routing input (HMoRA: the task
-representation of the prompt tokens), binds it in the routing context for every router, runs the
-base model, and returns the LM loss on target tokens, the method's auxiliary losses and
-per-router statistics. Nothing is set on modules from outside: the training loop calls
-``forward`` then backward, and that is all.
+representation of the raw instruction's or the prompt's tokens, per ``routing.task_input``),
+binds it in the routing context for every router, runs the base model, and returns the LM loss
+on target tokens, the method's auxiliary losses and per-router statistics. Nothing is set on
+modules from outside: the training loop calls ``forward`` then backward, and that is all.
 """
 
 from __future__ import annotations
@@ -128,6 +128,7 @@ class HMoRAModel(nn.Module):
         self.routers = nn.ModuleDict()
         self.task_encoder: TaskEncoder | None = None
         self._warned_prompt_mask = False
+        self._warned_instruction_mask = False
         self.task_token_id = task_token_id  # a method may fill it in from the tokenizer
 
         if not self.method.trains_base:
@@ -209,7 +210,8 @@ class HMoRAModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         extras: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor | None:
-        """The method's routing input for this batch (HMoRA: H_task of the prompt tokens)."""
+        """The method's routing input for this batch (HMoRA: H_task of the tokens in
+        ``prompt_mask``: pass :meth:`_task_mask`'s choice, which follows ``routing.task_input``)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(prompt_mask)
         batch = RoutingBatch(embeds, attention_mask.bool(), prompt_mask, extras or {})
@@ -231,16 +233,58 @@ class HMoRAModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         prompt_mask: torch.Tensor | None = None,
+        instruction_mask: torch.Tensor | None = None,
         **batch_inputs: torch.Tensor,
     ) -> torch.Tensor | None:
-        """The method's routing input of a batch (HMoRA: H_task (B, D) from its prompt tokens
-        only; None without task routing). ``batch_inputs``: the method's extra batch tensors."""
+        """The method's routing input of a batch (HMoRA: H_task (B, D) from its instruction or
+        prompt tokens per ``routing.task_input``; None without task routing). ``batch_inputs``:
+        the method's extra batch tensors."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        pmask = self._resolve_prompt_mask(prompt_mask, attention_mask, None)
+        pmask = self._task_mask(
+            {
+                "attention_mask": attention_mask,
+                "prompt_mask": prompt_mask,
+                "instruction_mask": instruction_mask,
+            }
+        )
         extras = self._batch_extras(dict(batch_inputs))
         embeds = self.base_model.get_input_embeddings()(input_ids)
         return self._task_representation(embeds, pmask, attention_mask, extras)
+
+    def _task_mask(self, batch: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        """(B, T) bool: the tokens the task encoder reads, from a batch dict (the collator's
+        keys ``attention_mask``, ``labels``, ``prompt_mask``, ``instruction_mask``; missing or
+        None = not given).
+
+        ``routing.task_input="instruction"``: the raw instruction's tokens
+        (``instruction_mask``, kept inside the prompt); without one, the prompt tokens with a
+        one-time warning. ``"prompt"``: the prompt tokens (``prompt_mask``; without one, the
+        unlabelled tokens, see :meth:`_resolve_prompt_mask`)."""
+        attention_mask = batch.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(batch["input_ids"])
+        pmask = self._resolve_prompt_mask(
+            batch.get("prompt_mask"), attention_mask, batch.get("labels")
+        )
+        if self.config.routing.task_input == "prompt":
+            return pmask
+        imask = batch.get("instruction_mask")
+        if imask is None:
+            if self.task_encoder is not None and not self._warned_instruction_mask:
+                logger.warning(
+                    "forward: routing.task_input='instruction' but no instruction_mask given; "
+                    "the task encoder reads the whole prompt. Pass the collator's "
+                    "instruction_mask (or set routing.task_input=prompt)."
+                )
+                self._warned_instruction_mask = True
+            return pmask
+        if imask.shape != attention_mask.shape:
+            raise ValueError(
+                f"instruction_mask: shape {tuple(imask.shape)} must equal input_ids' "
+                f"{tuple(attention_mask.shape)}"
+            )
+        return imask.bool() & pmask
 
     def _resolve_prompt_mask(
         self,
@@ -273,6 +317,7 @@ class HMoRAModel(nn.Module):
         labels: torch.Tensor | None = None,
         prompt_mask: torch.Tensor | None = None,
         *,
+        instruction_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         past_key_values: Any = None,
         use_cache: bool = False,
@@ -288,7 +333,9 @@ class HMoRAModel(nn.Module):
             input_ids: (B, T) token ids, left or right padded.
             attention_mask: (B, T) 1 on real tokens (default: all ones).
             labels: (B, T) target ids, -100 elsewhere; the LM loss covers these tokens only.
-            prompt_mask: (B, T) 1 on prompt tokens: the only input of the task encoder.
+            prompt_mask: (B, T) 1 on prompt tokens: the task encoder never reads other tokens.
+            instruction_mask: (B, T) 1 on the raw instruction's tokens inside the prompt (the
+                collator's): the task encoder's input with ``routing.task_input=instruction``.
             position_ids: (B, T); default: counted from ``attention_mask`` (padding-safe).
             past_key_values / use_cache: KV cache; with a non-empty cache the task
                 representation bound by the previous (prompt) forward is kept.
@@ -317,7 +364,14 @@ class HMoRAModel(nn.Module):
         if decoding:
             scope = ctx.forward_scope(ctx.task_repr, None, record=False, expand_batch=True)
         else:
-            pmask = self._resolve_prompt_mask(prompt_mask, attention_mask, labels)
+            pmask = self._task_mask(
+                {
+                    "attention_mask": attention_mask,
+                    "labels": labels,
+                    "prompt_mask": prompt_mask,
+                    "instruction_mask": instruction_mask,
+                }
+            )
             task_repr = self._task_representation(embeds, pmask, attention_mask, extras)
             scope = ctx.forward_scope(task_repr, attention_mask.bool(), record=True)
         with scope as records:
@@ -360,8 +414,8 @@ class HMoRAModel(nn.Module):
 
     def _step_routing_batch(self, batches: list[dict[str, torch.Tensor]]) -> RoutingBatch:
         """The prompts of several micro-batches as one :class:`RoutingBatch`: rows
-        concatenated, each right-padded to the longest (padding is masked out of the prompt
-        mask, and the task encoder is padding-invariant)."""
+        concatenated, each right-padded to the longest (padding is masked out of the task
+        encoder's mask, :meth:`_task_mask`, and the task encoder is padding-invariant)."""
         device = self.base_model.get_input_embeddings().weight.device
         width = max(b["input_ids"].shape[1] for b in batches)
 
@@ -373,9 +427,7 @@ class HMoRAModel(nn.Module):
         for b in batches:
             a = b.get("attention_mask", torch.ones_like(b["input_ids"]))
             attn.append(padded(a))
-            pmask.append(
-                padded(self._resolve_prompt_mask(b.get("prompt_mask"), a, b.get("labels")))
-            )
+            pmask.append(padded(self._task_mask({**b, "attention_mask": a})))
         attn, pmask = torch.cat(attn).bool(), torch.cat(pmask).bool()
         extras = {
             k: torch.cat([b[k] for b in batches]).to(device) for k in self.method.batch_inputs
@@ -424,6 +476,7 @@ class HMoRAModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         prompt_mask: torch.Tensor | None = None,
+        instruction_mask: torch.Tensor | None = None,
         **generate_kwargs: Any,
     ) -> torch.Tensor:
         """Hugging Face ``generate`` with task routing taken from the prompt.
@@ -431,10 +484,18 @@ class HMoRAModel(nn.Module):
         Works with the KV cache, left padding, batch > 1, sampling and beam search: the task
         representation is computed once from the prompt and bound for every decoding step
         (beams and return sequences repeat each prompt, which the context expands).
+        ``instruction_mask``: as in :meth:`forward` (the collator's, for a prompt encoded by
+        :meth:`~hmora_ds.data.collate.ChatEncoder.encode_generation_prompt`).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        pmask = self._resolve_prompt_mask(prompt_mask, attention_mask, None)
+        pmask = self._task_mask(
+            {
+                "attention_mask": attention_mask,
+                "prompt_mask": prompt_mask,
+                "instruction_mask": instruction_mask,
+            }
+        )
         extras = self._batch_extras(generate_kwargs)
         embeds = self.base_model.get_input_embeddings()(input_ids)
         task_repr = self._task_representation(embeds, pmask, attention_mask, extras)

@@ -97,3 +97,19 @@ def test_missing_files_are_clear(tmp_path, saved):
 def test_full_finetune_has_no_adapter(tmp_path):
     with pytest.raises(ValueError, match="full fine-tune has no adapter"):
         save_adapter(tiny_hmora("full_ft"), tmp_path)
+
+
+def test_adapters_saved_before_the_task_encoder_options_keep_their_behaviour(tmp_path):
+    """An adapter whose config predates routing.task_slot_position / task_input loads with the
+    behaviour it was trained with (slot position, whole prompt); a new one keeps its own."""
+    from hmora_ds.adapter_io import read_adapter_config
+    from tests._golden import GOLDEN_DIR
+
+    old = read_adapter_config(GOLDEN_DIR / "adapters" / "hmora_lw_llama")["config"]["routing"]
+    assert (old["task_slot_position"], old["task_input"]) == (True, "prompt")
+    model = tiny_hmora("hmora")
+    save_adapter(model, tmp_path / "new")
+    raw = json.loads((tmp_path / "new" / "adapter_config.json").read_text())["config"]["routing"]
+    assert (raw["task_slot_position"], raw["task_input"]) == (False, "instruction")
+    new = read_adapter_config(tmp_path / "new")["config"]["routing"]
+    assert (new["task_slot_position"], new["task_input"]) == (False, "instruction")

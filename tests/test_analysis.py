@@ -305,3 +305,35 @@ def test_analyze_routing_api_matches_the_cli_whatever_the_batch(analysis_inputs,
         assert r["balance"] == pytest.approx(ref["balance"], abs=1e-5)
         assert r["certainty"] == pytest.approx(ref["certainty"], abs=1e-5)
         assert r["load"] == pytest.approx(ref["load"], abs=1e-6)
+
+
+def test_task_repr_stats_match_a_hand_computation():
+    """Two tasks in 2-D: μ = (1, 1.5), μ_a = (2, 0), μ_b = (0, 3); between = 2·3.25 + 2·3.25
+    = 13, total = 2.25 + 6.25 + 1.25 + 7.25 = 17; unit vectors pair up: 4 of 12 ordered
+    pairs have cosine 1, the rest 0."""
+    import numpy as np
+
+    from hmora_ds.analysis.task_repr import task_repr_stats
+
+    h = np.array([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, 4.0]])
+    lengths = [5, 9, 6, 11]
+    got = task_repr_stats(h, ["a", "a", "b", "b"], lengths)
+    assert got["n"] == 4 and got["num_tasks"] == 2
+    assert got["between_share"] == pytest.approx(13 / 17, abs=1e-12)
+    assert got["mean_cosine"] == pytest.approx(1 / 3, abs=1e-12)
+    centred = h - h.mean(axis=0)
+    pc1 = centred @ np.linalg.svd(centred)[2][0]
+    want = abs(np.corrcoef(pc1, lengths)[0, 1])
+    assert got["pc1_length_corr"] == pytest.approx(want, abs=1e-9)
+
+
+def test_task_repr_needs_two_tasks(tmp_path, capsys):
+    from hmora_ds.analysis.cli import main
+
+    data = tmp_path / "one.jsonl"
+    data.write_text('{"task": "t", "prompt": "a"}\n{"task": "t", "prompt": "b"}\n')
+    code = main(["task-repr", "--model", "unused", "--data", str(data), "--out", str(tmp_path)])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --data: needs at least two tasks to split the variance"
+    )

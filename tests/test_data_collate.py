@@ -72,6 +72,14 @@ def _check_layout(tok, enc: ChatEncoder, source: str, target: str, batch_row: di
     assert labels == [IGNORE_INDEX] * len(prompt) + target_ids + enc.eot_ids
     assert (batch_row["labels"][~keep] == IGNORE_INDEX).all()
     assert (batch_row["prompt_mask"][~keep] == 0).all()
+    # The instruction: one contiguous run of prompt tokens that decodes to the source exactly
+    # (no BPE merge across the wrapper here), the wrapper's text before and after it.
+    im = batch_row["instruction_mask"][keep].tolist()
+    first, end = im.index(1), len(im) - im[::-1].index(1)
+    assert im == [0] * first + [1] * (end - first) + [0] * (len(im) - end) and end <= len(prompt)
+    assert tok.decode(ids[first:end]) == source
+    assert tok.decode(prompt[:first]) + source + tok.decode(prompt[end:]) == enc.prompt_text(source)
+    assert (batch_row["instruction_mask"][~keep] == 0).all()
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -85,7 +93,9 @@ def test_masks_cover_exactly_prompt_and_target(which, side, request):
     ]
     feats = [enc.encode(s, t) for s, t in pairs]
     batch = DataCollator.from_tokenizer(tok, padding_side=side)(feats)
-    assert set(batch) == {"input_ids", "attention_mask", "labels", "prompt_mask"}
+    assert set(batch) == {
+        "input_ids", "attention_mask", "labels", "prompt_mask", "instruction_mask"
+    }  # fmt: skip
     n = max(len(f["input_ids"]) for f in feats)
     for v in batch.values():
         assert v.dtype == torch.long and v.shape == (2, n)
@@ -139,7 +149,11 @@ def test_prompt_truncated_from_the_left_keeping_the_template(qwen):
     assert enc.encode_generation_prompt(source) == {
         "input_ids": item["input_ids"][:p],
         "prompt_len": p,
+        "instruction_span": item["instruction_span"],
     }
+    # The instruction span follows the cut: it is the kept source text.
+    first, end = item["instruction_span"]
+    assert qwen.decode(item["input_ids"][first:end]) == kept_source
     assert qwen.decode(item["input_ids"][p:]) == "Yes<|im_end|>"  # the target is never dropped
 
 
@@ -203,3 +217,70 @@ def test_template_date_is_pinned_so_tokens_do_not_depend_on_the_day():
     assert "Today: 01 Jan 2030" in ChatEncoder(
         tok, template_kwargs={"date_string": "01 Jan 2030"}
     ).prompt_text("hi")
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_instruction_span_is_the_source_text_even_across_a_bpe_merge(which, request):
+    """The plain ChatML template (no system turn) and SmolLM2's own (with its default system
+    prompt): the span covers the source's tokens only. A source starting with spaces makes
+    SmolLM2's BPE merge the wrapper's newline with them into one token: that token is counted
+    as instruction (it carries source characters), nothing else of the wrapper is."""
+    tok = request.getfixturevalue(which)
+    enc = ChatEncoder(tok)
+    for source in ("What is 2 + 2?", "  indented\nlines \n", "Ünïcödé ✓ — «quotes»"):
+        ids, (first, end) = enc.prompt_tokens(source)
+        text = enc.prompt_text(source)
+        before = tok.decode(ids[:first])
+        inside = tok.decode(ids[first:end])
+        assert before + inside + tok.decode(ids[end:]) == text
+        assert source in inside
+        cs = text.index(source)
+        # Whatever the span holds beyond the source is the wrapper character(s) that BPE
+        # merged with the source's first token (SmolLM2: the newline after "user").
+        assert text[: cs - len(inside.split(source)[0])] == before
+        assert inside.split(source)[0] in ("", "\n") and inside.endswith(source)
+        head = tok(text[:cs], add_special_tokens=False)["input_ids"]
+        assert first >= len(head) - 1  # at most one wrapper token shares the boundary
+    merged_ids, (first, _) = enc.prompt_tokens("  indented")
+    if which == "smollm2":
+        assert tok.convert_ids_to_tokens(merged_ids[first]) == "ĊĠ"
+    # The system prompt (SmolLM2's default) and role headers are outside the span.
+    sys_text = "You are a helpful AI assistant"
+    ids, (first, end) = enc.prompt_tokens("hi")
+    assert sys_text not in tok.decode(ids[first:end])
+    assert (sys_text in tok.decode(ids[:first])) == (which == "smollm2")
+
+
+def test_instruction_span_with_a_slow_tokenizer_matches_the_fast_one(smollm2):
+    """Without offsets (a slow tokenizer) the span comes from the wrapper's tokens; same
+    answer as the offsets on these prompts, boundary merge included."""
+    fast = ChatEncoder(smollm2)
+
+    class Slow:  # the same tokenizer, reporting no offsets support
+        def __init__(self, tok):
+            self._tok = tok
+
+        is_fast = False
+
+        def __getattr__(self, name):
+            return getattr(self._tok, name)
+
+        def __call__(self, *args, **kwargs):
+            return self._tok(*args, **kwargs)
+
+    slow = ChatEncoder(Slow(smollm2))
+    for source in ("What is 2 + 2?", "  indented\nlines \n", "x"):
+        assert slow.prompt_tokens(source) == fast.prompt_tokens(source)
+
+
+def test_collator_instruction_mask_errors_name_the_field(tiny):
+    enc = ChatEncoder(tiny)
+    a, b = enc.encode("a", "b"), enc.encode("c", "d")
+    b.pop("instruction_span")
+    with pytest.raises(ValueError, match=r"^instruction_span: some features"):
+        DataCollator(0)([a, b])
+    a["instruction_span"] = (0, a["prompt_len"] + 1)
+    with pytest.raises(ValueError, match=r"^instruction_span .* out of range"):
+        DataCollator(0)([a])
+    # Features without any span (hand-made) get no instruction_mask: the model falls back.
+    assert "instruction_mask" not in DataCollator(0)([b])

@@ -81,13 +81,16 @@ def test_left_padded_batches_equal_one_by_one(tiny):
             assert torch.allclose(torch.tensor(x), torch.tensor(y), atol=1e-4), mode
 
 
-def _naive_loglik(model, prompt_ids, option_ids):
+def _naive_loglik(model, prompt, option_ids):
+    prompt_ids = list(prompt["input_ids"])
     ids = torch.tensor([prompt_ids + option_ids])
     kw = {"return_router_stats": False} if isinstance(model, HMoRAModel) else {}
-    if isinstance(model, HMoRAModel):  # task routing from the prompt only
-        pm = torch.zeros_like(ids)
+    if isinstance(model, HMoRAModel):  # task routing from the prompt's instruction only
+        pm, im = torch.zeros_like(ids), torch.zeros_like(ids)
         pm[0, : len(prompt_ids)] = 1
-        kw["prompt_mask"] = pm
+        first, end = prompt["instruction_span"]
+        im[0, first:end] = 1
+        kw["prompt_mask"], kw["instruction_mask"] = pm, im
     logp = torch.log_softmax(model(input_ids=ids, **kw).logits[0].float(), -1)
     p = len(prompt_ids)
     return sum(logp[p - 1 + k, t].item() for k, t in enumerate(option_ids))
@@ -115,7 +118,7 @@ def test_loglik_shared_prefix_equals_full_sequences(tiny, kind):
             if not opt:
                 assert s == float("-inf")
                 continue
-            ref = _naive_loglik(model, it.prompt["input_ids"], opt)
+            ref = _naive_loglik(model, it.prompt, opt)
             assert s == pytest.approx(ref, abs=2e-3)
     preds = scorer.predict(qs, items, raw)
     assert preds[1] == 1  # the empty option is never chosen

@@ -128,3 +128,127 @@ def test_positions_are_scaled_to_the_embeddings():
     enc = model.task_encoder
     assert enc.position_scale.item() == pytest.approx(rms.item() * math.sqrt(2), rel=1e-5)
     torch.testing.assert_close(enc.task_embedding.detach(), weight[63].detach())
+
+
+def _encoder_layer_input(enc: TaskEncoder, embeds, mask):
+    """What the first transformer layer of ``enc`` receives (B, T+1, D)."""
+    seen = []
+    hook = enc.encoder.layers[0].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        enc(embeds, mask)
+    hook.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("slot_position", [False, True])
+def test_e_task_slot_gets_a_position_only_with_task_slot_position(slot_position):
+    """Input of the encoder, by hand: prompt token j = embedding + scale·sin/cos(j); the e_task
+    slot right after a prompt of length L = e_task (default, the official code) or
+    e_task + scale·sin/cos(L) (the earlier behaviour, which writes the length into H_task)."""
+    from hmora_ds.routing.task_encoder import sinusoid_positions
+
+    torch.manual_seed(0)
+    d, scale = 64, 0.03
+    enc = TaskEncoder(64, num_heads=16, position_scale=scale, slot_position=slot_position).eval()
+    with torch.no_grad():
+        enc.task_embedding.normal_(0, 0.02)
+    prompt = torch.zeros(3, 14, dtype=torch.long)
+    for i, (start, n) in enumerate(((0, 3), (2, 6), (4, 9))):  # e.g. a wrapper, then the prompt
+        prompt[i, start : start + n] = 1
+    embeds = torch.randn(3, 14, d) * 0.02
+    x = _encoder_layer_input(enc, embeds, prompt)
+    table = sinusoid_positions(15, d, torch.device("cpu")) * scale * math.sqrt(2)
+    for i in range(3):
+        pos = prompt[i].bool()
+        n = int(pos.sum())
+        torch.testing.assert_close(x[i, :n], embeds[i, pos] + table[:n])
+        want_slot = enc.task_embedding + (table[n] if slot_position else 0.0)
+        torch.testing.assert_close(x[i, n], want_slot.detach())
+    # Rows of different lengths see the same slot input only without the slot position.
+    lengths = prompt.sum(1)
+    assert len(set(lengths.tolist())) == 3
+    slots = torch.stack([x[i, int(lengths[i])] for i in range(3)])
+    assert torch.allclose(slots[0], slots[1]) != slot_position
+
+
+def test_task_slot_position_is_a_config_option_and_off_by_default():
+    assert tiny_hmora("hmora").task_encoder.slot_position is False
+    model = tiny_hmora("hmora", overrides=["routing.task_slot_position=true"])
+    assert model.task_encoder.slot_position is True
+    for bad, field in (
+        ("routing.task_slot_position=2", "routing.task_slot_position"),
+        ("routing.task_input=system", "routing.task_input"),
+    ):
+        with pytest.raises(ValueError, match=f"^{field}: must"):
+            tiny_hmora("hmora", overrides=[bad])
+
+
+def _two_system_prompts():
+    """The same instructions wrapped by two ChatML templates with different system prompts."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
+    from hmora_data_fixtures import CHATML, tiny_chat_tokenizer
+
+    from hmora_ds.data import ChatEncoder, DataCollator
+
+    batches = []
+    for system in ("You are terse.", "You are a very helpful assistant, answer in detail."):
+        tok = tiny_chat_tokenizer()
+        tok.chat_template = "<|im_start|>system\n" + system + "<|im_end|>\n" + CHATML
+        enc = ChatEncoder(tok)
+        feats = [enc.encode_generation_prompt(s) for s in ("Add 2 and 3.", "Name a colour!")]
+        batches.append(DataCollator.from_tokenizer(tok, padding_side="left")(feats))
+    return batches
+
+
+def test_instruction_input_ignores_the_system_prompt():
+    """routing.task_input=instruction: same instruction under two system prompts → the same
+    H_task (task_representation, forward and generate alike); the whole prompt differs."""
+    a, b = _two_system_prompts()
+    assert a["input_ids"].shape != b["input_ids"].shape  # the wrappers differ in length
+    keys = ("attention_mask", "prompt_mask", "instruction_mask")
+    model = tiny_hmora("hmora").eval()
+    h_a = model.task_representation(a["input_ids"], **{k: a[k] for k in keys})
+    h_b = model.task_representation(b["input_ids"], **{k: b[k] for k in keys})
+    torch.testing.assert_close(h_a, h_b, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(h_a[0], h_a[1], atol=1e-3)  # the instructions still differ
+
+    # forward and generate bind the same H_task (read from the routing context).
+    bound = []
+    ctx = model.routing_context
+    original = ctx.forward_scope
+
+    def spy(task_repr, *args, **kwargs):
+        bound.append(task_repr)
+        return original(task_repr, *args, **kwargs)
+
+    ctx.forward_scope = spy
+    with torch.no_grad():
+        model(a["input_ids"], **{k: a[k] for k in keys})
+        model.generate(b["input_ids"], **{k: b[k] for k in keys}, max_new_tokens=2,
+                       do_sample=False, pad_token_id=0)  # fmt: skip
+    del ctx.forward_scope
+    torch.testing.assert_close(bound[0], h_a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bound[1], h_a, atol=1e-5, rtol=1e-5)
+
+    prompt_model = tiny_hmora("hmora", overrides=["routing.task_input=prompt"]).eval()
+    p_a = prompt_model.task_representation(a["input_ids"], **{k: a[k] for k in keys})
+    p_b = prompt_model.task_representation(b["input_ids"], **{k: b[k] for k in keys})
+    assert not torch.allclose(p_a, p_b, atol=1e-3)
+
+
+def test_missing_instruction_mask_falls_back_to_the_prompt_once(caplog):
+    a, _ = _two_system_prompts()
+    model = tiny_hmora("hmora").eval()
+    ids, attn, pmask = a["input_ids"], a["attention_mask"], a["prompt_mask"]
+    with caplog.at_level("WARNING", logger="hmora_ds.model"):
+        h1 = model.task_representation(ids, attn, pmask)
+        h2 = model.task_representation(ids, attn, pmask)
+    assert caplog.text.count("no instruction_mask") == 1
+    torch.testing.assert_close(h1, h2)
+    prompt_model = tiny_hmora("hmora", overrides=["routing.task_input=prompt"]).eval()
+    torch.testing.assert_close(h1, prompt_model.task_representation(ids, attn, pmask))
+    with pytest.raises(ValueError, match=r"^instruction_mask: shape \(2, 3\) must equal"):
+        model.task_representation(ids, attn, pmask, instruction_mask=torch.ones(2, 3))

@@ -4,7 +4,14 @@
         --adapter runs/default/adapter_best --out runs/default/analysis
 
 Writes ``routing.json`` (schema in ``docs/analysis.md``), ``routing.md``,
-``fig3_routing_entropy.png`` and ``fig4_task_tsne.png`` to ``--out``. Every user error is one
+``fig3_routing_entropy.png`` and ``fig4_task_tsne.png`` to ``--out``.
+
+    python -m hmora_ds.analyze task-repr --model smollm2-135m-instruct --data offline \
+        --max-per-task 50 --seeds 0 1 2 --out runs/task_repr
+
+measures H_task at initialisation (:mod:`hmora_ds.analysis.task_repr`): mean cosine similarity,
+between-task share of variance and |corr(PC1, prompt length)| for the task encoder's input
+variants; writes ``task_repr.json`` and ``task_repr.md``. Every user error is one
 line on stderr (exit status 2) naming the option and the fix.
 """
 
@@ -60,6 +67,28 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity")
     r.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     r.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    t = sub.add_parser(
+        "task-repr",
+        help="H_task at initialisation: task vs prompt-length content, per input variant",
+        description="Build the task encoder as the model does (random init, several seeds) over "
+        "the base model's embeddings and measure, on labelled prompts, the mean cosine "
+        "similarity of H_task, the between-task share of its variance and the correlation of "
+        "its first principal component with prompt length, for routing.task_slot_position × "
+        "routing.task_input. Writes task_repr.json and task_repr.md.",
+    )
+    t.add_argument("--model", required=True, help="base: HF name / dir or smollm2-135m-instruct")
+    t.add_argument(
+        "--data", default="offline", help="'offline' (default), 'mmlu' or a .jsonl/.json file"
+    )
+    t.add_argument("--out", required=True, type=Path, help="output directory")
+    t.add_argument("--max-per-task", type=int, default=50, help="prompts per task")
+    t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="encoder init seeds")
+    t.add_argument("--sample-seed", type=int, default=0, help="per-task sampling seed")
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--max-input-tokens", type=int, default=1024)
+    t.add_argument("--task-field", default="task", help="task column of a --data file")
+    t.add_argument("--prompt-field", default=None, help="prompt column of a --data file")
+    t.add_argument("--mmlu-split", default="test", choices=("dev", "validation", "test"))
     return p
 
 
@@ -178,6 +207,58 @@ def run_routing(args: argparse.Namespace) -> dict[str, Any]:
     return doc
 
 
+def run_task_repr(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``task-repr`` subcommand; returns the written document."""
+    from hmora_ds.analysis.collect import AnalysisError
+    from hmora_ds.analysis.data import load_examples
+    from hmora_ds.analysis.task_repr import encode_prompts, task_repr_markdown, task_repr_table
+    from hmora_ds.methods.hmora import resolve_task_token_id
+    from hmora_ds.runtime.loading import load_base_model, load_tokenizer, resolve_checkpoint
+
+    if args.batch_size < 1 or args.max_input_tokens < 1 or not args.seeds:
+        raise AnalysisError("--batch-size / --max-input-tokens / --seeds: must be positive")
+    examples = load_examples(
+        args.data,
+        task_field=args.task_field,
+        prompt_field=args.prompt_field,
+        max_per_task=args.max_per_task,
+        seed=args.sample_seed,
+        mmlu_split=args.mmlu_split,
+    )
+    if len({ex.task for ex in examples}) < 2:
+        raise AnalysisError("--data: needs at least two tasks to split the variance")
+    ckpt = resolve_checkpoint(args.model)
+    try:
+        tokenizer = load_tokenizer(ckpt)
+        base = load_base_model(ckpt, torch.float32)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AnalysisError(f"--model: cannot load {args.model!r} ({first})") from None
+    embedding = base.get_input_embeddings()
+    prompts = encode_prompts(tokenizer, examples, args.max_input_tokens, args.batch_size)
+    rows = task_repr_table(
+        embedding,
+        prompts,
+        task_token_id=resolve_task_token_id(tokenizer, None),
+        seeds=args.seeds,
+    )
+    data = args.data if args.data in ("mmlu", "offline") else str(Path(args.data))
+    meta = {
+        "model": args.model,
+        "data": data,
+        "max_per_task": args.max_per_task,
+        "sample_seed": args.sample_seed,
+        "max_input_tokens": args.max_input_tokens,
+        "skipped": prompts.skipped,
+    }
+    doc = {"meta": meta, "rows": rows}
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "task_repr.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out / "task_repr.md").write_text(task_repr_markdown(rows, meta))
+    return doc
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a subcommand; 0 on success, 2 on a user error (one line on stderr).
 
@@ -190,10 +271,16 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     try:
-        doc = run_routing(args)
+        doc = run_task_repr(args) if args.command == "task-repr" else run_routing(args)
     except (AnalysisError, DataError, EvalError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.command == "task-repr":
+        from hmora_ds.analysis.task_repr import task_repr_markdown
+
+        print(task_repr_markdown(doc["rows"], doc["meta"]), end="")
+        print(f"written to {args.out}: task_repr.json, task_repr.md")
+        return 0
     rec = doc["summary"]["recognition"]
     print(
         f"routing: {doc['meta']['num_examples']} examples, {doc['meta']['num_tasks']} tasks, "

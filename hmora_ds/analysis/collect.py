@@ -189,6 +189,7 @@ def collect_routing(
                 input_ids=batch["input_ids"].to(device),
                 attention_mask=batch["attention_mask"].to(device),
                 prompt_mask=batch["prompt_mask"].to(device),
+                instruction_mask=batch["instruction_mask"].to(device),
                 return_router_stats=False,
                 logits_to_keep=1,  # only the routing matters: skip the (B, T, V) logits
             )

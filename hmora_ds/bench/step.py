@@ -314,6 +314,7 @@ def _step_fn(v: Variant, model, opt, batch, device: torch.device, autocast: bool
                 attention_mask=mask,
                 labels=labels,
                 prompt_mask=pmask,
+                instruction_mask=pmask,  # synthetic prompts: no template wrapper
                 return_router_stats=False,  # as the trainer calls it
                 step_batches=others or None,
             )

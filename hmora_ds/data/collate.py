@@ -11,6 +11,13 @@ One example is laid out as::
 * ``prompt_mask`` is 1 exactly on the prompt tokens: what the model sees as input at
   generation time, so task routing computed from the prompt is the same in training and
   in generation.
+* ``instruction_mask`` is 1 on the tokens of the source text (the raw instruction) inside the
+  prompt, without the chat template's system / role wrapper: the task encoder's input with
+  ``routing.task_input=instruction`` (the official HMoRA code encodes the raw instruction).
+  The span is found on the rendered prompt text: the template is rendered once around a
+  sentinel, which gives the wrapper's text before and after the source; a token belongs to the
+  instruction when its characters (tokenizer offsets) overlap the source's characters, so a
+  token that BPE merged across the boundary counts as instruction.
 * ``labels`` equal ``input_ids`` on the target and end-of-turn tokens and are -100
   elsewhere (prompt and padding). Causal-LM shifting is left to the model.
 
@@ -124,6 +131,75 @@ class ChatEncoder:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def _wrapper(self) -> tuple[str, str]:
+        """The template's text before and after the source of a generation prompt."""
+        if not hasattr(self, "_wrapper_text"):
+            text = self.prompt_text(_SENTINEL)
+            if text.count(_SENTINEL) != 1:
+                raise ValueError(
+                    "chat_template: the user message must appear exactly once in the generation "
+                    f"prompt to find the instruction's tokens (found {text.count(_SENTINEL)})"
+                )
+            before, after = text.split(_SENTINEL)
+            self._wrapper_text = (before, after)
+        return self._wrapper_text
+
+    def source_chars(self, prompt: str, source: str) -> tuple[int, int]:
+        """Character span ``[start, end)`` of the source text inside a rendered prompt.
+
+        The prompt is the wrapper's prefix, the source as the template rendered it (a template
+        may trim it), and the wrapper's suffix.
+
+        Raises:
+            ValueError: the prompt is not the template applied to a user message.
+        """
+        before, after = self._wrapper()
+        if (
+            len(prompt) >= len(before) + len(after)
+            and prompt.startswith(before)
+            and prompt.endswith(after)
+        ):
+            return len(before), len(prompt) - len(after)
+        core = source.strip()
+        at = prompt.rfind(core) if core else -1
+        if at < 0:
+            raise ValueError(
+                "chat_template: cannot locate the source text in the rendered prompt "
+                f"{prompt[:80]!r}…; the instruction_mask needs the template to copy it verbatim"
+            )
+        return at, at + len(core)
+
+    def _tokens(self, prompts: list[str], spans: list[tuple[int, int]]) -> list[tuple]:
+        """``(ids, (first, end))`` per prompt: its tokens and the token span overlapping the
+        character span (empty span ``(n, n)`` after the last token when nothing overlaps)."""
+        if getattr(self.tokenizer, "is_fast", False):
+            enc = self.tokenizer(prompts, add_special_tokens=False, return_offsets_mapping=True)
+            out = []
+            for ids, offsets, (cs, ce) in zip(
+                enc["input_ids"], enc["offset_mapping"], spans, strict=True
+            ):
+                inside = [i for i, (a, b) in enumerate(offsets) if a < ce and b > cs and b > a]
+                span = (inside[0], inside[-1] + 1) if inside else (len(ids), len(ids))
+                out.append((list(ids), span))
+            return out
+        out = []  # slow tokenizer: common prefix / suffix with the wrapper's tokens
+        for text, (cs, ce) in zip(prompts, spans, strict=True):
+            ids, head, tail = self._ids(text), self._ids(text[:cs]), self._ids(text[ce:])
+            first = 0
+            while first < min(len(ids), len(head)) and ids[first] == head[first]:
+                first += 1
+            k = 0
+            while k < min(len(ids) - first, len(tail)) and ids[-1 - k] == tail[-1 - k]:
+                k += 1
+            out.append((ids, (first, len(ids) - k) if ce > cs else (len(ids), len(ids))))
+        return out
+
+    def prompt_tokens(self, source: str) -> tuple[list[int], tuple[int, int]]:
+        """Tokens of ``prompt_text(source)`` and the token span ``[first, end)`` of the source
+        text within them (the instruction, see the module docstring)."""
+        text = self.prompt_text(source)
+        return self._tokens([text], [self.source_chars(text, source)])[0]
+
     def prompt_text(self, source: str) -> str:
         """The generation prompt for ``source`` (one user turn + assistant header)."""
         return self.tokenizer.apply_chat_template(
@@ -134,30 +210,31 @@ class ChatEncoder:
         )
 
     def encode_prompt(
-        self, source: str, prompt_ids: list[int] | None = None
-    ) -> tuple[list[int], bool] | None:
+        self, source: str, prompt: tuple[list[int], tuple[int, int]] | None = None
+    ) -> tuple[list[int], bool, tuple[int, int]] | None:
         """Prompt tokens for ``source``, left-truncating the source to fit ``max_input_tokens``.
 
         Args:
             source: The user message.
-            prompt_ids: Already-computed tokens of ``prompt_text(source)`` (optional).
+            prompt: Already-computed :meth:`prompt_tokens` of ``source`` (optional).
 
         Returns:
-            ``(ids, truncated)``, or ``None`` if even an empty source does not fit.
+            ``(ids, truncated, instruction span)``, or ``None`` if even an empty source does
+            not fit.
         """
         limit = self.config.max_input_tokens
-        ids = prompt_ids if prompt_ids is not None else self._ids(self.prompt_text(source))
+        ids, span = prompt if prompt is not None else self.prompt_tokens(source)
         if len(ids) <= limit:
-            return ids, False
+            return ids, False, span
         src_ids = self._ids(source)
         keep = len(src_ids) - (len(ids) - limit)
         for _ in range(8):  # re-rendering can shift a token or two at the cut
             if keep <= 0:
                 return None
             text = self.tokenizer.decode(src_ids[-keep:]).lstrip("\ufffd")
-            ids = self._ids(self.prompt_text(text))
+            ids, span = self.prompt_tokens(text)
             if len(ids) <= limit:
-                return ids, True
+                return ids, True, span
             keep -= len(ids) - limit
         return None
 
@@ -165,7 +242,8 @@ class ChatEncoder:
         """Encode one example (see the module docstring for the layout and truncation).
 
         Returns:
-            ``{"input_ids": list[int], "prompt_len": int}``, or ``None`` if skipped.
+            ``{"input_ids": list[int], "prompt_len": int, "instruction_span": (first, end)}``,
+            or ``None`` if skipped.
         """
         enc = self._encode_batch([source], [target], stats or EncodeStats())
         return enc[0]
@@ -174,21 +252,24 @@ class ChatEncoder:
         """Encode a prompt alone for generation / scoring (labels all -100 after collation).
 
         Returns:
-            ``{"input_ids": list[int], "prompt_len": int}``, or ``None`` if it cannot fit.
+            ``{"input_ids": list[int], "prompt_len": int, "instruction_span": (first, end)}``,
+            or ``None`` if it cannot fit.
         """
         prompt = self.encode_prompt(source)
         if prompt is None:
             return None
-        return {"input_ids": prompt[0], "prompt_len": len(prompt[0])}
+        ids, _, span = prompt
+        return {"input_ids": ids, "prompt_len": len(ids), "instruction_span": span}
 
     def _encode_batch(
         self, sources: Sequence[str], targets: Sequence[str], stats: EncodeStats
     ) -> list[dict | None]:
         prompts = [self.prompt_text(s) for s in sources]
-        p_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        spans = [self.source_chars(p, s) for p, s in zip(prompts, sources, strict=True)]
+        p_tok = self._tokens(prompts, spans)
         t_ids = self.tokenizer(list(targets), add_special_tokens=False)["input_ids"]
         out: list[dict | None] = []
-        for source, pid, tid in zip(sources, p_ids, t_ids, strict=True):
+        for source, ptok, tid in zip(sources, p_tok, t_ids, strict=True):
             stats.records += 1
             if not tid:
                 stats.skipped_empty_target += 1
@@ -197,22 +278,29 @@ class ChatEncoder:
             if len(tid) > self.config.max_output_tokens:
                 tid = tid[: self.config.max_output_tokens]
                 stats.truncated_targets += 1
-            prompt = self.encode_prompt(source, pid)
+            prompt = self.encode_prompt(source, ptok)
             if prompt is None:
                 stats.skipped_prompt_too_long += 1
                 out.append(None)
                 continue
-            pid, truncated = prompt
+            pid, truncated, span = prompt
             stats.truncated_prompts += int(truncated)
             stats.encoded += 1
-            out.append({"input_ids": list(pid) + list(tid) + self.eot_ids, "prompt_len": len(pid)})
+            out.append(
+                {
+                    "input_ids": list(pid) + list(tid) + self.eot_ids,
+                    "prompt_len": len(pid),
+                    "instruction_span": span,
+                }
+            )
         return out
 
 
 class EncodedDataset(torch.utils.data.Dataset):
     """Tokenised examples stored compactly (one flat int32 array + offsets).
 
-    Items are ``{"input_ids": np.ndarray[int32] (L,), "prompt_len": int, "index": int}``.
+    Items are ``{"input_ids": np.ndarray[int32] (L,), "prompt_len": int,
+    "instruction_span": (first, end), "index": int}``.
 
     Attributes:
         lengths: Token count of every example, ``(N,)``.
@@ -229,8 +317,13 @@ class EncodedDataset(torch.utils.data.Dataset):
         task_names: list[str],
         ids: list[str],
         stats: EncodeStats,
+        instruction_spans: np.ndarray | None = None,
     ) -> None:
         assert len(offsets) == len(prompt_lens) + 1 == len(task_names) + 1 == len(ids) + 1
+        if instruction_spans is None:  # unknown: the whole prompt
+            instruction_spans = np.stack([np.zeros_like(prompt_lens), prompt_lens], axis=1)
+        assert instruction_spans.shape == (len(prompt_lens), 2)
+        self.instruction_spans = instruction_spans
         self.flat, self.offsets, self.prompt_lens = flat, offsets, prompt_lens
         self.task_names, self.ids, self.stats = task_names, ids, stats
         self.lengths = np.diff(offsets)
@@ -242,6 +335,10 @@ class EncodedDataset(torch.utils.data.Dataset):
         return {
             "input_ids": self.flat[self.offsets[i] : self.offsets[i + 1]],
             "prompt_len": int(self.prompt_lens[i]),
+            "instruction_span": (
+                int(self.instruction_spans[i, 0]),
+                int(self.instruction_spans[i, 1]),
+            ),
             "index": int(i),
         }
 
@@ -266,6 +363,7 @@ def encode_records(
     chunks: list[np.ndarray] = []
     lengths: list[int] = []
     prompt_lens: list[int] = []
+    spans: list[tuple[int, int]] = []
     task_names: list[str] = []
     ids: list[str] = []
     records = list(records)
@@ -282,6 +380,7 @@ def encode_records(
             chunks.append(np.asarray(enc["input_ids"], dtype=np.int32))
             lengths.append(len(enc["input_ids"]))
             prompt_lens.append(enc["prompt_len"])
+            spans.append(enc["instruction_span"])
             task_names.append(str(rec.get("task_name", "")))
             ids.append(str(rec.get("id", start)))
         bar.update(len(batch))
@@ -291,7 +390,13 @@ def encode_records(
     np.cumsum(lengths, out=offsets[1:])
     flat = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
     return EncodedDataset(
-        flat, offsets, np.asarray(prompt_lens, dtype=np.int64), task_names, ids, stats
+        flat,
+        offsets,
+        np.asarray(prompt_lens, dtype=np.int64),
+        task_names,
+        ids,
+        stats,
+        np.asarray(spans, dtype=np.int64).reshape(len(spans), 2),
     )
 
 
@@ -299,7 +404,9 @@ class DataCollator:
     """Pads encoded examples into the batch the model consumes.
 
     Returns a dict of LongTensors, all ``(B, T)``: ``input_ids``, ``attention_mask``,
-    ``labels`` (-100 on prompt and padding), ``prompt_mask`` (1 on prompt tokens only).
+    ``labels`` (-100 on prompt and padding), ``prompt_mask`` (1 on prompt tokens only) and,
+    when the features carry an ``instruction_span`` (every :class:`ChatEncoder` feature does),
+    ``instruction_mask`` (1 on the source text's tokens inside the prompt).
 
     Args:
         pad_token_id: Id used for padding ``input_ids``.
@@ -340,6 +447,13 @@ class DataCollator:
         labels_BT = torch.full((b, t), IGNORE_INDEX, dtype=torch.long)
         attention_BT = torch.zeros((b, t), dtype=torch.long)
         prompt_BT = torch.zeros((b, t), dtype=torch.long)
+        has_span = ["instruction_span" in f for f in features]
+        if any(has_span) and not all(has_span):
+            raise ValueError(
+                "instruction_span: some features carry one and some do not; encode every "
+                "feature with the same ChatEncoder"
+            )
+        instr_BT = torch.zeros((b, t), dtype=torch.long) if all(has_span) else None
         for i, (f, n) in enumerate(zip(features, lens, strict=True)):
             ids = torch.as_tensor(np.asarray(f["input_ids"], dtype=np.int64))
             p = int(f["prompt_len"])
@@ -350,9 +464,19 @@ class DataCollator:
             attention_BT[i, s : s + n] = 1
             prompt_BT[i, s : s + p] = 1
             labels_BT[i, s + p : s + n] = ids[p:]
-        return {
+            if instr_BT is not None:
+                first, end = (int(x) for x in f["instruction_span"])
+                if not 0 <= first <= end <= p:
+                    raise ValueError(
+                        f"instruction_span ({first}, {end}) out of range for a prompt of {p} tokens"
+                    )
+                instr_BT[i, s + first : s + end] = 1
+        out = {
             "input_ids": input_ids_BT,
             "attention_mask": attention_BT,
             "labels": labels_BT,
             "prompt_mask": prompt_BT,
         }
+        if instr_BT is not None:
+            out["instruction_mask"] = instr_BT
+        return out

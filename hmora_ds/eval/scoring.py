@@ -16,8 +16,9 @@ Modes:
   than chat-formatted ones). The prompt runs once and its KV cache is shared by the options.
 
 Prompts are left-padded, so every prompt ends at position ``T-1`` and only the last logits are
-computed (``logits_to_keep``). HMoRA models take the prompt as the task encoder's input
-(``prompt_mask``); in loglik mode the options reuse the task representation the prompt bound
+computed (``logits_to_keep``). HMoRA models take the prompt's instruction (the user message,
+``instruction_mask``) or the whole prompt (``prompt_mask``) as the task encoder's input, per
+``routing.task_input``; in loglik mode the options reuse the task representation the prompt bound
 (HMoRA's cached-decoding path), so every option is scored under the prompt's task routing.
 
 Every rank runs the same number of forwards in :meth:`Scorer.run` (dummy batches pad the short
@@ -143,8 +144,9 @@ class Scorer:
         if kw.get("position_ids") is None:
             kw["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding
         if isinstance(getattr(model, "module", model), HMoRAModel):
-            if "prompt_mask" in batch:  # the task encoder reads the prompt only
-                kw["prompt_mask"] = batch["prompt_mask"]
+            for key in ("prompt_mask", "instruction_mask"):  # the task encoder's input
+                if key in batch:
+                    kw[key] = batch[key]
             kw["return_router_stats"] = False
         return model(input_ids=batch["input_ids"], attention_mask=mask, logits_to_keep=keep, **kw)
 

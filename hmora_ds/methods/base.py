@@ -141,7 +141,9 @@ class RoutingBatch:
     Attributes:
         embeds: (B, T, D) input embeddings.
         attention_mask: (B, T) bool, real tokens.
-        prompt_mask: (B, T) bool, prompt tokens (never the targets: routing must not see them).
+        prompt_mask: (B, T) bool, the tokens the task encoder reads: the raw instruction's
+            tokens or every prompt token, per ``routing.task_input`` (never the targets:
+            routing must not see them).
         extras: the batch tensors the method asks for in :attr:`Method.batch_inputs`
             (e.g. domain labels), by name.
     """

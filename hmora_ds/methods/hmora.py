@@ -11,12 +11,19 @@ What this file decides, and where it comes from:
   α < β_low route by token only, α > β_high by task only (section 3.2); one router per shared
   input with ``routing.share_routers`` (appendix C); top-k with the paper's renormalisation
   (eqs. 15–16) or soft routing (eq. 14);
+<<<<<<< HEAD
 - routing input: the task encoder over the prompt tokens only (section 3.3, spec §3);
 - auxiliary loss: CGJS (eqs. 10–12) on every token and task router, or L_blc (eqs. 17–19) on
   the token routers (the official code's choice; ``loss.blc_task_routers`` adds the task
   routers). A task router's statistics cover every sequence of the optimizer step (the paper's
   batch of 12, which the official loop re-encodes once per step: ``loss.task_stats``), a token
   router's one micro-batch (:meth:`Method.step_records` in ``methods/base.py``).
+=======
+- routing input: the task encoder over the raw instruction's tokens (``routing.task_input``;
+  the official code's input, the paper's T_in) or the whole prompt, never the targets; e_task
+  without a position by default (``routing.task_slot_position``; section 3.3, spec §3);
+- auxiliary loss: CGJS (eqs. 10–12) or L_blc (eqs. 17–19) on every token and task router.
+>>>>>>> task-encoder
 The spec (``shared/spec/method.md``) resolves the paper's ambiguities; the routing context
 (:mod:`hmora_ds.routing.context`) binds the task representation for every router.
 """
@@ -96,37 +103,17 @@ class HMoRA(Method):
         if self.task_encoder_kind is None:
             model.task_encoder = None
             return
-        r = self.config.routing
         weight = model.base_model.get_input_embeddings().weight
-        init, scale = None, 1.0
-        if r.task_encoder == "transformer" and weight.device.type != "meta":
-            if task_token_id is None:
-                if tokenizer is None:
-                    raise ValueError(
-                        "task_token_id: the transformer task encoder initialises e_task from the "
-                        "embedding of '?'; pass tokenizer= or task_token_id="
-                    )
-                ids = tokenizer.encode("?", add_special_tokens=False)
-                if len(ids) != 1:
-                    raise ValueError(f"tokenizer: '?' is not a single token ({ids})")
-                task_token_id = ids[0]
-            with gathered([weight]), torch.no_grad():
-                init = weight[task_token_id].detach().float().clone()
-                scale = weight.float().pow(2).mean().sqrt().item()
+        if self.config.routing.task_encoder == "transformer" and weight.device.type != "meta":
+            task_token_id = resolve_task_token_id(tokenizer, task_token_id)
         model.task_token_id = task_token_id
-        model.task_encoder = TaskEncoder(
-            model.base_model.config.hidden_size,
-            kind=r.task_encoder,
-            num_layers=r.encoder_layers,
-            num_heads=r.encoder_heads,
-            ffn_mult=r.encoder_ffn_mult,
-            dropout=r.encoder_dropout,
-            init_task_embedding=init,
-            position_scale=scale,
-        ).to(weight.device)
+        model.task_encoder = build_task_encoder(
+            self.config.routing, model.base_model.config.hidden_size, weight, task_token_id
+        )
 
     def routing_inputs(self, model: nn.Module, batch: RoutingBatch) -> torch.Tensor | None:
-        """H_task (B, D) from the prompt tokens only (None without task routing)."""
+        """H_task (B, D) from the task encoder's input tokens (``batch.prompt_mask``; None
+        without task routing)."""
         if model.task_encoder is None:
             return None
         return model.task_encoder(batch.embeds, batch.prompt_mask)
@@ -141,3 +128,43 @@ class HMoRA(Method):
         if name.startswith("task_encoder."):
             return "task encoder"
         return super().component_of(name)
+
+
+def resolve_task_token_id(tokenizer: Any, task_token_id: int | None) -> int:
+    """The token whose embedding initialises e_task: ``task_token_id``, else ``?``'s."""
+    if task_token_id is not None:
+        return task_token_id
+    if tokenizer is None:
+        raise ValueError(
+            "task_token_id: the transformer task encoder initialises e_task from the "
+            "embedding of '?'; pass tokenizer= or task_token_id="
+        )
+    ids = tokenizer.encode("?", add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(f"tokenizer: '?' is not a single token ({ids})")
+    return ids[0]
+
+
+def build_task_encoder(
+    routing: Any, hidden_size: int, weight: torch.Tensor, task_token_id: int | None
+) -> TaskEncoder:
+    """The task encoder of ``routing`` (a :class:`~hmora_ds.config.RoutingConfig`) over the
+    embedding table ``weight`` (V, D): e_task = the embedding of ``task_token_id``, positions
+    scaled to the table's RMS (left zero / 1 on the ``meta`` device). Draws its random
+    initialisation from the global torch RNG."""
+    init, scale = None, 1.0
+    if routing.task_encoder == "transformer" and weight.device.type != "meta":
+        with gathered([weight]), torch.no_grad():
+            init = weight[task_token_id].detach().float().clone()
+            scale = weight.float().pow(2).mean().sqrt().item()
+    return TaskEncoder(
+        hidden_size,
+        kind=routing.task_encoder,
+        num_layers=routing.encoder_layers,
+        num_heads=routing.encoder_heads,
+        ffn_mult=routing.encoder_ffn_mult,
+        dropout=routing.encoder_dropout,
+        init_task_embedding=init,
+        position_scale=scale,
+        slot_position=routing.task_slot_position,
+    ).to(weight.device)

@@ -2,11 +2,17 @@
 
 Shapes: ``B`` batch, ``T`` tokens of the model input, ``D`` hidden size.
 
-Only prompt tokens enter (``prompt_mask``), packed to the left of each row in their original
-order, followed by the trainable ``e_task`` vector; positions count from 0 inside that packed
-row, so a sequence gets exactly the same representation alone or in any padded batch, with left
-or right padding. Sinusoidal positions are scaled to the RMS of the embedding table (an unscaled
-sinusoid has RMS ≈ 0.7, which drowns embeddings of RMS ≈ 0.02).
+Only the task encoder's input tokens enter (``prompt_mask``: the raw instruction or the whole
+templated prompt, chosen by ``routing.task_input`` in the model), packed to the left of each row
+in their original order, followed by the trainable ``e_task`` vector; positions count from 0
+inside that packed row, so a sequence gets exactly the same representation alone or in any
+padded batch, with left or right padding. Sinusoidal positions are scaled to the RMS of the
+embedding table (an unscaled sinusoid has RMS ≈ 0.7, which drowns embeddings of RMS ≈ 0.02).
+
+The ``e_task`` slot gets **no** position by default, as in the official HMoRA code: a position at
+the slot is the sinusoid of the input length, which at initialisation dominates H_task (the task
+representation then mostly encodes how long the prompt is). ``slot_position=True`` (config
+``routing.task_slot_position``) restores the earlier behaviour.
 """
 
 from __future__ import annotations
@@ -62,6 +68,8 @@ class TaskEncoder(nn.Module):
         init_task_embedding: (D,) initial ``e_task`` (the embedding of ``?``), or None to leave
             it zero (e.g. on the ``meta`` device).
         position_scale: RMS the positional table is scaled to (the embeddings' RMS).
+        slot_position: also add the position (= the input length) to the ``e_task`` slot
+            (earlier behaviour; the official code adds none).
     """
 
     def __init__(
@@ -74,11 +82,13 @@ class TaskEncoder(nn.Module):
         dropout: float = 0.1,
         init_task_embedding: torch.Tensor | None = None,
         position_scale: float = 1.0,
+        slot_position: bool = False,
     ) -> None:
         super().__init__()
         assert kind in ("transformer", "mean_pool"), kind
         self.kind = kind
         self.hidden_size = hidden_size
+        self.slot_position = bool(slot_position)
         if kind == "transformer":
             layer = nn.TransformerEncoderLayer(
                 d_model=hidden_size,
@@ -106,7 +116,7 @@ class TaskEncoder(nn.Module):
 
         Args:
             embeds: (B, T, D) embeddings of the model input (frozen table).
-            prompt_mask: (B, T) 1 on prompt tokens.
+            prompt_mask: (B, T) 1 on the tokens the encoder reads (see the module docstring).
 
         Returns:
             (B, D) task representation.
@@ -122,7 +132,10 @@ class TaskEncoder(nn.Module):
         task_vec = self.task_embedding.to(packed.dtype).expand(bsz, t + 1, d)
         x = torch.where(is_task.unsqueeze(-1), task_vec, packed)
         table = sinusoid_positions(t + 1, d, packed.device) * self.position_scale
-        x = x + table.to(x.dtype).unsqueeze(0)
+        table = table.to(x.dtype).unsqueeze(0)  # (1, T+1, D)
+        if not self.slot_position:  # e_task keeps no position: H_task does not encode length
+            table = table * (~is_task).unsqueeze(-1).to(x.dtype)
+        x = x + table
         ignore = pos > lengths.unsqueeze(1)  # keys after e_task are padding
         out = self.encoder(x, src_key_padding_mask=ignore)
         return out.gather(1, lengths.view(bsz, 1, 1).expand(bsz, 1, d)).squeeze(1)
