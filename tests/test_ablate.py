@@ -222,6 +222,7 @@ def test_table_mean_std_over_seeds_with_routing_columns():
         "task_certainty": 0.3,
         "recognition": {"0.7": 0.8, "0.8": 0.5, "0.9": 0.2, "1.0": 0.0},
         "distinct_meps": 3,
+        "task_gate_between_share": 0.4,
     }
     recs = [
         _record(0, {"arc_easy": 0.50, "mmlu": 0.30}, summary),
@@ -232,15 +233,23 @@ def test_table_mean_std_over_seeds_with_routing_columns():
         TableRow(study.rows[1], [], {0: "not run"}, tp_percent=17.62),
     ]
     md = markdown(study, rows, "setting line")
-    head = "| e | TP | MMLU | ARC-E | Avg | Tok. cert. | Tok. bal. | Rec@0.8 % | MEPs | Seeds |"
+    head = (
+        "| e | TP | MMLU | ARC-E | Avg | Tok. cert. | Tok. bal. | Rec@0.8 % | MEPs "
+        "| Gate var. between | Seeds |"
+    )
     assert head in md
-    assert "| 4 | 6.31% | 35.00 ± 7.07 | 55.00 ± 7.07 | 45.00 ± 7.07 | 0.600 ± 0.141 |" in md
-    assert "0.900 ± 0.000 | 50.0 ± 0.0 | 3.0 ± 0.0 | 0,1 |" in md
-    assert "| 8 | 17.62% | — | — | — | — | — | — | — | — |" in md
+    # Two seeds: std 7.07 points, 95 % CI half-width t(1) · s / √2 = 12.706 · 7.071 / 1.414.
+    assert "| 4 | 6.31% | 35.00 ± 63.53 | 55.00 ± 63.53 | 45.00 ± 63.53 | 0.600 ± 1.271 |" in md
+    assert "0.900 ± 0.000 | 50.0 ± 0.0 | 3.0 ± 0.0 | 0.400 ± 0.000 | 0,1 |" in md
+    assert "| 8 | 17.62% | — | — | — | — | — | — | — | — | — |" in md
     assert "- e8 seed 0: not run" in md and "not the paper's seven" in md
     lines = csv_text(study, rows).splitlines()
-    assert lines[0].startswith("row,e,tp_percent,n_seeds,seeds,mmlu_mean,mmlu_std,arc_easy_mean")
-    assert lines[1].startswith("e4,4,6.3100,2,0 1,0.350000,0.070711,0.550000,0.070711")
+    assert lines[0].startswith(
+        "row,e,tp_percent,n_seeds,seeds,mmlu_mean,mmlu_std,mmlu_ci95,arc_easy_mean"
+    )
+    assert lines[1].startswith(
+        "e4,4,6.3100,2,0 1,0.350000,0.070711,0.635300,0.550000,0.070711,0.635300"
+    )
     assert lines[2].startswith("e8,8,17.6200,0,,,")
 
 

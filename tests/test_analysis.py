@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -220,6 +221,7 @@ def test_cli_writes_routing_json_tables_and_figures(analysis_inputs, tmp_path):
     shares = [t["share"] for t in doc["tasks"].values()]
     assert summary["recognition"]["0.8"] == sum(s >= 0.8 for s in shares) / 3
     assert summary["distinct_meps"] == len({tuple(t["mep"]) for t in doc["tasks"].values()})
+    assert 0.0 <= summary["task_gate_between_share"] <= 1.0
     for fig in ("fig3_routing_entropy.png", "fig4_task_tsne.png"):
         data = (out / fig).read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 5000
@@ -264,6 +266,7 @@ def test_summary_without_task_routers_skips_mep_with_a_note():
     coll = RoutingCollection(["a", "b", "a"], stats, {}, top_k=2, routing_mode="topk")
     doc = summarize_routing(coll, {"model": "m", "adapter": "x", "data": "d"})
     assert doc["summary"]["recognition"] is None and doc["summary"]["distinct_meps"] is None
+    assert doc["summary"]["task_gate_between_share"] is None
     assert doc["summary"]["task_balance"] is None and doc["summary"][
         "token_balance"
     ] == pytest.approx(0.9)
@@ -337,3 +340,16 @@ def test_task_repr_needs_two_tasks(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         "error: --data: needs at least two tasks to split the variance"
     )
+
+
+def test_between_task_share_splits_the_variance():
+    """Tasks a = {(0,0), (2,0)}, b = {(0,4), (2,4)}: μ = (1, 2), total = 4·(1 + 4) = 20,
+    between = 2·4 + 2·4 = 16 → 0.8; identical rows give NaN; a shape mismatch is refused."""
+    from hmora_ds.analysis.stats import between_task_share
+
+    x = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 4.0], [2.0, 4.0]])
+    assert between_task_share(x, ["a", "a", "b", "b"]) == pytest.approx(0.8, abs=1e-12)
+    assert between_task_share(x, ["a", "b", "a", "b"]) == pytest.approx(0.2, abs=1e-12)
+    assert math.isnan(between_task_share(np.ones((3, 2)), ["a", "b", "b"]))
+    with pytest.raises(ValueError, match="between_task_share"):
+        between_task_share(x, ["a", "b"])

@@ -74,7 +74,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="routing analysis of every row (default: on when hmora_ds.analyze exists)",
     )
-    p.add_argument("--max-per-task", type=int, default=None, help="analysis: MMLU per subject")
+    p.add_argument(
+        "--analysis-data",
+        default=None,
+        help="analysis --data: mmlu (unseen tasks), offline (the training mixture's tasks) or "
+        "a .jsonl file (default: the study's, else mmlu)",
+    )
+    p.add_argument("--max-per-task", type=int, default=None, help="analysis: prompts per task")
     p.add_argument("--stage-timeout", type=float, default=None, help="seconds per stage")
     p.add_argument("--dry-run", action="store_true", help="show the grid and what would run")
     return p.parse_args(argv)
@@ -138,6 +144,7 @@ def build_options(args: argparse.Namespace) -> Options:
         nproc=args.nproc,
         deepspeed=(args.deepspeed or Options.deepspeed).resolve(),
         analyze=analyze,
+        analysis_data=args.analysis_data or study.analysis_data or "mmlu",
         max_per_task=args.max_per_task if args.max_per_task is not None else scale.max_per_task,
         stage_timeout=args.stage_timeout,
         dry_run=args.dry_run,
@@ -225,7 +232,8 @@ def setting_line(opts: Options, jobs: list[Job]) -> str:
     return (
         f"{opts.scale.name} scale: {model}, config {opts.config.name}, world size "
         f"{world_size(opts)}; {opts.split} subsets ({q}, source {opts.source}), {opts.mode} "
-        "scoring; accuracy % (MMLU macro over subjects), mean ± sample std over the listed seeds."
+        "scoring; accuracy % (MMLU macro over subjects); with several seeds mean ± half-width of "
+        "the 95 % t confidence interval over the listed seeds."
     )
 
 

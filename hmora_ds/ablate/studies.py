@@ -70,6 +70,9 @@ class Study:
     columns: tuple[str, ...]
     base: dict[str, Any]
     rows: tuple[Row, ...]
+    #: ``--data`` of the routing analysis when ``--analysis-data`` is not given (None: MMLU,
+    #: the paper's unseen tasks).
+    analysis_data: str | None = None
 
     def rows_for(self, scale: str) -> list[Row]:
         return [r for r in self.rows if scale == "paper" or not r.paper_only]
@@ -254,6 +257,43 @@ def _baselines() -> Study:
     )
 
 
+#: The recipe of the ``learning`` study (docs/ablations.md, "Does routing learn?"): what makes
+#: routers leave their initialisation in minutes on 2 CPU cores. Deviations from the paper, each
+#: for a reason: 40 steps instead of up to 10,000, so the routing parameters train at 20 × lr
+#: (``train.router_lr_mult``); 2 × 2 micro-batches on 2 ranks = 8 sequences per step (the
+#: paper: 12), enough for a task router's balance term to reach its target with 8 experts.
+LEARNING_RECIPE: dict[str, Any] = {
+    "train.max_steps": 40,
+    "train.grad_accum": 2,
+    "train.warmup_steps": 4,
+    "train.schedule": "constant",
+    "train.router_lr_mult": 20.0,
+    "train.router_stats_every": 20,
+    "eval.every": 20,
+    "checkpoint.every": 20,
+}
+
+
+def _learning() -> Study:
+    """Does routing learn? HMoRA w LW with no auxiliary loss, L_blc and L_aux, and LoRA r = 8,
+    trained with :data:`LEARNING_RECIPE`; analysed on the training mixture's own tasks."""
+    rows = [
+        Row(f"lw-{aux}", {"Method": "HMoRA w LW", "Aux": {"none": "-", "blc": "L_blc",
+                                                          "aux": "L_aux"}[aux]},
+            {"preset": "hmora_lw", **AUX[aux]})
+        for aux in ("none", "blc", "aux")
+    ]  # fmt: skip
+    rows.append(Row("lora-r8", {"Method": "LoRA r=8", "Aux": "-"}, {"preset": "lora_r8"}))
+    return Study(
+        "learning",
+        "Does routing learn? HMoRA w LW × none / L_blc / L_aux, and LoRA r = 8 (same steps)",
+        ("Method", "Aux"),
+        dict(LEARNING_RECIPE),
+        tuple(rows),
+        analysis_data="offline",
+    )
+
+
 STUDIES: dict[str, Study] = {
     s.name: s
     for s in (
@@ -264,6 +304,7 @@ STUDIES: dict[str, Study] = {
         _task_encoder(),
         _experts(),
         _baselines(),
+        _learning(),
     )
 }
 

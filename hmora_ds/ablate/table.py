@@ -3,8 +3,11 @@
 Columns: the study's label columns (``RM``, ``γ_c``, ``Method`` …), TP %, the evaluated
 benchmarks in the paper's order (accuracy %), their average, and, when the rows were analysed,
 token-router certainty and balance (normalised entropies, mean over routers) and the share of
-MMLU subjects recognised by the task routers at 0.8. With several seeds a cell is
-``mean ± std`` (sample standard deviation) and the seeds are listed.
+MMLU subjects recognised by the task routers at 0.8, the number of distinct main expert pairs
+and the share of the task router's gate variance that lies between tasks. With several seeds a
+cell is ``mean ± h``, h the half-width of the 95 % confidence interval of the mean over seeds
+(Student t, n − 1 degrees of freedom), and the seeds are listed; the CSV has the mean, the
+sample standard deviation and h.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ ROUTING_COLUMNS = (
     ("token_balance", "Tok. bal.", ("token_balance",), "fraction"),
     ("recognition_0.8", "Rec@0.8 %", ("recognition", "0.8"), "percent"),
     ("distinct_meps", "MEPs", ("distinct_meps",), "count"),
+    ("task_gate_between_share", "Gate var. between", ("task_gate_between_share",), "fraction"),
 )
 _FORMATS = {"fraction": (1.0, 3), "percent": (100.0, 1), "count": (1.0, 1)}
 #: Also in the CSV (not in the markdown, to keep it the paper's width).
@@ -47,6 +51,19 @@ class TableRow:
     tp_percent: float | None = None  # from the meta-device count, for rows not run yet
 
 
+#: Student t 0.975 quantiles for 1…30 degrees of freedom (written out: SciPy is only an
+#: optional dependency, and a table of the 30 values a study can need is exact enough).
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+
+
+def ci95_half_width(std: float, n: int) -> float:
+    """Half-width of the 95 % t confidence interval of a mean of ``n`` >= 2 values."""
+    t = T975[n - 2] if n - 1 <= len(T975) else 1.96
+    return t * std / n**0.5
+
+
 def _stats(values: list[float]) -> tuple[float, float | None]:
     mean = statistics.fmean(values)
     return mean, (statistics.stdev(values) if len(values) > 1 else None)
@@ -56,7 +73,9 @@ def _cell(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     if not values:
         return "—"
     mean, std = _stats([v * scale for v in values])
-    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+    if std is None:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {ci95_half_width(std, len(values)):.{digits}f}"
 
 
 def _dig(doc: Any, path: tuple[str, ...]) -> float | None:
@@ -149,7 +168,7 @@ def csv_text(study: Study, rows: list[TableRow]) -> str:
         metrics.append((name, lambda r, p=path: _dig(r["metrics"].get("routing"), p)))
     head = ["row", *study.columns, "tp_percent", "n_seeds", "seeds"]
     for name, _ in metrics:
-        head += [f"{name}_mean", f"{name}_std"]
+        head += [f"{name}_mean", f"{name}_std", f"{name}_ci95"]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(head)
@@ -161,7 +180,9 @@ def csv_text(study: Study, rows: list[TableRow]) -> str:
         for _, fn in metrics:
             vals = _collect(tr.records, fn)
             mean, std = _stats(vals) if vals else (None, None)
-            line += ["" if mean is None else f"{mean:.6f}", "" if std is None else f"{std:.6f}"]
+            half = None if std is None else ci95_half_width(std, len(vals))
+            line += ["" if mean is None else f"{mean:.6f}", "" if std is None else f"{std:.6f}",
+                     "" if half is None else f"{half:.6f}"]  # fmt: skip
         writer.writerow(line)
     return buf.getvalue()
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from hmora_ds.analysis.stats import main_expert_pairs, recognition_rates
+from hmora_ds.analysis.stats import between_task_share, main_expert_pairs, recognition_rates
 from hmora_ds.config import TARGETS
 from hmora_ds.metrics import RouterStatsAccumulator
 from hmora_ds.routing.context import RouterId
@@ -283,12 +283,15 @@ def summarize_routing(
         tasks = {t: {"n": n, "mep": None, "share": None} for t, n in sorted(task_counts.items())}
         recognition = None
         distinct = None
+        gate_share = None
     else:
         meps = main_expert_pairs(coll.tasks, coll.task_gates[mep_router], coll.top_k)
         tasks = {t: {"n": m.n, "mep": list(m.pair), "share": m.share} for t, m in meps.items()}
         recognition = recognition_rates(meps)
         # a router that routes every task alike "recognises" them all: report the spread too
         distinct = len({m.pair for m in meps.values() if m.pair is not None})
+        # How much of the task router's gate variation is between tasks (vs within a task).
+        gate_share = between_task_share(coll.task_gates[mep_router].float().numpy(), coll.tasks)
         tied = [t for t, m in meps.items() if m.tied]
         if tied:
             notes.append(
@@ -315,6 +318,7 @@ def summarize_routing(
             "task_certainty": _mean(by_kind["task"].get("certainty", [])),
             "recognition": recognition,
             "distinct_meps": distinct,
+            "task_gate_between_share": gate_share,
         },
         "tasks": tasks,
     }

@@ -147,6 +147,14 @@ def routing_markdown(doc: Mapping[str, Any], figures: Mapping[str, str] | None =
             ["Proportion threshold", *(f"≥ {k}" for k in rec)],
             [["tasks whose MEP share reaches it", *(_pct(v) for v in rec.values())]],
         )
+        share = summary.get("task_gate_between_share")
+        if share is not None:
+            lines += [
+                "",
+                f"Distinct main expert pairs: {summary.get('distinct_meps')}. Share of the "
+                f"MEP router's gate variance between tasks: {_num(share)} (1 = every task "
+                "routed alike within itself, 0 = tasks indistinguishable).",
+            ]
         lines += ["", "## Main expert pairs (tables 15 and 16)", "", *_mep_tables(doc)]
     lines += [
         "",

@@ -172,3 +172,20 @@ def tsne_embedding(
         perplexity = clamped
     tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
     return tsne.fit_transform(x), notes
+
+
+def between_task_share(x: np.ndarray, tasks: Sequence[str]) -> float:
+    """Share of the total variance of the rows of ``x`` (N, D) that lies between tasks:
+    Σ_t n_t ‖μ_t − μ‖² / Σ_i ‖x_i − μ‖² (1 = every task a single point, 0 = tasks alike;
+    NaN when all rows are equal)."""
+    x = np.asarray(x, dtype=np.float64)
+    labels = np.asarray(list(tasks))
+    if x.ndim != 2 or len(labels) != x.shape[0]:
+        raise ValueError(f"between_task_share: need (N, D) rows and N tasks, got {x.shape}")
+    mu = x.mean(axis=0)
+    total = ((x - mu) ** 2).sum()
+    between = sum(
+        (labels == t).sum() * ((x[labels == t].mean(axis=0) - mu) ** 2).sum()
+        for t in np.unique(labels)
+    )
+    return float(between / total) if total > 0 else float("nan")

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from hmora_ds.analysis.collect import AnalysisError, RoutingExample
+from hmora_ds.analysis.stats import between_task_share
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +54,7 @@ def task_repr_stats(h: np.ndarray, tasks: Sequence[str], lengths: Sequence[float
     unit = h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-30)
     gram = unit @ unit.T
     mean_cos = (gram.sum() - np.trace(gram)) / (n * (n - 1))
-    mu = h.mean(axis=0)
-    total = ((h - mu) ** 2).sum()
     labels = np.asarray(tasks)
-    between = sum(
-        (labels == t).sum() * ((h[labels == t].mean(axis=0) - mu) ** 2).sum()
-        for t in np.unique(labels)
-    )
     pc1 = PCA(n_components=1).fit_transform(h)[:, 0]
     length = np.asarray(lengths, dtype=np.float64)
     if pc1.std() == 0 or length.std() == 0:
@@ -70,7 +65,7 @@ def task_repr_stats(h: np.ndarray, tasks: Sequence[str], lengths: Sequence[float
         "n": n,
         "num_tasks": len(np.unique(labels)),
         "mean_cosine": float(mean_cos),
-        "between_share": float(between / total) if total > 0 else float("nan"),
+        "between_share": between_task_share(h, tasks),
         "pc1_length_corr": corr,
     }
 
