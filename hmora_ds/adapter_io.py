@@ -168,6 +168,8 @@ def load_adapter(base_model: torch.nn.Module, directory: str | Path) -> HMoRAMod
         )
     for name, param in params.items():
         shape = tuple(getattr(param, "ds_shape", param.shape))
+        if name.endswith("alpha_logit") and tensors[name].dim() == 0 and shape == (1,):
+            tensors[name] = tensors[name].reshape(1)  # a learnable α saved before it was (1,)
         if tuple(tensors[name].shape) != shape:
             raise ValueError(
                 f"load_adapter: tensor {name} has shape {tuple(tensors[name].shape)} in {weights}, "

@@ -113,3 +113,19 @@ def test_adapters_saved_before_the_task_encoder_options_keep_their_behaviour(tmp
     assert (raw["task_slot_position"], raw["task_input"]) == (False, "instruction")
     new = read_adapter_config(tmp_path / "new")["config"]["routing"]
     assert (new["task_slot_position"], new["task_input"]) == (False, "instruction")
+
+
+def test_learnable_alpha_saved_as_a_scalar_still_loads(saved):
+    """A learnable α is a (1,) parameter (DeepSpeed cannot broadcast a 0-D one); adapters that
+    stored it 0-D load into it with the same value and logits."""
+    model, path = saved
+    weights = path / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    alphas = [n for n in tensors if n.endswith("alpha_logit")]
+    assert alphas and all(tensors[n].shape == (1,) for n in alphas)
+    save_file({n: t.reshape(()) if n in alphas else t for n, t in tensors.items()}, str(weights))
+    loaded = load_adapter(tiny_base("llama"), path).eval()
+    ids, attn, labels, prompt = batch()
+    with torch.no_grad():
+        got, want = loaded(ids, attn, labels, prompt), model(ids, attn, labels, prompt)
+    assert torch.equal(got.logits, want.logits)  # the same code path: exactly

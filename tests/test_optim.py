@@ -100,9 +100,10 @@ def _engine_worker(rank: int, world: int, out_dir) -> None:
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
     skip_cpu_shm_build()
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    # Fixed α: a learnable one is a 0-D parameter, which deepspeed.initialize cannot broadcast
-    # (it views every parameter as bytes); its group is checked without an engine above.
-    model = tiny_hmora("hmora_lw", overrides={**NO_DROPOUT, "routing.learn_alpha": False})
+    # A learnable α too: deepspeed.initialize broadcasts every parameter viewed as bytes, which
+    # a 0-D parameter cannot do (it must be (1,)).
+    model = tiny_hmora("hmora_lw", overrides={**NO_DROPOUT, "routing.learn_alpha": True})
+    assert any(n.endswith("alpha_logit") for n, _ in model.named_parameters())
     randomize_adapters(model)  # B ≠ 0: the routers get a gradient from the first step
     train = TrainConfig(
         lr=LR,

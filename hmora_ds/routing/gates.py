@@ -139,7 +139,9 @@ class RouterGroup(nn.Module):
         logit = math.log(alpha) - math.log1p(-alpha) if 0.0 < alpha < 1.0 else 0.0
         if layer_mode == "hybrid" and learn_alpha:
             # α = σ(a), a initialised so that α starts at α(l); no weight decay (see optim).
-            self.alpha_logit = nn.Parameter(torch.tensor(logit))
+            # Shape (1,), not 0-D: DeepSpeed's start-up broadcast views every parameter as
+            # bytes, which a 0-D tensor cannot do (load_adapter still reads a 0-D one).
+            self.alpha_logit = nn.Parameter(torch.tensor([logit]))
         else:
             self.register_buffer("alpha_logit", torch.tensor(logit), persistent=False)
         # The context is shared by every group of the model; a plain attribute, not a module.
