@@ -414,21 +414,27 @@ class HMoRAModel(nn.Module):
 
     def _step_routing_batch(self, batches: list[dict[str, torch.Tensor]]) -> RoutingBatch:
         """The prompts of several micro-batches as one :class:`RoutingBatch`: rows
-        concatenated, each right-padded to the longest (padding is masked out of the task
-        encoder's mask, :meth:`_task_mask`, and the task encoder is padding-invariant)."""
+        concatenated, each cut after the last column any of its rows reads (the task encoder
+        reads prompt tokens only) and right-padded to the widest (padding is masked out of the
+        task encoder's mask, :meth:`_task_mask`, and the task encoder is padding-invariant).
+
+        The trainer passes host tensors, so finding the cut needs no device sync."""
         device = self.base_model.get_input_embeddings().weight.device
-        width = max(b["input_ids"].shape[1] for b in batches)
+        cut = []
+        for b in batches:
+            attn = b.get("attention_mask", torch.ones_like(b["input_ids"]))
+            read = self._task_mask({**b, "attention_mask": attn})
+            cols = read.any(dim=0).nonzero()
+            width = int(cols.max()) + 1 if cols.numel() else 1
+            cut.append((b["input_ids"][:, :width], attn[:, :width], read[:, :width]))
+        width = max(ids.shape[1] for ids, _, _ in cut)
 
         def padded(t: torch.Tensor) -> torch.Tensor:
             return F.pad(t.long(), (0, width - t.shape[1])).to(device, non_blocking=True)
 
-        ids = torch.cat([padded(b["input_ids"]) for b in batches])
-        attn, pmask = [], []
-        for b in batches:
-            a = b.get("attention_mask", torch.ones_like(b["input_ids"]))
-            attn.append(padded(a))
-            pmask.append(padded(self._task_mask({**b, "attention_mask": a})))
-        attn, pmask = torch.cat(attn).bool(), torch.cat(pmask).bool()
+        ids = torch.cat([padded(i) for i, _, _ in cut])
+        attn = torch.cat([padded(a) for _, a, _ in cut]).bool()
+        pmask = torch.cat([padded(m) for _, _, m in cut]).bool()
         extras = {
             k: torch.cat([b[k] for b in batches]).to(device) for k in self.method.batch_inputs
         }
