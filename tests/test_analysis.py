@@ -351,5 +351,8 @@ def test_between_task_share_splits_the_variance():
     assert between_task_share(x, ["a", "a", "b", "b"]) == pytest.approx(0.8, abs=1e-12)
     assert between_task_share(x, ["a", "b", "a", "b"]) == pytest.approx(0.2, abs=1e-12)
     assert math.isnan(between_task_share(np.ones((3, 2)), ["a", "b", "b"]))
+    # A collapsed router: one-hot gates that differ by rounding only have no meaningful split.
+    onehot = np.array([[1.0, 0.0], [1.0 - 1e-7, 1e-7], [1.0, 0.0], [1.0 - 1e-7, 1e-7]])
+    assert math.isnan(between_task_share(onehot, ["a", "a", "b", "b"]))
     with pytest.raises(ValueError, match="between_task_share"):
         between_task_share(x, ["a", "b"])

@@ -23,6 +23,7 @@ the gate activates.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -292,6 +293,12 @@ def summarize_routing(
         distinct = len({m.pair for m in meps.values() if m.pair is not None})
         # How much of the task router's gate variation is between tasks (vs within a task).
         gate_share = between_task_share(coll.task_gates[mep_router].float().numpy(), coll.tasks)
+        if math.isnan(gate_share):
+            notes.append(
+                f"{mep_router} gives every prompt the same gates: the between-task share of "
+                "their variance is undefined (null)"
+            )
+            gate_share = None
         tied = [t for t, m in meps.items() if m.tied]
         if tied:
             notes.append(

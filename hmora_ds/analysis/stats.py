@@ -174,10 +174,15 @@ def tsne_embedding(
     return tsne.fit_transform(x), notes
 
 
+#: Below this mean squared distance of the rows from their mean, rows count as equal (a
+#: collapsed router's one-hot gates differ by rounding only, whose split is meaningless).
+CONSTANT_ROWS = 1e-8
+
+
 def between_task_share(x: np.ndarray, tasks: Sequence[str]) -> float:
     """Share of the total variance of the rows of ``x`` (N, D) that lies between tasks:
     Σ_t n_t ‖μ_t − μ‖² / Σ_i ‖x_i − μ‖² (1 = every task a single point, 0 = tasks alike;
-    NaN when all rows are equal)."""
+    NaN when the rows are equal up to :data:`CONSTANT_ROWS`)."""
     x = np.asarray(x, dtype=np.float64)
     labels = np.asarray(list(tasks))
     if x.ndim != 2 or len(labels) != x.shape[0]:
@@ -188,4 +193,6 @@ def between_task_share(x: np.ndarray, tasks: Sequence[str]) -> float:
         (labels == t).sum() * ((x[labels == t].mean(axis=0) - mu) ** 2).sum()
         for t in np.unique(labels)
     )
-    return float(between / total) if total > 0 else float("nan")
+    if total <= CONSTANT_ROWS * len(x):
+        return float("nan")
+    return float(between / total)
