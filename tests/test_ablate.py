@@ -57,6 +57,27 @@ def test_routing_grid_is_soft_topk_times_none_blc_aux_on_token_routing(tmp_path)
     assert labels == {"RM": "Top-k", "L_aux": "yes", "L_blc": "-"}
 
 
+def test_learning_grid_recipe_and_analysis_data(tmp_path):
+    """HMoRA w LW × none / L_blc / L_aux plus LoRA r = 8, all with the recipe that makes routers
+    move (20 × router lr, 8 sequences per step on 2 ranks), analysed on the training tasks
+    unless --analysis-data says otherwise."""
+    s = get_study("learning")
+    jobs = {j.row.name: j for j in plan(_options("learning", CPU, tmp_path), s.rows_for("cpu"))}
+    assert list(jobs) == ["lw-none", "lw-blc", "lw-aux", "lora-r8"]
+    for job in jobs.values():
+        t = job.run.train
+        assert (t.max_steps, t.grad_accum, t.router_lr_mult, t.schedule) == (40, 2, 20.0,
+                                                                            "constant")  # fmt: skip
+    aux = {n: (j.run.hmora_config().loss.aux, j.run.hmora_config().preset)
+           for n, j in jobs.items()}  # fmt: skip
+    assert aux == {"lw-none": ("none", "hmora_lw"), "lw-blc": ("blc", "hmora_lw"),
+                   "lw-aux": ("cgjs", "hmora_lw"), "lora-r8": ("none", "lora_r8")}  # fmt: skip
+    assert build_options(parse_args(["learning"])).analysis_data == "offline"
+    opts = build_options(parse_args(["learning", "--analysis-data", "mmlu"]))
+    assert opts.analysis_data == "mmlu"
+    assert build_options(parse_args(["routing"])).analysis_data == "mmlu"
+
+
 def test_gamma_c_grid_is_table9(tmp_path):
     methods = _methods("gamma_c", tmp_path)
     got = sorted((m.routing.mode, m.loss.gamma_c) for m in methods.values())

@@ -147,9 +147,11 @@ def markdown(study: Study, rows: list[TableRow], setting: str) -> str:
         lines.append(
             "Tok. cert. / Tok. bal.: mean normalised entropy of the token routers' gates (lower "
             "= more certain) and of their mean gate (higher = more balanced); Rec@0.8: share of "
-            "MMLU subjects whose main expert pair takes ≥ 0.8 of the task router's activations; "
-            "MEPs: how many distinct main expert pairs the subjects have (1 = every subject "
-            "routed alike, so a high Rec@0.8 is then no recognition)."
+            "the analysed tasks (MMLU subjects unless the study analyses other data) whose main "
+            "expert pair takes ≥ 0.8 of the task router's activations; MEPs: how many distinct "
+            "main expert pairs the tasks have (1 = every task routed alike, so a high Rec@0.8 "
+            "is then no recognition); Gate var. between: share of the task router's gate "
+            "variance between tasks (— where the router gives every prompt the same gates)."
         )
     if notes:
         lines += ["", "Not in the table:", *notes]
