@@ -221,7 +221,10 @@ def test_cli_writes_routing_json_tables_and_figures(analysis_inputs, tmp_path):
     shares = [t["share"] for t in doc["tasks"].values()]
     assert summary["recognition"]["0.8"] == sum(s >= 0.8 for s in shares) / 3
     assert summary["distinct_meps"] == len({tuple(t["mep"]) for t in doc["tasks"].values()})
-    assert 0.0 <= summary["task_gate_between_share"] <= 1.0
+    # The random task router (weights × 2) saturates: every prompt gets the same one-hot gates
+    # (their mean squared spread is ~1e-14, float32 rounding), so the split is undefined.
+    assert summary["task_gate_between_share"] is None
+    assert any("between-task share" in n and "undefined" in n for n in meta["notes"])
     for fig in ("fig3_routing_entropy.png", "fig4_task_tsne.png"):
         data = (out / fig).read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 5000

@@ -174,9 +174,10 @@ def tsne_embedding(
     return tsne.fit_transform(x), notes
 
 
-#: Below this mean squared distance of the rows from their mean, rows count as equal (a
-#: collapsed router's one-hot gates differ by rounding only, whose split is meaningless).
-CONSTANT_ROWS = 1e-8
+#: Below this mean squared distance of the rows from their mean, rows count as equal: fp32
+#: probabilities round at ~1e-7 (squared ~1e-14), and a collapsed router's gates differ by that
+#: rounding only, whose split is meaningless; a real, small spread (1e-5 → 1e-10) is kept.
+CONSTANT_ROWS = 1e-12
 
 
 def between_task_share(x: np.ndarray, tasks: Sequence[str]) -> float:
