@@ -7,8 +7,7 @@ softmax, before hybrid mixing and top-k); ``mask`` has shape (N…), 1 = valid d
 Global batch: with ``group`` set, the masked sums and counts are all-reduced over that process
 group with a *differentiable* all-reduce, so each rank's value and gradient equal those of one
 process holding the concatenated batch. Everything is computed in fp32 (fp64 for fp64
-probabilities). ``H`` is the natural-log
-entropy with 0·log 0 = 0; ``Ĥ = H / log E``.
+probabilities). ``H`` is the natural-log entropy with 0·log 0 = 0; ``Ĥ = H / log E``.
 """
 
 from __future__ import annotations

@@ -390,7 +390,9 @@ class HMoRAModel(nn.Module):
         aux_records = records
         if not step_aux:
             aux_records = [r for r in records if r.kind not in step_kinds]
-        elif step_batches and step_kinds and records:
+        elif step_batches and any(r.kind in step_kinds for r in records):
+            # Only a forward whose routers record a step kind re-encodes the other prompts
+            # (a method without task routers pays nothing for step_batches).
             extra = self.method.step_records(self, self._step_routing_batch(step_batches))
             aux_records = merge_sequence_records(records, extra)
         terms = self.method.aux_losses(aux_records, aux_group)

@@ -231,3 +231,20 @@ def test_step_batches_extend_the_task_statistics_only(left_pad):
     lam = model.method.aux_weight("task")
     torch.testing.assert_close(step.aux_step_weighted, lam * step.aux_by_kind["task"])
     torch.testing.assert_close(later.aux_weighted, lam * later.aux_by_kind["token"])
+
+
+def test_methods_without_task_routers_ignore_step_batches(monkeypatch):
+    """MoLoRA (token routers only) gets the same losses with or without the step's other
+    micro-batches, and never re-encodes their prompts."""
+    model = tiny_hmora("molora", overrides={**NO_DROPOUT, "loss.aux": "blc"}).train()
+    full = _global_batch()
+    first = {k: t[:2] for k, t in full.items()}
+    want = model(**first)
+
+    def refuse(*_):
+        raise AssertionError("re-encoded prompts for a method without task routers")
+
+    monkeypatch.setattr(model, "_step_routing_batch", refuse)
+    got = model(**first, step_batches=[{k: t[2:4] for k, t in full.items()}])
+    assert set(got.aux_by_kind) == {"token"} and got.step_kinds == ()
+    torch.testing.assert_close(got.aux_weighted, want.aux_weighted)
