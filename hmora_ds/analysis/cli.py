@@ -110,27 +110,42 @@ def check_adapter(path: str | Path) -> Path:
     return adapter
 
 
-def _load_model(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any, str]:
-    from hmora_ds.adapter_io import load_adapter
-    from hmora_ds.analysis.collect import AnalysisError
-    from hmora_ds.runtime.loading import (
-        load_base_model,
-        load_tokenizer,
-        resolve_checkpoint,
-        torch_dtype,
+def _examples(args: argparse.Namespace, seed: int) -> list[Any]:
+    """The examples of ``--data`` (sampled per task with ``seed``)."""
+    from hmora_ds.analysis.data import load_examples
+
+    return load_examples(
+        args.data,
+        task_field=args.task_field,
+        prompt_field=args.prompt_field,
+        max_per_task=args.max_per_task,
+        seed=seed,
+        mmlu_split=args.mmlu_split,
     )
 
-    adapter = check_adapter(args.adapter)
-    ckpt = resolve_checkpoint(args.model)
+
+def _load_base(model: str, dtype: torch.dtype) -> tuple[Any, Any, str]:
+    """Tokenizer, base model and checkpoint path of ``--model`` (a one-line error if absent)."""
+    from hmora_ds.analysis.collect import AnalysisError
+    from hmora_ds.runtime.loading import load_base_model, load_tokenizer, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(model)
     try:
-        tokenizer = load_tokenizer(ckpt)
-        base = load_base_model(ckpt, torch_dtype(args.dtype, device.type == "cuda"))
+        return load_tokenizer(ckpt), load_base_model(ckpt, dtype), ckpt
     except OSError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise AnalysisError(
-            f"--model: cannot load {args.model!r} ({first}); give an HF name or directory, or "
+            f"--model: cannot load {model!r} ({first}); give an HF name or directory, or "
             "smollm2-135m-instruct"
         ) from None
+
+
+def _load_model(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any, str]:
+    from hmora_ds.adapter_io import load_adapter
+    from hmora_ds.runtime.loading import torch_dtype
+
+    adapter = check_adapter(args.adapter)
+    tokenizer, base, ckpt = _load_base(args.model, torch_dtype(args.dtype, device.type == "cuda"))
     model = load_adapter(base, adapter).to(device)
     return tokenizer, model.eval(), ckpt
 
@@ -143,7 +158,6 @@ def run_routing(args: argparse.Namespace) -> dict[str, Any]:
         router_names,
         summarize_routing,
     )
-    from hmora_ds.analysis.data import load_examples
     from hmora_ds.analysis.plots import plot_routing_entropy, plot_task_tsne
     from hmora_ds.analysis.report import routing_markdown
     from hmora_ds.analysis.stats import tsne_embedding
@@ -154,14 +168,7 @@ def run_routing(args: argparse.Namespace) -> dict[str, Any]:
         raise AnalysisError("--batch-size / --max-input-tokens: must be positive")
     check_adapter(args.adapter)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    examples = load_examples(
-        args.data,
-        task_field=args.task_field,
-        prompt_field=args.prompt_field,
-        max_per_task=args.max_per_task,
-        seed=args.seed,
-        mmlu_split=args.mmlu_split,
-    )
+    examples = _examples(args, args.seed)
     tokenizer, model, _ = _load_model(args, device)
     resolve_mep_router(router_names(model), args.router)  # fail before the long pass
     # bf16 base weights (GPU) run under bf16 autocast with fp32 adapters, as in evaluation.
@@ -210,30 +217,15 @@ def run_routing(args: argparse.Namespace) -> dict[str, Any]:
 def run_task_repr(args: argparse.Namespace) -> dict[str, Any]:
     """The ``task-repr`` subcommand; returns the written document."""
     from hmora_ds.analysis.collect import AnalysisError
-    from hmora_ds.analysis.data import load_examples
     from hmora_ds.analysis.task_repr import encode_prompts, task_repr_markdown, task_repr_table
     from hmora_ds.methods.hmora import resolve_task_token_id
-    from hmora_ds.runtime.loading import load_base_model, load_tokenizer, resolve_checkpoint
 
     if args.batch_size < 1 or args.max_input_tokens < 1 or not args.seeds:
         raise AnalysisError("--batch-size / --max-input-tokens / --seeds: must be positive")
-    examples = load_examples(
-        args.data,
-        task_field=args.task_field,
-        prompt_field=args.prompt_field,
-        max_per_task=args.max_per_task,
-        seed=args.sample_seed,
-        mmlu_split=args.mmlu_split,
-    )
+    examples = _examples(args, args.sample_seed)
     if len({ex.task for ex in examples}) < 2:
         raise AnalysisError("--data: needs at least two tasks to split the variance")
-    ckpt = resolve_checkpoint(args.model)
-    try:
-        tokenizer = load_tokenizer(ckpt)
-        base = load_base_model(ckpt, torch.float32)
-    except OSError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise AnalysisError(f"--model: cannot load {args.model!r} ({first})") from None
+    tokenizer, base, _ = _load_base(args.model, torch.float32)
     embedding = base.get_input_embeddings()
     prompts = encode_prompts(tokenizer, examples, args.max_input_tokens, args.batch_size)
     rows = task_repr_table(
