@@ -11,19 +11,14 @@ What this file decides, and where it comes from:
   α < β_low route by token only, α > β_high by task only (section 3.2); one router per shared
   input with ``routing.share_routers`` (appendix C); top-k with the paper's renormalisation
   (eqs. 15–16) or soft routing (eq. 14);
-<<<<<<< HEAD
-- routing input: the task encoder over the prompt tokens only (section 3.3, spec §3);
+- routing input: the task encoder over the raw instruction's tokens (``routing.task_input``;
+  the official code's input, the paper's T_in) or the whole prompt, never the targets; e_task
+  without a position by default (``routing.task_slot_position``; section 3.3, spec §3);
 - auxiliary loss: CGJS (eqs. 10–12) on every token and task router, or L_blc (eqs. 17–19) on
   the token routers (the official code's choice; ``loss.blc_task_routers`` adds the task
   routers). A task router's statistics cover every sequence of the optimizer step (the paper's
   batch of 12, which the official loop re-encodes once per step: ``loss.task_stats``), a token
   router's one micro-batch (:meth:`Method.step_records` in ``methods/base.py``).
-=======
-- routing input: the task encoder over the raw instruction's tokens (``routing.task_input``;
-  the official code's input, the paper's T_in) or the whole prompt, never the targets; e_task
-  without a position by default (``routing.task_slot_position``; section 3.3, spec §3);
-- auxiliary loss: CGJS (eqs. 10–12) or L_blc (eqs. 17–19) on every token and task router.
->>>>>>> task-encoder
 The spec (``shared/spec/method.md``) resolves the paper's ambiguities; the routing context
 (:mod:`hmora_ds.routing.context`) binds the task representation for every router.
 """
