@@ -92,6 +92,12 @@ def load_model(args: argparse.Namespace, info: Any, rank0_first) -> tuple[Any, A
     tokenizer = load_tokenizer(
         ckpt, args.tokenizer, option="--model", tokenizer_option="--tokenizer"
     )
+    from hmora_ds.data import ChatEncoder, EncodeConfig
+
+    # The chat template and the prompt limit, before the base model loads.
+    ChatEncoder(tokenizer, EncodeConfig(max_input_tokens=args.max_input_tokens)).check_room(
+        "--max-input-tokens"
+    )
     on_gpu = info.device.type == "cuda"
     dtype = torch_dtype(args.dtype, on_gpu)
     ds_config = None
