@@ -141,7 +141,7 @@ OPTIONAL_KEYS: dict[str, tuple[type | None, ...]] = {
 _JSON_TYPES = {str: "a string", dict: "an object", int: "an integer", None: "null"}
 
 
-def _check_keys(meta: dict[str, Any], path: Path) -> None:
+def _check_keys(meta: dict[str, Any], path: Path, fix: str) -> None:
     """Refuse a parsed ``adapter_config.json`` that lacks a required key or has a key of the
     wrong type (one line naming the file and the key)."""
     for keys, required in ((REQUIRED_KEYS, True), (OPTIONAL_KEYS, False)):
@@ -153,7 +153,7 @@ def _check_keys(meta: dict[str, Any], path: Path) -> None:
                 if required:
                     raise AdapterError(
                         f"{path}: required key {dotted!r} is missing; the file is incomplete — "
-                        f"{REEXPORT}"
+                        f"{fix}"
                     )
                 continue
             ok = any(
@@ -164,7 +164,7 @@ def _check_keys(meta: dict[str, Any], path: Path) -> None:
                 want = " or ".join(_JSON_TYPES[k] for k in kinds)
                 raise AdapterError(
                     f"{path}: key {dotted!r} must be {want}, got {json.dumps(node)[:60]}; "
-                    f"the file was edited or damaged — {REEXPORT}"
+                    f"the file was edited or damaged — {fix}"
                 )
 
 
@@ -191,30 +191,45 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
             f"load_adapter: {path} not found (is {directory} an adapter dir? it needs "
             f"{CONFIG_NAME} + {WEIGHTS_NAME})"
         )
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise AdapterError(
-            f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
-            f"the file is truncated or damaged — {REEXPORT}"
-        ) from None
-    except UnicodeDecodeError:
-        raise AdapterError(f"{path}: not a text (UTF-8 JSON) file — {REEXPORT}") from None
-    if not isinstance(meta, dict):
-        raise AdapterError(
-            f"{path}: expected a JSON object, got {type(meta).__name__} — {REEXPORT}"
-        )
-    if meta.get("format") != FORMAT:
-        raise AdapterError(
-            f"load_adapter: {path} is not an hmora-ds adapter (format {meta.get('format')!r}, "
-            f"expected {FORMAT!r})"
-        )
-    _check_keys(meta, path)
+    meta = read_adapter_meta(path, REEXPORT)
     meta["config"] = legacy_routing_defaults(meta["config"])
     try:
         HMoRAConfig.from_dict(meta["config"])
     except ValueError as err:
         raise AdapterError(f"{path}: its method config is invalid: {err}") from None
+    return meta
+
+
+def read_adapter_meta(path: str | Path, fix: str = REEXPORT) -> dict[str, Any]:
+    """An adapter's metadata JSON (``adapter_config.json``, or the ``adapter_meta.json`` of a
+    checkpoint), parsed and checked: valid JSON, an object, the hmora-ds format, the keys of
+    :data:`REQUIRED_KEYS` with their types.
+
+    Args:
+        path: the file.
+        fix: what to do about a damaged file (the end of the message).
+
+    Raises:
+        AdapterError: one line naming the file, what is wrong and ``fix``.
+    """
+    path = Path(path)
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise AdapterError(
+            f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
+            f"the file is truncated or damaged — {fix}"
+        ) from None
+    except UnicodeDecodeError:
+        raise AdapterError(f"{path}: not a text (UTF-8 JSON) file — {fix}") from None
+    if not isinstance(meta, dict):
+        raise AdapterError(f"{path}: expected a JSON object, got {type(meta).__name__} — {fix}")
+    if meta.get("format") != FORMAT:
+        raise AdapterError(
+            f"load_adapter: {path} is not an hmora-ds adapter (format {meta.get('format')!r}, "
+            f"expected {FORMAT!r})"
+        )
+    _check_keys(meta, path, fix)
     return meta
 
 
