@@ -218,8 +218,11 @@ def check_types(obj: Any, section: str) -> None:
         ok, converted = _convert(value, tp)
         if not ok:
             example = ""
-            if typing.get_origin(tp) in (list, tuple) and f.default is not dataclasses.MISSING:
-                example = f" such as {json.dumps(list(f.default))}"  # the default, as YAML
+            if typing.get_origin(tp) in (list, tuple):  # the default as an example (YAML)
+                if f.default is not dataclasses.MISSING:
+                    example = f" such as {json.dumps(list(f.default))}"
+                elif f.default_factory is not dataclasses.MISSING and f.default_factory():
+                    example = f" such as {json.dumps(list(f.default_factory()))}"
             got = list(value) if isinstance(value, tuple) else value
             _fail(name, f"must be {describe_type(tp)}{example}, got {got!r}")
         elif isinstance(converted, float) and math.isnan(converted):
