@@ -126,7 +126,7 @@ def resolve_hf_source(
                 f"{option}: {path} has no {filename}, so it is not a Hugging Face model "
                 f"directory{hint}; {ACCEPTS}"
             )
-        return name
+        return str(path) if name.startswith("~") else name  # from_pretrained does not expand ~
     if path.exists():
         raise ModelSourceError(f"{option}: {path} is a file, not a model directory; {ACCEPTS}")
     if _looks_like_path(name):
