@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from hmora_ds import __version__
@@ -26,6 +27,18 @@ from hmora_ds.model import HMoRAModel
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "hmora-ds-adapter"
+#: What to do about a damaged adapter (the end of every "corrupt file" message).
+REEXPORT = "copy it again or re-export it (python -m hmora_ds.export <run>/checkpoints <dir>)"
+
+
+class AdapterError(ValueError):
+    """An adapter directory that cannot be used: a corrupt or incomplete file, or tensors that
+    do not fit the model. The message is one line naming the file and what to do; every
+    command line prints it as ``error: …`` and exits with status 2 (a ``ValueError``)."""
+
+
+class AdapterNotFoundError(AdapterError, FileNotFoundError):
+    """The adapter directory or one of its two files does not exist."""
 
 
 def adapter_metadata(model: HMoRAModel) -> dict[str, Any]:
@@ -111,69 +124,202 @@ def legacy_routing_defaults(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, "routing": {**routing, **filled}} if filled else config
 
 
+#: The keys of ``adapter_config.json`` an adapter cannot load without: dotted path → the JSON
+#: type(s) allowed (``None`` = null).
+REQUIRED_KEYS: dict[str, tuple[type | None, ...]] = {
+    "format": (str,),
+    "config": (dict,),
+    "base_model": (dict,),
+    "base_model.fingerprint": (dict,),
+}
+#: Keys that may be absent (older adapters) but have a type when present.
+OPTIONAL_KEYS: dict[str, tuple[type | None, ...]] = {
+    "base_model.name_or_path": (str, None),
+    "task_token_id": (int, None),
+    "tensors": (dict,),
+}
+_JSON_TYPES = {str: "a string", dict: "an object", int: "an integer", None: "null"}
+
+
+def _check_keys(meta: dict[str, Any], path: Path, fix: str) -> None:
+    """Refuse a parsed ``adapter_config.json`` that lacks a required key or has a key of the
+    wrong type (one line naming the file and the key)."""
+    for keys, required in ((REQUIRED_KEYS, True), (OPTIONAL_KEYS, False)):
+        for dotted, kinds in keys.items():
+            node: Any = meta
+            for part in dotted.split("."):
+                node = node.get(part, KeyError) if isinstance(node, dict) else KeyError
+            if node is KeyError:
+                if required:
+                    raise AdapterError(
+                        f"{path}: required key {dotted!r} is missing; the file is incomplete — "
+                        f"{fix}"
+                    )
+                continue
+            ok = any(
+                node is None if k is None else isinstance(node, k) and not isinstance(node, bool)
+                for k in kinds
+            )
+            if not ok:
+                want = " or ".join(_JSON_TYPES[k] for k in kinds)
+                raise AdapterError(
+                    f"{path}: key {dotted!r} must be {want}, got {json.dumps(node)[:60]}; "
+                    f"the file was edited or damaged — {fix}"
+                )
+
+
 def read_adapter_config(directory: str | Path) -> dict[str, Any]:
-    """The parsed ``adapter_config.json`` of an adapter directory (validated format), with
-    routing options the adapter predates set to what it was trained with
-    (:func:`legacy_routing_defaults`)."""
+    """The parsed ``adapter_config.json`` of an adapter directory, with routing options the
+    adapter predates set to what it was trained with (:func:`legacy_routing_defaults`).
+
+    Validated: readable JSON, the hmora-ds format, the required keys with their types
+    (:data:`REQUIRED_KEYS`) and a valid method config.
+
+    Raises:
+        AdapterNotFoundError: the directory or its ``adapter_config.json`` does not exist.
+        AdapterError: the file is not valid JSON, lacks a key, or holds an invalid config.
+    """
     directory = Path(directory)
     path = directory / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"load_adapter: {path} not found (is {directory} an adapter dir?)")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(
-            f"load_adapter: {path} is not an hmora-ds adapter (format {meta.get('format')!r})"
+    if not directory.is_dir():
+        raise AdapterNotFoundError(
+            f"load_adapter: adapter directory {directory} does not exist; give the directory "
+            f"save_adapter or python -m hmora_ds.export wrote ({CONFIG_NAME} + {WEIGHTS_NAME})"
         )
-    if isinstance(meta.get("config"), dict):
-        meta["config"] = legacy_routing_defaults(meta["config"])
+    if not path.is_file():
+        raise AdapterNotFoundError(
+            f"load_adapter: {path} not found (is {directory} an adapter dir? it needs "
+            f"{CONFIG_NAME} + {WEIGHTS_NAME})"
+        )
+    meta = read_adapter_meta(path, REEXPORT)
+    meta["config"] = legacy_routing_defaults(meta["config"])
+    try:
+        HMoRAConfig.from_dict(meta["config"])
+    except ValueError as err:
+        raise AdapterError(f"{path}: its method config is invalid: {err}") from None
     return meta
+
+
+def read_adapter_meta(path: str | Path, fix: str = REEXPORT) -> dict[str, Any]:
+    """An adapter's metadata JSON (``adapter_config.json``, or the ``adapter_meta.json`` of a
+    checkpoint), parsed and checked: valid JSON, an object, the hmora-ds format, the keys of
+    :data:`REQUIRED_KEYS` with their types.
+
+    Args:
+        path: the file.
+        fix: what to do about a damaged file (the end of the message).
+
+    Raises:
+        AdapterError: one line naming the file, what is wrong and ``fix``.
+    """
+    path = Path(path)
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise AdapterError(
+            f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
+            f"the file is truncated or damaged — {fix}"
+        ) from None
+    except UnicodeDecodeError:
+        raise AdapterError(f"{path}: not a text (UTF-8 JSON) file — {fix}") from None
+    if not isinstance(meta, dict):
+        raise AdapterError(f"{path}: expected a JSON object, got {type(meta).__name__} — {fix}")
+    if meta.get("format") != FORMAT:
+        raise AdapterError(
+            f"load_adapter: {path} is not an hmora-ds adapter (format {meta.get('format')!r}, "
+            f"expected {FORMAT!r})"
+        )
+    _check_keys(meta, path, fix)
+    return meta
+
+
+def check_adapter(directory: str | Path) -> dict[str, Any]:
+    """Check an adapter directory before anything slow runs; returns its parsed config.
+
+    Reads ``adapter_config.json`` (:func:`read_adapter_config`) and the header of
+    ``adapter_model.safetensors`` (names, shapes, that the file is as long as the header says;
+    the tensor data is not read). Whether the tensors fit the model is checked when it loads
+    (:func:`load_adapter`).
+
+    Raises:
+        AdapterNotFoundError: the directory or one of its files does not exist.
+        AdapterError: a file is corrupt or incomplete.
+    """
+    meta = read_adapter_config(directory)
+    weights = Path(directory) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise AdapterNotFoundError(
+            f"load_adapter: {weights} not found; the adapter is incomplete — {REEXPORT}"
+        )
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            names = list(f.keys())
+    except (SafetensorError, OSError) as err:
+        raise AdapterError(_corrupt_weights(weights, err)) from None
+    if not names:
+        raise AdapterError(f"{weights}: holds no tensor — {REEXPORT}")
+    return meta
+
+
+def _corrupt_weights(weights: Path, err: BaseException) -> str:
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return (
+        f"{weights}: not a readable safetensors file ({reason}); it is truncated or damaged — "
+        f"{REEXPORT}"
+    )
 
 
 def load_adapter(base_model: torch.nn.Module, directory: str | Path) -> HMoRAModel:
     """Inject the saved adapter into ``base_model`` and load its tensors strictly.
 
     Raises:
-        FileNotFoundError: the directory lacks ``adapter_config.json`` or the weights.
-        ValueError: the adapter was made for a base of another shape, or a tensor is missing,
-            extra or mis-shaped.
+        AdapterNotFoundError: the directory lacks ``adapter_config.json`` or the weights (a
+            ``FileNotFoundError``).
+        AdapterError: a file is corrupt, the adapter was made for a base of another shape, or
+            a tensor is missing, extra or mis-shaped (a ``ValueError``; one line naming the
+            file or tensor and what to do).
     """
     directory = Path(directory)
-    meta = read_adapter_config(directory)
+    meta = check_adapter(directory)
     config = HMoRAConfig.from_dict(meta["config"])
     expected_fp = meta["base_model"]["fingerprint"]
     weights = directory / WEIGHTS_NAME
-    if not weights.is_file():
-        raise FileNotFoundError(f"load_adapter: {weights} not found")
     # Compare shapes before touching the base: a refused adapter leaves it unmodified.
     actual_fp = base_fingerprint(base_model)
     diff = {k: (v, actual_fp.get(k)) for k, v in expected_fp.items() if actual_fp.get(k) != v}
     if diff:
         details = ", ".join(f"{k} {a} (adapter) vs {b} (base)" for k, (a, b) in diff.items())
-        raise ValueError(
-            f"load_adapter: {directory} was made for base {meta['base_model']['name_or_path']!r} "
-            f"of another shape: {details}"
+        raise AdapterError(
+            f"load_adapter: {directory} was made for base "
+            f"{meta['base_model'].get('name_or_path')!r} of another shape: {details}; load it "
+            "onto that base model"
         )
     # e_task is overwritten by the saved tensor; the token id only seeds its initial value.
     task_token_id = meta.get("task_token_id")
     model = HMoRAModel(base_model, config, task_token_id=task_token_id or 0)
-    tensors = load_file(str(weights))
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise AdapterError(_corrupt_weights(weights, err)) from None
     params = adapter_parameters(model)
     missing = sorted(set(params) - set(tensors))
     extra = sorted(set(tensors) - set(params))
     if missing or extra:
-        raise ValueError(
-            f"load_adapter: {weights} does not match the model: "
+        raise AdapterError(
+            f"load_adapter: {weights} does not match the model its {CONFIG_NAME} describes: "
             f"{len(missing)} missing (e.g. {missing[:3]}), "
-            f"{len(extra)} unexpected (e.g. {extra[:3]})"
+            f"{len(extra)} unexpected (e.g. {extra[:3]}); the two files come from different "
+            f"adapters — {REEXPORT}"
         )
     for name, param in params.items():
         shape = tuple(getattr(param, "ds_shape", param.shape))
         if name.endswith("alpha_logit") and tensors[name].dim() == 0 and shape == (1,):
             tensors[name] = tensors[name].reshape(1)  # a learnable α saved before it was (1,)
         if tuple(tensors[name].shape) != shape:
-            raise ValueError(
+            raise AdapterError(
                 f"load_adapter: tensor {name} has shape {tuple(tensors[name].shape)} in {weights}, "
-                f"the model expects {shape}"
+                f"the model its {CONFIG_NAME} describes expects {shape}; the two files come from "
+                f"different adapters — {REEXPORT}"
             )
     with torch.no_grad():
         for name, param in params.items():

@@ -15,6 +15,8 @@ import contextvars
 import dataclasses
 import json
 import math
+import types
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -82,27 +84,155 @@ def check_sections(*checks: Any) -> None:
                     raise
 
 
-def coerce_numbers(obj: Any, section: str) -> None:
-    """Turn numeric strings into the field's number type, in place.
+#: Spellings of a boolean setting. YAML already reads true/false, yes/no and on/off (any case)
+#: as booleans; 1 / 0 and those words given as strings (JSON, Python dicts) are accepted too.
+#: Anything else (``gradient_checkpointing=abc``, ``2``) is an error, never "truthy".
+BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True,
+              "false": False, "no": False, "off": False, "0": False}  # fmt: skip
 
-    YAML 1.1 reads ``5e-3`` (no dot) as a string; users write it anyway.
-    """
-    for f in fields(obj):
-        value, kind = getattr(obj, f.name), str(f.type)
-        if isinstance(value, float) and math.isnan(value):
-            _fail(f"{section}.{f.name}", "is NaN")
+_HINTS: dict[type, dict[str, Any]] = {}
+_PLURAL = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    """The resolved annotations of a dataclass (``{}`` when they cannot be resolved)."""
+    if cls not in _HINTS:
+        try:
+            _HINTS[cls] = typing.get_type_hints(cls)
+        except Exception:  # a plugin's annotation that does not resolve: left unchecked
+            _HINTS[cls] = {}
+    return _HINTS[cls]
+
+
+def describe_type(tp: Any) -> str:
+    """What a declared field type accepts, in words (for error messages)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        words = " or ".join(describe_type(a) for a in rest)
+        return words + " or null" if len(rest) < len(args) else words
+    if origin in (list, tuple):
+        if origin is tuple and args and args[-1] is not Ellipsis:  # fixed length
+            kinds = {_PLURAL.get(a, describe_type(a)) for a in args}
+            return f"a list of {len(args)} {kinds.pop() if len(kinds) == 1 else 'values'}"
+        return f"a list of {_PLURAL.get(args[0], 'values')}" if args else "a list"
+    if origin is dict or tp is dict:
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any) -> tuple[bool, Any]:
+    """``(ok, value converted to tp)`` for a declared field type (see :func:`check_types`)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any or (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+        return True, value
+    if origin is Literal:
+        return value in args, value
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return type(None) in args, None
+        for arg in args:
+            if arg is not type(None):
+                ok, converted = _convert(value, arg)
+                if ok:
+                    return True, converted
+        return False, value
+    if tp is bool:
         if isinstance(value, bool):
+            return True, value
+        key = str(value).strip().lower() if isinstance(value, (str, int)) else None
+        return (True, BOOL_WORDS[key]) if key in BOOL_WORDS else (False, value)
+    if isinstance(value, bool):  # a boolean is never a number or a string here
+        return False, value
+    if tp is int:
+        if isinstance(value, int):
+            return True, value
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                return False, value
+        if isinstance(number, float) and math.isfinite(number) and number.is_integer():
+            return True, int(number)
+        return False, value
+    if tp is float:
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        if isinstance(value, str):
+            try:
+                return True, float(value.strip())
+            except ValueError:
+                return False, value
+        return False, value
+    if tp is str:
+        if isinstance(value, str):
+            return True, value
+        return (True, str(value)) if isinstance(value, (int, float)) else (False, value)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                return False, value
+            items = list(zip(value, args, strict=True))
+        else:
+            items = [(v, args[0] if args else Any) for v in value]
+        converted = [_convert(v, a) for v, a in items]
+        if not all(ok for ok, _ in converted):
+            return False, value
+        return True, origin(v for _, v in converted)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict), value
+    return True, value  # a type this check does not know: the section's own checks decide
+
+
+def check_types(obj: Any, section: str) -> None:
+    """Check every field of a config dataclass against its declared type, in place.
+
+    Generic, from the dataclass annotations: a value of another type is reported as
+    ``<section>.<field>: must be <what the type accepts>, got <value>`` (collected, see
+    :func:`collect_errors`), and a convertible one is converted: numeric strings to numbers
+    (YAML 1.1 reads ``5e-3`` as a string), an integral float to an integer, a list to a tuple,
+    a number to a string, the spellings of :data:`BOOL_WORDS` to booleans. A NaN is refused
+    everywhere. Nested sections (dataclass-typed fields) are checked by their own section.
+    """
+    hints = _field_types(type(obj))
+    for f in fields(obj):
+        name = f"{section}.{f.name}" if section else f.name
+        value = getattr(obj, f.name)
+        if isinstance(value, float) and math.isnan(value):
+            _fail(name, "is NaN")
             continue
-        if kind.startswith("float") and isinstance(value, (int, str)):
-            try:
-                setattr(obj, f.name, float(value))
-            except ValueError:
-                _fail(f"{section}.{f.name}", f"must be a number, got {value!r}")
-        elif kind.startswith("int") and isinstance(value, str):
-            try:
-                setattr(obj, f.name, int(value))
-            except ValueError:
-                _fail(f"{section}.{f.name}", f"must be an integer, got {value!r}")
+        tp = hints.get(f.name, Any)
+        ok, converted = _convert(value, tp)
+        if not ok:
+            example = ""
+            if typing.get_origin(tp) in (list, tuple):  # the default as an example (YAML)
+                if f.default is not dataclasses.MISSING:
+                    example = f" such as {json.dumps(list(f.default))}"
+                elif f.default_factory is not dataclasses.MISSING and f.default_factory():
+                    example = f" such as {json.dumps(list(f.default_factory()))}"
+            got = list(value) if isinstance(value, tuple) else value
+            _fail(name, f"must be {describe_type(tp)}{example}, got {got!r}")
+        elif isinstance(converted, float) and math.isnan(converted):
+            _fail(name, "is NaN")
+        elif converted is not value:
+            setattr(obj, f.name, converted)
+
+
+#: The former name of :func:`check_types` (it only converted numbers).
+coerce_numbers = check_types
 
 
 def _check_prob(name: str, value: float) -> None:
@@ -157,12 +287,14 @@ class AdapterConfig:
             names = getattr(self, key)
             if isinstance(names, str) or not isinstance(names, list):
                 _fail(f"adapter.{key}", f"must be a list of layer names, got {names!r}")
+                continue
             unknown = [t for t in names if t not in TARGETS]
             if unknown:
                 _fail(f"adapter.{key}", f"unknown layer(s) {unknown}; choose from {list(TARGETS)}")
             if len(set(names)) != len(names):
                 _fail(f"adapter.{key}", f"lists a layer twice: {names}")
-        outside = [t for t in self.single_lora_layers if t not in self.targets]
+        lists = isinstance(self.targets, list) and isinstance(self.single_lora_layers, list)
+        outside = [t for t in self.single_lora_layers if t not in self.targets] if lists else []
         if outside:
             _fail(
                 "adapter.single_lora_layers",
@@ -352,6 +484,7 @@ class HMoRAConfig:
         )  # fmt: skip
 
     def _validate_own(self) -> None:
+        check_types(self, "")
         if not isinstance(self.method, str) or not self.method:
             _fail("method", f"must name a registered method, got {self.method!r}")
         if not isinstance(self.options, dict):

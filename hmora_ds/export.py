@@ -12,13 +12,12 @@ result loads with :func:`hmora_ds.load_adapter`.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import re
 import sys
 from pathlib import Path
 
-from hmora_ds.adapter_io import write_adapter
+from hmora_ds.adapter_io import read_adapter_meta, write_adapter
 from hmora_ds.train.checkpoint import find_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -54,7 +53,7 @@ def export_adapter(checkpoint: str | Path, out: str | Path) -> Path:
     meta_file = ckpt_dir / tag / "adapter_meta.json"
     if not meta_file.is_file():
         raise ValueError(f"export: {meta_file} missing (not an hmora-ds checkpoint?)")
-    meta = json.loads(meta_file.read_text())
+    meta = read_adapter_meta(meta_file, "the checkpoint is damaged; export another one")
     if list((ckpt_dir / tag).glob(EXPERT_FILES)):
         tensors = _expert_parallel_tensors(ckpt_dir / tag)
     else:

@@ -86,8 +86,11 @@ def test_adapter_for_another_base_is_refused(saved):
 
 
 def test_missing_files_are_clear(tmp_path, saved):
-    with pytest.raises(FileNotFoundError, match=r"adapter_config\.json not found"):
+    with pytest.raises(FileNotFoundError, match=r"adapter directory \S+nowhere does not exist"):
         load_adapter(tiny_base("llama"), tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"adapter_config\.json not found"):
+        load_adapter(tiny_base("llama"), tmp_path / "empty")
     _, path = saved
     (path / "adapter_model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"adapter_model\.safetensors not found"):

@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def check_adapter(path: str | Path) -> Path:
     """The adapter directory, checked before anything slow runs."""
-    from hmora_ds.adapter_io import read_adapter_config
+    from hmora_ds.adapter_io import check_adapter as check_adapter_files
     from hmora_ds.analysis.collect import AnalysisError
 
     adapter = Path(path)
@@ -104,7 +104,7 @@ def check_adapter(path: str | Path) -> Path:
             "(e.g. runs/default/adapter_best after `make train`)"
         )
     try:
-        read_adapter_config(adapter)
+        check_adapter_files(adapter)
     except (FileNotFoundError, ValueError) as err:
         raise AnalysisError(f"--adapter: {err}") from None
     return adapter
@@ -129,10 +129,14 @@ def _load_base(model: str, dtype: torch.dtype) -> tuple[Any, Any, str]:
     from hmora_ds.analysis.collect import AnalysisError
     from hmora_ds.runtime.loading import load_base_model, load_tokenizer, resolve_checkpoint
 
-    ckpt = resolve_checkpoint(model)
+    ckpt = resolve_checkpoint(model, option="--model")
     try:
-        return load_tokenizer(ckpt), load_base_model(ckpt, dtype), ckpt
-    except OSError as err:
+        return (
+            load_tokenizer(ckpt, option="--model"),
+            load_base_model(ckpt, dtype, option="--model"),
+            ckpt,
+        )
+    except OSError as err:  # anything from_pretrained raises past ModelSourceError
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise AnalysisError(
             f"--model: cannot load {model!r} ({first}); give an HF name or directory, or "
@@ -167,6 +171,9 @@ def run_routing(args: argparse.Namespace) -> dict[str, Any]:
 
         raise AnalysisError("--batch-size / --max-input-tokens: must be positive")
     check_adapter(args.adapter)
+    from hmora_ds.runtime.loading import check_model_source
+
+    check_model_source(args.model, option="--model")  # before the examples load
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     examples = _examples(args, args.seed)
     tokenizer, model, _ = _load_model(args, device)

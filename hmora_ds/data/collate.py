@@ -106,7 +106,13 @@ class ChatEncoder:
         template_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("the tokenizer has no chat_template; the collator needs one")
+            name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+            raise ValueError(
+                f"the tokenizer {name!r} has no chat_template, and every prompt is built with "
+                "one; use a tokenizer that has one (model.tokenizer=<hub name or dir> in a run "
+                "config, --tokenizer for launchers/eval.py), e.g. the instruct model's, or add "
+                "a chat_template.jinja to its directory"
+            )
         self.tokenizer = tokenizer
         self.config = config or EncodeConfig()
         self.template_kwargs = dict(
@@ -130,6 +136,25 @@ class ChatEncoder:
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def wrapper_tokens(self) -> int:
+        """Tokens of the generation prompt of an empty source: the chat template's own share of
+        every prompt (a ``max_input_tokens`` at or below it leaves no room for any source)."""
+        return len(self.prompt_tokens("")[0])
+
+    def check_room(self, setting: str) -> None:
+        """Refuse a ``max_input_tokens`` that the chat template alone fills (every record
+        would be skipped); ``setting`` is how the user gave the limit.
+
+        Raises:
+            ValueError: one line naming ``setting`` and the smallest value that leaves room.
+        """
+        wrapper, limit = self.wrapper_tokens(), self.config.max_input_tokens
+        if wrapper >= limit:
+            raise ValueError(
+                f"{setting}: {limit} leaves no room for a prompt: the chat template alone is "
+                f"{wrapper} tokens; set it above {wrapper} (the paper: 1024)"
+            )
 
     def _wrapper(self) -> tuple[str, str]:
         """The template's text before and after the source of a generation prompt."""

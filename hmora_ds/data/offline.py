@@ -13,7 +13,6 @@ dropped and counted in the manifest.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import json
 import logging
@@ -142,10 +141,19 @@ def read_docs(path: Path) -> Iterator[tuple[int, dict]]:
 
 @dataclass
 class BlockList:
-    """Identifiers of a task's evaluation documents (never to be trained on)."""
+    """Identifiers of a task's evaluation documents (never to be trained on).
+
+    Attributes:
+        ids: native ids of the evaluation documents.
+        texts: their normalised key texts.
+        unkeyed: evaluation documents whose key text could not be built (a variant in another
+            document format): they block by id only. Counted, logged and in the manifest
+            (``eval_blocklist.unkeyed``), never silently dropped.
+    """
 
     ids: set[str] = field(default_factory=set)
     texts: set[str] = field(default_factory=set)
+    unkeyed: int = 0
 
     def blocks(self, doc_uid: str | None, key_text: str) -> bool:
         """Whether a training document matches an evaluation document."""
@@ -163,8 +171,10 @@ def eval_blocklist(olmo: Path, task: OfflineTask, splits: dict[str, list[Path]])
                 if task.id_field and doc.get(task.id_field) is not None:
                     bl.ids.add(str(doc[task.id_field]))
                 # A variant in another document format still contributes its ids.
-                with contextlib.suppress(KeyError, IndexError, TypeError, ValueError):
+                try:
                     bl.texts.add(norm_text(task.key(task.to_example(doc))))
+                except (KeyError, IndexError, TypeError, ValueError):
+                    bl.unkeyed += 1
     if task.hf_validation:
         for row in _read_hf_arrow(olmo / "hf_datasets" / task.hf_validation):
             if task.hf_id_field and row.get(task.hf_id_field) is not None:
@@ -172,6 +182,13 @@ def eval_blocklist(olmo: Path, task: OfflineTask, splits: dict[str, list[Path]])
             if task.hf_key:
                 bl.texts.add(norm_text(task.hf_key(row)))
     bl.texts.discard("")
+    if bl.unkeyed:
+        logger.warning(
+            "%s: %d evaluation documents have no readable key text and block by id only "
+            "(counted in the manifest as eval_blocklist.unkeyed)",
+            task.name,
+            bl.unkeyed,
+        )
     return bl
 
 
@@ -243,7 +260,11 @@ def build_task(
     entry = {
         "train_documents": n_train,
         "blocked_as_eval_documents": leaked,
-        "eval_blocklist": {"ids": len(block.ids), "texts": len(block.texts)},
+        "eval_blocklist": {
+            "ids": len(block.ids),
+            "texts": len(block.texts),
+            "unkeyed": block.unkeyed,
+        },
         "records": len(records),
         "skipped": dict(skipped),
         "templates": dict(sorted(used.items())),
@@ -303,6 +324,9 @@ def build_offline(cfg: OfflineConfig) -> dict[str, Any]:
         "num_samples": len(all_records),
         "counts_by_source": {TASK_SOURCE: len(all_records)},
         "counts_by_task": {n: e["records"] for n, e in per_task.items()},
+        # Evaluation documents that block by id only (no readable key text): 0 when every
+        # non-train variant could be read; per task in tasks.<name>.eval_blocklist.unkeyed.
+        "eval_documents_unkeyed": sum(e["eval_blocklist"]["unkeyed"] for e in per_task.values()),
         "held_out_tasks": sorted(set(TASKS) - set(cfg.tasks)),
         "tasks": per_task,
         "data_file": DATA_FILE,

@@ -84,8 +84,20 @@ def load_model(args: argparse.Namespace, info: Any, rank0_first) -> tuple[Any, A
         torch_dtype,
     )
 
-    ckpt = rank0_first(lambda: resolve_checkpoint(args.model, args.gguf_file))
-    tokenizer = load_tokenizer(ckpt, args.tokenizer)
+    ckpt = rank0_first(
+        lambda: resolve_checkpoint(
+            args.model, args.gguf_file, option="--model", gguf_option="--gguf-file"
+        )
+    )
+    tokenizer = load_tokenizer(
+        ckpt, args.tokenizer, option="--model", tokenizer_option="--tokenizer"
+    )
+    from hmora_ds.data import ChatEncoder, EncodeConfig
+
+    # The chat template and the prompt limit, before the base model loads.
+    ChatEncoder(tokenizer, EncodeConfig(max_input_tokens=args.max_input_tokens)).check_room(
+        "--max-input-tokens"
+    )
     on_gpu = info.device.type == "cuda"
     dtype = torch_dtype(args.dtype, on_gpu)
     ds_config = None
@@ -95,7 +107,7 @@ def load_model(args: argparse.Namespace, info: Any, rank0_first) -> tuple[Any, A
     if args.adapter:
         meta["adapter"] = str(args.adapter)
         meta["adapter_base"] = read_adapter_config(args.adapter)["base_model"].get("name_or_path")
-    base = load_base_model(ckpt, dtype, args.attn_implementation, ds_config)
+    base = load_base_model(ckpt, dtype, args.attn_implementation, ds_config, option="--model")
     model = load_adapter(base, args.adapter) if args.adapter else base
     if ds_config is not None:
         import deepspeed
@@ -107,8 +119,46 @@ def load_model(args: argparse.Namespace, info: Any, rank0_first) -> tuple[Any, A
     return tokenizer, model, meta
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every check that needs no model, before the process group starts or anything loads:
+    the numbers, the benchmark names, the adapter's two files, that the model can be found.
+
+    Raises:
+        ValueError: one line naming the option and the fix.
+    """
+    from hmora_ds.adapter_io import AdapterError, check_adapter
+    from hmora_ds.eval.benchmarks import parse_benchmarks
+    from hmora_ds.runtime.loading import check_model_source
+
+    for option, value, least in (
+        ("--max-questions", args.max_questions, 1),
+        ("--batch-size", args.batch_size, 1),
+        ("--max-input-tokens", args.max_input_tokens, 1),
+        ("--shots", args.shots, 0),
+    ):
+        if value is not None and value < least:
+            raise EvalError(f"{option}: must be >= {least}, got {value}")
+    try:
+        parse_benchmarks([args.benchmarks])
+    except EvalError as err:
+        raise EvalError(f"--benchmarks: {err}") from None
+    if args.source == "local" and args.local_dir is None:
+        raise EvalError("--local-dir: is required with --source local (<dir>/<benchmark>/…)")
+    if args.adapter:
+        try:
+            check_adapter(args.adapter)
+        except AdapterError as err:
+            raise type(err)(f"--adapter: {err}") from None
+    check_model_source(args.model, args.gguf_file, option="--model", gguf_option="--gguf-file")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     from hmora_ds import assets
     from hmora_ds.runtime.dist import init_distributed, setup_logging
 

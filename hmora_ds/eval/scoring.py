@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 MODES = ("letter", "loglik")
 NORMS = ("chars", "tokens", "none")
+#: The prompt limit as the user sets it: in a run config and on the eval command line.
+MAX_INPUT_TOKENS = "data.max_input_tokens (launchers/eval.py: --max-input-tokens)"
 
 
 @dataclass
@@ -109,6 +111,10 @@ class Scorer:
         self.encoder = ChatEncoder(
             tokenizer, EncodeConfig(max_input_tokens=self.config.max_input_tokens)
         )
+        try:  # fail now, not at the first question of the first evaluation
+            self.encoder.check_room(MAX_INPUT_TOKENS)
+        except ValueError as err:
+            raise EvalError(str(err)) from None
         self.collator = DataCollator.from_tokenizer(tokenizer, padding_side="left")
         self.letter_ids = letter_token_ids(tokenizer) if self.config.mode == "letter" else []
 
@@ -116,7 +122,10 @@ class Scorer:
     def _prompt(self, source: str, qid: str) -> dict[str, Any]:
         feat = self.encoder.encode_generation_prompt(source)
         if feat is None:
-            raise EvalError(f"question {qid!r}: the prompt does not fit max_input_tokens")
+            raise EvalError(
+                f"question {qid!r}: its prompt does not fit {MAX_INPUT_TOKENS}="
+                f"{self.config.max_input_tokens} even with its text cut; raise it"
+            )
         return feat
 
     def _option_ids(self, option: str) -> list[int]:

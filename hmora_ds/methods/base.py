@@ -42,6 +42,7 @@ from hmora_ds.config import (
     HMoRAConfig,
     _fail,
     check_sections,
+    check_types,
     load_config,
 )
 from hmora_ds.routing.context import RoutingRecord
@@ -200,7 +201,9 @@ class Method:
             _fail(
                 f"options.{unknown[0]}", f"unknown for method {self.name}; valid: {sorted(valid)}"
             )
-        return self.options_class(**values)
+        options = self.options_class(**values)
+        check_types(options, "options")  # typed like every config section
+        return options
 
     def validate(self) -> None:
         """Method-specific checks of the config (one-line ValueError naming the field)."""

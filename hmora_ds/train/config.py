@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from hmora_ds.config import (
     _fail,
     apply_overrides,
     check_sections,
-    coerce_numbers,
+    check_types,
     load_config,
     parse_override,
 )
@@ -52,7 +53,7 @@ class ModelConfig:
     adapter: str | None = None
 
     def validate(self) -> None:
-        coerce_numbers(self, "model")
+        check_types(self, "model")
         if not self.name_or_path:
             _fail("model.name_or_path", "is empty; give an HF name, a directory or a GGUF file")
         if self.dtype not in ("auto", "float32", "bfloat16"):
@@ -92,15 +93,18 @@ class DataConfig:
     offline_per_task: int | None = 2000
 
     def validate(self) -> None:
-        coerce_numbers(self, "data")
+        check_types(self, "data")
         if self.kind not in ("offline", "flan", "local"):
             _fail("data.kind", f"must be offline, flan or local, got {self.kind!r}")
         if self.kind in ("flan", "local") and not self.path:
             _fail("data.path", f"is required with data.kind={self.kind}")
         if not 0.0 <= self.val_fraction < 0.5:
             _fail("data.val_fraction", f"must lie in [0, 0.5), got {self.val_fraction}")
-        if self.max_input_tokens < 1 or self.max_output_tokens < 1:
-            _fail("data.max_input_tokens", "and data.max_output_tokens must be >= 1")
+        for name in ("max_input_tokens", "max_output_tokens", "max_records", "offline_per_task"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                none = " or null (all)" if name in ("max_records", "offline_per_task") else ""
+                _fail(f"data.{name}", f"must be a positive integer{none}, got {value}")
 
 
 @dataclass
@@ -158,7 +162,7 @@ class TrainConfig:
     router_stats_every: int = 50
 
     def validate(self) -> None:
-        coerce_numbers(self, "train")
+        check_types(self, "train")
         for name in (
             "micro_batch_size",
             "grad_accum",
@@ -169,8 +173,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 _fail(f"train.{name}", f"must be a positive integer, got {value!r}")
-        if self.lr <= 0:
-            _fail("train.lr", f"must be > 0, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            _fail("train.lr", f"must be > 0 and finite, got {self.lr}")
         if not 0 < self.router_lr_mult < float("inf"):
             _fail(
                 "train.router_lr_mult",
@@ -184,6 +188,12 @@ class TrainConfig:
             _fail("train.precision", f"must be auto, fp32 or bf16, got {self.precision!r}")
         if self.grad_clip < 0:
             _fail("train.grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
+        if not 0 <= self.weight_decay < math.inf:
+            _fail("train.weight_decay", f"must be >= 0 and finite, got {self.weight_decay}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            _fail("train.min_lr_ratio", f"must lie in [0, 1], got {self.min_lr_ratio}")
+        if not all(0 <= b < 1 for b in self.adam_betas):
+            _fail("train.adam_betas", f"each beta must lie in [0, 1), got {list(self.adam_betas)}")
         if self.max_nonfinite_steps < 1:
             _fail("train.max_nonfinite_steps", f"must be >= 1, got {self.max_nonfinite_steps}")
 
@@ -225,13 +235,30 @@ class EvalConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        coerce_numbers(self, "eval")
-        if self.every < 1:
-            _fail("eval.every", f"must be >= 1, got {self.every}")
-        if self.patience < 1:
-            _fail("eval.patience", f"must be >= 1, got {self.patience}")
+        from hmora_ds.eval.benchmarks import SOURCES, EvalError, parse_benchmarks
+
+        check_types(self, "eval")
+        for name in ("every", "patience", "batch_size", "max_batches", "max_questions"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                none = " or null (all)" if name in ("max_batches", "max_questions") else ""
+                _fail(f"eval.{name}", f"must be a positive integer{none}, got {value}")
+        if self.shots < 0:
+            _fail("eval.shots", f"must be >= 0 (0 = zero-shot), got {self.shots}")
         if self.kind not in ("loss", "benchmarks"):
             _fail("eval.kind", f"must be 'loss' or 'benchmarks', got {self.kind!r}")
+        # The benchmark settings are checked whatever the kind: a typo fails now, not after
+        # the model has loaded (the benchmark evaluator is built last).
+        try:
+            parse_benchmarks(self.benchmarks)
+        except EvalError as err:
+            _fail("eval.benchmarks", str(err))
+        if self.source not in SOURCES:
+            _fail("eval.source", f"must be one of {', '.join(SOURCES)}, got {self.source!r}")
+        if self.mode not in ("letter", "loglik"):
+            _fail("eval.mode", f"must be letter or loglik, got {self.mode!r}")
+        if self.kind == "benchmarks" and self.source == "local" and not self.local_dir:
+            _fail("eval.local_dir", "is required with eval.source=local (<dir>/<benchmark>/…)")
 
 
 @dataclass
@@ -246,7 +273,7 @@ class ParallelConfig:
     ep_size: int = 1
 
     def validate(self) -> None:
-        coerce_numbers(self, "parallel")
+        check_types(self, "parallel")
         if not isinstance(self.ep_size, int) or self.ep_size < 1:
             _fail("parallel.ep_size", f"must be a positive integer, got {self.ep_size!r}")
 
@@ -264,11 +291,11 @@ class CheckpointConfig:
     keep_last: int = 2
 
     def validate(self) -> None:
-        coerce_numbers(self, "checkpoint")
+        check_types(self, "checkpoint")
         if self.every < 1:
-            _fail("checkpoint.every", f"must be >= 1, got {self.every}")
+            _fail("checkpoint.every", f"must be a positive integer, got {self.every}")
         if self.keep_last < 1:
-            _fail("checkpoint.keep_last", f"must be >= 1, got {self.keep_last}")
+            _fail("checkpoint.keep_last", f"must be a positive integer, got {self.keep_last}")
 
 
 @dataclass
@@ -312,7 +339,9 @@ class RunConfig:
             self.train.adam_betas = tuple(self.train.adam_betas)
         parts = (self.model, self.data, self.train, self.eval, self.checkpoint, self.parallel)
         # Every bad key of every section in one error; then preset + method overrides.
-        check_sections(*(part.validate for part in parts), self.hmora_config)
+        check_sections(
+            lambda: check_types(self, ""), *(part.validate for part in parts), self.hmora_config
+        )
 
     def hmora_config(self) -> HMoRAConfig:
         """The resolved method config: the preset with ``method`` overrides applied, checked by

@@ -92,13 +92,22 @@ def build_run_data(run: RunConfig, tokenizer: Any, rank: int, world_size: int) -
     encoder = ChatEncoder(
         tokenizer, EncodeConfig(run.data.max_input_tokens, run.data.max_output_tokens)
     )
+    encoder.check_room("data.max_input_tokens")  # else every record is skipped, one by one
     progress = None if rank == 0 else False  # None: a bar when stderr is a terminal
     train = encode_records(train_recs, encoder, progress=progress)
     val = encode_records(val_recs, encoder, progress=False) if val_recs else None
     if len(train) < run.train.micro_batch_size * world_size:
+        st = train.stats
+        why = (
+            f" ({st.skipped_prompt_too_long} skipped: prompt longer than data.max_input_tokens="
+            f"{run.data.max_input_tokens}; {st.skipped_empty_target} with an empty target)"
+            if st.skipped_prompt_too_long or st.skipped_empty_target
+            else ""
+        )
         raise ValueError(
-            f"data: {len(train)} usable training records cannot fill one global micro-batch "
-            f"of {run.train.micro_batch_size} x {world_size} ranks"
+            f"data: {len(train)} usable training records{why} cannot fill one global "
+            f"micro-batch of train.micro_batch_size={run.train.micro_batch_size} x "
+            f"{world_size} ranks"
         )
     sampler = LengthGroupedSampler(
         train.lengths,

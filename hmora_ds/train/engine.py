@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hmora_ds.adapter_io import load_adapter, read_adapter_config
+from hmora_ds.adapter_io import AdapterError, check_adapter, load_adapter
 from hmora_ds.config import HMoRAConfig
 from hmora_ds.model import HMoRAModel
 from hmora_ds.optim import lora_plus_param_groups
@@ -70,7 +70,11 @@ def resolve_method(run: RunConfig) -> HMoRAConfig:
     The run's own is built (and validated) either way."""
     method = run.hmora_config()
     if run.model.adapter:  # the adapter's own method config wins
-        method = HMoRAConfig.from_dict(read_adapter_config(run.model.adapter)["config"])
+        try:  # both files checked now, before anything is loaded
+            meta = check_adapter(run.model.adapter)
+        except AdapterError as err:
+            raise type(err)(f"model.adapter: {err}") from None
+        method = HMoRAConfig.from_dict(meta["config"])
     return method
 
 
