@@ -164,8 +164,10 @@ class Trainer:
         self._batches = self.data.batches()
         self._started = time.time()
         self.engine.train()
-        stop_reason, _ = run_loop(self.state, self.cadence, self)
-        self._sinks.close_bar()
+        try:
+            stop_reason, _ = run_loop(self.state, self.cadence, self)
+        finally:  # an error (a failed save) is then printed on a line of its own
+            self._sinks.close_bar()
         return self._finish(stop_reason)
 
     def _elapsed(self) -> float:
