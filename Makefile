@@ -53,13 +53,17 @@ format: $(STAMP)
 TRAIN_CONFIG ?= configs/default.yaml
 TRAIN_ARGS ?=
 TRAIN_OUT ?= runs/default
+# A second `make train` continues the run in TRAIN_OUT (a finished run is reported as such, left
+# unchanged, and evaluated again); `make train TRAIN_RESUME=--overwrite` starts it over.
+TRAIN_RESUME ?= --resume auto
 EVAL_BENCHMARKS ?= arc-c,arc-e,obqa,csqa
 EVAL_QUESTIONS ?= 100
 train: $(STAMP)
 	DS_ACCELERATOR=cpu $(PY) -m hmora_ds.train.prepare --config $(TRAIN_CONFIG) $(TRAIN_ARGS)
 	DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES= $(VENV)/bin/deepspeed --num_gpus 2 \
 		--master_port $$($(PY) -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])') \
-		launchers/train.py --deepspeed ds_configs/zero2.json --config $(TRAIN_CONFIG) $(TRAIN_ARGS)
+		launchers/train.py --deepspeed ds_configs/zero2.json --config $(TRAIN_CONFIG) $(TRAIN_RESUME) \
+		$(TRAIN_ARGS)
 	@# What fine-tuning changed: the base model and the best adapter on the same validation
 	@# questions of the benchmarks whose *train* splits are in the offline mixture. Option
 	@# log-likelihood scoring: the mixture's targets are option texts, not letters. The adapter

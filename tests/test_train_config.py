@@ -1,6 +1,5 @@
 """Run config, DeepSpeed config filling, lr schedules and checkpoint bookkeeping (no ranks)."""
 
-import json
 import math
 from pathlib import Path
 
@@ -123,13 +122,14 @@ def _fake_ckpt(root: Path, step: int, complete: bool = True) -> None:
     d = root / ckpt.tag_for(step)
     d.mkdir(parents=True)
     if complete:
-        (d / ckpt.COMPLETE).write_text(json.dumps({"step": step}))
+        ckpt.write_manifest(d, step)
 
 
 def test_prune_keeps_newest_and_protected(tmp_path):
     for s in (1, 2, 3, 4):
         _fake_ckpt(tmp_path, s)
-    _fake_ckpt(tmp_path, 5, complete=False)  # a save in progress (or killed): left alone
+    _fake_ckpt(tmp_path, 5, complete=False)  # an older layout's save in progress: left alone
+    (tmp_path / f"{ckpt.TMP_PREFIX}step00000006").mkdir()  # a killed save: removed
     ckpt.prune(tmp_path, keep_last=2, protect={ckpt.tag_for(1)})
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == ["step00000001", "step00000003", "step00000004", "step00000005"]
@@ -137,12 +137,12 @@ def test_prune_keeps_newest_and_protected(tmp_path):
 
 def test_find_checkpoint(tmp_path):
     _fake_ckpt(tmp_path / "checkpoints", 3)
-    (tmp_path / "checkpoints" / ckpt.LATEST).write_text("step00000003")
     assert ckpt.find_checkpoint(tmp_path) == (tmp_path / "checkpoints", "step00000003")
     assert ckpt.find_checkpoint(tmp_path / "checkpoints" / "step00000003")[1] == "step00000003"
     _fake_ckpt(tmp_path / "checkpoints", 4, complete=False)
+    # The newest *complete* checkpoint, whatever `latest` says (or without one).
+    assert ckpt.find_checkpoint(tmp_path / "checkpoints")[1] == "step00000003"
     with pytest.raises(ValueError, match="not a complete checkpoint"):
-        (tmp_path / "checkpoints" / ckpt.LATEST).write_text("step00000004")
-        ckpt.find_checkpoint(tmp_path / "checkpoints")
+        ckpt.find_checkpoint(tmp_path / "checkpoints" / "step00000004")
     with pytest.raises(ValueError, match="no complete checkpoint"):
         ckpt.find_checkpoint(tmp_path / "elsewhere")

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hmora_ds.train.checkpoint import safe_load
 from tests._train_helpers import NO_DROPOUT, launch, overrides, summary
 
 pytestmark = pytest.mark.slow
@@ -130,9 +131,9 @@ def test_outputs_tensorboard_and_router_statistics(layouts):
     assert "step00000006" in kept and len(kept) <= 2
     assert (run / "checkpoints" / "latest").read_text() == "step00000006"
     # Frozen base weights stay out of checkpoints, tied aliases (lm_head.weight) included.
-    states = torch.load(
-        run / "checkpoints" / "step00000006" / "mp_rank_00_model_states.pt", weights_only=False
-    )["module"]
+    states = safe_load(run / "checkpoints" / "step00000006" / "mp_rank_00_model_states.pt")[
+        "module"
+    ]
     adapter = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     assert set(states) == set(adapter)
 
@@ -143,7 +144,8 @@ def test_resume_after_kill_during_save_equals_uninterrupted(tiny_run_inputs, tmp
     ref_out, out = tmp_path / "uninterrupted", tmp_path / "crashed"
     common = ("train.micro_batch_size=2", "train.grad_accum=1", "checkpoint.keep_last=3")
     launch("python", "zero2.json", overrides(root, ref_out, *common))
-    # Killed while saving step 6: DeepSpeed's files are written, the commit is not.
+    # Killed while saving step 6: DeepSpeed's files are written (under a temporary name), the
+    # commit is not.
     launch(
         "python",
         "zero2.json",
@@ -153,16 +155,16 @@ def test_resume_after_kill_during_save_equals_uninterrupted(tiny_run_inputs, tmp
     )
     ckpts = out / "checkpoints"
     assert (ckpts / "latest").read_text() == "step00000003"
-    assert (ckpts / "step00000006").is_dir() and not (
-        ckpts / "step00000006" / "complete.json"
-    ).exists()
+    assert (ckpts / ".tmp-step00000006").is_dir() and not (ckpts / "step00000006").exists()
     launch("python", "zero2.json", [*overrides(root, out, *common), "--resume", "auto"])
+    # The summary covers the whole run: steps 1-3 come from the checkpoint's loop state.
     resumed = summary(out)["history"]
-    assert [h["step"] for h in resumed] == [4, 5, 6]
+    assert [h["step"] for h in resumed] == [1, 2, 3, 4, 5, 6]
     ref = {h["step"]: h["loss"] for h in summary(ref_out)["history"]}
     for h in resumed:
         assert h["loss"] == pytest.approx(ref[h["step"]], rel=1e-6, abs=1e-7), h
-    assert (ckpts / "step00000006" / "complete.json").is_file()
+    assert (ckpts / "step00000006" / "manifest.json").is_file()
+    assert not (ckpts / ".tmp-step00000006").exists()
 
 
 def test_bf16_base_with_bf16_autocast_trains(tiny_run_inputs, tmp_path):
@@ -227,7 +229,7 @@ def test_early_stopping_keeps_the_best(tiny_run_inputs, tmp_path):
     s = summary(out)
     assert s["stop_reason"].startswith("early stopping") and s["steps"] == 3
     assert s["best"]["step"] == 1 and (out / "adapter_best" / "adapter_config.json").is_file()
-    assert (out / "checkpoints" / "step00000001" / "complete.json").is_file()  # best is kept
+    assert (out / "checkpoints" / "step00000001" / "manifest.json").is_file()  # best is kept
 
 
 def test_zero3_offload_without_validation_data(tiny_run_inputs, tmp_path):
@@ -302,7 +304,7 @@ def test_expert_parallel_resume_and_adapter_start(ep_run, tiny_run_inputs, tmp_p
     launch("torchrun", "zero2_ep.json", [*args, "--resume", "auto"])
     ref = {h["step"]: h["loss"] for h in summary(ep_run)["history"]}
     resumed = summary(out)["history"]
-    assert [h["step"] for h in resumed] == [4, 5, 6]
+    assert [h["step"] for h in resumed] == [1, 2, 3, 4, 5, 6]
     for h in resumed:
         assert h["loss"] == pytest.approx(ref[h["step"]], rel=1e-6, abs=1e-7), h
     # An exported (EP = 1 layout) adapter starts an EP = 2 run: with a zero lr it comes back out

@@ -3,6 +3,7 @@ the loop's cadence and the one-transfer read-back of a logging window (CPU, mill
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -36,8 +37,12 @@ def test_loop_state_checkpoint_keys_are_unchanged():
     }
     state = LoopState.from_client_state(old)
     assert (state.step, state.best["step"], state.evals_without_improvement) == (6, 3, 1)
-    assert state.history == []  # not checkpointed: a resumed run's history starts afresh
+    assert state.history == []  # such a checkpoint has no loop_state.json with the history
     assert state.client_state(old["sampler"]) == old
+    # loop_state.json: the same keys plus the run's history, tokens and seconds.
+    state.history, state.tokens, state.seconds = [{"step": 1, "loss": 2.0, "lm_loss": 1.5}], 9, 3
+    restored = LoopState.from_json(json.loads(json.dumps(state.to_json(old["sampler"]))))
+    assert restored == state
     assert list(state.client_state({})) == list(old)  # same keys, same order
     assert state.protected_tags() == {"step00000003"}
     assert LoopState().protected_tags() == set()

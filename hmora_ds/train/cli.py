@@ -1,16 +1,21 @@
 """Command line of ``launchers/train.py``.
 
     deepspeed launchers/train.py --deepspeed ds_configs/zero2.json [--config configs/x.yaml]
-        [--resume auto|PATH] [key.sub=value …]
+        [--resume auto|PATH | --overwrite] [key.sub=value …]
 
 ``--local_rank`` (injected by the ``deepspeed`` launcher) is accepted; ``torchrun`` and plain
 ``python`` (one process) work the same way.
+
+Exit status: 0 trained (or the run was already finished), 2 a user error (a bad config, an
+``output_dir`` that is not empty, a checkpoint that fails verification), 1 a checkpoint that
+could not be written (e.g. a full disk), 3 the run diverged. Each error is one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -30,12 +35,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="DeepSpeed JSON (ds_configs/zero2.json, zero3.json, zero3_offload.json)",
     )
     p.add_argument("--config", default=None, help="run config YAML (configs/*.yaml)")
-    p.add_argument("--resume", default=None, help="'auto' (the run's latest) or a checkpoint dir")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument(
+        "--resume",
+        default=None,
+        help="'auto': continue the run in output_dir from its newest checkpoint that "
+        "verifies (a finished run is left as it is; none at all: start fresh); or a "
+        "checkpoint (a run dir, its checkpoints/ dir or a step dir). Without --resume, "
+        "output_dir must be empty or absent",
+    )
+    start.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a non-empty output_dir: first delete the previous run's outputs "
+        "there (checkpoints/, adapter/, adapter_best/, tensorboard/, summary.json, "
+        "run_config.json, router_stats.jsonl); other files (e.g. evaluations) are kept",
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument(
         "overrides", nargs="*", help="dotted overrides: train.lr=1e-4 method.routing.eps=2"
     )
     return p.parse_args(argv)
+
+
+def _error(message: str, is_main: bool = True) -> None:
+    if is_main:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def _close() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,27 +79,62 @@ def main(argv: list[str] | None = None) -> int:
         run = load_run_config(args.config, args.overrides)
         ds_config = read_ds_config(args.deepspeed)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        _error(str(err))
         return 2
     from hmora_ds.assets import cache_root
     from hmora_ds.runtime.dist import init_distributed, setup_logging
 
     info = init_distributed(str(cache_root()))
     setup_logging(info.rank)
+    from hmora_ds.train.checkpoint import CheckpointWriteError
+    from hmora_ds.train.run_dir import on_rank0, plan_start
     from hmora_ds.train.sinks import format_summary
     from hmora_ds.train.trainer import Trainer
 
+    # Before the model loads: rank 0 decides what the output directory allows (and verifies
+    # the checkpoint to resume); every rank hears the decision, so none waits for another.
     try:
-        trainer = Trainer(run, ds_config, info, resume=args.resume)
+        plan = on_rank0(
+            lambda: plan_start(
+                Path(run.output_dir),
+                args.resume,
+                args.overwrite,
+                run.train.max_steps,
+                run.eval.patience,
+            ),
+            info.rank,
+            info.world_size,
+        )
     except ValueError as err:
-        logger.error("%s", err)
+        _error(str(err), info.is_main)
+        _close()
         return 2
-    summary = trainer.train()
+    if plan.finished:
+        logger.info("%s", plan.finished)
+        _close()
+        return 0
+    try:
+        trainer = Trainer(run, ds_config, info, resume=plan.point)
+    except ValueError as err:
+        _error(str(err))  # every rank: it may be one rank's own problem
+        return 2
+    finished = trainer.already_finished()
+    if finished:
+        logger.info("%s", finished)
+        _close()
+        return 0
+    try:
+        summary = trainer.train()
+    except CheckpointWriteError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        if info.world_size > 1:
+            # Other ranks may wait in a collective of the failed save: end this process now;
+            # the launcher then stops them.
+            sys.stdout.flush()
+            os._exit(1)
+        return 1
     if info.is_main:
         print(format_summary(summary))
-    import torch.distributed as dist
-
-    dist.barrier()
-    dist.destroy_process_group()
+    _close()
     # A run stopped by divergence is a failure for schedulers and scripts.
     return 3 if "non-finite" in summary["stop_reason"] else 0

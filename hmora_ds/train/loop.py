@@ -12,8 +12,10 @@ Stops: ``max_steps``; ``eval.patience`` evaluations in a row without improvement
 ``train.max_nonfinite_steps`` non-finite steps in a row (DeepSpeed skips such an update, its
 grad-norm check, and we count it). Divergence is noticed at the end of the window it happened in.
 
-:class:`LoopState` is what a checkpoint stores of the loop (DeepSpeed's ``client_state``, keys
-``step``, ``sampler``, ``best``, ``evals_without_improvement``, ``nonfinite_in_row``).
+:class:`LoopState` is what a checkpoint stores of the loop: DeepSpeed's ``client_state`` (keys
+``step``, ``sampler``, ``best``, ``evals_without_improvement``, ``nonfinite_in_row``) and, with
+the loss history, tokens and seconds added, the checkpoint's ``loop_state.json``, which a
+resumed run starts from (so its summary covers the whole run).
 """
 
 from __future__ import annotations
@@ -48,8 +50,10 @@ class LoopState:
             None before the first evaluation) and, once set, ``metric``.
         evals_without_improvement: evaluations in a row that did not beat ``best``.
         nonfinite_in_row: non-finite steps in a row (their updates were skipped).
-        history: ``{step, loss, lm_loss}`` of every step this process ran. Not checkpointed:
-            a resumed run's history (and summary.json) starts at the resumed step.
+        history: ``{step, loss, lm_loss}`` of every step of the run (a resumed run restores
+            the steps before its checkpoint from ``loop_state.json``).
+        tokens: attended tokens of the run so far.
+        seconds: training time of the run so far (every session that trained it).
     """
 
     step: int = 0
@@ -57,6 +61,8 @@ class LoopState:
     evals_without_improvement: int = 0
     nonfinite_in_row: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    tokens: float = 0.0
+    seconds: float = 0.0
 
     def client_state(self, sampler_state: dict[str, Any]) -> dict[str, Any]:
         """The checkpoint's ``client_state``: this state plus the data sampler's position."""
@@ -77,6 +83,24 @@ class LoopState:
             evals_without_improvement=int(state["evals_without_improvement"]),
             nonfinite_in_row=int(state["nonfinite_in_row"]),
         )
+
+    def to_json(self, sampler_state: dict[str, Any]) -> dict[str, Any]:
+        """``loop_state.json``: the client state plus history, tokens and seconds."""
+        return {
+            **self.client_state(sampler_state),
+            "history": self.history,
+            "tokens": self.tokens,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LoopState:
+        """Inverse of :meth:`to_json` (the sampler's part is restored by the caller)."""
+        state = cls.from_client_state(data)
+        state.history = [dict(h) for h in data.get("history", [])]
+        state.tokens = float(data.get("tokens", 0.0))
+        state.seconds = float(data.get("seconds", 0.0))
+        return state
 
     def protected_tags(self) -> set[str]:
         """Checkpoints pruning must keep: the best one."""
@@ -151,8 +175,15 @@ class LoopActions(Protocol):
 
 
 def run_loop(state: LoopState, cadence: Cadence, actions: LoopActions) -> tuple[str, float]:
-    """Train from ``state.step`` to a stop; returns (stop reason, tokens seen)."""
+    """Train from ``state.step`` to a stop; returns (stop reason, tokens seen by this call).
+
+    A state that already stopped early (resumed from the checkpoint written before early
+    stopping) trains no further step.
+    """
     stop_reason, tokens_seen = "max_steps", 0.0
+    early_stop = f"early stopping ({cadence.patience} evaluations without gain)"
+    if cadence.evaluates and cadence.patience_exhausted(state):
+        return early_stop, tokens_seen
     # Steps not yet read back from the device: (step, device metrics).
     pending: list[tuple[int, Any]] = []
     window_start = time.time()
@@ -166,6 +197,7 @@ def run_loop(state: LoopState, cadence: Cadence, actions: LoopActions) -> tuple[
             now = time.time()
             diverged, tokens = actions.flush(pending, router, now - window_start)
             tokens_seen += tokens
+            state.tokens += tokens
             pending, window_start = [], now
             if diverged:
                 stop_reason = diverged
@@ -176,11 +208,12 @@ def run_loop(state: LoopState, cadence: Cadence, actions: LoopActions) -> tuple[
         if stop or new_best or due_ckpt:
             actions.checkpoint()
         if stop:
-            stop_reason = f"early stopping ({cadence.patience} evaluations without gain)"
+            stop_reason = early_stop
             break
     if pending:
         diverged, tokens = actions.flush(pending, {}, time.time() - window_start)
         tokens_seen += tokens
+        state.tokens += tokens
         stop_reason = diverged or stop_reason
     return stop_reason, tokens_seen
 
@@ -222,26 +255,26 @@ def record_eval(state: LoopState, value: float, metric: str, mode: str) -> bool:
 
 
 def restore_state(
-    resume: str | None, ckpt_dir: Path, engine: Any, sampler: Any, rank: int
+    point: ckpt.ResumePoint | None, engine: Any, sampler: Any, rank: int
 ) -> LoopState:
-    """The loop state to start from: fresh, or restored (with engine, sampler and RNG).
-
-    Args:
-        resume: None (fresh), ``"auto"`` (``ckpt_dir``'s latest if any) or a checkpoint dir /
-            tag dir.
-    """
-    if resume is None:
+    """The loop state to start from: fresh (``point`` None), or restored from a verified
+    checkpoint (:mod:`hmora_ds.train.run_dir` chose it) with engine, sampler and RNG."""
+    if point is None:
         return LoopState()
-    if resume == "auto":
-        if not (ckpt_dir / ckpt.LATEST).is_file():
-            logger.info("resume=auto: no checkpoint in %s, starting fresh", ckpt_dir)
-            return LoopState()
-        resume = str(ckpt_dir)
-    found_dir, tag = ckpt.find_checkpoint(resume)
-    client_state = ckpt.load_checkpoint(engine, found_dir, tag, rank)
-    state = LoopState.from_client_state(client_state)
+    client_state = ckpt.load_checkpoint(engine, point, rank)
+    if point.loop_state is not None:
+        state = LoopState.from_json(point.loop_state)
+    else:
+        state = LoopState.from_client_state(client_state)
+        logger.warning(
+            "%s has no %s (saved by an older hmora-ds): the loss history before step %d is "
+            "not restored, so summary.json covers the steps from here on",
+            point.tag_dir,
+            ckpt.LOOP_STATE,
+            state.step,
+        )
     sampler.load_state_dict(client_state["sampler"])
-    logger.info("resumed from %s/%s at step %d", found_dir, tag, state.step)
+    logger.info("resumed from %s at step %d", point.tag_dir, state.step)
     return state
 
 
@@ -254,18 +287,20 @@ def save_state(
     keep_last: int,
     rank: int,
 ) -> None:
-    """Checkpoint at ``state.step`` unless that step is already saved (every rank calls this).
+    """Checkpoint at ``state.step`` (every rank calls this); a checkpoint of the same step
+    (one that failed verification, from before a fallback resume) is replaced.
 
-    ``extra_files`` (name → JSON content, written by rank 0) is only called when saving.
+    ``extra_files`` (name → JSON content, written by rank 0) is called at every save;
+    ``loop_state.json`` is added to them.
     """
-    if (ckpt_dir / ckpt.tag_for(state.step) / ckpt.COMPLETE).is_file():
-        return
+    sampler_state = sampler.state_dict()
+    files = {**extra_files(), ckpt.LOOP_STATE: state.to_json(sampler_state)}
     ckpt.save_checkpoint(
         engine,
         ckpt_dir,
         state.step,
-        state.client_state(sampler.state_dict()),
-        extra_files(),
+        state.client_state(sampler_state),
+        files,
         keep_last,
         state.protected_tags(),
         rank,

@@ -25,13 +25,36 @@ logger = logging.getLogger(__name__)
 TRAIN_SCALARS = ("loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_mb")
 
 
-def open_tensorboard(out_dir: Path, run_config: dict[str, Any]):
-    """Create ``out_dir``, write the resolved ``run_config.json`` there, return a SummaryWriter."""
+def open_tensorboard(out_dir: Path, run_config: dict[str, Any], initial_step: int = 0):
+    """Create ``out_dir``, write the resolved ``run_config.json`` there, return a SummaryWriter.
+
+    A run resumed at ``initial_step`` hides the events its previous session logged after that
+    step (TensorBoard's ``purge_step``) and drops those lines of ``router_stats.jsonl``, so
+    the steps it repeats are not shown twice.
+    """
     from torch.utils.tensorboard import SummaryWriter
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "run_config.json").write_text(json.dumps(run_config, indent=2))
+    if initial_step:
+        _drop_router_stats_after(out_dir / "router_stats.jsonl", initial_step)
+        return SummaryWriter(str(out_dir / "tensorboard"), purge_step=initial_step + 1)
     return SummaryWriter(str(out_dir / "tensorboard"))
+
+
+def _drop_router_stats_after(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a line cut short by the interruption
+            continue
+    if len(kept) != len(lines):
+        path.write_text("".join(kept))
 
 
 class Sinks:
@@ -64,7 +87,7 @@ class Sinks:
         log_every: int,
     ) -> Sinks:
         """The run's sinks: TensorBoard (and ``run_config.json``) on rank 0, then the bar."""
-        writer = open_tensorboard(out_dir, run_config) if is_main else None
+        writer = open_tensorboard(out_dir, run_config, initial_step) if is_main else None
         bar = tqdm(
             total=max_steps,
             initial=initial_step,

@@ -22,6 +22,7 @@ from typing import Any
 from hmora_ds.adapter_io import adapter_metadata, save_adapter
 from hmora_ds.metrics import RouterStatsAccumulator
 from hmora_ds.runtime.dist import DistInfo, rank0_first
+from hmora_ds.train.checkpoint import ResumePoint
 from hmora_ds.train.config import RunConfig
 from hmora_ds.train.data import RunData, build_run_data, prepare_records
 from hmora_ds.train.deepspeed_config import zero_stage
@@ -36,6 +37,7 @@ from hmora_ds.train.loop import (
     run_loop,
     save_state,
 )
+from hmora_ds.train.run_dir import finished_message
 from hmora_ds.train.sinks import Sinks, build_summary, log_eval_result
 from hmora_ds.train.step import StepMetrics, train_step, window_metrics
 
@@ -49,8 +51,8 @@ class Trainer:
         run: the run config.
         ds_config: the parsed DeepSpeed JSON (its "auto" fields are filled from ``run``).
         info: this process's rank / device.
-        resume: a checkpoint dir / tag dir to resume from, ``"auto"`` (the run's latest if
-            any) or None.
+        resume: the verified checkpoint to resume from
+            (:func:`hmora_ds.train.run_dir.plan_start` chooses it), or None.
         evaluator: overrides the default held-out-loss evaluator.
     """
 
@@ -59,7 +61,7 @@ class Trainer:
         run: RunConfig,
         ds_config: dict[str, Any],
         info: DistInfo,
-        resume: str | None = None,
+        resume: ResumePoint | None = None,
         evaluator: Evaluator | None = None,
     ) -> None:
         self.run = run
@@ -74,11 +76,12 @@ class Trainer:
         seed_everything(run.train.seed + info.rank)
         self.evaluator = evaluator if evaluator is not None else self._default_evaluator()
         self.cadence = Cadence.from_run(run, self.evaluator is not None, self.method.has_mixture)
-        self.state: LoopState = restore_state(
-            resume, self.ckpt_dir, self.engine, self.data.sampler, info.rank
-        )
+        self.resumed = resume is not None
+        self.state: LoopState = restore_state(resume, self.engine, self.data.sampler, info.rank)
         self._sinks: Sinks | None = None
         self._batches = None
+        self._started = time.time()
+        self._seconds_before = self.state.seconds
 
     # ----------------------------------------------------------------- setup
     def _setup_model_and_data(self) -> None:
@@ -133,6 +136,20 @@ class Trainer:
         )
 
     # ----------------------------------------------------------------- the run
+    def already_finished(self) -> str | None:
+        """The message of a resumed run that has nothing left to do (its final outputs
+        exist), else None; checked before :meth:`train` writes anything. (Usually decided
+        before the model loads; this covers checkpoints without ``loop_state.json``.)"""
+        if not self.resumed:
+            return None
+        state = {
+            "step": self.state.step,
+            "evals_without_improvement": self.state.evals_without_improvement,
+        }
+        return finished_message(
+            state, self.out_dir, self.run.train.max_steps, self.run.eval.patience
+        )
+
     def train(self) -> dict[str, Any]:
         """Train to a stop (see :mod:`hmora_ds.train.loop`); returns the summary."""
         t = self.run.train
@@ -145,11 +162,17 @@ class Trainer:
             t.log_every,
         )
         self._batches = self.data.batches()
-        start_time = time.time()
+        self._started = time.time()
         self.engine.train()
-        stop_reason, tokens_seen = run_loop(self.state, self.cadence, self)
-        self._sinks.close_bar()
-        return self._finish(stop_reason, time.time() - start_time, tokens_seen)
+        try:
+            stop_reason, _ = run_loop(self.state, self.cadence, self)
+        finally:  # an error (a failed save) is then printed on a line of its own
+            self._sinks.close_bar()
+        return self._finish(stop_reason)
+
+    def _elapsed(self) -> float:
+        """Training seconds of the whole run: earlier sessions' plus this one's."""
+        return self._seconds_before + time.time() - self._started
 
     def train_step(self, batches, stats: RouterStatsAccumulator | None) -> StepMetrics:
         """One optimizer step over ``grad_accum`` micro-batches of every rank
@@ -195,6 +218,7 @@ class Trainer:
         return self.cadence.patience_exhausted(self.state)
 
     def checkpoint(self) -> None:
+        self.state.seconds = self._elapsed()
         save_state(
             self.engine,
             self.ckpt_dir,
@@ -209,8 +233,9 @@ class Trainer:
         )
 
     # ----------------------------------------------------------------- the end
-    def _finish(self, stop_reason: str, seconds: float, tokens: float) -> dict[str, Any]:
+    def _finish(self, stop_reason: str) -> dict[str, Any]:
         save_adapter(self.model, self.out_dir / "adapter", write=self.info.is_main)
+        self.state.seconds = self._elapsed()
         summary = build_summary(
             steps=self.state.step,
             stop_reason=stop_reason,
@@ -219,8 +244,8 @@ class Trainer:
             report=self.report,
             world_size=self.info.world_size,
             zero_stage=zero_stage(self.ds_config),
-            seconds=seconds,
-            tokens=tokens,
+            seconds=self.state.seconds,
+            tokens=self.state.tokens,
             out_dir=self.out_dir,
             ckpt_dir=self.ckpt_dir,
         )
