@@ -269,3 +269,23 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(finished, tiny_ru
         assert not tmp.exists() and not (out / "checkpoints" / STEP2).exists()
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_failed_prune_is_logged(tmp_path, monkeypatch, caplog):
+    """Fault: pruning deleted old checkpoints with ``rmtree(ignore_errors=True)``, so a
+    checkpoint that could not be removed (permissions, a busy NFS file) stayed on disk without
+    a word. Now the failure is a warning naming the directory (root ignores chmod, so the
+    deletion is made to fail by patching ``rmtree``)."""
+    ckpt_dir = tmp_path / "checkpoints"
+    stale = ckpt_dir / (ckpt.TMP_PREFIX + "step00000003")
+    stale.mkdir(parents=True)
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", refuse)
+    with caplog.at_level("WARNING", logger=ckpt.__name__):
+        ckpt.prune(ckpt_dir, keep_last=1, protect=set())
+    assert stale.is_dir()
+    assert f"could not delete {stale}" in caplog.text
+    assert "Permission denied" in caplog.text

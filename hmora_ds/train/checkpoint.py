@@ -426,7 +426,16 @@ def _install_checked_writer(engine: Any) -> None:
 
 
 def _remove(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    """Delete a checkpoint directory; a failure is logged, never silently dropped (the
+    directory stays on disk and is counted against nothing, but the user should know)."""
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        logger.warning(
+            "checkpoint: could not delete %s (%s); it stays on disk, delete it by hand", path, err
+        )
 
 
 def _commit(tmp_dir: Path, tag_dir: Path) -> None:
