@@ -2,9 +2,12 @@
 decay where it does not belong.
 
 LoRA+ (Hayou et al., 2024; HMoRA appendix C) trains the ``B`` matrices with learning rate
-``η_B · lr``. ``train.router_lr_mult`` trains the routing parameters (token and task routers,
-the task encoder with ``e_task``, a learnable α) at ``router_lr_mult · lr``; the method names
-which parameters those are (:meth:`~hmora_ds.methods.base.Method.component_of`). Biases, norms,
+``η_B · lr``. ``train.router_lr_mult`` trains the routers (token and task routers, a learnable
+α) at ``router_lr_mult · lr``; the method names which parameters those are
+(:meth:`~hmora_ds.methods.base.Method.component_of`). The task encoder and ``e_task`` keep the
+plain lr: at 20 × lr, Adam moved each encoder weight by up to ten times its initial size within
+40 steps, the FFN's weight norms doubled and every prompt's H_task turned into one direction
+(mean cosine 1.000), so the task routers had nothing left to tell tasks apart by. Biases, norms,
 ``e_task`` and a learnable α get no weight decay.
 
 Every group carries its own peak ``lr``; the schedule (a ``LambdaLR``,
@@ -20,8 +23,9 @@ from torch import nn
 
 from hmora_ds.methods import adapter_parameters
 
-#: The components (as the methods name them) whose lr ``router_lr_mult`` scales.
-ROUTING_COMPONENTS = frozenset({"token routers", "task routers", "task encoder", "e_task", "alpha"})
+#: The components (as the methods name them) whose lr ``router_lr_mult`` scales: the routers'
+#: linear maps and α, not the task encoder (see the module docstring).
+ROUTING_COMPONENTS = frozenset({"token routers", "task routers", "alpha"})
 
 
 def _no_decay(param: nn.Parameter) -> bool:

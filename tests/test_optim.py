@@ -32,13 +32,20 @@ def test_router_lr_mult_scales_exactly_the_routing_components():
         g["name"]: g
         for g in lora_plus_param_groups(model, lr=1e-4, weight_decay=0.1, router_lr_mult=10.0)
     }
-    # Every vector of HMoRA w LW is a routing one (router biases, encoder norms, e_task, α):
-    # the plain no-decay group is left empty and dropped.
-    assert set(groups) == {"decay", "lora_B", "router_decay", "router_no_decay"}
+    # The task encoder's norms and e_task are vectors at the plain lr (no_decay); the router
+    # biases and α at the router lr.
+    assert set(groups) == {"decay", "lora_B", "no_decay", "router_decay", "router_no_decay"}
     routing = _names(model, groups["router_decay"]) | _names(model, groups["router_no_decay"])
     # Every component the brief names is present in HMoRA w LW with a learnable α, and in there.
     assert {method.component_of(n) for n in routing} == set(ROUTING_COMPONENTS)
-    assert "task_encoder.task_embedding" in _names(model, groups["router_no_decay"])
+    # The task encoder (and e_task) is not multiplied: at 20 × lr its H_task collapsed.
+    assert "task_encoder.task_embedding" in _names(model, groups["no_decay"])
+    assert {method.component_of(n) for n in _names(model, groups["no_decay"])} == {
+        "task encoder",
+        "e_task",
+    }
+    assert any(n.startswith("task_encoder.") for n in _names(model, groups["decay"]))
+    assert groups["no_decay"]["lr"] == 1e-4 and groups["no_decay"]["weight_decay"] == 0.0
     assert any(n.endswith("alpha_logit") for n in _names(model, groups["router_no_decay"]))
     assert any(".token_router." in n for n in _names(model, groups["router_decay"]))
     assert any(".task_router." in n for n in _names(model, groups["router_decay"]))
@@ -51,7 +58,10 @@ def test_router_lr_mult_scales_exactly_the_routing_components():
     assert groups["router_no_decay"]["lr"] == pytest.approx(1e-3, rel=1e-12)
     assert groups["lora_B"]["lr"] == pytest.approx(2e-4, rel=1e-12)  # LoRA+ η_B = 2 kept
     assert groups["decay"]["lr"] == 1e-4
-    assert {method.component_of(n) for n in _names(model, groups["decay"])} == {"lora A"}
+    assert {method.component_of(n) for n in _names(model, groups["decay"])} == {
+        "lora A",
+        "task encoder",
+    }
     assert groups["router_decay"]["weight_decay"] == 0.1
     assert groups["router_no_decay"]["weight_decay"] == 0.0
     assert all(p.ndim < 2 for p in groups["router_no_decay"]["params"])
@@ -148,7 +158,13 @@ def _engine_worker(rank: int, world: int, out_dir) -> None:
 def test_deepspeed_schedule_keeps_the_router_ratio_through_warmup_and_decay(tmp_path):
     run_ranks(_engine_worker, 1, tmp_path, tmp_path, timeout=180)
     got = torch.load(tmp_path / "lrs.pt")
-    peak = {"decay": LR, "lora_B": 2 * LR, "router_decay": MULT * LR, "router_no_decay": MULT * LR}
+    peak = {
+        "decay": LR,
+        "lora_B": 2 * LR,
+        "no_decay": LR,
+        "router_decay": MULT * LR,
+        "router_no_decay": MULT * LR,
+    }
     for step, lrs in enumerate(got["lrs"]):
         assert set(lrs) == set(peak)
         factor = lr_lambda(step, WARMUP, TOTAL, "linear")
@@ -160,5 +176,5 @@ def test_deepspeed_schedule_keeps_the_router_ratio_through_warmup_and_decay(tmp_
     # AdamW's first update of an element is lr · g / (|g| + eps) ≈ lr: the largest move of each
     # group is its lr of step 0, so the routers did move MULT times further.
     first, lr0 = got["moves"][0], got["lrs"][0]
-    for name in ("decay", "lora_B", "router_decay", "router_no_decay"):
+    for name in peak:
         assert first[name] == pytest.approx(lr0[name], rel=1e-3), name

@@ -118,8 +118,9 @@ class TrainConfig:
             ``micro_batch_size × grad_accum × ranks``.
         max_steps: optimizer steps to train (fewer if early stopping ends the run).
         lr: peak learning rate (LoRA+ multiplies it by ``method.adapter.eta_b`` for ``B``).
-        router_lr_mult: multiplies ``lr`` for the routing parameters: token and task routers,
-            the task encoder with ``e_task``, a learnable α (1 = the paper). A compression knob
+        router_lr_mult: multiplies ``lr`` for the routers: token and task routers and a
+            learnable α (1 = the paper); the task encoder and ``e_task`` keep ``lr`` (at a
+            multiplied lr the encoder's H_task collapses to one direction). A compression knob
             for short runs, not the paper's setting: the paper trains up to 10,000 steps at
             lr 2e-5, and in a run of a few hundred steps the routers barely leave their
             initialisation; a higher router lr (e.g. 10) makes them move. The schedule scales
