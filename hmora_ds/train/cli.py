@@ -40,11 +40,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from hmora_ds.runtime.writable import check_writable_dir
     from hmora_ds.train.config import load_run_config
     from hmora_ds.train.deepspeed_config import read_ds_config
 
     try:
         run = load_run_config(args.config, args.overrides)
+        check_writable_dir(run.output_dir)  # before anything loads
         ds_config = read_ds_config(args.deepspeed)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
