@@ -71,10 +71,17 @@ def rank0_first(fn, rank: int):
     """Run ``fn`` on rank 0, then on the other ranks (which reuse what rank 0 cached).
 
     Rank 0 reaches the barrier even when ``fn`` fails, so the other ranks run into the same
-    error instead of waiting for it forever.
+    error instead of waiting for it forever. While a rank watch runs (training), the other
+    ranks wait through it instead, for as long as rank 0 keeps reporting: a first download may
+    take longer than the collective timeout (``hmora_ds.runtime.watchdog``).
     """
     import torch.distributed as dist
 
+    from hmora_ds.runtime.watchdog import active_watch
+
+    watch = active_watch()
+    if watch is not None:
+        return watch.rank0_first(fn)
     if rank != 0:
         dist.barrier()
         return fn()

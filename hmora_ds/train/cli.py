@@ -54,17 +54,22 @@ def main(argv: list[str] | None = None) -> int:
     from hmora_ds.assets import cache_root
     from hmora_ds.runtime.dist import init_distributed, setup_logging
 
-    info = init_distributed(str(cache_root()))
+    info = init_distributed(str(cache_root()), run.dist.timeout_s)
     setup_logging(info.rank)
+    from hmora_ds.runtime.watchdog import watch_ranks
     from hmora_ds.train.sinks import format_summary
     from hmora_ds.train.trainer import Trainer
 
-    try:
-        trainer = Trainer(run, ds_config, info, resume=args.resume)
-    except ValueError as err:
-        logger.error("%s", err)
-        return 2
-    summary = trainer.train()
+    # Heartbeats and rank 0's watchdog: a rank that stops answering is named, and a failed
+    # collective ends the run with one line and exit code 4 (hmora_ds.runtime.watchdog).
+    with watch_ranks(info.rank, info.world_size, run.dist) as watch:
+        try:
+            trainer = Trainer(run, ds_config, info, resume=args.resume)
+        except ValueError as err:
+            logger.error("%s", err)
+            return 2
+        watch.follow(lambda: trainer.state.step)
+        summary = trainer.train()
     if info.is_main:
         print(format_summary(summary))
     import torch.distributed as dist
