@@ -219,7 +219,17 @@ def test_collective_timeout_in_the_main_thread_becomes_one_line(caplog):
     assert other == [EXIT_CODE]
     assert (
         "a collective failed on rank 1 at step 3: [/gloo/transport/tcp/pair.cc:1] Timed out "
-        "waiting 20000ms for recv (dist.timeout_s=20)" in caplog.text
+        "waiting 20000ms for recv (dist.timeout_s=20)\n" in caplog.text
+    )
+    # Rank 0 frozen: the store in its process stopped taking rank 1's heartbeats.
+    frozen0 = _watch(store, 1, 2, other)
+    frozen0._store_ok -= 30
+    with caplog.at_level(logging.ERROR, logger=WATCH_LOG), pytest.raises(_Exit):
+        frozen0.__exit__(RuntimeError, err, None)
+    assert re.search(
+        r"\(dist.timeout_s=20\); the rendezvous store has not answered for 3\d s \(it runs in "
+        r"rank 0's process unless torchrun hosts it\): rank 0 has probably stopped",
+        caplog.text,
     )
 
 

@@ -24,7 +24,10 @@ hosts):
   otherwise wait 30 s before its SIGKILL) and exits with :data:`EXIT_CODE`.
 
 When a collective times out first (gloo raises on the waiting rank), :class:`RankWatch` turns the
-exception into the same one-line error and exit (see :meth:`RankWatch.__exit__`).
+exception into the same one-line error and exit (see :meth:`RankWatch.__exit__`); on a rank
+other than 0 the line adds what it knows of rank 0 (its heartbeats, and whether the store, which
+runs in rank 0's process under the deepspeed launcher, still answers), since a frozen rank 0
+takes its watchdog with it.
 """
 
 from __future__ import annotations
@@ -306,12 +309,14 @@ class RankWatch:
         self._warned: set[tuple] = set()
         self._ending = threading.Lock()
         self._rank0_calls = 0
+        self._store_ok = time.monotonic()  # the last heartbeat the store took
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> RankWatch:
         global _active
         _active = self
         self.last_seen = dict.fromkeys(range(self.world), time.monotonic())
+        self._store_ok = time.monotonic()
         self._beat()
         self._spawn(self._heartbeat_loop, "hmora-heartbeat")
         if self.rank == 0:
@@ -387,8 +392,11 @@ class RankWatch:
             last_step, last_beat = step, time.monotonic()
             try:
                 self._beat()
-                if self.rank != 0 and self.store.check([ABORT_KEY]):
-                    self._follow_abort()
+                self._store_ok = time.monotonic()
+                if self.rank != 0:
+                    if self.store.check([ABORT_KEY]):
+                        self._follow_abort()
+                    self._read_beats(self._store_ok, ranks=[0])  # for fail()'s diagnosis
             except Exception:  # the store went away: the run is ending
                 logger.debug("heartbeat not written", exc_info=True)
                 return
@@ -430,8 +438,8 @@ class RankWatch:
             time.sleep(min(0.5, self.interval))
 
     # ------------------------------------------------------------------ rank 0
-    def _read_beats(self, now: float) -> None:
-        for rank in range(self.world):
+    def _read_beats(self, now: float, ranks: Any = None) -> None:
+        for rank in range(self.world) if ranks is None else ranks:
             key = BEAT_KEY.format(rank=rank)
             if not self.store.check([key]):
                 continue
@@ -479,7 +487,7 @@ class RankWatch:
             return
         plain = self._failure_line(err)
         if self.rank != 0:
-            self.end(plain, everyone=False)
+            self.end(plain + self._rank0_note(), everyone=False)
             return
         now = time.monotonic()
         try:
@@ -496,6 +504,24 @@ class RankWatch:
         else:
             message = plain
         self.end(message)
+
+    def _rank0_note(self) -> str:
+        """What a rank other than 0 knows about rank 0 when its collective failed: the store
+        stopped answering its heartbeats (under the deepspeed launcher and ``env://`` the
+        store lives in rank 0's process), or rank 0's heartbeats stopped."""
+        now = time.monotonic()
+        if now - self._store_ok >= self.warn_after:
+            return (
+                f"; the rendezvous store has not answered for {now - self._store_ok:.0f} s "
+                "(it runs in rank 0's process unless torchrun hosts it): rank 0 has probably "
+                "stopped"
+            )
+        quiet = now - self.last_seen.get(0, now)
+        if quiet >= self.warn_after:
+            beat = self.beats.get(0)
+            step = beat.step if beat is not None else None
+            return f"; rank 0 has not reported since {at_step(step)} ({quiet:.0f} s ago)"
+        return ""
 
     def _failure_line(self, err: BaseException) -> str:
         """``a collective failed on rank 1 at step 3: <the error's first line>``."""
