@@ -114,7 +114,8 @@ METHOD_PREFIX = "method."
 #: The run config's other top-level keys (``hmora_ds.train.config.RunConfig``; the training
 #: package is a layer above this one, tests/test_config_keys.py keeps the two in sync).
 RUN_CONFIG_KEYS = frozenset(
-    {"model", "preset", "data", "train", "eval", "checkpoint", "parallel", "output_dir", "plugins"}
+    {"model", "preset", "data", "train", "eval", "checkpoint", "parallel", "dist", "output_dir"}
+    | {"plugins"}
 )
 
 

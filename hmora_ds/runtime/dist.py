@@ -17,6 +17,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -70,10 +71,17 @@ def rank0_first(fn, rank: int):
     """Run ``fn`` on rank 0, then on the other ranks (which reuse what rank 0 cached).
 
     Rank 0 reaches the barrier even when ``fn`` fails, so the other ranks run into the same
-    error instead of waiting for it forever.
+    error instead of waiting for it forever. While a rank watch runs (training), the other
+    ranks wait through it instead, for as long as rank 0 keeps reporting: a first download may
+    take longer than the collective timeout (``hmora_ds.runtime.watchdog``).
     """
     import torch.distributed as dist
 
+    from hmora_ds.runtime.watchdog import active_watch
+
+    watch = active_watch()
+    if watch is not None:
+        return watch.rank0_first(fn)
     if rank != 0:
         dist.barrier()
         return fn()
@@ -93,8 +101,12 @@ def skip_cpu_shm_build() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
-def init_distributed(cache_dir: str | None = None) -> DistInfo:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU)."""
+def init_distributed(cache_dir: str | None = None, timeout_s: float | None = None) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU).
+
+    ``timeout_s`` bounds every collective's wait for the other ranks (the run config's
+    ``dist.timeout_s``); None keeps DeepSpeed's default (10 minutes, ``DEEPSPEED_TIMEOUT``).
+    """
     prepare_environment(cache_dir)
     import deepspeed
 
@@ -106,8 +118,9 @@ def init_distributed(cache_dir: str | None = None) -> DistInfo:
         # sets MASTER_PORT to `distributed_port` (default 29500, overwriting ours): pass the
         # user's MASTER_PORT (exported with `mpirun -x MASTER_PORT`) so jobs can pick a port.
         port = int(os.environ.get("MASTER_PORT", "29500"))
+        extra = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
         deepspeed.init_distributed(
-            dist_backend="gloo" if cpu else "nccl", verbose=False, distributed_port=port
+            dist_backend="gloo" if cpu else "nccl", verbose=False, distributed_port=port, **extra
         )
     rank = torch.distributed.get_rank()
     world = torch.distributed.get_world_size()

@@ -8,7 +8,9 @@
 
 Exit status: 0 trained (or the run was already finished), 2 a user error (a bad config, an
 ``output_dir`` that is not empty, a checkpoint that fails verification), 1 a checkpoint that
-could not be written (e.g. a full disk), 3 the run diverged. Each error is one line.
+could not be written (e.g. a full disk), 3 the run diverged, 4 a rank stopped answering or a
+collective failed (``dist.timeout_s``; :mod:`hmora_ds.runtime.watchdog`). Each error is one
+line.
 """
 
 from __future__ import annotations
@@ -72,11 +74,13 @@ def _close() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from hmora_ds.runtime.writable import check_writable_dir
     from hmora_ds.train.config import load_run_config
     from hmora_ds.train.deepspeed_config import read_ds_config
 
     try:
         run = load_run_config(args.config, args.overrides)
+        check_writable_dir(run.output_dir)  # before anything loads
         ds_config = read_ds_config(args.deepspeed)
     except ValueError as err:
         _error(str(err))
@@ -84,55 +88,60 @@ def main(argv: list[str] | None = None) -> int:
     from hmora_ds.assets import cache_root
     from hmora_ds.runtime.dist import init_distributed, setup_logging
 
-    info = init_distributed(str(cache_root()))
+    info = init_distributed(str(cache_root()), run.dist.timeout_s)
     setup_logging(info.rank)
+    from hmora_ds.runtime.watchdog import watch_ranks
     from hmora_ds.train.checkpoint import CheckpointWriteError
     from hmora_ds.train.run_dir import on_rank0, plan_start
     from hmora_ds.train.sinks import format_summary
     from hmora_ds.train.trainer import Trainer
 
-    # Before the model loads: rank 0 decides what the output directory allows (and verifies
-    # the checkpoint to resume); every rank hears the decision, so none waits for another.
-    try:
-        plan = on_rank0(
-            lambda: plan_start(
-                Path(run.output_dir),
-                args.resume,
-                args.overwrite,
-                run.train.max_steps,
-                run.eval.patience,
-            ),
-            info.rank,
-            info.world_size,
-        )
-    except ValueError as err:
-        _error(str(err), info.is_main)
-        _close()
-        return 2
-    if plan.finished:
-        logger.info("%s", plan.finished)
-        _close()
-        return 0
-    try:
-        trainer = Trainer(run, ds_config, info, resume=plan.point)
-    except ValueError as err:
-        _error(str(err))  # every rank: it may be one rank's own problem
-        return 2
-    finished = trainer.already_finished()
-    if finished:
-        logger.info("%s", finished)
-        _close()
-        return 0
-    try:
-        summary = trainer.train()
-    except CheckpointWriteError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        if info.world_size > 1:
-            # Other ranks may wait in a collective of the failed save: end this process now;
-            # the launcher then stops them.
-            sys.stdout.flush()
-            os._exit(1)
-        return 1
+    # Heartbeats and rank 0's watchdog: a rank that stops answering is named, and a failed
+    # collective ends the run with one line and exit code 4 (hmora_ds.runtime.watchdog).
+    with watch_ranks(info.rank, info.world_size, run.dist) as watch:
+        # Before the model loads: rank 0 decides what the output directory allows (and
+        # verifies the checkpoint to resume); every rank hears the decision, so none waits.
+        try:
+            plan = on_rank0(
+                lambda: plan_start(
+                    Path(run.output_dir),
+                    args.resume,
+                    args.overwrite,
+                    run.train.max_steps,
+                    run.eval.patience,
+                ),
+                info.rank,
+                info.world_size,
+            )
+        except ValueError as err:
+            _error(str(err), info.is_main)
+            _close()
+            return 2
+        if plan.finished:
+            logger.info("%s", plan.finished)
+            _close()
+            return 0
+        try:
+            trainer = Trainer(run, ds_config, info, resume=plan.point)
+        except ValueError as err:
+            _error(str(err))  # every rank: it may be one rank's own problem
+            return 2
+        finished = trainer.already_finished()
+        if finished:
+            logger.info("%s", finished)
+            _close()
+            return 0
+        watch.follow(lambda: trainer.state.step)
+        try:
+            summary = trainer.train()
+        except CheckpointWriteError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            if info.world_size > 1:
+                # Other ranks may wait in a collective of the failed save: end this process
+                # now; the launcher then stops them.
+                sys.stdout.flush()
+                os._exit(1)
+            return 1
     if info.is_main:
         print(format_summary(summary))
     _close()

@@ -280,6 +280,34 @@ class ParallelConfig:
 
 
 @dataclass
+class DistConfig:
+    """The distributed runtime: how long a rank may stop answering before the run ends.
+
+    Attributes:
+        timeout_s: seconds a collective (all-reduce, barrier) waits for the other ranks before
+            the process group gives up (``deepspeed.init_distributed(timeout=...)``; DeepSpeed's
+            own default is 600). It bounds every wait, including the other ranks waiting while
+            rank 0 downloads or builds assets on a cold cache (``make train`` prepares them
+            first). Rank 0's watchdog ends the run (exit code 4) once a rank has not reported
+            for this long, naming the rank and its last step.
+        watchdog_fraction: rank 0's watchdog warns once a rank has not reported, or has sat at
+            the same line, for this fraction of ``timeout_s`` (0 < f <= 1).
+        watchdog: run the heartbeats and rank 0's watchdog (multi-rank runs only).
+    """
+
+    timeout_s: float = 300.0
+    watchdog_fraction: float = 0.5
+    watchdog: bool = True
+
+    def validate(self) -> None:
+        check_types(self, "dist")  # also refuses a non-boolean watchdog
+        if not 0 < self.timeout_s < float("inf"):
+            _fail("dist.timeout_s", f"must be > 0 seconds and finite, got {self.timeout_s}")
+        if not 0 < self.watchdog_fraction <= 1:
+            _fail("dist.watchdog_fraction", f"must lie in (0, 1], got {self.watchdog_fraction}")
+
+
+@dataclass
 class CheckpointConfig:
     """DeepSpeed checkpoints every ``every`` steps, the last ``keep_last`` kept (plus the best).
 
@@ -315,6 +343,7 @@ class RunConfig:
         eval: validation and early stopping.
         checkpoint: DeepSpeed checkpoints.
         parallel: parallelism beyond data parallelism.
+        dist: the distributed runtime (collective timeout, rank 0's watchdog).
         output_dir: the run directory: checkpoints, exported adapters, TensorBoard logs,
             ``summary.json``.
         plugins: Python modules (``my_pkg.my_method``) or ``.py`` files imported before the
@@ -332,6 +361,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     output_dir: str = "runs/default"
     plugins: list[str] = field(default_factory=list)
 
@@ -339,6 +369,7 @@ class RunConfig:
         if isinstance(self.train.adam_betas, list):
             self.train.adam_betas = tuple(self.train.adam_betas)
         parts = (self.model, self.data, self.train, self.eval, self.checkpoint, self.parallel)
+        parts += (self.dist,)
         # Every bad key of every section in one error; then preset + method overrides.
         check_sections(
             lambda: check_types(self, ""), *(part.validate for part in parts), self.hmora_config
@@ -372,6 +403,7 @@ class RunConfig:
             "eval": EvalConfig,
             "checkpoint": CheckpointConfig,
             "parallel": ParallelConfig,
+            "dist": DistConfig,
         }
         valid = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - valid)

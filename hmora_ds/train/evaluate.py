@@ -8,6 +8,7 @@ loss) is the default; the benchmark evaluator of the evaluation module plugs in 
 
 from __future__ import annotations
 
+import math
 from typing import Any, Protocol
 
 import torch
@@ -75,6 +76,11 @@ class ValidationLoss:
 
 
 def improved(value: float, best: float | None, mode: str) -> bool:
-    if best is None:
+    """Is ``value`` a new best (``mode``: ``min`` / ``max``)? A non-finite value never is (a
+    diverged model's NaN loss must not become ``adapter_best``); a finite one beats no best and
+    a non-finite best (kept by a checkpoint written before this rule)."""
+    if not math.isfinite(value):
+        return False
+    if best is None or not math.isfinite(best):
         return True
     return value < best if mode == "min" else value > best

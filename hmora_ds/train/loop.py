@@ -240,7 +240,12 @@ def record_window(
 
 def record_eval(state: LoopState, value: float, metric: str, mode: str) -> bool:
     """Update the best (``mode``: ``min`` / ``max``) with an evaluation at ``state.step``;
-    True when it is a new best."""
+    True when it is a new best. A non-finite value is never the best (a warning says so) and
+    counts as an evaluation without improvement."""
+    if not math.isfinite(value):
+        logger.warning(
+            "step %d: %s is %s (not finite): not a best checkpoint", state.step, metric, value
+        )
     if improved(value, state.best["value"], mode):
         state.best = {
             "value": value,

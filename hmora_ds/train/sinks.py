@@ -184,6 +184,11 @@ def log_eval_result(
     if new_best:
         logger.info("step %d: %s = %.4f (best so far)", step, metric, value)
         return
+    if best["value"] is None:  # every evaluation so far was non-finite
+        logger.info(
+            "step %d: %s = %.4f (no best yet; %d without gain)", step, metric, value, without_gain
+        )
+        return
     logger.info(
         "step %d: %s = %.4f (best %.4f at step %d; %d without gain)",
         step,
