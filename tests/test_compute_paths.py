@@ -117,5 +117,7 @@ def test_auto_selects_sparse_only_where_the_dense_adapter_dominates():
         _, _, _, model = _run("topk", experts, False, "auto")
         blocks = [m for m in model.modules() if isinstance(m, MoRALinear) and m.router]
         assert blocks and all(b.sparse == expect for b in blocks)
-    with pytest.raises(ValueError, match=r"adapter\.compute: must be auto, dense or sparse"):
+    with pytest.raises(
+        ValueError, match=r"adapter\.compute: must be one of auto, dense, sparse, got 'bogus'"
+    ):
         load_config("hmora_lw", ["adapter.compute=bogus"])
