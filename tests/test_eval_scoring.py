@@ -122,10 +122,30 @@ def test_loglik_shared_prefix_equals_full_sequences(tiny, kind):
             assert s == pytest.approx(ref, abs=2e-3)
     preds = scorer.predict(qs, items, raw)
     assert preds[1] == 1  # the empty option is never chosen
-    # Normalisations: tokens (default), chars, none pick from the same raw scores.
-    for norm in ("chars", "none"):
-        scorer.config.norm = norm
-        assert len(scorer.predict(qs, items, raw)) == len(qs)
+
+
+def test_loglik_normalisations_by_hand(tiny):
+    """Guards against dropping (or swapping) a log-likelihood normalisation: ``chars``
+    divides an option's summed log-prob by its length in characters, ``tokens`` by its number
+    of tokens, ``none`` not at all. Options whose characters and tokens differ (SmolLM2's
+    tokenizer: "yes" 3 chars / 1 token, "information" 11 / 1, "2718281828" 10 / 10 digits)
+    with hand-picked raw scores make the three pick three different options."""
+    tok, _ = tiny
+    qs = [Question("n0", "arc_easy", "Pick one.", ("yes", "information", "2718281828"), 0)]
+    raw = [[-1.0, -2.0, -5.0]]
+    by_hand = {
+        "none": [-1.0, -2.0, -5.0],
+        "chars": [-1.0 / 3, -2.0 / 11, -5.0 / 10],
+        "tokens": [-1.0 / 1, -2.0 / 1, -5.0 / 10],
+    }
+    picks = {}
+    for norm, values in by_hand.items():
+        scorer = Scorer(tok, ScoreConfig(mode="loglik", norm=norm))
+        items = scorer.items(qs, None)
+        assert [len(o) for o in items[0].options] == [1, 1, 10]  # the premise: token counts
+        picks[norm] = scorer.predict(qs, items, raw)[0]
+        assert picks[norm] == max(range(3), key=values.__getitem__), norm
+    assert picks == {"none": 0, "chars": 1, "tokens": 2}
 
 
 def test_macro_vs_micro_and_table():

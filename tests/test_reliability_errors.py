@@ -482,10 +482,9 @@ def test_unreadable_eval_documents_are_counted_in_the_manifest(tmp_path):
     variant("val_rc", "validation", [arc("v0", "What is fog?"), arc("v1", "Bad gold", gold=7)])
     block = eval_blocklist(olmo, task, variants(olmo, task))
     assert block.unkeyed == 1 and block.ids == {"v0", "v1"} and block.texts == {"whatisfog"}
-    try:
-        tdir = promptsource_templates_dir()
-    except assets.AssetError as err:
-        pytest.skip(f"promptsource not fetchable: {err}")
+    from tests._assets import require_asset
+
+    tdir = require_asset(assets.PROMPTSOURCE, promptsource_templates_dir)
     templates = select_templates(
         load_templates(tdir / task.templates / "templates.yaml"),
         set(task.to_example(arc("t0", "What is ice?"))),

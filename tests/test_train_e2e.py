@@ -15,7 +15,13 @@ import torch
 from safetensors.torch import load_file
 
 from hmora_ds.train.checkpoint import safe_load
-from tests._train_helpers import NO_DROPOUT, launch, overrides, summary
+from tests._train_helpers import (
+    NO_DROPOUT,
+    assert_same_final_state,
+    launch,
+    overrides,
+    summary,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -139,7 +145,12 @@ def test_outputs_tensorboard_and_router_statistics(layouts):
 
 
 def test_resume_after_kill_during_save_equals_uninterrupted(tiny_run_inputs, tmp_path):
-    """Dropout stays on: the resumed run must restore RNG, optimizer, schedule and data order."""
+    """Dropout stays on: the resumed run must restore RNG, optimizer, schedule and data order.
+
+    Guards against a resume that restores state only approximately or misses the last update:
+    besides the loss history, the final adapter and the step-6 checkpoint's optimizer states
+    (exp_avg, exp_avg_sq, step), LR scheduler and weights must equal the uninterrupted run's
+    bit for bit."""
     root = tiny_run_inputs
     ref_out, out = tmp_path / "uninterrupted", tmp_path / "crashed"
     common = ("train.micro_batch_size=2", "train.grad_accum=1", "checkpoint.keep_last=3")
@@ -165,6 +176,10 @@ def test_resume_after_kill_during_save_equals_uninterrupted(tiny_run_inputs, tmp
         assert h["loss"] == pytest.approx(ref[h["step"]], rel=1e-6, abs=1e-7), h
     assert (ckpts / "step00000006" / "manifest.json").is_file()
     assert not (ckpts / ".tmp-step00000006").exists()
+    # The losses above are those of steps 1-6 *before* each update, to 1e-6: the last update,
+    # and anything resume restored slightly wrong (an Adam moment, the schedule's position),
+    # can hide there. The end state must be bit for bit the uninterrupted run's.
+    assert_same_final_state(out, ref_out)
 
 
 def test_bf16_base_with_bf16_autocast_trains(tiny_run_inputs, tmp_path):
@@ -307,6 +322,10 @@ def test_expert_parallel_resume_and_adapter_start(ep_run, tiny_run_inputs, tmp_p
     assert [h["step"] for h in resumed] == [1, 2, 3, 4, 5, 6]
     for h in resumed:
         assert h["loss"] == pytest.approx(ref[h["step"]], rel=1e-6, abs=1e-7), h
+    # Guards against an EP resume that restores optimizer or expert state only approximately:
+    # the final adapter and step-6 optimizer states (one file per rank and per global expert
+    # group) equal the uninterrupted EP run's bit for bit.
+    assert_same_final_state(out, ep_run)
     # An exported (EP = 1 layout) adapter starts an EP = 2 run: with a zero lr it comes back out
     # unchanged, so loading split the experts and saving gathered them.
     start = tmp_path / "ep_start"
