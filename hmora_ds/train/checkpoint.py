@@ -271,13 +271,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- listing
-def _write_json_atomic(path: Path, data: Any) -> None:
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a hidden temporary file beside ``path``, sync it, then rename."""
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w") as f:
-        f.write(json.dumps(data, indent=2, default=str) + "\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    _write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def complete_tags(ckpt_dir: Path) -> list[str]:
@@ -521,7 +526,7 @@ def save_checkpoint(
                 f"checkpoint {tag} not saved: {_write_failure(err, tmp_dir)}; {_kept(ckpt_dir)}"
             ) from err
         try:  # informational: resuming scans the tags
-            _write_latest(ckpt_dir, tag)
+            _write_text_atomic(ckpt_dir / LATEST, tag)
         except OSError as err:
             logger.warning("checkpoint %s saved, but %s not updated: %s", tag, LATEST, err)
         prune(ckpt_dir, keep_last, protect | {tag})
@@ -532,15 +537,6 @@ def save_checkpoint(
 def _kept(ckpt_dir: Path) -> str:
     tags = complete_tags(ckpt_dir)
     return f"the newest complete checkpoint {tags[-1]} is kept" if tags else "no earlier checkpoint"
-
-
-def _write_latest(ckpt_dir: Path, tag: str) -> None:
-    tmp = ckpt_dir / f".{LATEST}.tmp"
-    with tmp.open("w") as f:
-        f.write(tag)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, ckpt_dir / LATEST)
 
 
 def prune(ckpt_dir: Path, keep_last: int, protect: set[str]) -> None:
