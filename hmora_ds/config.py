@@ -231,10 +231,6 @@ def check_types(obj: Any, section: str) -> None:
             setattr(obj, f.name, converted)
 
 
-#: The former name of :func:`check_types` (it only converted numbers).
-coerce_numbers = check_types
-
-
 def _check_prob(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
         _fail(name, f"must lie in [0, 1], got {value}")
@@ -272,7 +268,7 @@ class AdapterConfig:
     compute: Literal["auto", "dense", "sparse"] = "auto"
 
     def validate(self) -> None:
-        coerce_numbers(self, "adapter")
+        check_types(self, "adapter")
         if self.compute not in ("auto", "dense", "sparse"):
             _fail("adapter.compute", f"must be auto, dense or sparse, got {self.compute!r}")
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -361,7 +357,7 @@ class RoutingConfig:
     share_routers: bool = False
 
     def validate(self) -> None:
-        coerce_numbers(self, "routing")
+        check_types(self, "routing")
         if self.mode not in ("soft", "topk"):
             _fail("routing.mode", f"must be 'soft' or 'topk', got {self.mode!r}")
         if not isinstance(self.top_k, int) or self.top_k < 1:
@@ -431,7 +427,7 @@ class LossConfig:
     blc_task_routers: bool = False
 
     def validate(self) -> None:
-        coerce_numbers(self, "loss")
+        check_types(self, "loss")
         if self.aux not in ("cgjs", "blc", "none"):
             _fail("loss.aux", f"must be 'cgjs', 'blc' or 'none', got {self.aux!r}")
         _check_prob("loss.gamma_b", self.gamma_b)
