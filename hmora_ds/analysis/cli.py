@@ -127,6 +127,7 @@ def _examples(args: argparse.Namespace, seed: int) -> list[Any]:
 def _load_base(model: str, dtype: torch.dtype) -> tuple[Any, Any, str]:
     """Tokenizer, base model and checkpoint path of ``--model`` (a one-line error if absent)."""
     from hmora_ds.analysis.collect import AnalysisError
+    from hmora_ds.runtime.errors import first_line
     from hmora_ds.runtime.loading import load_base_model, load_tokenizer, resolve_checkpoint
 
     ckpt = resolve_checkpoint(model, option="--model")
@@ -137,7 +138,7 @@ def _load_base(model: str, dtype: torch.dtype) -> tuple[Any, Any, str]:
             ckpt,
         )
     except OSError as err:  # anything from_pretrained raises past ModelSourceError
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise AnalysisError(
             f"--model: cannot load {model!r} ({first}); give an HF name or directory, or "
             "smollm2-135m-instruct"

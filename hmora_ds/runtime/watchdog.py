@@ -45,6 +45,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from hmora_ds.runtime.errors import first_line
+
 logger = logging.getLogger(__name__)
 
 #: Exit code of a run ended because a rank stopped answering or a collective failed.
@@ -525,8 +527,7 @@ class RankWatch:
 
     def _failure_line(self, err: BaseException) -> str:
         """``a collective failed on rank 1 at step 3: <the error's first line>``."""
-        text = str(err).strip()
-        first = text.splitlines()[0] if text else type(err).__name__
+        first = first_line(err)
         line = f"a collective failed on rank {self.rank} at {at_step(self._current_step())}"
         line += f": {first}"
         if "timed out" in first.lower():

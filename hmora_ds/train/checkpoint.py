@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 
 from hmora_ds.methods import adapter_parameters
+from hmora_ds.runtime.errors import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -127,11 +128,10 @@ def safe_load(path: Path, map_location: str | None = "cpu") -> Any:
 def _first_line(err: BaseException) -> str:
     """The informative line of an error: the weights-only unpickler's own reason (torch puts
     it after a paragraph of advice), else the first line."""
-    text = str(err).strip().splitlines()
-    for line in text:
+    for line in str(err).splitlines():
         if "WeightsUnpickler error:" in line:
             return line.split("WeightsUnpickler error:", 1)[1].split(". Please")[0].strip()
-    return text[0][:300] if text else type(err).__name__
+    return first_line(err)[:300]
 
 
 def scan_pickle(path: Path) -> None:
