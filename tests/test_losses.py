@@ -154,6 +154,7 @@ def _global_worker(rank, world, probs_logits, mask, out_dir):
     )
 
 
+@pytest.mark.multirank
 def test_global_batch_statistics_two_ranks_equal_one_process(tmp_path):
     torch.manual_seed(0)
     logits = torch.randn(12, 8)

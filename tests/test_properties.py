@@ -1,0 +1,212 @@
+"""Property-based tests (hypothesis) of the pure routing functions whose domain is large.
+
+The hand-computed tests in ``test_losses.py`` / ``test_routing.py`` pin a few points; these
+check the laws that must hold for *every* input: random shapes, numbers of experts, k,
+temperatures (from near-uniform to saturated routers), masks. Inputs are drawn as torch
+tensors from a hypothesis-chosen seed and shape, so shrinking still gives a small failing case.
+
+With ``CI=true`` the examples are derandomized (the same on every CI run) and no example
+database is written; locally hypothesis explores new examples each run and remembers failures
+in ``.hypothesis/``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hmora_ds.losses import (
+    cgjs_divergence,
+    entropy,
+    stacked_cgjs_loss,
+    stacked_load_balance_loss,
+)
+from hmora_ds.metrics import routing_statistics
+from hmora_ds.routing.gates import topk_gates
+
+settings.register_profile(
+    "ci",
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("dev", max_examples=60, deadline=None)
+settings.load_profile("ci" if os.environ.get("CI", "").lower() == "true" else "dev")
+
+
+@st.composite
+def router_probs(draw, min_experts: int = 2, max_experts: int = 16):
+    """(R, N, E) softmax probabilities of R routers over N decisions, float64, with a
+    temperature from near-uniform (0.01) to saturated (30), plus a (N,) 0/1 mask with at
+    least one valid decision."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    r = draw(st.integers(1, 3))
+    n = draw(st.integers(1, 24))
+    e = draw(st.integers(min_experts, max_experts))
+    temp = draw(st.sampled_from([0.01, 0.3, 1.0, 3.0, 30.0]))
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(r, n, e, generator=g, dtype=torch.float64) * temp
+    mask = (torch.rand(n, generator=g) < draw(st.sampled_from([0.5, 0.9, 1.0]))).double()
+    mask[draw(st.integers(0, n - 1))] = 1.0
+    return torch.softmax(logits, dim=-1), mask
+
+
+# ------------------------------------------------------------------ top-k renormalisations
+@given(router_probs(), st.data(), st.sampled_from(["paper", "sum"]))
+def test_topk_gates_rows_sum_to_one_with_exactly_k_experts_the_largest(pm, data, renorm):
+    """Guards against a top-k that keeps the wrong experts (smallest, or k ± 1 of them), leaks
+    weight to unselected experts, or fails to renormalise (rows not summing to 1)."""
+    probs, _ = pm
+    e = probs.shape[-1]
+    k = data.draw(st.integers(1, e))
+    gates = topk_gates(probs, k, renorm)
+    assert torch.allclose(gates.sum(-1), torch.ones_like(gates[..., 0]), atol=1e-12)
+    assert ((gates > 0).sum(-1) == k).all()
+    # the kept experts are the k largest probabilities
+    kept_min = torch.where(gates > 0, probs, torch.full_like(probs, math.inf)).amin(-1)
+    dropped_max = torch.where(gates > 0, torch.full_like(probs, -math.inf), probs).amax(-1)
+    assert (kept_min >= dropped_max).all()
+
+
+@given(router_probs(min_experts=3), st.data())
+def test_topk_renormalisations_follow_their_equations(pm, data):
+    """``sum`` keeps the probabilities' ratios (p_i / Σ_kept p); ``paper`` is a softmax over
+    the kept probabilities (eq. 15). Guards against the two being swapped or either formula
+    changed (e.g. softmax over logits instead of probabilities)."""
+    probs, _ = pm
+    k = data.draw(st.integers(2, probs.shape[-1]))
+    kept = probs.topk(k, dim=-1)
+    s = topk_gates(probs, k, "sum").gather(-1, kept.indices)
+    p = topk_gates(probs, k, "paper").gather(-1, kept.indices)
+    assert torch.allclose(s, kept.values / kept.values.sum(-1, keepdim=True), atol=1e-12)
+    assert torch.allclose(p, torch.softmax(kept.values, -1), atol=1e-12)
+
+
+@given(router_probs(), st.data(), st.sampled_from(["paper", "sum"]))
+def test_topk_gates_are_permutation_equivariant(pm, data, renorm):
+    """Relabelling the experts relabels the gates and nothing else. Guards against an expert
+    index used as a value (e.g. gates tied to position 0). Ties are broken away first."""
+    probs, _ = pm
+    e = probs.shape[-1]
+    probs = probs + torch.arange(e, dtype=probs.dtype) * 1e-9  # distinct values: no ties
+    k = data.draw(st.integers(1, e))
+    perm = torch.tensor(data.draw(st.permutations(list(range(e)))))
+    direct = topk_gates(probs, k, renorm)[..., perm]
+    permuted = topk_gates(probs[..., perm], k, renorm)
+    assert torch.allclose(direct, permuted, atol=1e-12)
+
+
+# ------------------------------------------------------------------ CGJS (eqs. 10–12)
+gammas = st.tuples(st.floats(0.0, 1.0), st.floats(0.0, 1.0)).map(sorted)
+
+
+@given(router_probs(), gammas)
+def test_cgjs_loss_is_eq_12_and_within_its_bounds(pm, gc_gb):
+    """L_aux = max((γ_b − γ_c) log E − CGJS, 0) / log E (eq. 12, computed here from eq. 11's
+    pieces by hand), with CGJS ≤ (γ_b − γ_c) log E, so 0 ≤ L_aux; and L_aux ≤ max(γ_b, 1 − γ_c)
+    (balance Ĥ(M) ≥ mean certainty Ĥ(p) by concavity; collapsed routing reaches γ_b, so the
+    bound γ_b − γ_c holds for CGJS, not for L_aux). Guards against a sign or clamp error in the
+    stacked implementation, or a mask ignored in one of the two moments."""
+    (probs, mask), (gamma_c, gamma_b) = pm, gc_gb
+    e = probs.shape[-1]
+    log_e = math.log(e)
+    loss = stacked_cgjs_loss(probs, mask, gamma_b=gamma_b, gamma_c=gamma_c)
+    for r in range(probs.shape[0]):
+        valid = probs[r][mask.bool()]
+        h_mean_p = entropy(valid.mean(0))  # H(M) over valid decisions only
+        mean_h = entropy(valid).mean()
+        cgjs = min(h_mean_p, gamma_b * log_e) - max(mean_h, gamma_c * log_e)
+        assert cgjs <= (gamma_b - gamma_c) * log_e + 1e-9
+        cgjs_fn = cgjs_divergence(probs[r], mask, gamma_b=gamma_b, gamma_c=gamma_c)
+        assert cgjs_fn.item() == pytest.approx(float(cgjs), abs=1e-9)
+        expected = max((gamma_b - gamma_c) * log_e - cgjs, 0.0) / log_e
+        assert loss[r].item() == pytest.approx(float(expected), abs=1e-9)
+        assert -1e-12 <= loss[r].item() <= max(gamma_b, 1.0 - gamma_c) + 1e-9
+
+
+@given(router_probs(), gammas, st.data())
+def test_cgjs_loss_ignores_masked_decisions_and_their_order(pm, gc_gb, data):
+    """Appending decisions with mask 0 (padding) or reordering the decisions leaves L_aux
+    unchanged. Guards against padding counted in the balance or certainty moments."""
+    (probs, mask), (gamma_c, gamma_b) = pm, gc_gb
+    r, n, e = probs.shape
+    junk = torch.softmax(torch.randn(r, 5, e, dtype=probs.dtype) * 10, -1)
+    padded = torch.cat([probs, junk], 1)
+    pmask = torch.cat([mask, torch.zeros(5, dtype=mask.dtype)])
+    perm = torch.tensor(data.draw(st.permutations(list(range(n + 5)))))
+    kw = {"gamma_b": gamma_b, "gamma_c": gamma_c}
+    base = stacked_cgjs_loss(probs, mask, **kw)
+    assert torch.allclose(stacked_cgjs_loss(padded, pmask, **kw), base, atol=1e-10)
+    assert torch.allclose(stacked_cgjs_loss(padded[:, perm], pmask[perm], **kw), base, atol=1e-10)
+
+
+@given(st.integers(2, 16), st.integers(1, 12), gammas)
+def test_cgjs_loss_is_zero_at_balanced_certain_routing_and_gamma_b_at_collapse(e, n, gc_gb):
+    """One-hot decisions spread evenly over all experts (balance 1, certainty 0) cost nothing;
+    every decision on one expert costs exactly γ_b. Guards against the balance and certainty
+    terms exchanged or their clamps reversed."""
+    gamma_c, gamma_b = gc_gb
+    spread = torch.eye(e, dtype=torch.float64).repeat(n, 1).unsqueeze(0)
+    collapsed = torch.zeros(1, n * e, e, dtype=torch.float64)
+    collapsed[..., 0] = 1.0
+    kw = {"gamma_b": gamma_b, "gamma_c": gamma_c}
+    assert stacked_cgjs_loss(spread, None, **kw).item() == pytest.approx(0.0, abs=1e-12)
+    assert stacked_cgjs_loss(collapsed, None, **kw).item() == pytest.approx(gamma_b, abs=1e-12)
+
+
+# ------------------------------------------------------------------ L_blc (eqs. 17–19)
+@given(router_probs(), st.data())
+def test_load_balance_loss_equation_and_bounds(pm, data):
+    """L_blc = E · Σ_i F_i P_i over valid decisions (F: top-k fractions / k, P: mean
+    probability), recomputed by hand, and 0 < L_blc ≤ E (Σ F_i = 1, P_i ≤ 1). Guards against a
+    missing / k, a mask ignored in F or P, or F taken from the bottom-k."""
+    probs, mask = pm
+    r, _, e = probs.shape
+    k = data.draw(st.integers(1, e))
+    loss = stacked_load_balance_loss(probs, k, mask)
+    for i in range(r):
+        valid = probs[i][mask.bool()]
+        chosen = torch.zeros_like(valid).scatter(-1, valid.topk(k, -1).indices, 1.0)
+        frac = chosen.mean(0) / k
+        assert frac.sum().item() == pytest.approx(1.0, abs=1e-12)
+        expected = e * (frac * valid.mean(0)).sum()
+        assert loss[i].item() == pytest.approx(expected.item(), rel=1e-10, abs=1e-12)
+        assert 0.0 < loss[i].item() <= e + 1e-9
+
+
+@given(st.integers(2, 16), st.integers(1, 40), st.data())
+def test_load_balance_loss_is_one_at_uniform_routing(e, n, data):
+    """Uniform probabilities give L_blc = E · Σ F_i / E = 1 whichever experts the ties pick
+    (the loss's value at perfect balance). Guards against F not divided by k or P not a mean."""
+    k = data.draw(st.integers(1, e))
+    uniform = torch.full((2, n, e), 1.0 / e, dtype=torch.float64)
+    loss = stacked_load_balance_loss(uniform, k, None)
+    assert torch.allclose(loss, torch.ones(2, dtype=torch.float64), atol=1e-12)
+
+
+@given(st.integers(2, 16), st.integers(1, 8), st.data())
+def test_routing_statistics_at_uniform_and_balanced_one_hot_routing(e, n, data):
+    """Uniform routing: balance 1, certainty 1 (maximally uncertain), load 1/E. One-hot
+    routing spread evenly: balance 1, certainty 0, load 1/E. Guards against balance and
+    certainty exchanged, or a load not normalised by k."""
+    k = data.draw(st.integers(1, e))
+    uniform = torch.full((n * e, e), 1.0 / e, dtype=torch.float64)
+    stats = routing_statistics(uniform, k=None)
+    assert stats["balance"].item() == pytest.approx(1.0, abs=1e-6)
+    assert stats["certainty"].item() == pytest.approx(1.0, abs=1e-6)
+    one_hot = torch.eye(e, dtype=torch.float64).repeat(n, 1)
+    stats = routing_statistics(one_hot, k=k)
+    assert stats["balance"].item() == pytest.approx(1.0, abs=1e-6)
+    assert stats["certainty"].item() == pytest.approx(0.0, abs=1e-6)
+    assert stats["load"].sum().item() == pytest.approx(1.0, abs=1e-6)
+    if k == 1:
+        assert torch.allclose(
+            stats["load"].double(), torch.full((e,), 1.0 / e, dtype=torch.float64)
+        )
