@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export HMORA_CACHE ?= $(CURDIR)/.cache
 PYTEST_ARGS ?=
 
-.PHONY: install mpi test lint format train bench clean
+.PHONY: install mpi test lint format train bench mutate clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -87,5 +87,18 @@ BENCH_ARGS ?=
 bench: $(STAMP)
 	DS_ACCELERATOR=cpu $(PY) -m hmora_ds.bench all $(BENCH_ARGS)
 
+# Mutation testing of the method math (docs/testing.md): not part of `make test` (about an hour
+# on 2 cores from scratch; mutmut keeps its results in mutants/ and re-runs only what changed).
+# MUTATE selects mutants by name pattern, e.g. MUTATE='hmora_ds.methods.himole.*' for one file.
+MUTATE ?=
+MUTATE_JOBS ?= 2
+MUTATE_STAMP := $(VENV)/.installed-mutate
+$(MUTATE_STAMP): $(STAMP)
+	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,analysis,mutate]"
+	@touch $(MUTATE_STAMP)
+mutate: $(MUTATE_STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $(MUTATE_JOBS) $(MUTATE)
+	$(PY) -m tests._mutation $(if $(MUTATE),--only '$(MUTATE)')
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache mutants .hypothesis
