@@ -24,8 +24,9 @@ PACKAGE = "hmora_ds"
 LAYERS: dict[int, tuple[str, ...]] = {
     # foundations: configs, losses, the frozen base model, assets, process/model loading
     0: ("__init__", "config", "losses", "base_model", "assets", "runtime"),
-    # expert banks and dispatchers, routers and the routing context, routing statistics
-    1: ("experts", "routing", "metrics"),
+    # expert banks and dispatchers, routers and the routing context, routing statistics, the
+    # K-means pre-clustering of prompts (HiMoLE stage 1; a method may use it)
+    1: ("experts", "routing", "metrics", "cluster"),
     # the methods: one file each, and the registry
     2: ("methods",),
     # the wrapper model and what works on it directly
