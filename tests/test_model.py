@@ -44,6 +44,28 @@ def test_only_adapters_train_and_base_linears_are_kept_not_copied():
         HMoRAModel(base, __import__("hmora_ds").load_config("hmora"), task_token_id=5)
 
 
+def test_adapted_linears_describe_themselves_in_the_model_repr():
+    """``print(model)`` shows each adapted linear's kind, shape, rank, experts and scaling
+    (what a user checks first when a preset looks wrong): HMoRA w LW's Hydra banks, its plain
+    LoRA in the last layer (single_lora_layers), MixLoRA's experts. Guards against a repr
+    that shows another layer's numbers or mislabels the kind."""
+    lw = tiny_hmora("hmora_lw")
+    layers = lw.base_model.model.layers
+    expected = {
+        layers[0].mlp.up_proj: "hydra, in=64, out=96, rank=8, experts=8, scaling=2",
+        layers[0].self_attn.q_proj: "hydra, in=64, out=64, rank=8, experts=8, scaling=2",
+        layers[5].mlp.down_proj: "lora, in=96, out=64, rank=8, experts=1, scaling=2",
+        tiny_hmora("mixlora").base_model.model.layers[0].mlp.up_proj: (
+            "mora, in=64, out=96, rank=8, experts=8, scaling=2"
+        ),
+    }
+    for module, text in expected.items():
+        assert module.extra_repr() == text
+    assert "hydra, in=64, out=96, rank=8, experts=8, scaling=2" in repr(lw)
+    sparse = tiny_hmora("mixlora", overrides={"adapter": {"compute": "sparse"}})
+    assert sparse.base_model.model.layers[0].mlp.up_proj.extra_repr().endswith(", sparse")
+
+
 def _expert_loop(layer: MoRALinear, x, gates):
     """Reference: Σ_i g_i (x A_i) B_i with a Python loop over experts."""
     r, out = layer.rank, layer.base_layer(x)

@@ -20,6 +20,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hmora_ds.config import TARGETS
 from hmora_ds.losses import (
     cgjs_divergence,
     entropy,
@@ -27,6 +28,7 @@ from hmora_ds.losses import (
     stacked_load_balance_loss,
 )
 from hmora_ds.metrics import routing_statistics
+from hmora_ds.routing.context import RouterId
 from hmora_ds.routing.gates import topk_gates
 
 settings.register_profile(
@@ -210,3 +212,28 @@ def test_routing_statistics_at_uniform_and_balanced_one_hot_routing(e, n, data):
         assert torch.allclose(
             stats["load"].double(), torch.full((e,), 1.0 / e, dtype=torch.float64)
         )
+
+
+# ------------------------------------------------------------------ router names
+@given(
+    st.integers(0, 300),
+    st.lists(st.sampled_from(TARGETS), min_size=1, max_size=3, unique=True),
+    st.sampled_from(["token", "task"]),
+)
+def test_router_names_round_trip(layer, targets, kind):
+    """``RouterId.parse(str(rid)) == rid`` for every layer, target group and kind: the names
+    in statistics, TensorBoard tags and analysis files read back to the router that wrote
+    them. Guards against a parse that drops a target, misreads the layer or swaps fields."""
+    rid = RouterId(layer, tuple(targets), kind)
+    name = str(rid)
+    assert name.startswith(f"layer{layer:02d}.")
+    assert RouterId.parse(name) == rid
+
+
+@pytest.mark.parametrize(
+    "name", ["layer03.q_k_v", "layer03.q.token.x", "lyr03.q.token", "layerx3.q.token", ""]
+)
+def test_malformed_router_names_are_refused_naming_them(name):
+    """A name not written by ``str(RouterId)`` is a one-line error quoting it."""
+    with pytest.raises(ValueError, match=r"router name .*expected layerNN\.<targets>\.<kind>"):
+        RouterId.parse(name)

@@ -165,6 +165,7 @@ def _assert_grads(got: dict, want: dict, rtol: float, case: str) -> None:
         assert err <= rtol * float(g.abs().max()) + 1e-12, f"{case}: {name} off by {err:.3g}"
 
 
+@pytest.mark.multirank
 def test_task_router_loss_and_gradient_cover_the_whole_step(tmp_path):
     run_ranks(_worker, WORLD, tmp_path, tmp_path, timeout=300)
     results = torch.load(tmp_path / "results.pt")
