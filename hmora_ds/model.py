@@ -93,6 +93,15 @@ def merge_sequence_records(
     return out
 
 
+def cache_length(past_key_values: Any) -> int:
+    """Tokens held by a KV cache (a ``Cache`` object or the legacy tuple), 0 for none."""
+    if past_key_values is None:
+        return 0
+    if hasattr(past_key_values, "get_seq_length"):
+        return int(past_key_values.get_seq_length())
+    return int(past_key_values[0][0].shape[-2]) if len(past_key_values) else 0
+
+
 class HMoRAModel(nn.Module):
     """HMoRA around a frozen Hugging Face ``Qwen2ForCausalLM`` / ``LlamaForCausalLM``.
 
@@ -134,6 +143,7 @@ class HMoRAModel(nn.Module):
         if not self.method.trains_base:
             base_model.requires_grad_(False)
             self._inject(decoder_layers(base_model))
+        base_model.register_forward_pre_hook(self._note_cache, with_kwargs=True)
         self.method.build_modules(self, tokenizer, task_token_id)
         trainable = count_parameters(self, trainable_only=True)
         logger.info(
@@ -188,6 +198,11 @@ class HMoRAModel(nn.Module):
                         compute=a.compute,
                     ),
                 )
+
+    def _note_cache(self, _module: nn.Module, _args: tuple, kwargs: dict[str, Any]) -> None:
+        """Before every base-model call (the wrapper's forward and each step of Hugging Face
+        ``generate``): tell the routing context how many tokens the KV cache already holds."""
+        self.routing_context.cached_tokens = cache_length(kwargs.get("past_key_values"))
 
     # ------------------------------------------------------------------ helpers
     def adapted_modules(self) -> dict[str, MoRALinear]:
@@ -357,7 +372,7 @@ class HMoRAModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         extras = self._batch_extras(model_kwargs)
         embeds = self.base_model.get_input_embeddings()(input_ids)
-        decoding = past_key_values is not None and past_key_values.get_seq_length() > 0
+        decoding = cache_length(past_key_values) > 0
         if position_ids is None and not decoding:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         ctx = self.routing_context
@@ -395,7 +410,7 @@ class HMoRAModel(nn.Module):
             # (a method without task routers pays nothing for step_batches).
             extra = self.method.step_records(self, self._step_routing_batch(step_batches))
             aux_records = merge_sequence_records(records, extra)
-        terms = self.method.aux_losses(aux_records, aux_group)
+        terms = self.method.aux_losses(aux_records + ctx.observations, aux_group)
         result.aux_by_kind = {k: v.detach() for k, v in terms.items()}
         result.step_kinds = tuple(k for k in terms if k in step_kinds)
         result.aux_loss = self._sum(terms.values())

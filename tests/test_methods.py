@@ -10,7 +10,7 @@ from hmora_ds.methods import Method, available_methods, get_method, register_met
 from tests import _method_invariants as inv
 from tests._dist import run_ranks
 
-BUILTIN = ("full_ft", "hmora", "hydralora", "lora", "mixlora", "molora")
+BUILTIN = ("full_ft", "himole", "hmora", "hydralora", "lora", "mixlora", "molora")
 METHODS = available_methods()
 
 

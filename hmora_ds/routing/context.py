@@ -83,6 +83,11 @@ class RoutingContext:
         self._expand_batch = False
         self._recording = False
         self._records: list[RoutingRecord] = []
+        self._observations: list[RoutingRecord] = []
+        #: Tokens already in the KV cache of the base model's current call (0 outside a
+        #: decoding step); set by the wrapper model before every base-model call, so a router
+        #: can tell a decoding step (only the new tokens) from a full forward.
+        self.cached_tokens = 0
 
     @contextlib.contextmanager
     def forward_scope(
@@ -110,6 +115,7 @@ class RoutingContext:
         self._token_mask = token_mask
         self._expand_batch = expand_batch
         self._records = []
+        self._observations = []
         self._recording = record
         try:
             yield self._records
@@ -123,9 +129,28 @@ class RoutingContext:
         """The task representation bound by the last forward (None if none)."""
         return self._task_repr
 
+    @property
+    def recording(self) -> bool:
+        """Whether this forward collects records (False in generation and in the activation
+        recomputation during backward)."""
+        return self._recording
+
     def record(self, rid: RouterId, probs: torch.Tensor, mask: torch.Tensor | None) -> None:
         if self._recording:
             self._records.append(RoutingRecord(rid, probs, mask))
+
+    def observe(self, rid: RouterId, values: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Keep a per-decision quantity a method's auxiliary loss needs that is not a router's
+        probabilities (e.g. a similarity of expert outputs per token): ``values`` (B, T) with
+        its token ``mask``. Handed to :meth:`~hmora_ds.methods.Method.aux_losses` with the
+        records, never to the routing statistics."""
+        if self._recording:
+            self._observations.append(RoutingRecord(rid, values, mask))
+
+    @property
+    def observations(self) -> list[RoutingRecord]:
+        """The observations of the last forward (see :meth:`observe`)."""
+        return self._observations
 
     def token_mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
         """The (B, T) token mask matching ``x`` (B, T, D), or None when not recording."""
