@@ -165,3 +165,101 @@ def test_a_method_can_route_on_extra_batch_inputs():
     out = model.generate(ids, attention_mask=attn, domain=torch.tensor([1, 2]),
                          max_new_tokens=2, do_sample=False, pad_token_id=0)  # fmt: skip
     assert out.shape == (2, ids.shape[1] + 2)
+
+
+def test_register_method_refuses_classes_that_are_not_named_methods():
+    """Only a named :class:`Method` subclass registers. Guards against the check turned into
+    ``isinstance(cls, type) or issubclass(...)`` (any named class accepted) or a class without
+    a ``name`` attribute failing with an AttributeError instead of the one-line error."""
+
+    class NamedButNotAMethod:
+        name = "test_not_a_method"
+
+    for bad in (NamedButNotAMethod, object, "hmora"):
+        with pytest.raises(ValueError, match=r"^register_method: .* must be a Method subclass"):
+            register_method(bad)
+    assert "test_not_a_method" not in available_methods()
+
+
+def test_plugins_import_once_each_by_path_or_module_name(tmp_path, monkeypatch):
+    """Every spec of the list is imported (a repeated path is skipped, not the rest of the
+    list), a file plug-in's module is in ``sys.modules`` (so its classes pickle and resolve),
+    and a failed import leaves no half-initialised module behind. Guards against ``break``
+    for ``continue``, a placeholder stored in ``sys.modules`` and a dotted-name import that
+    never runs."""
+    import sys
+
+    from hmora_ds.methods import import_plugins
+
+    body = (
+        "from hmora_ds.methods import Method, register_method\n"
+        "@register_method\n"
+        "class P(Method):\n"
+        "    name = {name!r}\n"
+    )
+    first = tmp_path / "plugin_first.py"
+    first.write_text(body.format(name="test_plugin_first"))
+    pkg = tmp_path / "plugin_pkg_xyz"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "second.py").write_text(body.format(name="test_plugin_second"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import_plugins([str(first), str(first), "plugin_pkg_xyz.second"])
+    for name in ("test_plugin_first", "test_plugin_second"):
+        cls = get_method(name)
+        module = sys.modules[cls.__module__]
+        assert module.P is cls
+    bad = tmp_path / "plugin_bad.py"
+    bad.write_text("import math\nx = 1 / 0\n")
+    with pytest.raises(ValueError, match=r"plugin_bad\.py': ZeroDivisionError: division by zero$"):
+        import_plugins([str(bad)])
+    assert not [m for m in sys.modules if "plugin_bad" in m]
+
+
+def test_full_finetune_method_requires_full_finetune_naming_the_field():
+    """``method=full_ft`` without ``full_finetune=true`` is refused naming the field and the
+    value it needs. Guards against the field name or the fix dropped from the message."""
+    data = load_config("full_ft").to_dict()
+    data["full_finetune"] = False
+    data["adapter"]["targets"] = ["q"]  # else the empty targets are refused first
+    from hmora_ds.config import HMoRAConfig
+
+    with pytest.raises(ValueError, match=r"^full_finetune: must be true \(method full_ft\)$"):
+        inv.build(HMoRAConfig.from_dict(data))
+
+
+def test_lora_refuses_experts_naming_the_methods_that_have_them():
+    """The refusal says which methods to use instead (the fix, not only the fault)."""
+    with pytest.raises(ValueError, match=r"use method=molora or method=hmora for experts"):
+        inv.build(load_config("lora_r8", ["adapter.num_experts=4"]))
+
+
+def test_plain_lora_adapts_only_its_targets():
+    """LoRA puts an adapter on the configured targets and nowhere else. Guards against
+    ``experts_at`` answering 1 for every linear (a LoRA on every projection)."""
+    overrides = ["adapter.targets=[q,v]", "adapter.single_lora_layers=[q,v]"]
+    model = inv.build(load_config("lora_r8", overrides))
+    adapted = {name.rsplit(".", 1)[-1] for name in model.adapted_modules()}
+    assert adapted == {"q_proj", "v_proj"}
+
+
+def test_hmora_parameter_components_by_name():
+    """Every trainable tensor of HMoRA (learnable α on) falls in its own TP-report component:
+    α, e_task and the task encoder are told apart by name. Guards against a mislabelled or
+    inverted name test (everything reported as e_task, α counted as a router)."""
+    model = inv.build(load_config("hmora", ["routing.learn_alpha=true"]))
+    method = model.method
+    seen: dict[str, set[str]] = {}
+    for name in model.state_dict(keep_vars=True):
+        param = dict(model.named_parameters()).get(name)
+        if param is None or not param.requires_grad:
+            continue
+        seen.setdefault(method.component_of(name), set()).add(name)
+    assert seen["e_task"] == {"task_encoder.task_embedding"}
+    assert seen["alpha"] and all(n.endswith("alpha_logit") for n in seen["alpha"])
+    assert all(n.startswith("task_encoder.") for n in seen["task encoder"])
+    assert all(".task_router." in n for n in seen["task routers"])
+    assert all(".token_router." in n for n in seen["token routers"])
+    assert all(n.endswith("lora_A") for n in seen["lora A"])
+    assert all(n.endswith("lora_B") for n in seen["lora B"])
+    assert "base model" not in seen
