@@ -263,3 +263,44 @@ def test_hmora_parameter_components_by_name():
     assert all(n.endswith("lora_A") for n in seen["lora A"])
     assert all(n.endswith("lora_B") for n in seen["lora B"])
     assert "base model" not in seen
+
+
+REFUSALS = [
+    ("molora", "routing.task_encoder=transformer",
+     "routing.task_encoder: must be none: MoLoRA routes tokens only; use method=hmora for task "
+     "routing (method molora)"),
+    ("molora", "adapter.hydra=true",
+     "adapter.hydra: must be false; use method=hydralora for a shared A (method molora)"),
+    ("molora", "loss.aux=cgjs", "loss.aux: must be none or blc (method molora)"),
+    ("mixlora", "routing.mode=soft",
+     "routing.mode: must be topk (MixLoRA is sparse) (method mixlora)"),
+    ("mixlora", "routing.task_encoder=transformer",
+     "routing.task_encoder: must be none: MixLoRA routes tokens only (method mixlora)"),
+    ("mixlora", "adapter.hydra=true", "adapter.hydra: must be false (method mixlora)"),
+    ("mixlora", "loss.aux=cgjs", "loss.aux: must be blc (or none) (method mixlora)"),
+    ("hydralora", "adapter.hydra=false",
+     "adapter.hydra: must be true (a shared A is the method) (method hydralora)"),
+    ("hydralora", "routing.task_encoder=transformer",
+     "routing.task_encoder: must be none: HydraLoRA routes tokens only (method hydralora)"),
+    ("lora_r8", "adapter.num_experts=4",
+     "adapter.num_experts: must be 1: one plain LoRA per layer (got 4); use method=molora or "
+     "method=hmora for experts (method lora)"),
+    ("lora_r8", "loss.aux=blc", "loss.aux: must be none: plain LoRA has no router (method lora)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("preset", "override", "message"), REFUSALS)
+def test_each_refused_setting_is_one_exact_line(preset, override, message):
+    """Every setting a baseline method does not have is refused with exactly one line: the
+    dotted field, what it must be, why or what to use instead, and the method. Guards against
+    a refusal naming the wrong field, losing its fix, or not firing."""
+    with pytest.raises(ValueError) as err:
+        inv.build(load_config(preset, [override]))
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize(("preset", "aux"), [("molora", "none"), ("molora", "blc"),
+                                             ("mixlora", "none"), ("mixlora", "blc")])  # fmt: skip
+def test_the_aux_losses_a_method_allows_are_accepted(preset, aux):
+    """The other side of the refusals: the settings a method has are accepted."""
+    assert inv.build(load_config(preset, [f"loss.aux={aux}"])).config.loss.aux == aux
