@@ -184,7 +184,8 @@ def test_register_method_refuses_classes_that_are_not_named_methods():
 def test_plugins_import_once_each_by_path_or_module_name(tmp_path, monkeypatch):
     """Every spec of the list is imported (a repeated path is skipped, not the rest of the
     list), a file plug-in's module is in ``sys.modules`` (so its classes pickle and resolve),
-    and a failed import leaves no half-initialised module behind. Guards against ``break``
+    a failed import leaves no half-initialised module behind, and two files of the same name
+    in different directories are two plug-ins. Guards against ``break``
     for ``continue``, a placeholder stored in ``sys.modules`` and a dotted-name import that
     never runs."""
     import sys
@@ -203,9 +204,18 @@ def test_plugins_import_once_each_by_path_or_module_name(tmp_path, monkeypatch):
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "second.py").write_text(body.format(name="test_plugin_second"))
+    # The same file name in other directories is another plug-in each time: 12 of them, so
+    # a module-name suffix with fewer than 12 values would have to collide.
+    same_stem = []
+    for i in range(12):
+        (tmp_path / f"other{i}").mkdir()
+        same_stem.append(tmp_path / f"other{i}" / "plugin_first.py")
+        same_stem[-1].write_text(body.format(name=f"test_plugin_same_stem{i}"))
     monkeypatch.syspath_prepend(str(tmp_path))
-    import_plugins([str(first), str(first), "plugin_pkg_xyz.second"])
-    for name in ("test_plugin_first", "test_plugin_second"):
+    specs = [str(first), str(first), "plugin_pkg_xyz.second", *map(str, same_stem)]
+    import_plugins(specs)
+    names = ["test_plugin_first", "test_plugin_second"]
+    for name in names + [f"test_plugin_same_stem{i}" for i in range(12)]:
         cls = get_method(name)
         module = sys.modules[cls.__module__]
         assert module.P is cls

@@ -294,3 +294,24 @@ def test_dispatch_plan_lists_every_routed_pair_once_grouped_by_expert(seed, b, t
         start = end
     assert start == plan.token.numel()
     assert torch.equal(rebuilt, gates.reshape(-1, e))
+
+
+@pytest.mark.parametrize("k", [None, 2])
+def test_dispatch_plan_keeps_token_order_inside_each_expert_on_long_inputs(k):
+    """From 32 keys on, torch's CPU ``argsort`` is no longer stable unless asked: the plan
+    must still list each expert's tokens in ascending order (its sort is stable). Guards
+    against ``stable=True`` dropped (invisible on the short inputs above)."""
+    from hmora_ds.experts.dispatch import DispatchPlan
+
+    probs = torch.softmax(torch.randn(4, 64, 8, generator=torch.Generator().manual_seed(0)), -1)
+    gates = (
+        torch.where(probs > 0.125, probs, torch.zeros_like(probs))
+        if k is None
+        else (topk_gates(probs, k, "sum"))
+    )
+    plan = DispatchPlan.build(gates, k, 64)
+    start = 0
+    for end in plan.offsets.tolist():
+        tokens = plan.token[start:end]
+        assert (tokens[1:] > tokens[:-1]).all()
+        start = end
