@@ -135,6 +135,11 @@ def import_plugins(specs: list[str]) -> None:
             raise ValueError(msg) from None
 
 
+#: The batch input that carries each sequence's cluster in a method's first training stage
+#: (:meth:`Method.stage1_steps`).
+CLUSTER_INPUT = "cluster"
+
+
 @dataclass
 class RoutingBatch:
     """What a method may route on, per forward (see :meth:`Method.routing_inputs`).

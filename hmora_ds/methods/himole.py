@@ -36,14 +36,12 @@ import torch
 from torch import nn
 
 from hmora_ds.losses import masked_mean
-from hmora_ds.methods.base import Method, RoutingBatch, register_method
+from hmora_ds.methods.base import CLUSTER_INPUT, Method, RoutingBatch, register_method
 from hmora_ds.routing.context import RouterId, RoutingRecord
 from hmora_ds.routing.gates import Router, RouterGroup, topk_gates
 
 #: The site whose per-group outputs L_div compares: the FFN's output projection.
 DIV_TARGET = "down"
-#: The batch input of stage 1: each sequence's cluster (= the group it trains).
-CLUSTER_INPUT = "cluster"
 
 
 @dataclass
