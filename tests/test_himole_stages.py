@@ -8,6 +8,9 @@ one process. Tiny random-init models: mechanics only."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 
 from tests.conftest import batch, randomize_adapters, tiny_hmora
@@ -111,3 +114,80 @@ def test_start_training_copies_one_expert_per_group_and_lr_scale():
     assert [method.lr_scale(s, 7) for s in range(7)] == [1.0] * 3 + [0.1] * 4
     assert method.stage1_steps(7) == 3 and method.stage1_steps(6) == 3
     assert [one.method.lr_scale(s, 6) for s in range(6)] == [1.0] * 6
+
+
+# ------------------------------------------------------------------ through the launcher
+@pytest.mark.slow
+def test_two_stage_run_clusters_once_and_resumes_across_the_boundary(tiny_run_inputs, tmp_path):
+    """Guards against the clustering being lost or recomputed on resume, against stage 2's lr
+    not being scaled (or scaled from the wrong step), and against a resume at the stage
+    boundary that does not repeat the uninterrupted run (a stage chosen from the wrong step
+    counter, a re-copied initialisation, a schedule scale not restored): the himole preset
+    on the tiny model clusters its prompts once (N by silhouette, saved in the run directory
+    and the checkpoint, shown in summary.json and the closing message), a run killed while
+    saving step 6 resumes from step 3 (the last stage-1 step) without clustering again and
+    ends bit for bit in the uninterrupted run's adapter and optimizer state; a resume whose
+    config does not allow the saved N is a one-line error."""
+    from hmora_ds.cluster import Clustering
+    from hmora_ds.train.checkpoint import safe_load
+    from tests._train_helpers import NO_DROPOUT, assert_same_final_state, launch, overrides
+    from tests._train_helpers import summary as read_summary
+
+    root = tiny_run_inputs
+    common = (*NO_DROPOUT, "preset=himole", "train.micro_batch_size=2", "checkpoint.keep_last=3")
+    ref, out = tmp_path / "uninterrupted", tmp_path / "crashed"
+    log = launch("python", "zero2.json", overrides(root, ref, *common))
+    saved = Clustering.load(ref / "clustering.json")
+    assert saved.chosen_n in (2, 3, 4) and set(saved.silhouette) == {2, 3, 4}
+    assert saved.silhouette[saved.chosen_n] == max(saved.silhouette.values())
+    assert Clustering.load(ref / "checkpoints" / "step00000003" / "clustering.json") == saved
+    s = read_summary(ref)["clustering"]
+    assert s["chosen_n"] == saved.chosen_n and s["num_experts"] == 4 * saved.chosen_n
+    assert s["stage1_steps"] == 3 and s["sizes"] == saved.sizes and s["stage2_lr_scale"] == 0.1
+    assert f"stage 1      3 steps on N={saved.chosen_n} clusters" in log
+    meta = json.loads((ref / "adapter" / "adapter_config.json").read_text())
+    assert meta["config"]["options"]["groups"] == saved.chosen_n
+    # The lr DeepSpeed's optimizer holds after step 3 (the lr of step 4, the first of stage 2):
+    # each group's initial lr × the linear schedule (warm-up 2, 6 steps: 0.75) × 0.1; after
+    # step 2 (the lr of step 3, stage 1) × 1.
+    for tag, want in (("step00000003", 0.75 * 0.1),):
+        state = safe_load(next((ref / "checkpoints" / tag).glob("*optim_states.pt")))
+        for group in state["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]:
+            assert group["lr"] == pytest.approx(group["initial_lr"] * want, rel=1e-9), tag
+    launch("python", "zero2.json", overrides(root, out, *common),
+           env={"HMORA_CRASH_DURING_SAVE": "step00000006"}, expect=17)  # fmt: skip
+    bad = launch("python", "zero2.json",
+                 [*overrides(root, out, *common, "method.options.cluster_candidates=[5]",
+                             "method.options.max_experts=20"), "--resume", "auto"],
+                 expect=2)  # fmt: skip
+    err = [line for line in bad.splitlines() if line.startswith("error: ")]
+    assert err and err[0].startswith(
+        f"error: method.options.cluster_candidates: the run being resumed clustered its "
+        f"prompts into N={saved.chosen_n}"
+    ), bad[-2000:]
+    resumed = launch("python", "zero2.json", [*overrides(root, out, *common), "--resume", "auto"])
+    assert "resumed: clustering loaded" in resumed and "embed prompts" not in resumed
+    assert Clustering.load(out / "clustering.json") == saved
+    assert_same_final_state(out, ref)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.max_steps=1"],
+         r"^method\.options\.stage1_fraction: 0\.5 × train\.max_steps=1 leaves no stage-1 step; "
+         r"raise one or set it to 0$"),
+        (["model.adapter=/nonexistent"], r"^model\.adapter: method himole trains in two stages"),
+    ],
+)  # fmt: skip
+def test_bad_two_stage_settings_are_one_line_errors(overrides, message):
+    """Guards against a two-stage run that would silently train in one stage (a stage 1 of
+    zero steps) or re-cluster and re-copy the experts of a trained adapter: one line each,
+    naming the field and the way out, before anything is loaded."""
+    from hmora_ds.train.config import load_run_config
+    from hmora_ds.train.stages import plan_stages
+
+    run = load_run_config(None, ["preset=himole", *overrides])
+    with pytest.raises(ValueError, match=message) as err:
+        plan_stages(run, run.hmora_config(), None, None, None, [], None)
+    assert "\n" not in str(err.value)

@@ -20,7 +20,10 @@ Paper: Jiang et al., "HiMoLE: Towards OOD-Robust LoRA via Hierarchical Mixture o
   e_n = Σ_{m∈n} G_hie,m · E_m h (eqs. 6–7) at the FFN output (``down``) of every
   ``options.div_every``-th layer (section 3.3: "every ten layers"; β = ``options.div_weight``);
   both statistics over the global batch of the data-parallel ranks;
-- two-stage training (section 3.3, algorithm 1) is the trainer's (``options.stage1_*``,
+- two-stage training (section 3.3, algorithm 1): :meth:`HiMoLE.stage1_steps`, the stage-1
+  routing (:meth:`HierarchicalRouter.stage1_probs`), :meth:`HiMoLE.start_training` and
+  :meth:`HiMoLE.lr_scale`; the clustering before the model is built is the trainer's
+  (:mod:`hmora_ds.train.stages`; ``options.stage1_*``,
   ``cluster_*``, ``sentence_encoder``; see docs/methods.md).
 
 docs/methods.md ("HiMoLE") lists the paper's ambiguities and how each is resolved.
