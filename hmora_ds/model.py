@@ -241,7 +241,13 @@ class HMoRAModel(nn.Module):
                 f"forward: method {self.method.name} routes on batch input(s) {missing}; "
                 "pass them as keyword arguments (the collator's batch keys of that name)"
             )
-        return {k: kwargs.pop(k) for k in self.method.batch_inputs}
+        extras = {k: kwargs.pop(k) for k in self.method.batch_inputs}
+        # Optional ones only when given (None counts as not given).
+        for k in self.method.optional_batch_inputs:
+            value = kwargs.pop(k, None)
+            if value is not None:
+                extras[k] = value
+        return extras
 
     def task_representation(
         self,
@@ -377,7 +383,9 @@ class HMoRAModel(nn.Module):
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         ctx = self.routing_context
         if decoding:
-            scope = ctx.forward_scope(ctx.task_repr, None, record=False, expand_batch=True)
+            scope = ctx.forward_scope(
+                ctx.task_repr, None, record=False, expand_batch=True, inputs=ctx.inputs
+            )
         else:
             pmask = self._task_mask(
                 {
@@ -388,7 +396,7 @@ class HMoRAModel(nn.Module):
                 }
             )
             task_repr = self._task_representation(embeds, pmask, attention_mask, extras)
-            scope = ctx.forward_scope(task_repr, attention_mask.bool(), record=True)
+            scope = ctx.forward_scope(task_repr, attention_mask.bool(), record=True, inputs=extras)
         with scope as records:
             out = self.base_model(
                 inputs_embeds=embeds,
@@ -452,9 +460,12 @@ class HMoRAModel(nn.Module):
         ids = torch.cat([padded(i) for i, _, _ in cut])
         attn = torch.cat([padded(a) for _, a, _ in cut]).bool()
         pmask = torch.cat([padded(m) for _, _, m in cut]).bool()
-        extras = {
-            k: torch.cat([b[k] for b in batches]).to(device) for k in self.method.batch_inputs
-        }
+        names = list(self.method.batch_inputs) + [
+            k
+            for k in self.method.optional_batch_inputs
+            if all(b.get(k) is not None for b in batches)
+        ]
+        extras = {k: torch.cat([b[k] for b in batches]).to(device) for k in names}
         embeds = self.base_model.get_input_embeddings()(ids)
         return RoutingBatch(embeds, attn, pmask, extras)
 
@@ -522,7 +533,9 @@ class HMoRAModel(nn.Module):
         extras = self._batch_extras(generate_kwargs)
         embeds = self.base_model.get_input_embeddings()(input_ids)
         task_repr = self._task_representation(embeds, pmask, attention_mask, extras)
-        with self.routing_context.forward_scope(task_repr, None, record=False, expand_batch=True):
+        with self.routing_context.forward_scope(
+            task_repr, None, record=False, expand_batch=True, inputs=extras
+        ):
             return self.base_model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs
             )

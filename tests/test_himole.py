@@ -186,6 +186,9 @@ def test_generation_routes_every_step_by_the_prompt():
          r"^options\.cluster_candidates: each N must be >= 2 with N × options\.experts_per_group"
          r" <= options\.max_experts \(16\)"),
         ({"options.stage1_fraction": 1.0}, r"^options\.stage1_fraction: must lie in \[0, 1\)"),
+        ({"routing.top_k": 5},
+         r"^routing\.top_k: must be <= options\.experts_per_group \(4\): stage 1 routes each "
+         r"sequence among its group's experts only; lower it or set options\.stage1_fraction=0"),
         ({"options.sentence_pool": "mean"}, r"^options\.sentence_pool: "),
         ({"options.groupz": 3}, r"^options\.groupz: unknown for method himole; valid: "),
     ],
@@ -261,40 +264,50 @@ def test_expert_parallel_equals_replicated(tmp_path):
         torch.testing.assert_close(std[n], g, rtol=1e-7, atol=1e-9, msg=n)
 
 
-# ------------------------------------------------------------------ ZeRO-3 through the launcher
+# ------------------------------------------------------------------ ZeRO-2/3 through the launcher
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_zero3_two_ranks_equal_one_process(tiny_run_inputs, tmp_path):
+def test_two_stage_zero2_and_zero3_two_ranks_equal_one_process(tiny_run_inputs, tmp_path):
     """Guards against a per-rank L_balance or L_div (each rank's own tokens instead of the
-    global batch) and against the sentence router's pooling breaking under ZeRO-3's
-    partitioned parameters: 2 ranks (ZeRO-3, micro-batch 1) train the same losses and adapter
-    as one process (micro-batch 2), through the real launcher, with L_div on every layer.
-    The losses agree to 1e-5; the adapters to 2e-4 (lr = 1e-3): micro-batches of 1 and 2 round
-    the router's GEMMs differently, and a top-k near-tie that flips gives one expert a token in
-    one run only, which Adam turns into a step of up to ~lr (seen: one expert, 9e-5)."""
+    global batch), against the sentence router's pooling breaking under ZeRO-3's partitioned
+    parameters, and against the two stages differing between layouts (a clustering or a
+    cluster label per rank, a stage-1 sentence router that ZeRO-3 cannot leave unused): the
+    two-stage ``himole`` preset (2 stage-1 steps, 2 stage-2 steps) on 2 ranks (ZeRO-2 and
+    ZeRO-3, micro-batch 1) trains the same losses and adapter as one process (micro-batch 2),
+    through the real launcher, with L_div on every layer. The losses agree to 1e-5; the
+    adapters to 2e-4 (lr = 1e-3): micro-batches of 1 and 2 round the router's GEMMs
+    differently, and a top-k near-tie that flips gives one expert a token in one run only,
+    which Adam turns into a step of up to ~lr (seen: one expert, 9e-5)."""
     from safetensors.torch import load_file
 
     from tests._train_helpers import NO_DROPOUT, launch, overrides, summary
 
     extra = [
-        *NO_DROPOUT, "preset=himole_one_stage", "method.options.div_every=1",
+        *NO_DROPOUT, "preset=himole", "method.options.div_every=1",
         "train.grad_accum=2", "train.max_steps=4", "eval.every=2", "checkpoint.every=2",
     ]  # fmt: skip
-    single, zero3 = tmp_path / "single", tmp_path / "zero3"
+    single, zero2, zero3 = tmp_path / "single", tmp_path / "zero2", tmp_path / "zero3"
     launch("python", "zero2.json",
            overrides(tiny_run_inputs, single, *extra, "train.micro_batch_size=2"))  # fmt: skip
+    launch("torchrun", "zero2.json",
+           overrides(tiny_run_inputs, zero2, *extra, "train.micro_batch_size=1"))  # fmt: skip
     launch("torchrun", "zero3.json",
            overrides(tiny_run_inputs, zero3, *extra, "train.micro_batch_size=1"))  # fmt: skip
-    losses = [[h["loss"] for h in summary(run)["history"]] for run in (single, zero3)]
-    assert summary(zero3)["zero_stage"] == 3 and len(losses[0]) == 4
-    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5,
-                               atol=1e-6)  # fmt: skip
-    a, b = (
-        load_file(str(run / "adapter" / "adapter_model.safetensors")) for run in (single, zero3)
-    )
-    assert a.keys() == b.keys() and any("sentence_router" in n for n in a)
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=0, atol=2e-4, msg=name)
+    want = summary(single)
+    assert want["clustering"]["stage1_steps"] == 2 and len(want["history"]) == 4
+    a = load_file(str(single / "adapter" / "adapter_model.safetensors"))
+    assert any("sentence_router" in n for n in a)
+    for run, stage in ((zero2, 2), (zero3, 3)):
+        got = summary(run)
+        assert got["zero_stage"] == stage and got["world_size"] == 2
+        assert got["clustering"] == want["clustering"]
+        torch.testing.assert_close(torch.tensor([h["loss"] for h in got["history"]]),
+                                   torch.tensor([h["loss"] for h in want["history"]]),
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+        b = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=0, atol=2e-4, msg=name)
 
 
 def test_run_config_takes_method_options():

@@ -20,7 +20,10 @@ Paper: Jiang et al., "HiMoLE: Towards OOD-Robust LoRA via Hierarchical Mixture o
   e_n = Σ_{m∈n} G_hie,m · E_m h (eqs. 6–7) at the FFN output (``down``) of every
   ``options.div_every``-th layer (section 3.3: "every ten layers"; β = ``options.div_weight``);
   both statistics over the global batch of the data-parallel ranks;
-- two-stage training (section 3.3, algorithm 1) is the trainer's (``options.stage1_*``,
+- two-stage training (section 3.3, algorithm 1): :meth:`HiMoLE.stage1_steps`, the stage-1
+  routing (:meth:`HierarchicalRouter.stage1_probs`), :meth:`HiMoLE.start_training` and
+  :meth:`HiMoLE.lr_scale`; the clustering before the model is built is the trainer's
+  (:mod:`hmora_ds.train.stages`; ``options.stage1_*``,
   ``cluster_*``, ``sentence_encoder``; see docs/methods.md).
 
 docs/methods.md ("HiMoLE") lists the paper's ambiguities and how each is resolved.
@@ -28,6 +31,7 @@ docs/methods.md ("HiMoLE") lists the paper's ambiguities and how each is resolve
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -35,7 +39,7 @@ import torch
 from torch import nn
 
 from hmora_ds.losses import masked_mean
-from hmora_ds.methods.base import Method, RoutingBatch, register_method
+from hmora_ds.methods.base import CLUSTER_INPUT, Method, RoutingBatch, register_method
 from hmora_ds.routing.context import RouterId, RoutingRecord
 from hmora_ds.routing.gates import Router, RouterGroup, topk_gates
 
@@ -215,10 +219,26 @@ class HierarchicalRouter(RouterGroup):
         return sen, tok
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sen, tok = self.logits(x)
-        probs = hierarchical_probs(sen, tok, experts_per_group=self.experts_per_group)
+        cluster = self._ctx.batch_input(CLUSTER_INPUT, x)
+        if cluster is not None:
+            probs = self.stage1_probs(x, cluster)
+        else:
+            sen, tok = self.logits(x)
+            probs = hierarchical_probs(sen, tok, experts_per_group=self.experts_per_group)
         self._ctx.record(self.token_id, probs, self._ctx.token_mask_for(x))
         return topk_gates(probs, self.top_k, "sum")
+
+    def stage1_probs(self, x: torch.Tensor, cluster: torch.Tensor) -> torch.Tensor:
+        """Stage 1 (algorithm 1): the sentence gate replaced by the sequence's cluster. The
+        token router's softmax over the M experts of group ``cluster[b]`` only, as (B, T, N·M)
+        with exact zeros on every other group's experts (their logits are -inf), so top-k
+        keeps experts of that group alone and no other expert or token-router row receives a
+        gradient from the sequence. The sentence router is not run (it trains in stage 2)."""
+        tok = self.token_router.linear(self.token_router.dropout(x))
+        owner = torch.arange(self.num_experts, device=tok.device) // self.experts_per_group
+        mine = owner == cluster.to(tok.device).long().view(-1, 1, 1)  # (B, 1, N·M)
+        dtype = torch.promote_types(tok.dtype, torch.float32)
+        return torch.softmax(tok.to(dtype).masked_fill(~mine, float("-inf")), dim=-1)
 
     def group_masks(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """(N, N·M): row n is 1 on group n's experts."""
@@ -246,6 +266,7 @@ class HiMoLE(Method):
     presets = {"himole": "HiMoLE", "himole_one_stage": "HiMoLE one stage"}  # noqa: RUF012
     order = 60
     options_class = HiMoLEOptions
+    optional_batch_inputs = (CLUSTER_INPUT,)
     components: ClassVar[tuple[str, ...]] = (
         "lora A", "lora B", "token routers", "sentence routers", "base model",
     )  # fmt: skip
@@ -289,6 +310,40 @@ class HiMoLE(Method):
                      f"options.max_experts ({o.max_experts}), each once; got {cands}")  # fmt: skip
         self.require("options.sentence_encoder", bool(o.sentence_encoder),
                      "must be 'base' or a sentence-transformers model path")  # fmt: skip
+        self.require("routing.top_k",
+                     o.stage1_fraction == 0 or c.routing.top_k <= o.experts_per_group,
+                     f"must be <= options.experts_per_group ({o.experts_per_group}): stage 1 "
+                     "routes each sequence among its group's experts only; lower it or set "
+                     "options.stage1_fraction=0")  # fmt: skip
+
+    # ------------------------------------------------------------------ two stages
+    def stage1_steps(self, max_steps: int) -> int:
+        """floor(stage1_fraction × max_steps): the first steps train each group on its
+        cluster (section 3.3, algorithm 1)."""
+        return math.floor(self.options.stage1_fraction * max_steps + 1e-9)
+
+    def lr_scale(self, step: int, max_steps: int) -> float:
+        """1 in stage 1, ``stage2_lr_scale`` from the first step of stage 2 on (paper: 3e-4
+        then 3e-5)."""
+        return 1.0 if step < self.stage1_steps(max_steps) else self.options.stage2_lr_scale
+
+    def start_training(self, model: nn.Module) -> None:
+        """With a stage 1: every group's M experts made copies of the group's first expert
+        (its A rows and B columns; B is zero at initialisation), so that the experts of a
+        group start from one initialisation and only the token router tells them apart."""
+        if self.options.stage1_fraction == 0:
+            return
+        m = self.options.experts_per_group
+        for module in model.adapted_modules().values():
+            if not isinstance(getattr(module, "router", None), HierarchicalRouter):
+                continue
+            e = module.router.num_experts
+            rank = module.lora_A.shape[0] // e
+            with torch.no_grad():
+                a = module.lora_A.view(e // m, m, rank, -1)
+                a.copy_(a[:, :1].expand_as(a).clone())
+                b = module.lora_B.view(module.lora_B.shape[0], e // m, m, rank)
+                b.copy_(b[:, :, :1].expand_as(b).clone())
 
     def build_router(
         self, model: nn.Module, layer: int, targets: tuple[str, ...], in_features: int,

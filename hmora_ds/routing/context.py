@@ -79,6 +79,7 @@ class RoutingContext:
     def __init__(self) -> None:
         self.forward_id = 0
         self._task_repr: torch.Tensor | None = None
+        self._inputs: dict[str, torch.Tensor] = {}
         self._token_mask: torch.Tensor | None = None
         self._expand_batch = False
         self._recording = False
@@ -97,6 +98,7 @@ class RoutingContext:
         *,
         record: bool,
         expand_batch: bool = False,
+        inputs: dict[str, torch.Tensor] | None = None,
     ) -> Iterator[list[RoutingRecord]]:
         """Bind the task representation for one model forward and collect routing records.
 
@@ -106,12 +108,15 @@ class RoutingContext:
             record: collect routing records (training/eval forwards; not generation steps).
             expand_batch: allow inputs whose batch is a multiple of B (generation with beams
                 or several return sequences, which repeat each prompt consecutively).
+            inputs: the method's batch inputs given to this forward (B, …), by name, for
+                routers to read with :meth:`batch_input` (e.g. HiMoLE's stage-1 ``cluster``).
 
         Yields:
             The list that receives this forward's records.
         """
         self.forward_id += 1
         self._task_repr = task_repr
+        self._inputs = dict(inputs or {})
         self._token_mask = token_mask
         self._expand_batch = expand_batch
         self._records = []
@@ -128,6 +133,26 @@ class RoutingContext:
     def task_repr(self) -> torch.Tensor | None:
         """The task representation bound by the last forward (None if none)."""
         return self._task_repr
+
+    @property
+    def inputs(self) -> dict[str, torch.Tensor]:
+        """The batch inputs bound by the last forward (see :meth:`forward_scope`)."""
+        return self._inputs
+
+    def batch_input(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        """The bound batch input ``name`` for the N sequences of ``x`` (N, …), or None when
+        the forward was not given it (expanded like :meth:`task_repr_for`)."""
+        value = self._inputs.get(name)
+        if value is None:
+            return None
+        n, b = x.shape[0], value.shape[0]
+        if n == b:
+            return value
+        if self._expand_batch and n % b == 0:
+            return value.repeat_interleave(n // b, dim=0)
+        raise RuntimeError(
+            f"routing context: input batch {n} does not match batch input {name!r} of {b}"
+        )
 
     @property
     def recording(self) -> bool:
