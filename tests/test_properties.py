@@ -315,3 +315,24 @@ def test_dispatch_plan_keeps_token_order_inside_each_expert_on_long_inputs(k):
         tokens = plan.token[start:end]
         assert (tokens[1:] > tokens[:-1]).all()
         start = end
+
+
+# ------------------------------------------------------------------ masked mean (HiMoLE's L_div)
+@given(router_probs())
+def test_masked_mean_is_the_mean_over_valid_entries(pm):
+    """The mean over the mask's valid entries only, with the gradient 1/count on each of them
+    and 0 on padding; 0 (not NaN) with no valid entry; a mismatched mask is a one-line error.
+    Guards against padding in the mean, a count over all entries, or a NaN on empty masks."""
+    from hmora_ds.losses import masked_mean
+
+    probs, mask = pm
+    values = probs[0, :, 0].clone().requires_grad_(True)
+    got = masked_mean(values, mask)
+    expected = values.detach()[mask.bool()].mean()
+    assert got.item() == pytest.approx(expected.item(), rel=1e-12)
+    got.backward()
+    assert torch.allclose(values.grad, mask / mask.sum())
+    assert masked_mean(values, torch.zeros_like(mask)).item() == 0.0
+    assert masked_mean(values).item() == pytest.approx(values.detach().mean().item(), rel=1e-12)
+    with pytest.raises(ValueError, match=r"^mask: shape \(\d+, 1\) must equal \(\d+,\)$"):
+        masked_mean(values, mask.unsqueeze(-1))

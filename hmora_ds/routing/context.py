@@ -143,16 +143,7 @@ class RoutingContext:
         """The bound batch input ``name`` for the N sequences of ``x`` (N, …), or None when
         the forward was not given it (expanded like :meth:`task_repr_for`)."""
         value = self._inputs.get(name)
-        if value is None:
-            return None
-        n, b = x.shape[0], value.shape[0]
-        if n == b:
-            return value
-        if self._expand_batch and n % b == 0:
-            return value.repeat_interleave(n // b, dim=0)
-        raise RuntimeError(
-            f"routing context: input batch {n} does not match batch input {name!r} of {b}"
-        )
+        return None if value is None else self._for_batch(value, x, f"batch input {name!r}")
 
     @property
     def recording(self) -> bool:
@@ -196,11 +187,14 @@ class RoutingContext:
                 "routing context: a task router ran but no task representation is bound; "
                 "call the HMoRA wrapper model (its forward/generate), not the inner HF model"
             )
-        n, b = x.shape[0], rep.shape[0]
+        return self._for_batch(rep, x, "the task representation batch")
+
+    def _for_batch(self, value: torch.Tensor, x: torch.Tensor, what: str) -> torch.Tensor:
+        """``value`` (B, …) bound per sequence, for the N sequences of ``x``: itself when
+        N = B, each row repeated N / B times under ``expand_batch`` (beams, several returns)."""
+        n, b = x.shape[0], value.shape[0]
         if n == b:
-            return rep
+            return value
         if self._expand_batch and n % b == 0:
-            return rep.repeat_interleave(n // b, dim=0)
-        raise RuntimeError(
-            f"routing context: input batch {n} does not match the task representation batch {b}"
-        )
+            return value.repeat_interleave(n // b, dim=0)
+        raise RuntimeError(f"routing context: input batch {n} does not match {what} of {b}")
