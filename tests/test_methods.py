@@ -296,6 +296,47 @@ REFUSALS = [
      "adapter.num_experts: must be 1: one plain LoRA per layer (got 4); use method=molora or "
      "method=hmora for experts (method lora)"),
     ("lora_r8", "loss.aux=blc", "loss.aux: must be none: plain LoRA has no router (method lora)"),
+    ("himole", "routing.mode=soft",
+     "routing.mode: must be topk (KeepTop-k, eq. 4) (method himole)"),
+    ("himole", "routing.task_encoder=transformer",
+     "routing.task_encoder: must be none: HiMoLE's sentence router reads the site's own hidden "
+     "states (method himole)"),
+    ("himole", "routing.topk_renorm=paper",
+     "routing.topk_renorm: must be sum (the kept gates are renormalised to sum 1) (method himole)"),
+    ("himole", "adapter.hydra=true", "adapter.hydra: must be false (method himole)"),
+    ("himole", "loss.aux=cgjs",
+     "loss.aux: must be blc (the Switch-style L_balance, appendix C) or none (method himole)"),
+    ("himole", "adapter.num_experts=8",
+     "adapter.num_experts: must equal options.groups × options.experts_per_group = 16 (got 8); "
+     "set adapter.num_experts=16 (method himole)"),
+    ("himole", "options.div_weight=-1",
+     "options.div_weight: must be >= 0, got -1.0 (method himole)"),
+    ("himole", "options.div_every=0", "options.div_every: must be >= 1, got 0 (method himole)"),
+    ("himole", ["options.groups=1", "adapter.num_experts=4", "options.cluster_candidates=[2]"],
+     "options.div_weight: needs options.groups >= 2 (L_div compares groups); set it to 0 "
+     "(method himole)"),
+    ("himole", "adapter.targets=[gate,up]",
+     "options.div_weight: needs 'down' among the routed adapter.targets (L_div compares the "
+     "groups' FFN outputs); add it or set options.div_weight=0 (method himole)"),
+    ("himole", "options.stage1_fraction=1.0",
+     "options.stage1_fraction: must lie in [0, 1), got 1.0 (method himole)"),
+    ("himole", "options.stage2_lr_scale=0",
+     "options.stage2_lr_scale: must be > 0, got 0.0 (method himole)"),
+    *[("himole", f"options.cluster_candidates={c}",
+       "options.cluster_candidates: each N must be >= 2 with N × options.experts_per_group <= "
+       f"options.max_experts (16), each once; got {c.replace(',', ', ')} (method himole)")
+      for c in ("[1,2]", "[2,2]", "[5]")],
+    ("himole", "options.sentence_encoder=",
+     "options.sentence_encoder: must be 'base' or a sentence-transformers model path "
+     "(method himole)"),
+    ("himole", "routing.top_k=5",
+     "routing.top_k: must be <= options.experts_per_group (4): stage 1 routes each sequence "
+     "among its group's experts only; lower it or set options.stage1_fraction=0 (method himole)"),
+    ("himole", "options.groups=0",
+     "options.groups: must be >= 1, got 0 (method himole); adapter.num_experts: must equal "
+     "options.groups × options.experts_per_group = 0 (got 16); set adapter.num_experts=0 (method "
+     "himole); options.div_weight: needs options.groups >= 2 (L_div compares groups); set it to "
+     "0 (method himole)"),
 ]  # fmt: skip
 
 
@@ -304,13 +345,25 @@ def test_each_refused_setting_is_one_exact_line(preset, override, message):
     """Every setting a baseline method does not have is refused with exactly one line: the
     dotted field, what it must be, why or what to use instead, and the method. Guards against
     a refusal naming the wrong field, losing its fix, or not firing."""
+    overrides = [override] if isinstance(override, str) else override
     with pytest.raises(ValueError) as err:
-        inv.build(load_config(preset, [override]))
+        inv.build(load_config(preset, overrides))
     assert str(err.value) == message
 
 
-@pytest.mark.parametrize(("preset", "aux"), [("molora", "none"), ("molora", "blc"),
-                                             ("mixlora", "none"), ("mixlora", "blc")])  # fmt: skip
-def test_the_aux_losses_a_method_allows_are_accepted(preset, aux):
-    """The other side of the refusals: the settings a method has are accepted."""
-    assert inv.build(load_config(preset, [f"loss.aux={aux}"])).config.loss.aux == aux
+ACCEPTED = [
+    ("molora", ["loss.aux=none"]), ("molora", ["loss.aux=blc"]), ("mixlora", ["loss.aux=none"]),
+    ("mixlora", ["loss.aux=blc"]), ("himole", ["loss.aux=none"]),
+    ("himole", ["options.stage1_fraction=0", "routing.top_k=5"]),  # one stage: any k
+    ("himole", ["options.div_weight=0", "options.groups=1", "adapter.num_experts=4",
+                "options.cluster_candidates=[2]"]),  # no L_div: one group is fine
+    ("himole", ["adapter.targets=[gate,up]", "options.div_weight=0"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("preset", "overrides"), ACCEPTED)
+def test_the_settings_a_method_allows_are_accepted(preset, overrides):
+    """The other side of the refusals (each refusal's boundary): the settings a method has
+    are accepted. Guards against a refusal that fires on its own escape hatch."""
+    config = inv.build(load_config(preset, overrides)).config
+    assert config.method == load_config(preset).method
