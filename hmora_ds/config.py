@@ -584,10 +584,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any])
             if not isinstance(node, dict) or (part not in node and not free):
                 where = ".".join(parts[: depth + 1])
                 raise ValueError(f"override {key}: unknown key {where!r}")
-            if depth == len(parts) - 1:
-                node[part] = value
-            else:
+            if depth < len(parts) - 1:
                 node = node[part]
+            elif isinstance(value, dict) and isinstance(node.get(part), dict) and not free:
+                # A section given as a mapping updates its keys, each checked like a dotted
+                # override; it does not replace the section (resetting the rest to defaults).
+                apply_overrides(data, {f"{key}.{k}": v for k, v in value.items()})
+            else:
+                node[part] = value
 
 
 def available_presets() -> list[str]:

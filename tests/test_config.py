@@ -150,3 +150,19 @@ def test_run_config_reports_every_section_at_once():
     msg = str(err.value)
     for field in ("train.lr", "checkpoint.every", "adapter.rank"):
         assert field in msg, msg
+
+
+def test_a_section_given_as_a_mapping_updates_it_instead_of_replacing_it():
+    """``{"routing": {"router_dropout": 0.0}}`` changes that key and keeps the preset's other
+    routing settings (it used to replace the section, silently resetting HMoRA w LW's router
+    sharing to the default); unknown keys inside the mapping are refused by their full name."""
+    lw = load_config("hmora_lw", {"routing": {"router_dropout": 0.0}})
+    assert lw.routing.router_dropout == 0.0 and lw.routing.share_routers
+    assert lw.to_dict()["routing"] == {
+        **load_config("hmora_lw").to_dict()["routing"],
+        "router_dropout": 0.0,
+    }
+    nested = load_config("himole", {"options": {"groups": 2}, "adapter.num_experts": 8})
+    assert nested.options["groups"] == 2 and nested.options["experts_per_group"] == 4
+    with pytest.raises(ValueError, match=r"^override routing\.nope: unknown key 'routing\.nope'$"):
+        load_config("hmora_lw", {"routing": {"nope": 1}})

@@ -62,7 +62,7 @@ def test_adapted_linears_describe_themselves_in_the_model_repr():
     for module, text in expected.items():
         assert module.extra_repr() == text
     assert "hydra, in=64, out=96, rank=8, experts=8, scaling=2" in repr(lw)
-    sparse = tiny_hmora("mixlora", overrides={"adapter": {"compute": "sparse"}})
+    sparse = tiny_hmora("mixlora", overrides=["adapter.compute=sparse"])
     assert sparse.base_model.model.layers[0].mlp.up_proj.extra_repr().endswith(", sparse")
 
 

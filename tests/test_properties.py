@@ -336,3 +336,68 @@ def test_masked_mean_is_the_mean_over_valid_entries(pm):
     assert masked_mean(values).item() == pytest.approx(values.detach().mean().item(), rel=1e-12)
     with pytest.raises(ValueError, match=r"^mask: shape \(\d+, 1\) must equal \(\d+,\)$"):
         masked_mean(values, mask.unsqueeze(-1))
+
+
+# ------------------------------------------------------------------ HiMoLE's gates and L_div
+@given(
+    st.integers(0, 2**31 - 1), st.integers(1, 3), st.integers(1, 6), st.integers(1, 4),
+    st.integers(1, 4), st.data(), st.sampled_from([torch.float32, torch.bfloat16]),
+)  # fmt: skip
+def test_himole_gates_are_eq_4_with_exactly_k_experts(seed, b, t, n, m, data, dtype):
+    """G = KeepTopK(softmax(broadcast(G_sen) ⊙ G_tok)) recomputed by hand (eq. 4): rows sum
+    to 1 with exactly k non-zero entries, the kept ones the k largest of the softmax, expert j
+    scaled by its group j // M's score; fp32 gates for bf16 logits. Guards against the groups
+    broadcast in the wrong order (tile instead of repeat), k ± 1 experts, unnormalised rows
+    and low-precision routing."""
+    from hmora_ds.methods.himole import hierarchical_gates, hierarchical_probs
+
+    k = data.draw(st.integers(1, n * m))
+    g = torch.Generator().manual_seed(seed)
+    sen = (torch.randn(b, n, generator=g) * 2).to(dtype)
+    tok = (torch.randn(b, t, n * m, generator=g) * 2).to(dtype)
+    gates = hierarchical_gates(sen, tok, experts_per_group=m, top_k=k)
+    assert gates.dtype == torch.float32 and gates.shape == (b, t, n * m)
+    by_hand = torch.empty(b, t, n * m)
+    for j in range(n * m):
+        by_hand[..., j] = sen.float()[:, j // m, None] * tok.float()[..., j]
+    probs = torch.softmax(by_hand, -1)
+    got = hierarchical_probs(sen, tok, experts_per_group=m)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, probs, atol=1e-6)
+    assert torch.allclose(gates.sum(-1), torch.ones(b, t), atol=1e-6)
+    assert ((gates > 0).sum(-1) == k).all()
+    assert torch.allclose(gates, topk_gates(probs, k, "sum"), atol=1e-6)
+
+
+@given(
+    st.integers(0, 2**31 - 1), st.integers(2, 4), st.integers(1, 3), st.integers(1, 4),
+    st.integers(1, 8), st.sampled_from([1e-3, 1.0, 1e3]),
+)  # fmt: skip
+def test_himole_group_cosines_are_the_mean_pairwise_cosine(seed, n, b, t, d, scale):
+    """Per token, the mean over pairs n < n' of cos(e_n, e_n') (eq. 7) against
+    ``torch.nn.functional.cosine_similarity`` pair by pair, for outputs of any scale (small
+    norms included), within [−1, 1]; a group whose output is 0 contributes cosine 0 with a
+    finite gradient. Guards against a norm clamp that bites at small norms, the ordered-pair
+    count off by two, and a NaN gradient at e = 0."""
+    from hmora_ds.methods.himole import diversity_loss, group_cosines
+
+    g = torch.Generator().manual_seed(seed)
+    e = (torch.randn(n, b, t, d, generator=g, dtype=torch.float64) * scale).requires_grad_(True)
+    with torch.no_grad():
+        e[0, 0, 0] = 0.0  # group 0 keeps no expert for this token
+    got = group_cosines(e)
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    expected = sum(torch.nn.functional.cosine_similarity(e[i], e[j], dim=-1, eps=1e-30)
+                   for i, j in pairs) / len(pairs)  # fmt: skip
+    assert torch.allclose(got, expected.detach(), atol=1e-9)
+    assert (got.abs() <= 1 + 1e-12).all()
+    mask = torch.ones(b, t)
+    mask[0, 0] = 0.0
+    loss = diversity_loss(e, mask)
+    valid = got[mask.bool()]
+    expected_loss = valid.mean().item() if valid.numel() else 0.0  # no valid token: 0, not NaN
+    assert loss.item() == pytest.approx(expected_loss, abs=1e-12)
+    loss.backward()
+    assert torch.isfinite(e.grad).all()
+    if n * b * t > 1:
+        assert e.grad[:, 0, 0].abs().sum() == 0  # the masked token gets no gradient

@@ -7,7 +7,7 @@ import torch
 
 from hmora_ds.routing import layer_alphas, layer_modes, topk_gates
 from hmora_ds.routing.task_encoder import TaskEncoder
-from tests.conftest import batch, tiny_hmora
+from tests.conftest import batch, randomize_adapters, tiny_hmora
 
 
 @pytest.mark.parametrize(
@@ -278,3 +278,35 @@ def test_batch_inputs_are_bound_per_forward_and_expanded_like_the_task_represent
         assert ctx.batch_input("cluster", x6).tolist() == [2, 2, 0, 0, 1, 1]
     with ctx.forward_scope(None, None, record=True):
         assert ctx.batch_input("cluster", x3) is None and ctx.inputs == {}
+
+
+def test_shared_routers_build_one_sparse_plan_per_forward_and_never_reuse_a_stale_one(
+    monkeypatch,
+):
+    """With the sparse path, the members of a shared router (q, k, v; gate, up) bucket their
+    tokens once per forward: one plan per shared router group and forward, one per unshared
+    routed site; and a second forward on other tokens gets a new plan, so its outputs equal a
+    fresh model's. Guards against the plan memo disabled (a rebuild per member), keyed on the
+    wrong entry, or reused across forwards."""
+    from hmora_ds.experts import dispatch
+
+    builds = []
+    real_build = dispatch.DispatchPlan.build.__func__
+    monkeypatch.setattr(
+        dispatch.DispatchPlan, "build",
+        classmethod(lambda cls, *a, **k: builds.append(1) or real_build(cls, *a, **k)),
+    )  # fmt: skip
+    overrides = ["adapter.compute=sparse", "routing.router_dropout=0.0"]
+    model = tiny_hmora("hmora_lw", overrides=overrides).eval()
+    assert model.config.routing.share_routers
+    randomize_adapters(model)
+    routed_groups = model.routers  # one RouterGroup per shared input (or unshared site)
+    first, second = batch(seed=1), batch(seed=2)
+    with torch.no_grad():
+        model(*first)
+        assert len(builds) == len(routed_groups)
+        out = model(*second).logits
+        assert len(builds) == 2 * len(routed_groups)
+        fresh = tiny_hmora("hmora_lw", overrides=overrides).eval()
+        fresh.load_state_dict(model.state_dict())
+        torch.testing.assert_close(out, fresh(*second).logits)
