@@ -72,7 +72,7 @@ def add_diffs(mutants: list[Mutant]) -> None:
     for m in mutants:
         if m.status != KILLED:
             try:
-                m.diff = get_diff_for_mutant(m.name, path=Path("mutants") / m.file)
+                m.diff = get_diff_for_mutant(m.name, path=m.file)
             except Exception as err:  # a diff we cannot show is reported, never fatal
                 m.diff = f"(mutmut could not show the diff: {type(err).__name__}: {err})"
 

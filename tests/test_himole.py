@@ -320,3 +320,17 @@ def test_run_config_takes_method_options():
     assert run.hmora_config().options["div_every"] == 3
     with pytest.raises(ValueError, match=r"^options\.nope: unknown for method himole"):
         load_run_config(None, ["preset=himole", "method.options.nope=3"]).hmora_config()
+
+
+def test_without_a_diversity_weight_no_diversity_is_computed_and_no_alpha_exists():
+    """β = 0 switches L_div off entirely (no ``div`` term, no per-group outputs computed),
+    and HiMoLE's routers carry no HMoRA α parameter: its trainable tensors are LoRA A / B and
+    the token and sentence routers only. Guards against L_div sites built at β = 0 (wasted
+    expert passes) and a learnable α switched on in its router groups."""
+    model = tiny_hmora("himole", overrides={**NO_DROPOUT, "options.div_weight": 0.0})
+    out = model(*batch())
+    assert set(out.aux_by_kind) == {"token"}
+    on = tiny_hmora("himole", overrides={**NO_DROPOUT, "options.div_every": 1})
+    assert "div" in on(*batch()).aux_by_kind
+    components = {on.method.component_of(n) for n, p in on.named_parameters() if p.requires_grad}
+    assert components == {"lora A", "lora B", "token routers", "sentence routers"}

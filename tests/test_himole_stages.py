@@ -191,3 +191,33 @@ def test_bad_two_stage_settings_are_one_line_errors(overrides, message):
     with pytest.raises(ValueError, match=message) as err:
         plan_stages(run, run.hmora_config(), None, None, None, [], None)
     assert "\n" not in str(err.value)
+
+
+def test_start_training_copies_within_groups_of_any_shape_past_plain_sites():
+    """N = 2 groups of M = 3 experts (N ≠ M, so a view that swaps them is wrong) behind a
+    plain LoRA on q (a site without a HiMoLE router, met first): every routed site's groups
+    are copies of their first expert, groups differ, and the plain LoRA is left alone.
+    Guards against the copy stopping at the first plain site (``break``) and against a
+    wrong (groups, experts, rank) view of A or B."""
+    overrides = [
+        "adapter.targets=[q,gate,up,down]", "adapter.single_lora_layers=[q]",
+        "options.groups=2", "options.experts_per_group=3", "adapter.num_experts=6",
+        "options.cluster_candidates=[2]", "adapter.dropout=0.0",
+    ]  # fmt: skip
+    torch.manual_seed(0)
+    model = tiny_hmora("himole", overrides=overrides)
+    randomize_adapters(model)
+    mods = model.adapted_modules()
+    plain = {n: m.lora_A.detach().clone() for n, m in mods.items() if m.router is None}
+    assert plain and all(n.endswith("q_proj") for n in plain)
+    model.method.start_training(model)
+    routed = [m for m in mods.values() if m.router is not None]
+    assert len(routed) == 3 * 6  # gate, up, down in each of the 6 layers
+    for mod in routed:
+        r = mod.lora_A.shape[0] // 6
+        a = mod.lora_A.detach().view(2, 3, r, -1)
+        b = mod.lora_B.detach().view(-1, 2, 3, r)
+        for j in (1, 2):
+            assert torch.equal(a[:, j], a[:, 0]) and torch.equal(b[:, :, j], b[:, :, 0])
+        assert not torch.equal(a[0, 0], a[1, 0])
+    assert all(torch.equal(mods[n].lora_A, a) for n, a in plain.items())
