@@ -96,13 +96,20 @@ def _naive_loglik(model, prompt, option_ids):
     return sum(logp[p - 1 + k, t].item() for k, t in enumerate(option_ids))
 
 
-@pytest.mark.parametrize("kind", ["base", "hmora"])
-def test_loglik_shared_prefix_equals_full_sequences(tiny, kind):
+@pytest.mark.parametrize("kind", ["base", "hmora_lw", "himole_one_stage"])
+def test_loglik_shared_prefix_equals_full_sequences(tiny, tiny_run_inputs, kind):
+    """Scoring options on a KV cache repeated per option equals scoring each prompt + option
+    from scratch, for the base model and for methods that route on the prompt (HMoRA's task
+    representation, HiMoLE's sentence representation, both repeated with the cache's rows).
+    HiMoLE's decoding step once refused the repeated rows."""
     tok, base = tiny
     model = base
-    if kind == "hmora":
+    if kind != "base":
         torch.manual_seed(0)
-        model = HMoRAModel(base, load_config("hmora_lw"), tokenizer=tok).eval()
+        fresh = AutoModelForCausalLM.from_pretrained(
+            tiny_run_inputs / "model", attn_implementation="eager"
+        ).eval()  # adapters are injected in place: never into the shared base
+        model = HMoRAModel(fresh, load_config(kind), tokenizer=tok).eval()
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():
             for name, p in model.named_parameters():

@@ -196,12 +196,14 @@ class HierarchicalRouter(RouterGroup):
         ctx = self._ctx
         if ctx.cached_tokens > 0:  # decoding: x holds only the new tokens
             h = self._sentence
-            if h is None or h.shape[0] != x.shape[0]:
+            if h is None:
                 raise RuntimeError(
                     f"HiMoLE router {self.name}: a decoding step without the prompt's sentence "
                     "representation; generate through the wrapper model (its forward/generate)"
                 )
-            return h.to(x.dtype)
+            # The prompt's rows, each repeated for beams or answer options (a KV cache
+            # repeated per option when scoring by log-likelihood), as the task representation.
+            return ctx.expand_rows(h, x, f"HiMoLE router {self.name}'s sentence rows").to(x.dtype)
         weights = ctx.task_repr_for(x)  # (B, T) pooling weights, rows summing to 1 (or 0)
         if weights.shape[-1] != x.shape[-2]:
             raise RuntimeError(

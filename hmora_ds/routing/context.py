@@ -143,7 +143,7 @@ class RoutingContext:
         """The bound batch input ``name`` for the N sequences of ``x`` (N, …), or None when
         the forward was not given it (expanded like :meth:`task_repr_for`)."""
         value = self._inputs.get(name)
-        return None if value is None else self._for_batch(value, x, f"batch input {name!r}")
+        return None if value is None else self.expand_rows(value, x, f"batch input {name!r}")
 
     @property
     def recording(self) -> bool:
@@ -187,9 +187,9 @@ class RoutingContext:
                 "routing context: a task router ran but no task representation is bound; "
                 "call the HMoRA wrapper model (its forward/generate), not the inner HF model"
             )
-        return self._for_batch(rep, x, "the task representation batch")
+        return self.expand_rows(rep, x, "the task representation batch")
 
-    def _for_batch(self, value: torch.Tensor, x: torch.Tensor, what: str) -> torch.Tensor:
+    def expand_rows(self, value: torch.Tensor, x: torch.Tensor, what: str) -> torch.Tensor:
         """``value`` (B, …) bound per sequence, for the N sequences of ``x``: itself when
         N = B, each row repeated N / B times under ``expand_batch`` (beams, several returns)."""
         n, b = x.shape[0], value.shape[0]
