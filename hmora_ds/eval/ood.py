@@ -94,15 +94,20 @@ def _question_text(q: Question) -> str:
 
 
 def shared_questions(
-    questions: Iterable[Question], records: Iterable[dict], min_chars: int = 20
+    questions: Iterable[Question],
+    records: Iterable[dict],
+    min_chars: int = 20,
+    require_answer: bool = True,
 ) -> list[tuple[str, str]]:
     """Evaluation questions that a training record holds: ``(question id, record id)`` pairs.
 
     A record holds a question when its normalised text (prompt and target, lower case,
-    alphanumerics only) contains both the question's normalised text and its correct answer's:
-    a template may leave the other options out but always shows the question and, as prompt
-    or target, the answer. Questions whose normalised text is shorter than ``min_chars``
-    (generic stems such as "Which is true?") are not searched: any record could contain them.
+    alphanumerics only) contains the question's normalised text and, with ``require_answer``,
+    its correct answer's: a template may leave the other options out but shows the question
+    and, as text or as a letter, the answer. ``require_answer=False`` is the stricter check
+    (the question alone); it also reports different questions that share a generic stem.
+    Questions whose normalised text is shorter than ``min_chars`` (stems such as "Which is
+    true?") are not searched: any record could contain them.
     """
     from hmora_ds.data.offline_tasks import norm_text
 
@@ -128,7 +133,7 @@ def shared_questions(
         while i != -1:
             k = bisect.bisect_right(starts, i) - 1
             rid, text = texts[k]
-            if answer in text:
+            if not require_answer or answer in text:
                 hits.append((q.id, rid))
                 break
             i = joined.find(needle, starts[k] + len(text) + 1)  # the next record on
