@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -105,11 +106,38 @@ def test_task_benchmark_mapping_and_the_studys_split():
     )
 
 
+def test_shared_questions_needs_question_and_answer_in_one_record():
+    """The leak check on hand-made records: a template that shows the question and the answer
+    (any case and punctuation) is found; the question with another answer only by the strict
+    check; a short generic stem never; HellaSwag's activity label is not part of the text."""
+    from hmora_ds.eval.benchmarks import Question
+
+    qs = [
+        Question("a", "arc_easy", "Which gas do plants take in from the air?",
+                 ("Oxygen", "Carbon dioxide"), 1),
+        Question("b", "arc_easy", "Which is true?", ("This one", "That one"), 0),
+        Question("hellaswag/7", "swag", "Baking cookies: A woman mixes flour and sugar in a bowl",
+                 ("then bakes them.", "then swims."), 0),
+    ]  # fmt: skip
+    recs = [
+        {"id": "r1", "source": "Q: which gas do plants take in from the AIR", "target": "oxygen"},
+        {"id": "r2", "source": "which gas do plants take in from the air? (carbon dioxide)",
+         "target": "B"},
+        {"id": "r3", "source": "Which is true? This one.", "target": "This one"},
+        {"id": "r4", "source": "a woman mixes flour and sugar in a bowl...",
+         "target": "Then bakes them"},
+    ]  # fmt: skip
+    assert shared_questions(qs, recs) == [("a", "r2"), ("hellaswag/7", "r4")]
+    assert shared_questions(qs, recs[:1]) == []  # the question, but with another answer
+    assert shared_questions(qs, recs[:1], require_answer=False) == [("a", "r1")]
+
+
 def test_ood_benchmarks_share_no_training_record_of_the_real_mixture():
     """The study's claim, on the records it trains on (the offline mixture of seed 0, its 7
     tasks) and the questions it evaluates (the first 100 of each test subset): no training
-    record holds an evaluation question with its answer. The positive control shows that the
-    check finds the questions a record does hold (ARC-E's train split: 1000 of them trained)."""
+    record holds an evaluation question with its answer, and no record even contains an OOD
+    question's text. The positive control shows that the check finds the questions a record
+    does hold (ARC-E's train split: 1000 of them trained)."""
     from hmora_ds.data import ensure_offline_mixture, load_records
     from hmora_ds.eval.benchmarks import load_benchmark
     from hmora_ds.eval.suite import SuiteConfig, prepare_suite
@@ -124,6 +152,8 @@ def test_ood_benchmarks_share_no_training_record_of_the_real_mixture():
     questions = [q for p in prepared.values() for q in p.questions]
     assert len(questions) == 600
     assert shared_questions(questions, train) == []
+    ood = [q for q in questions if q.benchmark in ("mmlu", "swag", "commonsense_qa")]
+    assert len(ood) == 300 and shared_questions(ood, train, require_answer=False) == []
     arc_train = load_benchmark("arc_easy", "train", "offline").questions
     hits = shared_questions(arc_train, [r for r in train if r["task_name"] == "arc_easy"])
     assert len({rid for _, rid in hits}) >= 990  # ≥ 99 % of the 1000 ARC-E records found
@@ -317,3 +347,62 @@ def test_task_selection_changes_the_training_hash_only_when_set(tmp_path, monkey
     monkeypatch.setattr(RunConfig, "to_dict", before_the_keys)
     ds_json = json.loads(opts.deepspeed.read_text())
     assert _hashes(opts, job.run, ds_json, 1)["train"] == plain
+
+
+# ---------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_ood_study_end_to_end_on_the_tiny_model(tiny_run_inputs, tmp_path):
+    """Two rows on the tiny model, one process: training sees only the selected tasks, both
+    sides are evaluated, MixLoRA's routing is analysed per task, and the table pairs MixLoRA
+    with LoRA per question."""
+    import sys
+
+    from hmora_ds.ablate.scales import REPO
+    from tests._dist import run_command
+    from tests._eval_helpers import toy_questions, write_local
+
+    mixture = tmp_path / "mixture"  # an offline build directory the runner reuses as is
+    mixture.mkdir()
+    lines = [json.loads(x) for x in (tiny_run_inputs / "data.jsonl").read_text().splitlines()]
+    tasks = ("arc_easy", "piqa", "commonsense_qa")
+    with (mixture / "data.jsonl").open("w") as f:
+        for i, rec in enumerate(lines):
+            f.write(json.dumps({**rec, "task_name": tasks[i % 3]}) + "\n")
+    (mixture / "manifest.json").write_text(
+        json.dumps({"kind": "offline", "max_per_task": 1000, "seed": 0})
+    )
+    bench = write_local(
+        tmp_path / "bench",
+        {
+            "arc_easy": {"test": toy_questions(6)},
+            "commonsense_qa": {"validation": toy_questions(8, "commonsense_qa")},
+        },
+    )
+    out = tmp_path / "study"
+    argv = ["ood", "--rows", "lora-r8,mixlora", "--launcher", "python", "--source",
+            "local", "--local-dir", str(bench), "--benchmarks", "arc-e,csqa", "--max-questions",
+            "0", "--out", str(out), "--stage-timeout", "200", "--set",
+            f"model.name_or_path={tiny_run_inputs / 'model'}", "model.attn_implementation=eager",
+            f"data.path={mixture}", "data.tasks=[arc_easy, piqa, commonsense_qa]",
+            "data.exclude_tasks=[commonsense_qa]", "data.val_fraction=0.15",
+            "data.max_input_tokens=48", "data.max_output_tokens=24", "train.max_steps=2",
+            "train.grad_accum=1", "train.warmup_steps=1", "eval.every=2", "eval.batch_size=4",
+            "checkpoint.every=2"]  # fmt: skip
+    rc, log = run_command([sys.executable, "-m", "hmora_ds.ablate", *argv], 500, cwd=REPO)
+    assert rc == 0, log[-4000:]
+    train_log = (out / "mixlora" / "seed0" / "train.log").read_text()
+    assert "records from 2 task(s) (arc_easy, piqa)" in train_log
+    rec = rowio.read_row(out / "mixlora" / "seed0")
+    n = rec["metrics"]["questions"]
+    assert rec["status"] == "done" and set(n) == {"arc_easy", "commonsense_qa"}
+    routing = json.loads(Path(rec["stages"]["analyze"]["routing"]).read_text())
+    assert {t: v["n"] for t, v in routing["tasks"].items()} == n  # the evaluated questions
+    assert all(sum(t["routing"]["token_load"]) == pytest.approx(1.0)
+               for t in routing["tasks"].values())  # fmt: skip
+    md = (out / "table.md").read_text()
+    head = f"| Method | TP | ID (n = {n['arc_easy']}) | OOD (n = {n['commonsense_qa']}) |"
+    assert head in md
+    assert "ID: ARC-E (held-out questions of trained tasks). OOD: Comm (tasks never" in md
+    mix = next(line for line in md.splitlines() if line.startswith("| MixLoRA |"))
+    assert mix.count("[") == 4  # ID, OOD and both paired Δ have an interval
+    assert "### Routing per task" in md and f"| ARC-E | ID | {n['arc_easy']} |" in md
