@@ -4,6 +4,7 @@
     python -m hmora_ds.ablate experts --seeds 0,1,2 --rows e4,e8
     python -m hmora_ds.ablate baselines --scale paper --launcher deepspeed
     python -m hmora_ds.ablate alpha --dry-run               # the grid, TP %, what would run
+    python -m hmora_ds.ablate ood                           # in / out of distribution (HiMoLE)
     python -m hmora_ds.ablate list                          # every study and its rows
 
 See ``docs/ablations.md``. Exit codes: 0 every row done, 1 some row failed, 2 a user error.
