@@ -217,7 +217,8 @@ def describe(opts: Options, jobs: list[Job]) -> str:
         f"analysis {'on' if opts.analyze else 'off'}",
         f"evaluation: {opts.benchmarks} ({opts.split}, {opts.mode}, "
         f"{opts.max_questions or 'all'} questions each)",
-        "base overrides: " + " ".join([*opts.scale.overrides, *as_overrides(opts.study.base)]),
+        "base overrides: "
+        + " ".join([*opts.scale.overrides, *as_overrides(opts.study.base_for(opts.scale.name))]),
     ]
     if opts.sets:
         lines.append("--set: " + " ".join(opts.sets))

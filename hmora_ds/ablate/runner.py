@@ -216,7 +216,7 @@ def plan(opts: Options, rows: list[Row], strict: bool = True) -> list[Job]:
             row_dir = opts.out / row.name / f"seed{seed}"
             overrides = [
                 *opts.scale.overrides,
-                *as_overrides(opts.study.base),
+                *as_overrides(opts.study.base_for(opts.scale.name)),
                 *opts.sets,
                 *as_overrides(row.overrides),
                 f"train.seed={seed}",

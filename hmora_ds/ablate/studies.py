@@ -83,6 +83,12 @@ class Study:
     #: The in/out-of-distribution protocol (:mod:`hmora_ds.eval.ood`): checkpoints are
     #: selected on the ID benchmarks only, and the table reports ID and OOD accuracy.
     ood: bool = False
+    #: Per scale, overrides applied after ``base`` (a recipe meant for one scale only).
+    scale_base: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def base_for(self, scale: str) -> dict[str, Any]:
+        """``base`` with this scale's own overrides on top."""
+        return {**self.base, **self.scale_base.get(scale, {})}
 
     def rows_for(self, scale: str) -> list[Row]:
         return [r for r in self.rows if scale == "paper" or not r.paper_only]
@@ -319,12 +325,12 @@ OOD_TRAIN_TASKS = (
 )
 #: What the ``ood`` study evaluates at CPU scale: every benchmark the offline source has.
 OOD_BENCHMARKS = "mmlu,arc-c,arc-e,obqa,swag,csqa"
-#: The ``ood`` study's training: the ``learning`` study's recipe (routers at 20 × lr, 8 sequences
-#: per step, constant lr), so that routing can differ between methods at all, on the 7 tasks.
-#: ``data.path: null``: the offline mixture's cached build, also at ``--scale paper`` (whose
-#: config trains on Flan v2, a mixture without this task mapping).
-OOD_RECIPE: dict[str, Any] = {
-    **LEARNING_RECIPE,
+#: The ``ood`` study's data at every scale: the 7 tasks of the offline mixture's cached build
+#: (``data.path: null``), also at ``--scale paper``, whose config trains on Flan v2 (a mixture
+#: without this task mapping). At ``--scale cpu`` training follows the ``learning`` study's
+#: recipe (routers at 20 × lr, 8 sequences per step, constant lr), so that routing can differ
+#: between methods at all; at ``--scale paper`` the paper config's own training.
+OOD_DATA: dict[str, Any] = {
     "data.kind": "offline",
     "data.path": None,
     "data.tasks": list(OOD_TRAIN_TASKS),
@@ -373,7 +379,7 @@ def _ood() -> Study:
         "In and out of distribution (HiMoLE's protocol): 7 training tasks; ID = their held-out "
         "questions, OOD = tasks never trained",
         ("Method",),
-        dict(OOD_RECIPE),
+        dict(OOD_DATA),
         rows,
         analysis_data="benchmarks",
         defaults={
@@ -381,6 +387,7 @@ def _ood() -> Study:
             "paper": {"benchmarks": "all"},
         },
         ood=True,
+        scale_base={"cpu": dict(LEARNING_RECIPE)},
     )
 
 
