@@ -578,7 +578,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any])
         node = data
         parts = key.split(".")
         for depth, part in enumerate(parts):
-            free = depth == 1 and parts[0] == "options"  # method options: checked by the method
+            # Method options (``options.x``, a run config's ``method.options.x``): checked by
+            # the method's own options class.
+            free = depth >= 1 and parts[depth - 1] == "options"
             if not isinstance(node, dict) or (part not in node and not free):
                 where = ".".join(parts[: depth + 1])
                 raise ValueError(f"override {key}: unknown key {where!r}")

@@ -56,6 +56,19 @@ def _all_reduce(t: torch.Tensor, group: Any) -> torch.Tensor:
     return out.wait() if isinstance(out, funcol.AsyncCollectiveTensor) else out
 
 
+def masked_mean(
+    values: torch.Tensor, mask: torch.Tensor | None = None, *, group: Any = None
+) -> torch.Tensor:
+    """Mean of ``values`` (N…) over the valid entries (``mask`` (N…), 1 = valid) of the
+    (global) batch, differentiable; 0 without a valid entry. fp32 at least."""
+    v = values.to(torch.promote_types(values.dtype, torch.float32)).reshape(-1)
+    m = torch.ones_like(v) if mask is None else mask.reshape(-1).to(v.dtype)
+    if mask is not None and mask.shape != values.shape:
+        raise ValueError(f"mask: shape {tuple(mask.shape)} must equal {tuple(values.shape)}")
+    sums = _all_reduce(torch.stack([v @ m, m.sum()]), group)
+    return sums[0] / sums[1].detach().clamp_min(1.0)
+
+
 def routing_moments(
     probs: torch.Tensor, mask: torch.Tensor | None = None, *, group: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -93,6 +93,15 @@ def merge_sequence_records(
     return out
 
 
+def cache_length(past_key_values: Any) -> int:
+    """Tokens held by a KV cache (a ``Cache`` object or the legacy tuple), 0 for none."""
+    if past_key_values is None:
+        return 0
+    if hasattr(past_key_values, "get_seq_length"):
+        return int(past_key_values.get_seq_length())
+    return int(past_key_values[0][0].shape[-2]) if len(past_key_values) else 0
+
+
 class HMoRAModel(nn.Module):
     """HMoRA around a frozen Hugging Face ``Qwen2ForCausalLM`` / ``LlamaForCausalLM``.
 
@@ -134,6 +143,7 @@ class HMoRAModel(nn.Module):
         if not self.method.trains_base:
             base_model.requires_grad_(False)
             self._inject(decoder_layers(base_model))
+        base_model.register_forward_pre_hook(self._note_cache, with_kwargs=True)
         self.method.build_modules(self, tokenizer, task_token_id)
         trainable = count_parameters(self, trainable_only=True)
         logger.info(
@@ -189,6 +199,11 @@ class HMoRAModel(nn.Module):
                     ),
                 )
 
+    def _note_cache(self, _module: nn.Module, _args: tuple, kwargs: dict[str, Any]) -> None:
+        """Before every base-model call (the wrapper's forward and each step of Hugging Face
+        ``generate``): tell the routing context how many tokens the KV cache already holds."""
+        self.routing_context.cached_tokens = cache_length(kwargs.get("past_key_values"))
+
     # ------------------------------------------------------------------ helpers
     def adapted_modules(self) -> dict[str, MoRALinear]:
         """Name → adapted linear, in module order."""
@@ -226,7 +241,13 @@ class HMoRAModel(nn.Module):
                 f"forward: method {self.method.name} routes on batch input(s) {missing}; "
                 "pass them as keyword arguments (the collator's batch keys of that name)"
             )
-        return {k: kwargs.pop(k) for k in self.method.batch_inputs}
+        extras = {k: kwargs.pop(k) for k in self.method.batch_inputs}
+        # Optional ones only when given (None counts as not given).
+        for k in self.method.optional_batch_inputs:
+            value = kwargs.pop(k, None)
+            if value is not None:
+                extras[k] = value
+        return extras
 
     def task_representation(
         self,
@@ -357,12 +378,14 @@ class HMoRAModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         extras = self._batch_extras(model_kwargs)
         embeds = self.base_model.get_input_embeddings()(input_ids)
-        decoding = past_key_values is not None and past_key_values.get_seq_length() > 0
+        decoding = cache_length(past_key_values) > 0
         if position_ids is None and not decoding:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         ctx = self.routing_context
         if decoding:
-            scope = ctx.forward_scope(ctx.task_repr, None, record=False, expand_batch=True)
+            scope = ctx.forward_scope(
+                ctx.task_repr, None, record=False, expand_batch=True, inputs=ctx.inputs
+            )
         else:
             pmask = self._task_mask(
                 {
@@ -373,7 +396,7 @@ class HMoRAModel(nn.Module):
                 }
             )
             task_repr = self._task_representation(embeds, pmask, attention_mask, extras)
-            scope = ctx.forward_scope(task_repr, attention_mask.bool(), record=True)
+            scope = ctx.forward_scope(task_repr, attention_mask.bool(), record=True, inputs=extras)
         with scope as records:
             out = self.base_model(
                 inputs_embeds=embeds,
@@ -395,7 +418,7 @@ class HMoRAModel(nn.Module):
             # (a method without task routers pays nothing for step_batches).
             extra = self.method.step_records(self, self._step_routing_batch(step_batches))
             aux_records = merge_sequence_records(records, extra)
-        terms = self.method.aux_losses(aux_records, aux_group)
+        terms = self.method.aux_losses(aux_records + ctx.observations, aux_group)
         result.aux_by_kind = {k: v.detach() for k, v in terms.items()}
         result.step_kinds = tuple(k for k in terms if k in step_kinds)
         result.aux_loss = self._sum(terms.values())
@@ -437,9 +460,12 @@ class HMoRAModel(nn.Module):
         ids = torch.cat([padded(i) for i, _, _ in cut])
         attn = torch.cat([padded(a) for _, a, _ in cut]).bool()
         pmask = torch.cat([padded(m) for _, _, m in cut]).bool()
-        extras = {
-            k: torch.cat([b[k] for b in batches]).to(device) for k in self.method.batch_inputs
-        }
+        names = list(self.method.batch_inputs) + [
+            k
+            for k in self.method.optional_batch_inputs
+            if all(b.get(k) is not None for b in batches)
+        ]
+        extras = {k: torch.cat([b[k] for b in batches]).to(device) for k in names}
         embeds = self.base_model.get_input_embeddings()(ids)
         return RoutingBatch(embeds, attn, pmask, extras)
 
@@ -507,7 +533,9 @@ class HMoRAModel(nn.Module):
         extras = self._batch_extras(generate_kwargs)
         embeds = self.base_model.get_input_embeddings()(input_ids)
         task_repr = self._task_representation(embeds, pmask, attention_mask, extras)
-        with self.routing_context.forward_scope(task_repr, None, record=False, expand_batch=True):
+        with self.routing_context.forward_scope(
+            task_repr, None, record=False, expand_batch=True, inputs=extras
+        ):
             return self.base_model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs
             )

@@ -25,7 +25,7 @@ from hmora_ds.methods import adapter_parameters
 
 #: The components (as the methods name them) whose lr ``router_lr_mult`` scales: the routers'
 #: linear maps and α, not the task encoder (see the module docstring).
-ROUTING_COMPONENTS = frozenset({"token routers", "task routers", "alpha"})
+ROUTING_COMPONENTS = frozenset({"token routers", "task routers", "sentence routers", "alpha"})
 
 
 def _no_decay(param: nn.Parameter) -> bool:

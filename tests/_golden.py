@@ -14,8 +14,8 @@ fingerprint of the logits they give, so adapters written before a refactor still
 
 ``python -m tests._golden`` rewrites the files: run it only on a commit whose outputs are
 known good. ``python -m tests._golden --presets hmora hmora_lw`` re-records only those presets'
-cases (both architectures) and keeps everything else, the committed adapters included: use it
-when a change is meant to alter those presets' outputs only.
+cases (both architectures) and TP reports and keeps everything else, the committed adapters
+included: use it when a change is meant to alter those presets' outputs only (or adds presets).
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from tests.conftest import QUESTION_ID, batch, tiny_base
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 GOLDEN_FILE = GOLDEN_DIR / "golden.json"
-PRESETS = ("lora_r8", "lora_r64", "molora", "mixlora", "hydralora", "hmora", "hmora_lw", "full_ft")
+PRESETS = ("lora_r8", "lora_r64", "molora", "mixlora", "hydralora", "hmora", "hmora_lw", "full_ft",
+           "himole", "himole_one_stage")  # fmt: skip
 ARCHS = ("qwen2", "llama")
 TP_SHAPES = ("qwen2-1.5b", "llama-3.2-1b")
 #: Adapters committed as written by the code that recorded the goldens.
@@ -103,11 +104,11 @@ def eval_logits(model: HMoRAModel) -> list[float]:
         return fingerprint(model(ids, attn, labels, prompt).logits.double(), 11)
 
 
-def tp_reports() -> dict:
+def tp_reports(presets: tuple[str, ...] = PRESETS) -> dict:
     out = {}
     for shape in TP_SHAPES:
         cfg = load_model_config(shape)
-        for preset in PRESETS:
+        for preset in presets:
             rep = parameter_report(build_meta_model(cfg, load_config(preset)))
             out[f"{shape}/{preset}"] = {
                 "components": dict(sorted(rep.components.items())),
@@ -128,6 +129,7 @@ def record(presets: list[str] | None = None) -> None:
         for preset in presets:
             for arch in ARCHS:
                 data["cases"][f"{preset}/{arch}"] = case_outputs(golden_model(preset, arch))
+        data["tp"].update(tp_reports(tuple(presets)))
         GOLDEN_FILE.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
         print(f"rewrote the cases of {presets} in {GOLDEN_FILE}", file=sys.stderr)
         return

@@ -146,16 +146,20 @@ def _global_worker(rank, world, probs_logits, mask, out_dir):
     probs = torch.softmax(local, -1)
     cg = cgjs_loss(probs, local_mask, group=dist.group.WORLD)
     blc = load_balance_loss(probs, 2, local_mask, group=dist.group.WORLD)
+    div = cgjs_divergence(probs, local_mask, group=dist.group.WORLD)
     (cg + blc).backward()
     # Data-parallel engines average gradients over ranks: do the same for the comparison.
     torch.save(
-        {"cg": cg.detach(), "blc": blc.detach(), "grad": local.grad / world},
+        {"cg": cg.detach(), "blc": blc.detach(), "div": div.detach(), "grad": local.grad / world},
         out_dir / f"rank{rank}.pt",
     )
 
 
 @pytest.mark.multirank
 def test_global_batch_statistics_two_ranks_equal_one_process(tmp_path):
+    """CGJS, its divergence and L_blc on two ranks holding half a batch each equal one
+    process holding all of it, values and gradients. Guards against a statistic that is not
+    all-reduced (the ``group`` not passed down) or a non-differentiable all-reduce."""
     torch.manual_seed(0)
     logits = torch.randn(12, 8)
     mask = torch.tensor([1, 1, 1, 0, 1, 1, 1, 1, 0, 0, 1, 1])
@@ -169,5 +173,6 @@ def test_global_batch_statistics_two_ranks_equal_one_process(tmp_path):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         torch.testing.assert_close(got["cg"], cg.detach())
         torch.testing.assert_close(got["blc"], blc.detach())
+        torch.testing.assert_close(got["div"], cgjs_divergence(probs, mask).detach())
         grads.append(got["grad"])
     torch.testing.assert_close(torch.cat(grads), ref_logits.grad)

@@ -10,7 +10,7 @@ from hmora_ds.methods import Method, available_methods, get_method, register_met
 from tests import _method_invariants as inv
 from tests._dist import run_ranks
 
-BUILTIN = ("full_ft", "hmora", "hydralora", "lora", "mixlora", "molora")
+BUILTIN = ("full_ft", "himole", "hmora", "hydralora", "lora", "mixlora", "molora")
 METHODS = available_methods()
 
 
@@ -165,3 +165,205 @@ def test_a_method_can_route_on_extra_batch_inputs():
     out = model.generate(ids, attention_mask=attn, domain=torch.tensor([1, 2]),
                          max_new_tokens=2, do_sample=False, pad_token_id=0)  # fmt: skip
     assert out.shape == (2, ids.shape[1] + 2)
+
+
+def test_register_method_refuses_classes_that_are_not_named_methods():
+    """Only a named :class:`Method` subclass registers. Guards against the check turned into
+    ``isinstance(cls, type) or issubclass(...)`` (any named class accepted) or a class without
+    a ``name`` attribute failing with an AttributeError instead of the one-line error."""
+
+    class NamedButNotAMethod:
+        name = "test_not_a_method"
+
+    for bad in (NamedButNotAMethod, object, "hmora"):
+        with pytest.raises(ValueError, match=r"^register_method: .* must be a Method subclass"):
+            register_method(bad)
+    assert "test_not_a_method" not in available_methods()
+
+
+def test_plugins_import_once_each_by_path_or_module_name(tmp_path, monkeypatch):
+    """Every spec of the list is imported (a repeated path is skipped, not the rest of the
+    list), a file plug-in's module is in ``sys.modules`` (so its classes pickle and resolve),
+    a failed import leaves no half-initialised module behind, and two files of the same name
+    in different directories are two plug-ins. Guards against ``break``
+    for ``continue``, a placeholder stored in ``sys.modules`` and a dotted-name import that
+    never runs."""
+    import sys
+
+    from hmora_ds.methods import import_plugins
+
+    body = (
+        "from hmora_ds.methods import Method, register_method\n"
+        "@register_method\n"
+        "class P(Method):\n"
+        "    name = {name!r}\n"
+    )
+    first = tmp_path / "plugin_first.py"
+    first.write_text(body.format(name="test_plugin_first"))
+    pkg = tmp_path / "plugin_pkg_xyz"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "second.py").write_text(body.format(name="test_plugin_second"))
+    # The same file name in other directories is another plug-in each time: 12 of them, so
+    # a module-name suffix with fewer than 12 values would have to collide.
+    same_stem = []
+    for i in range(12):
+        (tmp_path / f"other{i}").mkdir()
+        same_stem.append(tmp_path / f"other{i}" / "plugin_first.py")
+        same_stem[-1].write_text(body.format(name=f"test_plugin_same_stem{i}"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    specs = [str(first), str(first), "plugin_pkg_xyz.second", *map(str, same_stem)]
+    import_plugins(specs)
+    names = ["test_plugin_first", "test_plugin_second"]
+    for name in names + [f"test_plugin_same_stem{i}" for i in range(12)]:
+        cls = get_method(name)
+        module = sys.modules[cls.__module__]
+        assert module.P is cls
+    bad = tmp_path / "plugin_bad.py"
+    bad.write_text("import math\nx = 1 / 0\n")
+    with pytest.raises(ValueError, match=r"plugin_bad\.py': ZeroDivisionError: division by zero$"):
+        import_plugins([str(bad)])
+    assert not [m for m in sys.modules if "plugin_bad" in m]
+
+
+def test_full_finetune_method_requires_full_finetune_naming_the_field():
+    """``method=full_ft`` without ``full_finetune=true`` is refused naming the field and the
+    value it needs. Guards against the field name or the fix dropped from the message."""
+    data = load_config("full_ft").to_dict()
+    data["full_finetune"] = False
+    data["adapter"]["targets"] = ["q"]  # else the empty targets are refused first
+    from hmora_ds.config import HMoRAConfig
+
+    with pytest.raises(ValueError, match=r"^full_finetune: must be true \(method full_ft\)$"):
+        inv.build(HMoRAConfig.from_dict(data))
+
+
+def test_lora_refuses_experts_naming_the_methods_that_have_them():
+    """The refusal says which methods to use instead (the fix, not only the fault)."""
+    with pytest.raises(ValueError, match=r"use method=molora or method=hmora for experts"):
+        inv.build(load_config("lora_r8", ["adapter.num_experts=4"]))
+
+
+def test_plain_lora_adapts_only_its_targets():
+    """LoRA puts an adapter on the configured targets and nowhere else. Guards against
+    ``experts_at`` answering 1 for every linear (a LoRA on every projection)."""
+    overrides = ["adapter.targets=[q,v]", "adapter.single_lora_layers=[q,v]"]
+    model = inv.build(load_config("lora_r8", overrides))
+    adapted = {name.rsplit(".", 1)[-1] for name in model.adapted_modules()}
+    assert adapted == {"q_proj", "v_proj"}
+
+
+def test_hmora_parameter_components_by_name():
+    """Every trainable tensor of HMoRA (learnable α on) falls in its own TP-report component:
+    α, e_task and the task encoder are told apart by name. Guards against a mislabelled or
+    inverted name test (everything reported as e_task, α counted as a router)."""
+    model = inv.build(load_config("hmora", ["routing.learn_alpha=true"]))
+    method = model.method
+    seen: dict[str, set[str]] = {}
+    for name in model.state_dict(keep_vars=True):
+        param = dict(model.named_parameters()).get(name)
+        if param is None or not param.requires_grad:
+            continue
+        seen.setdefault(method.component_of(name), set()).add(name)
+    assert seen["e_task"] == {"task_encoder.task_embedding"}
+    assert seen["alpha"] and all(n.endswith("alpha_logit") for n in seen["alpha"])
+    assert all(n.startswith("task_encoder.") for n in seen["task encoder"])
+    assert all(".task_router." in n for n in seen["task routers"])
+    assert all(".token_router." in n for n in seen["token routers"])
+    assert all(n.endswith("lora_A") for n in seen["lora A"])
+    assert all(n.endswith("lora_B") for n in seen["lora B"])
+    assert "base model" not in seen
+
+
+REFUSALS = [
+    ("molora", "routing.task_encoder=transformer",
+     "routing.task_encoder: must be none: MoLoRA routes tokens only; use method=hmora for task "
+     "routing (method molora)"),
+    ("molora", "adapter.hydra=true",
+     "adapter.hydra: must be false; use method=hydralora for a shared A (method molora)"),
+    ("molora", "loss.aux=cgjs", "loss.aux: must be none or blc (method molora)"),
+    ("mixlora", "routing.mode=soft",
+     "routing.mode: must be topk (MixLoRA is sparse) (method mixlora)"),
+    ("mixlora", "routing.task_encoder=transformer",
+     "routing.task_encoder: must be none: MixLoRA routes tokens only (method mixlora)"),
+    ("mixlora", "adapter.hydra=true", "adapter.hydra: must be false (method mixlora)"),
+    ("mixlora", "loss.aux=cgjs", "loss.aux: must be blc (or none) (method mixlora)"),
+    ("hydralora", "adapter.hydra=false",
+     "adapter.hydra: must be true (a shared A is the method) (method hydralora)"),
+    ("hydralora", "routing.task_encoder=transformer",
+     "routing.task_encoder: must be none: HydraLoRA routes tokens only (method hydralora)"),
+    ("lora_r8", "adapter.num_experts=4",
+     "adapter.num_experts: must be 1: one plain LoRA per layer (got 4); use method=molora or "
+     "method=hmora for experts (method lora)"),
+    ("lora_r8", "loss.aux=blc", "loss.aux: must be none: plain LoRA has no router (method lora)"),
+    ("himole", "routing.mode=soft",
+     "routing.mode: must be topk (KeepTop-k, eq. 4) (method himole)"),
+    ("himole", "routing.task_encoder=transformer",
+     "routing.task_encoder: must be none: HiMoLE's sentence router reads the site's own hidden "
+     "states (method himole)"),
+    ("himole", "routing.topk_renorm=paper",
+     "routing.topk_renorm: must be sum (the kept gates are renormalised to sum 1) (method himole)"),
+    ("himole", "adapter.hydra=true", "adapter.hydra: must be false (method himole)"),
+    ("himole", "loss.aux=cgjs",
+     "loss.aux: must be blc (the Switch-style L_balance, appendix C) or none (method himole)"),
+    ("himole", "adapter.num_experts=8",
+     "adapter.num_experts: must equal options.groups × options.experts_per_group = 16 (got 8); "
+     "set adapter.num_experts=16 (method himole)"),
+    ("himole", "options.div_weight=-1",
+     "options.div_weight: must be >= 0, got -1.0 (method himole)"),
+    ("himole", "options.div_every=0", "options.div_every: must be >= 1, got 0 (method himole)"),
+    ("himole", ["options.groups=1", "adapter.num_experts=4", "options.cluster_candidates=[2]"],
+     "options.div_weight: needs options.groups >= 2 (L_div compares groups); set it to 0 "
+     "(method himole)"),
+    ("himole", "adapter.targets=[gate,up]",
+     "options.div_weight: needs 'down' among the routed adapter.targets (L_div compares the "
+     "groups' FFN outputs); add it or set options.div_weight=0 (method himole)"),
+    ("himole", "options.stage1_fraction=1.0",
+     "options.stage1_fraction: must lie in [0, 1), got 1.0 (method himole)"),
+    ("himole", "options.stage2_lr_scale=0",
+     "options.stage2_lr_scale: must be > 0, got 0.0 (method himole)"),
+    *[("himole", f"options.cluster_candidates={c}",
+       "options.cluster_candidates: each N must be >= 2 with N × options.experts_per_group <= "
+       f"options.max_experts (16), each once; got {c.replace(',', ', ')} (method himole)")
+      for c in ("[1,2]", "[2,2]", "[5]")],
+    ("himole", "options.sentence_encoder=",
+     "options.sentence_encoder: must be 'base' or a sentence-transformers model path "
+     "(method himole)"),
+    ("himole", "routing.top_k=5",
+     "routing.top_k: must be <= options.experts_per_group (4): stage 1 routes each sequence "
+     "among its group's experts only; lower it or set options.stage1_fraction=0 (method himole)"),
+    ("himole", "options.groups=0",
+     "options.groups: must be >= 1, got 0 (method himole); adapter.num_experts: must equal "
+     "options.groups × options.experts_per_group = 0 (got 16); set adapter.num_experts=0 (method "
+     "himole); options.div_weight: needs options.groups >= 2 (L_div compares groups); set it to "
+     "0 (method himole)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("preset", "override", "message"), REFUSALS)
+def test_each_refused_setting_is_one_exact_line(preset, override, message):
+    """Every setting a baseline method does not have is refused with exactly one line: the
+    dotted field, what it must be, why or what to use instead, and the method. Guards against
+    a refusal naming the wrong field, losing its fix, or not firing."""
+    overrides = [override] if isinstance(override, str) else override
+    with pytest.raises(ValueError) as err:
+        inv.build(load_config(preset, overrides))
+    assert str(err.value) == message
+
+
+ACCEPTED = [
+    ("molora", ["loss.aux=none"]), ("molora", ["loss.aux=blc"]), ("mixlora", ["loss.aux=none"]),
+    ("mixlora", ["loss.aux=blc"]), ("himole", ["loss.aux=none"]),
+    ("himole", ["options.stage1_fraction=0", "routing.top_k=5"]),  # one stage: any k
+    ("himole", ["options.div_weight=0", "options.groups=1", "adapter.num_experts=4",
+                "options.cluster_candidates=[2]"]),  # no L_div: one group is fine
+    ("himole", ["adapter.targets=[gate,up]", "options.div_weight=0"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("preset", "overrides"), ACCEPTED)
+def test_the_settings_a_method_allows_are_accepted(preset, overrides):
+    """The other side of the refusals (each refusal's boundary): the settings a method has
+    are accepted. Guards against a refusal that fires on its own escape hatch."""
+    config = inv.build(load_config(preset, overrides)).config
+    assert config.method == load_config(preset).method

@@ -36,8 +36,20 @@ def test_router_lr_mult_scales_exactly_the_routing_components():
     # biases and α at the router lr.
     assert set(groups) == {"decay", "lora_B", "no_decay", "router_decay", "router_no_decay"}
     routing = _names(model, groups["router_decay"]) | _names(model, groups["router_no_decay"])
-    # Every component the brief names is present in HMoRA w LW with a learnable α, and in there.
-    assert {method.component_of(n) for n in routing} == set(ROUTING_COMPONENTS)
+    # Every routing component is multiplied: HMoRA w LW's (with a learnable α), and HiMoLE's
+    # sentence routers beside its token routers.
+    himole = tiny_hmora("himole_one_stage", overrides=NO_DROPOUT)
+    h_groups = lora_plus_param_groups(himole, lr=1e-4, weight_decay=0.1, router_lr_mult=10.0)
+    h_routing = set().union(
+        *(_names(himole, g) for g in h_groups if g["name"].startswith("router"))
+    )
+    assert {himole.method.component_of(n) for n in h_routing} == {
+        "token routers",
+        "sentence routers",
+    }
+    assert {method.component_of(n) for n in routing} | {"sentence routers"} == set(
+        ROUTING_COMPONENTS
+    )
     # The task encoder (and e_task) is not multiplied: at 20 × lr its H_task collapsed.
     assert "task_encoder.task_embedding" in _names(model, groups["no_decay"])
     assert {method.component_of(n) for n in _names(model, groups["no_decay"])} == {

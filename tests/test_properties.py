@@ -237,3 +237,102 @@ def test_malformed_router_names_are_refused_naming_them(name):
     """A name not written by ``str(RouterId)`` is a one-line error quoting it."""
     with pytest.raises(ValueError, match=r"router name .*expected layerNN\.<targets>\.<kind>"):
         RouterId.parse(name)
+
+
+@given(router_probs(), st.integers(1, 4))
+def test_cgjs_divergence_defaults_and_token_shapes(pm, batch):
+    """The defaults are the paper's γ_b = 1, γ_c = 0.4 (spec §5), and a (B, T, E) token
+    router with its (B, T) mask gives the value of its flattened (B·T, E) decisions, whatever
+    T is. Guards against changed defaults and E read from the wrong axis."""
+    probs, mask = pm
+    p = probs[0]
+    n, e = p.shape
+    tokens = p.repeat(batch, 1).view(batch, n, e)  # T = n differs from E in general
+    tmask = mask.repeat(batch).view(batch, n)
+    explicit = cgjs_divergence(p, mask, gamma_b=1.0, gamma_c=0.4)
+    assert cgjs_divergence(p, mask).item() == pytest.approx(explicit.item(), abs=1e-12)
+    assert cgjs_divergence(tokens, tmask).item() == pytest.approx(explicit.item(), abs=1e-9)
+    assert stacked_cgjs_loss(tokens.unsqueeze(0), tmask).item() == pytest.approx(
+        stacked_cgjs_loss(p.unsqueeze(0), mask, gamma_b=1.0, gamma_c=0.4).item(), abs=1e-9
+    )
+
+
+# ------------------------------------------------------------------ the sparse dispatch plan
+@given(
+    st.integers(0, 2**31 - 1),
+    st.integers(1, 3),
+    st.integers(1, 6),
+    st.integers(2, 8),
+    st.sampled_from([None, 1, 2]),
+)
+def test_dispatch_plan_lists_every_routed_pair_once_grouped_by_expert(seed, b, t, e, k):
+    """The plan's (token, expert, weight) triples rebuild the gates exactly, expert slices
+    in expert order with tokens ascending inside each, ``offsets`` int32 of length E (the
+    layout ``torch._grouped_mm`` reads on CUDA) — also when the last experts get no token.
+    For a top-k plan every token has k pairs; for a variable plan (AdaMoLE-style thresholds)
+    any number, zero included. Guards against lost or duplicated pairs, offsets shorter than
+    E (``bincount`` without ``minlength``), int64 offsets and unordered slices."""
+    from hmora_ds.experts.dispatch import DispatchPlan
+
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, t, e, generator=g, dtype=torch.float64)
+    logits[..., e // 2 :] -= 100.0  # the upper experts are never chosen: empty slices at the end
+    probs = torch.softmax(logits, -1)
+    if k is None:
+        gates = torch.where(probs > 1.0 / e, probs, torch.zeros_like(probs))  # 0..E experts
+    else:
+        gates = topk_gates(probs, min(k, e // 2), "sum")
+    plan = DispatchPlan.build(gates, None if k is None else min(k, e // 2), t)
+    assert plan.offsets.dtype == torch.int32 and plan.offsets.shape == (e,)
+    assert plan.num_tokens == b * t
+    rebuilt = torch.zeros(b * t, e, dtype=gates.dtype)
+    start = 0
+    for expert, end in enumerate(plan.offsets.tolist()):
+        tokens = plan.token[start:end]
+        assert (tokens[1:] > tokens[:-1]).all()  # each token once per expert, ascending
+        rebuilt[tokens, expert] = plan.weight[start:end]
+        start = end
+    assert start == plan.token.numel()
+    assert torch.equal(rebuilt, gates.reshape(-1, e))
+
+
+@pytest.mark.parametrize("k", [None, 2])
+def test_dispatch_plan_keeps_token_order_inside_each_expert_on_long_inputs(k):
+    """From 32 keys on, torch's CPU ``argsort`` is no longer stable unless asked: the plan
+    must still list each expert's tokens in ascending order (its sort is stable). Guards
+    against ``stable=True`` dropped (invisible on the short inputs above)."""
+    from hmora_ds.experts.dispatch import DispatchPlan
+
+    probs = torch.softmax(torch.randn(4, 64, 8, generator=torch.Generator().manual_seed(0)), -1)
+    gates = (
+        torch.where(probs > 0.125, probs, torch.zeros_like(probs))
+        if k is None
+        else (topk_gates(probs, k, "sum"))
+    )
+    plan = DispatchPlan.build(gates, k, 64)
+    start = 0
+    for end in plan.offsets.tolist():
+        tokens = plan.token[start:end]
+        assert (tokens[1:] > tokens[:-1]).all()
+        start = end
+
+
+# ------------------------------------------------------------------ masked mean (HiMoLE's L_div)
+@given(router_probs())
+def test_masked_mean_is_the_mean_over_valid_entries(pm):
+    """The mean over the mask's valid entries only, with the gradient 1/count on each of them
+    and 0 on padding; 0 (not NaN) with no valid entry; a mismatched mask is a one-line error.
+    Guards against padding in the mean, a count over all entries, or a NaN on empty masks."""
+    from hmora_ds.losses import masked_mean
+
+    probs, mask = pm
+    values = probs[0, :, 0].clone().requires_grad_(True)
+    got = masked_mean(values, mask)
+    expected = values.detach()[mask.bool()].mean()
+    assert got.item() == pytest.approx(expected.item(), rel=1e-12)
+    got.backward()
+    assert torch.allclose(values.grad, mask / mask.sum())
+    assert masked_mean(values, torch.zeros_like(mask)).item() == 0.0
+    assert masked_mean(values).item() == pytest.approx(values.detach().mean().item(), rel=1e-12)
+    with pytest.raises(ValueError, match=r"^mask: shape \(\d+, 1\) must equal \(\d+,\)$"):
+        masked_mean(values, mask.unsqueeze(-1))

@@ -252,3 +252,29 @@ def test_missing_instruction_mask_falls_back_to_the_prompt_once(caplog):
     torch.testing.assert_close(h1, prompt_model.task_representation(ids, attn, pmask))
     with pytest.raises(ValueError, match=r"^instruction_mask: shape \(2, 3\) must equal"):
         model.task_representation(ids, attn, pmask, instruction_mask=torch.ones(2, 3))
+
+
+def test_batch_inputs_are_bound_per_forward_and_expanded_like_the_task_representation():
+    """A method's batch input (HiMoLE's stage-1 ``cluster``) reaches routers for the rows
+    they see: None when the forward was not given it, the tensor itself for the same batch,
+    each row repeated for beams / several returns (``expand_batch``), and a one-line error
+    naming the input otherwise. Guards against the input not re-bound per forward or
+    expanded in the wrong order (tile instead of repeat_interleave)."""
+    from hmora_ds.routing.context import RoutingContext
+
+    ctx = RoutingContext()
+    x3, x6 = torch.zeros(3, 4, 2), torch.zeros(6, 4, 2)
+    cluster = torch.tensor([2, 0, 1])
+    with ctx.forward_scope(None, None, record=True, inputs={"cluster": cluster}):
+        assert ctx.batch_input("cluster", x3) is cluster
+        assert ctx.batch_input("domain", x3) is None
+        with pytest.raises(
+            RuntimeError, match=r"input batch 6 does not match batch input 'cluster' of 3$"
+        ):
+            ctx.batch_input("cluster", x6)
+    with ctx.forward_scope(
+        None, None, record=False, expand_batch=True, inputs={"cluster": cluster}
+    ):
+        assert ctx.batch_input("cluster", x6).tolist() == [2, 2, 0, 0, 1, 1]
+    with ctx.forward_scope(None, None, record=True):
+        assert ctx.batch_input("cluster", x3) is None and ctx.inputs == {}

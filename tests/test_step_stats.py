@@ -249,3 +249,19 @@ def test_methods_without_task_routers_ignore_step_batches(monkeypatch):
     got = model(**first, step_batches=[{k: t[2:4] for k, t in full.items()}])
     assert set(got.aux_by_kind) == {"token"} and got.step_kinds == ()
     torch.testing.assert_close(got.aux_weighted, want.aux_weighted)
+
+
+def test_step_records_skip_router_groups_without_a_task_router():
+    """A plug-in method's router groups need not have a ``task_router`` attribute: the step
+    re-encoding skips them instead of failing. Guards against reading the attribute without
+    a default."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from hmora_ds.config import load_config
+    from hmora_ds.methods import build_method
+
+    method = build_method(load_config("hmora"))
+    model = SimpleNamespace(routers={"layer00.gate_up": nn.Linear(2, 2)})
+    assert method.step_records(model, batch=None) == []

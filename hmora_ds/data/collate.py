@@ -332,6 +332,8 @@ class EncodedDataset(torch.utils.data.Dataset):
         task_names: ``task_name`` of every example.
         ids: Record ``id`` of every example.
         stats: Encoding counts (truncations, skips).
+        record_index: Position of every example's record in the encoded records (skipped
+            records leave gaps), ``(N,)`` int64.
     """
 
     def __init__(
@@ -343,6 +345,7 @@ class EncodedDataset(torch.utils.data.Dataset):
         ids: list[str],
         stats: EncodeStats,
         instruction_spans: np.ndarray | None = None,
+        record_index: np.ndarray | None = None,
     ) -> None:
         assert len(offsets) == len(prompt_lens) + 1 == len(task_names) + 1 == len(ids) + 1
         if instruction_spans is None:  # unknown: the whole prompt
@@ -352,6 +355,10 @@ class EncodedDataset(torch.utils.data.Dataset):
         self.flat, self.offsets, self.prompt_lens = flat, offsets, prompt_lens
         self.task_names, self.ids, self.stats = task_names, ids, stats
         self.lengths = np.diff(offsets)
+        if record_index is None:
+            record_index = np.arange(len(prompt_lens), dtype=np.int64)
+        assert record_index.shape == (len(prompt_lens),)
+        self.record_index = record_index
 
     def __len__(self) -> int:
         return len(self.prompt_lens)
@@ -391,6 +398,7 @@ def encode_records(
     spans: list[tuple[int, int]] = []
     task_names: list[str] = []
     ids: list[str] = []
+    kept: list[int] = []
     records = list(records)
     disable = None if progress is None else not progress  # None: tqdm asks the terminal
     bar = tqdm(total=len(records), desc="tokenise", unit=" rec", disable=disable)
@@ -399,9 +407,10 @@ def encode_records(
         encoded = encoder._encode_batch(
             [r["source"] for r in batch], [r["target"] for r in batch], stats
         )
-        for rec, enc in zip(batch, encoded, strict=True):
+        for k, (rec, enc) in enumerate(zip(batch, encoded, strict=True)):
             if enc is None:
                 continue
+            kept.append(start + k)
             chunks.append(np.asarray(enc["input_ids"], dtype=np.int32))
             lengths.append(len(enc["input_ids"]))
             prompt_lens.append(enc["prompt_len"])
@@ -422,6 +431,7 @@ def encode_records(
         ids,
         stats,
         np.asarray(spans, dtype=np.int64).reshape(len(spans), 2),
+        np.asarray(kept, dtype=np.int64),
     )
 
 

@@ -53,6 +53,11 @@ class ExpertBankForward:
 
     Needs ``base_layer``, ``dropout``, ``router``, ``lora_A`` / ``lora_B`` (or the dispatcher's
     own weights), ``scaling``, :attr:`adapter_dtype` and :meth:`_dispatcher`.
+
+    A router with an ``observe_update(x, gates, update)`` method is shown the block's routed
+    update as a function of the gates: ``update(g)`` is ``s · Σ_i g_i (h A_i) B_i`` (N…, O) for
+    gates ``g`` of its choosing, computed by the block's own dispatcher (dense, sparse or
+    expert-parallel alike). HiMoLE uses it for the per-group outputs of its diversity loss.
     """
 
     @property
@@ -74,6 +79,9 @@ class ExpertBankForward:
         else:
             gates = router.gates(x)  # (B, T, E) or (B, 1, E), fp32
             dispatcher = self._dispatcher()
+            observe = getattr(router, "observe_update", None)
+            if observe is not None:  # a router that looks at its experts' outputs (HiMoLE)
+                observe(x, gates, lambda g: dispatcher.delta(self, h, x, g))
             if not isinstance(dispatcher, DenseDispatcher):
                 delta = dispatcher.delta(self, h, x, gates)
                 return out + delta.view(*out.shape[:-1], -1).to(out.dtype)

@@ -6,7 +6,15 @@ A method subclasses :class:`Method` and is registered with :func:`register_metho
 name it in their ``method`` field. See ``docs/methods.md`` for how a method is put together.
 """
 
-from hmora_ds.methods import full_ft, hmora, hydralora, lora, mixlora, molora  # registers them
+from hmora_ds.methods import (  # registers them
+    full_ft,
+    himole,
+    hmora,
+    hydralora,
+    lora,
+    mixlora,
+    molora,
+)
 from hmora_ds.methods.base import (
     Method,
     RoutingBatch,
@@ -28,6 +36,7 @@ __all__ = [
     "build_method",
     "full_ft",
     "get_method",
+    "himole",
     "hmora",
     "hydralora",
     "import_plugins",

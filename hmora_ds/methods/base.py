@@ -135,6 +135,11 @@ def import_plugins(specs: list[str]) -> None:
             raise ValueError(msg) from None
 
 
+#: The batch input that carries each sequence's cluster in a method's first training stage
+#: (:meth:`Method.stage1_steps`).
+CLUSTER_INPUT = "cluster"
+
+
 @dataclass
 class RoutingBatch:
     """What a method may route on, per forward (see :meth:`Method.routing_inputs`).
@@ -172,6 +177,10 @@ class Method:
     #: Extra per-batch tensors the method routes on (keyword arguments of the model's forward
     #: and ``generate``, e.g. ``("domain",)``), handed to :meth:`routing_inputs`.
     batch_inputs: ClassVar[tuple[str, ...]] = ()
+    #: Per-batch tensors the method routes on when a batch carries them (keyword arguments of
+    #: forward / ``generate`` that may be left out, e.g. HiMoLE's stage-1 ``cluster``); the
+    #: routers read them with :meth:`~hmora_ds.routing.context.RoutingContext.batch_input`.
+    optional_batch_inputs: ClassVar[tuple[str, ...]] = ()
     #: A dataclass of method-specific settings (``options.<field>=…``), or None.
     options_class: ClassVar[type | None] = None
     #: Display order of parameter components in the TP report.
@@ -294,6 +303,25 @@ class Method:
         """The per-sequence input (B, …) bound in the routing context for every router of the
         forward (HMoRA: the task representation), or None."""
         return None
+
+    # ------------------------------------------------------------------ training stages
+    def stage1_steps(self, max_steps: int) -> int:
+        """Optimizer steps of a first training stage in which each sequence trains only the
+        expert group of its cluster (the trainer clusters the training prompts before the model
+        is built and feeds each record's cluster as the batch input ``cluster``; HiMoLE).
+        0 (the default): one stage."""
+        return 0
+
+    def lr_scale(self, step: int, max_steps: int) -> float:
+        """Multiplier of the scheduled learning rate at optimizer step ``step`` (0-based) of
+        ``max_steps`` (HiMoLE: ``stage2_lr_scale`` in stage 2). A pure function of the step, so
+        a resumed run's schedule is the uninterrupted one's."""
+        return 1.0
+
+    def start_training(self, model: nn.Module) -> None:
+        """Called once on the freshly initialised model of a training run that starts from
+        scratch (never on ``--resume``, a loaded adapter or an export), before the optimizer
+        is built (HiMoLE: each group's experts copied from one initial expert)."""
 
     # ------------------------------------------------------------------ losses
     @property

@@ -79,10 +79,16 @@ class RoutingContext:
     def __init__(self) -> None:
         self.forward_id = 0
         self._task_repr: torch.Tensor | None = None
+        self._inputs: dict[str, torch.Tensor] = {}
         self._token_mask: torch.Tensor | None = None
         self._expand_batch = False
         self._recording = False
         self._records: list[RoutingRecord] = []
+        self._observations: list[RoutingRecord] = []
+        #: Tokens already in the KV cache of the base model's current call (0 outside a
+        #: decoding step); set by the wrapper model before every base-model call, so a router
+        #: can tell a decoding step (only the new tokens) from a full forward.
+        self.cached_tokens = 0
 
     @contextlib.contextmanager
     def forward_scope(
@@ -92,6 +98,7 @@ class RoutingContext:
         *,
         record: bool,
         expand_batch: bool = False,
+        inputs: dict[str, torch.Tensor] | None = None,
     ) -> Iterator[list[RoutingRecord]]:
         """Bind the task representation for one model forward and collect routing records.
 
@@ -101,15 +108,19 @@ class RoutingContext:
             record: collect routing records (training/eval forwards; not generation steps).
             expand_batch: allow inputs whose batch is a multiple of B (generation with beams
                 or several return sequences, which repeat each prompt consecutively).
+            inputs: the method's batch inputs given to this forward (B, …), by name, for
+                routers to read with :meth:`batch_input` (e.g. HiMoLE's stage-1 ``cluster``).
 
         Yields:
             The list that receives this forward's records.
         """
         self.forward_id += 1
         self._task_repr = task_repr
+        self._inputs = dict(inputs or {})
         self._token_mask = token_mask
         self._expand_batch = expand_batch
         self._records = []
+        self._observations = []
         self._recording = record
         try:
             yield self._records
@@ -123,9 +134,39 @@ class RoutingContext:
         """The task representation bound by the last forward (None if none)."""
         return self._task_repr
 
+    @property
+    def inputs(self) -> dict[str, torch.Tensor]:
+        """The batch inputs bound by the last forward (see :meth:`forward_scope`)."""
+        return self._inputs
+
+    def batch_input(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        """The bound batch input ``name`` for the N sequences of ``x`` (N, …), or None when
+        the forward was not given it (expanded like :meth:`task_repr_for`)."""
+        value = self._inputs.get(name)
+        return None if value is None else self._for_batch(value, x, f"batch input {name!r}")
+
+    @property
+    def recording(self) -> bool:
+        """Whether this forward collects records (False in generation and in the activation
+        recomputation during backward)."""
+        return self._recording
+
     def record(self, rid: RouterId, probs: torch.Tensor, mask: torch.Tensor | None) -> None:
         if self._recording:
             self._records.append(RoutingRecord(rid, probs, mask))
+
+    def observe(self, rid: RouterId, values: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Keep a per-decision quantity a method's auxiliary loss needs that is not a router's
+        probabilities (e.g. a similarity of expert outputs per token): ``values`` (B, T) with
+        its token ``mask``. Handed to :meth:`~hmora_ds.methods.Method.aux_losses` with the
+        records, never to the routing statistics."""
+        if self._recording:
+            self._observations.append(RoutingRecord(rid, values, mask))
+
+    @property
+    def observations(self) -> list[RoutingRecord]:
+        """The observations of the last forward (see :meth:`observe`)."""
+        return self._observations
 
     def token_mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
         """The (B, T) token mask matching ``x`` (B, T, D), or None when not recording."""
@@ -146,11 +187,14 @@ class RoutingContext:
                 "routing context: a task router ran but no task representation is bound; "
                 "call the HMoRA wrapper model (its forward/generate), not the inner HF model"
             )
-        n, b = x.shape[0], rep.shape[0]
+        return self._for_batch(rep, x, "the task representation batch")
+
+    def _for_batch(self, value: torch.Tensor, x: torch.Tensor, what: str) -> torch.Tensor:
+        """``value`` (B, …) bound per sequence, for the N sequences of ``x``: itself when
+        N = B, each row repeated N / B times under ``expand_batch`` (beams, several returns)."""
+        n, b = x.shape[0], value.shape[0]
         if n == b:
-            return rep
+            return value
         if self._expand_batch and n % b == 0:
-            return rep.repeat_interleave(n // b, dim=0)
-        raise RuntimeError(
-            f"routing context: input batch {n} does not match the task representation batch {b}"
-        )
+            return value.repeat_interleave(n // b, dim=0)
+        raise RuntimeError(f"routing context: input batch {n} does not match {what} of {b}")

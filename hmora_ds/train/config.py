@@ -132,13 +132,13 @@ class TrainConfig:
             ``micro_batch_size × grad_accum × ranks``.
         max_steps: optimizer steps to train (fewer if early stopping ends the run).
         lr: peak learning rate (LoRA+ multiplies it by ``method.adapter.eta_b`` for ``B``).
-        router_lr_mult: multiplies ``lr`` for the routers: token and task routers and a
-            learnable α (1 = the paper); the task encoder and ``e_task`` keep ``lr`` (at a
-            multiplied lr the encoder's H_task collapses to one direction). A compression knob
-            for short runs, not the paper's setting: the paper trains up to 10,000 steps at
-            lr 2e-5, and in a run of a few hundred steps the routers barely leave their
-            initialisation; a higher router lr (e.g. 10) makes them move. The schedule scales
-            it with every other group (warm-up and decay keep the ratio).
+        router_lr_mult: multiplies ``lr`` for the routers: token, task and sentence
+            routers and a learnable α (1 = the paper); the task encoder and ``e_task`` keep
+            ``lr`` (at a multiplied lr the encoder's H_task collapses to one direction). A
+            compression knob for short runs, not the paper's setting: the paper trains up to
+            10,000 steps at lr 2e-5, and in a run of a few hundred steps the routers barely
+            leave their initialisation; a higher router lr (e.g. 10) makes them move. The
+            schedule scales it with every other group (warm-up and decay keep the ratio).
         warmup_steps: linear warm-up steps from 0 to ``lr``.
         schedule: after warm-up: ``linear`` or ``cosine`` decay to ``min_lr_ratio × lr`` at
             ``max_steps``, or ``constant``.

@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from hmora_ds.data import (
@@ -64,18 +65,29 @@ def split_records(run: RunConfig) -> tuple[list[dict], list[dict]]:
 
 @dataclass
 class RunData:
-    """The encoded datasets, the sampler and the collator of one rank."""
+    """The encoded datasets, the sampler and the collator of one rank.
+
+    Attributes:
+        prompts: the raw prompt (``source``) of every training example, in dataset order.
+        columns: per-example values added to every training batch under their name, as a
+            (B,) tensor of the batch's examples (e.g. HiMoLE's ``cluster``); set by the trainer.
+    """
 
     train: EncodedDataset
     val: EncodedDataset | None
     sampler: LengthGroupedSampler
     collator: DataCollator
+    prompts: list[str] = field(default_factory=list)
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
 
     def batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's micro-batches forever (epoch after epoch), resumable by the sampler."""
         while True:
             for indices in self.sampler:
-                yield self.collator([self.train[i] for i in indices])
+                batch = self.collator([self.train[i] for i in indices])
+                for name, values in self.columns.items():
+                    batch[name] = torch.as_tensor(values[np.asarray(indices, dtype=np.int64)])
+                yield batch
 
     def val_batches(self, batch_size: int, max_batches: int | None) -> list[dict[str, Any]]:
         """All validation batches, in a fixed order (every rank builds the same list)."""
@@ -125,4 +137,5 @@ def build_run_data(run: RunConfig, tokenizer: Any, rank: int, world_size: int) -
         0 if val is None else len(val),
         len(sampler),
     )
-    return RunData(train, val, sampler, DataCollator.from_tokenizer(tokenizer, "right"))
+    prompts = [train_recs[i]["source"] for i in train.record_index]
+    return RunData(train, val, sampler, DataCollator.from_tokenizer(tokenizer, "right"), prompts)

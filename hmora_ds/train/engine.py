@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from hmora_ds.adapter_io import AdapterError, check_adapter, load_adapter
 from hmora_ds.config import HMoRAConfig
+from hmora_ds.methods.base import Method
 from hmora_ds.model import HMoRAModel
 from hmora_ds.optim import lora_plus_param_groups
 from hmora_ds.parallel.expert_parallel import to_expert_parallel, validate_expert_parallel
@@ -159,7 +160,8 @@ def split_experts(model: HMoRAModel, ep: int, num_experts: int, rank: int) -> No
 
 def build_optimizer(model: HMoRAModel, t: TrainConfig, ep: int):
     """AdamW over LoRA+ parameter groups (routing parameters at ``router_lr_mult · lr``), and
-    the LR schedule (a ``LambdaLR``: one factor for every group, so their ratios hold).
+    the LR schedule (a ``LambdaLR``: one factor for every group, so their ratios hold), times
+    the method's per-step :meth:`~hmora_ds.methods.Method.lr_scale` where it has one.
 
     With EP > 1 expert parameters get groups of their own (DeepSpeed reduces them over the
     expert-data-parallel ranks only); empty groups are dropped.
@@ -176,18 +178,33 @@ def build_optimizer(model: HMoRAModel, t: TrainConfig, ep: int):
             if g["params"]
         ]
     optimizer = torch.optim.AdamW(param_groups, lr=t.lr, betas=t.adam_betas)
-    scheduler = build_scheduler(optimizer, t.warmup_steps, t.max_steps, t.schedule, t.min_lr_ratio)
+    method = getattr(model, "method", None)
+    scale = None
+    if method is not None and type(method).lr_scale is not Method.lr_scale:
+        scale = lambda step: method.lr_scale(step, t.max_steps)  # noqa: E731
+    scheduler = build_scheduler(
+        optimizer, t.warmup_steps, t.max_steps, t.schedule, t.min_lr_ratio, scale
+    )
     return optimizer, scheduler
 
 
 def build_engine(
-    run: RunConfig, plan: EnginePlan, info: DistInfo, checkpoint: str, tokenizer: Any
+    run: RunConfig,
+    plan: EnginePlan,
+    info: DistInfo,
+    checkpoint: str,
+    tokenizer: Any,
+    fresh: bool = True,
 ) -> BuiltEngine:
     """Model (see :func:`build_model`), expert split, gradient checkpointing, optimizer and
-    schedule → ``deepspeed.initialize``."""
+    schedule → ``deepspeed.initialize``. ``fresh``: the run starts from scratch (no
+    ``--resume``), so the method's :meth:`~hmora_ds.methods.Method.start_training` prepares
+    the new adapters (never those of ``model.adapter`` or a checkpoint)."""
     import deepspeed
 
     model = build_model(run, plan, info, checkpoint, tokenizer)
+    if fresh and not run.model.adapter:
+        model.method.start_training(model)
     report = parameter_report(model)  # before experts are split over ranks
     ep = run.parallel.ep_size
     if ep > 1:

@@ -41,6 +41,7 @@ RUN_OUTPUTS = (
     "summary.json",
     "run_config.json",
     "router_stats.jsonl",
+    "clustering.json",
 )
 #: Outputs that only a run that got somewhere writes: ``--resume auto`` will not start over
 #: on top of them.

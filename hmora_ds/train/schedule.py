@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -24,9 +25,21 @@ def lr_lambda(step: int, warmup: int, total: int, kind: str, min_ratio: float = 
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, warmup: int, total: int, kind: str, min_ratio: float = 0.0
+    optimizer: torch.optim.Optimizer,
+    warmup: int,
+    total: int,
+    kind: str,
+    min_ratio: float = 0.0,
+    scale: Callable[[int], float] | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` (its state is saved in DeepSpeed checkpoints)."""
+    """A ``LambdaLR`` (its state is saved in DeepSpeed checkpoints). ``scale(step)``, when
+    given, multiplies the schedule at every step (a method's
+    :meth:`~hmora_ds.methods.Method.lr_scale`, e.g. HiMoLE's stage 2): a pure function of the
+    step, so the resumed schedule (``last_epoch`` restored) is the uninterrupted one."""
+    if scale is None:
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_lambda(s, warmup, total, kind, min_ratio)
+        )
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, warmup, total, kind, min_ratio)
+        optimizer, lambda s: lr_lambda(s, warmup, total, kind, min_ratio) * scale(s)
     )

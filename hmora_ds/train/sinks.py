@@ -225,10 +225,13 @@ def build_summary(
     tokens: float,
     out_dir: Path,
     ckpt_dir: Path,
+    clustering: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The content of ``summary.json`` (keys in this order); ``report`` is the model's
-    :class:`~hmora_ds.params.ParameterReport`, ``tokens`` the run's attended tokens."""
+    :class:`~hmora_ds.params.ParameterReport`, ``tokens`` the run's attended tokens,
+    ``clustering`` a two-stage run's (:meth:`hmora_ds.train.stages.StagePlan.summary`)."""
     first, last = lm_loss_ends(history)
+    extra = {"clustering": clustering} if clustering is not None else {}
     return {
         "steps": steps,
         "stop_reason": stop_reason,
@@ -245,6 +248,7 @@ def build_summary(
         "adapter_best": str(out_dir / "adapter_best") if best["tag"] else None,
         "checkpoints": str(ckpt_dir),
         "tensorboard": str(out_dir / "tensorboard"),
+        **extra,
         "history": history,
     }
 
@@ -267,6 +271,14 @@ def format_summary(s: dict) -> str:
     ]
     if s.get("adapter_best"):
         lines.append(f"   best adapter {s['adapter_best']}")
+    c = s.get("clustering")
+    if c:
+        scores = ", ".join(f"{k}: {v:.3f}" for k, v in c["silhouette"].items())
+        lines.append(
+            f"   stage 1      {c['stage1_steps']} steps on N={c['chosen_n']} clusters (sizes "
+            f"{c['sizes']}, silhouette {{{scores}}}, {c['encoder']}); stage 2 lr x "
+            f"{c['stage2_lr_scale']}"
+        )
     lines += [
         f"   checkpoints  {s['checkpoints']}",
         f"   tensorboard  tensorboard --logdir {s['tensorboard']}",

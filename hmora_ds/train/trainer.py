@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 
 from hmora_ds.adapter_io import adapter_metadata, save_adapter
 from hmora_ds.metrics import RouterStatsAccumulator
+from hmora_ds.parallel.expert_parallel import validate_expert_parallel
 from hmora_ds.runtime.dist import DistInfo, rank0_first
 from hmora_ds.train.checkpoint import ResumePoint
 from hmora_ds.train.config import RunConfig
@@ -39,6 +41,7 @@ from hmora_ds.train.loop import (
 )
 from hmora_ds.train.run_dir import finished_message
 from hmora_ds.train.sinks import Sinks, build_summary, log_eval_result
+from hmora_ds.train.stages import CLUSTER_INPUT, CLUSTERING_FILE, StagePlan, plan_stages
 from hmora_ds.train.step import StepMetrics, train_step, window_metrics
 
 logger = logging.getLogger(__name__)
@@ -71,7 +74,8 @@ class Trainer:
         self.plan = plan_engine(run, ds_config, info)  # fails before anything is loaded
         self.ds_config, self.method = self.plan.ds_config, self.plan.method
         self.precision, self.autocast_dtype = self.plan.precision, self.plan.autocast_dtype
-        self._setup_model_and_data()
+        self.stages: StagePlan | None = None
+        self._setup_model_and_data(resume)
         # A per-rank stream for dropout from here on.
         seed_everything(run.train.seed + info.rank)
         self.evaluator = evaluator if evaluator is not None else self._default_evaluator()
@@ -84,13 +88,29 @@ class Trainer:
         self._seconds_before = self.state.seconds
 
     # ----------------------------------------------------------------- setup
-    def _setup_model_and_data(self) -> None:
+    def _setup_model_and_data(self, resume: ResumePoint | None) -> None:
         run, info = self.run, self.info
         checkpoint, self.tokenizer = resolve_base(run, info.rank)
         # The offline mixture is built once (rank 0) before every rank reads it.
         rank0_first(lambda: prepare_records(run), info.rank)
         self.data: RunData = build_run_data(run, self.tokenizer, info.rank, info.world_size)
-        built = build_engine(run, self.plan, info, checkpoint, self.tokenizer)
+        # Two stages: the clustering decides the number of groups before the model exists.
+        self.stages = plan_stages(run, self.plan.method, info, checkpoint, self.tokenizer,
+                                  self.data.prompts, resume)  # fmt: skip
+        if self.stages is not None:
+            method = self.stages.method
+            validate_expert_parallel(
+                run.parallel.ep_size,
+                method.adapter.num_experts,
+                info.world_size,
+                zero_stage(self.plan.ds_config),
+                method.routing.mode,
+                method.has_mixture,
+            )
+            self.plan = dataclasses.replace(self.plan, method=method)
+            self.method = method
+            self.data.columns[CLUSTER_INPUT] = self.stages.clustering.labels
+        built = build_engine(run, self.plan, info, checkpoint, self.tokenizer, fresh=resume is None)
         self.engine, self.model = built.engine, built.model
         self.report, self.dp_group = built.report, built.dp_group
 
@@ -161,7 +181,7 @@ class Trainer:
             self.state.step,
             t.log_every,
         )
-        self._batches = self.data.batches()
+        self._batches = self._stage_batches(self.data.batches())
         self._started = time.time()
         self.engine.train()
         try:
@@ -169,6 +189,22 @@ class Trainer:
         finally:  # an error (a failed save) is then printed on a line of its own
             self._sinks.close_bar()
         return self._finish(stop_reason)
+
+    def _stage_batches(self, batches):
+        """The training batches, their ``cluster`` dropped from the first stage-2 step on
+        (pulled inside the step, so ``state.step`` is the step being taken)."""
+        announced = False
+        for b in batches:
+            if self.stages is not None and self.state.step >= self.stages.stage1_steps:
+                b.pop(CLUSTER_INPUT, None)
+                if not announced:
+                    logger.info(
+                        "step %d: HiMoLE stage 2 (every expert, both routers, lr x %s)",
+                        self.state.step + 1,
+                        self.stages.stage2_lr_scale,
+                    )
+                    announced = True
+            yield b
 
     def _elapsed(self) -> float:
         """Training seconds of the whole run: earlier sessions' plus this one's."""
@@ -227,6 +263,7 @@ class Trainer:
             lambda: {
                 "run_config.json": self.run.to_dict(),
                 "adapter_meta.json": adapter_metadata(self.model),
+                **({CLUSTERING_FILE: self.stages.document} if self.stages is not None else {}),
             },
             self.run.checkpoint.keep_last,
             self.info.rank,
@@ -248,6 +285,7 @@ class Trainer:
             tokens=self.state.tokens,
             out_dir=self.out_dir,
             ckpt_dir=self.ckpt_dir,
+            clustering=(self.stages.summary() if self.stages is not None else None),
         )
         self._sinks.finish(summary)
         return summary
