@@ -184,11 +184,17 @@ def test_ood_grid_trains_on_seven_tasks_and_selects_on_id_benchmarks_only(tmp_pa
             assert job.run.hmora_config().preset == job.row.overrides["preset"]
             t = job.run.train
             if scale is PAPER:  # the paper's training, not the CPU recipe
-                assert (t.max_steps, t.lr, t.router_lr_mult) == (10000, 2e-5, 1.0)
+                assert (t.max_steps, t.lr, t.router_lr_mult, d.max_records) == (
+                    10000,
+                    2e-5,
+                    1.0,
+                    None,
+                )
                 assert job.run.eval.kind == "benchmarks"
                 assert job.run.eval.benchmarks == "arc_challenge,arc_easy,openbookqa"
-            else:  # the learning recipe: routers that move in 40 steps
+            else:  # the learning recipe (routers that move in 40 steps), 1,000 records
                 assert (t.max_steps, t.grad_accum, t.router_lr_mult) == (40, 2, 20.0)
+                assert d.max_records == 1000
     opts = build_options(parse_args(["ood"]))
     assert (opts.benchmarks, opts.max_questions, opts.max_per_task, opts.analysis_data) == (
         "mmlu,arc-c,arc-e,obqa,swag,csqa", 100, 20, "benchmarks")  # fmt: skip
