@@ -359,3 +359,42 @@ def test_between_task_share_splits_the_variance():
     assert math.isnan(between_task_share(onehot, ["a", "a", "b", "b"]))
     with pytest.raises(ValueError, match="between_task_share"):
         between_task_share(x, ["a", "b"])
+
+
+def test_per_task_routing_equals_routing_each_task_alone(analysis_inputs):
+    """``--per-task``: a task's statistics, gathered from mixed batches, are those of its
+    prompts routed on their own (guards slicing the wrong batch rows: padding order, sorting
+    by length). The default document is unchanged (no ``routing`` key per task)."""
+    from hmora_ds.adapter_io import load_adapter
+    from hmora_ds.analysis import analyze_routing
+    from hmora_ds.runtime.loading import load_base_model, load_tokenizer
+
+    model_dir, root = analysis_inputs
+    rows = [json.loads(line) for line in (root / "data.jsonl").read_text().splitlines()]
+    examples = [{"task": r["task"], "prompt": r["question"]} for r in rows]
+    tok = load_tokenizer(str(model_dir))
+    model = load_adapter(load_base_model(str(model_dir), torch.float32, "eager"), root / "adapter")
+    doc = analyze_routing(model, tok, examples, batch_size=5, progress=False, per_task=True)
+    routers = doc["meta"]["per_task_routers"]
+    assert routers == {"token": "layer02.gate_up.token", "task": "layer03.gate_up.task"}
+    assert set(doc["tasks"]) == set(TASKS)
+    for task in TASKS:
+        alone = analyze_routing(
+            model, tok, [e for e in examples if e["task"] == task], batch_size=4, progress=False
+        )
+        got = doc["tasks"][task]["routing"]
+        token = [r for r in alone["routers"].values() if r["kind"] == "token"]
+        assert got["token_certainty"] == pytest.approx(
+            sum(r["certainty"] for r in token) / len(token), abs=1e-5
+        )
+        assert got["token_balance"] == pytest.approx(alone["summary"]["token_balance"], abs=1e-5)
+        assert got["token_load"] == pytest.approx(
+            alone["routers"][routers["token"]]["load"], abs=1e-5
+        )
+        assert got["task_load"] == pytest.approx(
+            alone["routers"][routers["task"]]["load"], abs=1e-5
+        )
+        assert sum(got["token_load"]) == pytest.approx(1.0)
+    plain = analyze_routing(model, tok, examples, batch_size=5, progress=False)
+    assert all("routing" not in t for t in plain["tasks"].values())
+    assert "per_task_routers" not in plain["meta"]

@@ -4,6 +4,7 @@
     python -m hmora_ds.ablate experts --seeds 0,1,2 --rows e4,e8
     python -m hmora_ds.ablate baselines --scale paper --launcher deepspeed
     python -m hmora_ds.ablate alpha --dry-run               # the grid, TP %, what would run
+    python -m hmora_ds.ablate ood                           # in / out of distribution (HiMoLE)
     python -m hmora_ds.ablate list                          # every study and its rows
 
 See ``docs/ablations.md``. Exit codes: 0 every row done, 1 some row failed, 2 a user error.
@@ -25,6 +26,7 @@ from hmora_ds.ablate.runner import (
     Options,
     execute,
     kill_children,
+    ood_split,
     parameters,
     plan,
     select_rows,
@@ -77,8 +79,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--analysis-data",
         default=None,
-        help="analysis --data: mmlu (unseen tasks), offline (the training mixture's tasks) or "
-        "a .jsonl file (default: the study's, else mmlu)",
+        help="analysis --data: mmlu (unseen tasks), offline (the training mixture's tasks), "
+        "benchmarks (the evaluated benchmarks' questions, task = benchmark) or a .jsonl file "
+        "(default: the study's, else mmlu)",
     )
     p.add_argument("--max-per-task", type=int, default=None, help="analysis: prompts per task")
     p.add_argument("--stage-timeout", type=float, default=None, help="seconds per stage")
@@ -123,7 +126,10 @@ def build_options(args: argparse.Namespace) -> Options:
     if not config.is_file():
         raise AblateError(f"--config {config} does not exist")
     default_out = Path("runs/ablate") / (study.name + ("-paper" if scale.name == "paper" else ""))
-    max_q = scale.max_questions if args.max_questions is None else (args.max_questions or None)
+    own = study.defaults.get(scale.name, {})  # the study's defaults at this scale, if any
+    default_q = own.get("max_questions", scale.max_questions)
+    max_q = default_q if args.max_questions is None else (args.max_questions or None)
+    per_task = own.get("max_per_task", scale.max_per_task)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
     return Options(
         study=study,
@@ -133,7 +139,7 @@ def build_options(args: argparse.Namespace) -> Options:
         seeds=parse_seeds(args.seeds) if args.seeds else list(scale.seeds),
         sets=list(args.sets),
         rows=rows,
-        benchmarks=args.benchmarks or scale.benchmarks,
+        benchmarks=args.benchmarks or own.get("benchmarks", scale.benchmarks),
         split=args.split or scale.split,
         mode=args.mode or scale.mode,
         max_questions=max_q,
@@ -145,7 +151,7 @@ def build_options(args: argparse.Namespace) -> Options:
         deepspeed=(args.deepspeed or Options.deepspeed).resolve(),
         analyze=analyze,
         analysis_data=args.analysis_data or study.analysis_data or "mmlu",
-        max_per_task=args.max_per_task if args.max_per_task is not None else scale.max_per_task,
+        max_per_task=args.max_per_task if args.max_per_task is not None else per_task,
         stage_timeout=args.stage_timeout,
         dry_run=args.dry_run,
     )
@@ -162,6 +168,8 @@ def list_studies() -> str:
 
 
 def state_of(job: Job) -> str:
+    if job.unsupported:
+        return "not run (see below)"
     record = rowio.read_row(job.dir)
     if rowio.is_complete(record, job.hashes):
         return "done"
@@ -172,9 +180,35 @@ def state_of(job: Job) -> str:
     return f"{record.get('status')}: resume"
 
 
+def _first_run(jobs: list[Job]):
+    return next((j.run for j in jobs if j.run is not None), None)
+
+
+def ood_lines(opts: Options, jobs: list[Job]) -> list[str]:
+    """The ``ood`` study's protocol in words: training tasks, ID and OOD benchmarks."""
+    from hmora_ds.eval.benchmarks import DISPLAY
+    from hmora_ds.eval.ood import training_tasks
+
+    run = _first_run(jobs)
+    if run is None:
+        return []
+    split = ood_split(opts, run)
+
+    def names(benches: tuple[str, ...]) -> str:
+        stand_in = " (HellaSwag offline)" if opts.source == "offline" else ""
+        return ", ".join(DISPLAY[b] + (stand_in if b == "swag" else "") for b in benches)
+
+    lines = [
+        f"training tasks: {', '.join(training_tasks(run.data))}",
+        f"in distribution (held-out questions of trained tasks): {names(split.id)}",
+        f"out of distribution (tasks never trained): {names(split.ood)}",
+    ]
+    return lines + [f"note: {n}" for n in split.notes]
+
+
 def describe(opts: Options, jobs: list[Job]) -> str:
     """The dry-run report: settings, every row with its TP %, overrides and state."""
-    first = jobs[0].run if jobs else None
+    first = _first_run(jobs)
     lines = [
         f"study {opts.study.name}: {opts.study.title}",
         f"scale {opts.scale.name}, config {opts.config}, out {opts.out}",
@@ -183,10 +217,13 @@ def describe(opts: Options, jobs: list[Job]) -> str:
         f"analysis {'on' if opts.analyze else 'off'}",
         f"evaluation: {opts.benchmarks} ({opts.split}, {opts.mode}, "
         f"{opts.max_questions or 'all'} questions each)",
-        "base overrides: " + " ".join([*opts.scale.overrides, *as_overrides(opts.study.base)]),
+        "base overrides: "
+        + " ".join([*opts.scale.overrides, *as_overrides(opts.study.base_for(opts.scale.name))]),
     ]
     if opts.sets:
         lines.append("--set: " + " ".join(opts.sets))
+    if opts.study.ood:
+        lines += ood_lines(opts, jobs)
     for name in dict.fromkeys(job.row.name for job in jobs):
         mine = [j for j in jobs if j.row.name == name]
         row = mine[0].row
@@ -197,8 +234,8 @@ def describe(opts: Options, jobs: list[Job]) -> str:
         lines.append(f"  {row.name:<16} TP {tp:>7}  {labels}")
         lines.append(f"  {'':<16} {' '.join(as_overrides(row.overrides)) or '(base)'}")
         lines.append(f"  {'':<16} {states}")
-        if row.unsupported:
-            lines.append(f"  {'':<16} not run: {row.unsupported}")
+        if mine[0].unsupported:
+            lines.append(f"  {'':<16} not run: {mine[0].unsupported}")
     return "\n".join(lines)
 
 
@@ -214,7 +251,8 @@ def table_rows(opts: Options) -> list[TableRow]:
             if rowio.is_complete(record, job.hashes):
                 records.append(record)
             elif record is None:
-                missing[job.seed] = "not run"
+                why = f"unsupported: {job.unsupported}" if job.unsupported else "not run"
+                missing[job.seed] = why
             elif record.get("status") in (rowio.FAILED, rowio.UNSUPPORTED):
                 missing[job.seed] = f"{record['status']}: {record.get('error')}"
             elif record.get("config_hash") != job.hashes["train"]:
@@ -226,8 +264,21 @@ def table_rows(opts: Options) -> list[TableRow]:
     return out
 
 
+def group_sizes(jobs: list[Job]) -> dict[str, int]:
+    """Rows whose experts come in groups (``options.experts_per_group``, HiMoLE's M): the
+    routing table adds their experts' shares up per group."""
+    out = {}
+    for job in jobs:
+        if job.run is not None:
+            m = job.run.hmora_config().options.get("experts_per_group")
+            if isinstance(m, int) and m > 1:
+                out[job.row.name] = m
+    return out
+
+
 def setting_line(opts: Options, jobs: list[Job]) -> str:
-    model = jobs[0].run.model.name_or_path if jobs else "?"
+    first = _first_run(jobs)
+    model = first.model.name_or_path if first else "?"
     q = f"first {opts.max_questions} questions each" if opts.max_questions else "all questions"
     return (
         f"{opts.scale.name} scale: {model}, config {opts.config.name}, world size "
@@ -248,7 +299,14 @@ def run(opts: Options) -> int:
         return 0
     check_out_dir(opts.out, opts.study, opts.scale, create=True)
     records = execute(opts, jobs)
-    md = write_tables(opts.out, opts.study, table_rows(opts), setting_line(opts, jobs))
+    if opts.study.ood:
+        from hmora_ds.ablate.ood_table import write_ood_tables
+
+        split = ood_split(opts, _first_run(jobs))
+        md = write_ood_tables(opts.out, opts.study, table_rows(opts), split,
+                              setting_line(opts, jobs), group_sizes(jobs))  # fmt: skip
+    else:
+        md = write_tables(opts.out, opts.study, table_rows(opts), setting_line(opts, jobs))
     print(md.read_text())
     failed = [r for r in records if r["status"] == rowio.FAILED]
     for r in failed:

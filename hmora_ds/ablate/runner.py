@@ -31,7 +31,7 @@ from typing import Any
 
 from hmora_ds.ablate import rows as rowio
 from hmora_ds.ablate.scales import REPO, Scale
-from hmora_ds.ablate.studies import Row, Study, as_overrides
+from hmora_ds.ablate.studies import Row, Study, as_overrides, unregistered_preset
 from hmora_ds.train.config import RunConfig, load_run_config
 
 logger = logging.getLogger("hmora_ds.ablate")
@@ -41,6 +41,9 @@ EVAL = REPO / "launchers" / "eval.py"
 STUDY_JSON = "study.json"
 #: Keys the runner owns: a ``--set`` of them would fight the runner.
 OWNED = {"train.seed": "--seeds", "output_dir": "--out"}
+#: ``--analysis-data`` value: route the evaluated benchmarks' own questions (task = benchmark).
+BENCHMARK_PROMPTS = "benchmarks"
+PROMPTS_FILE = "analysis_prompts.jsonl"
 
 
 class AblateError(ValueError):
@@ -77,14 +80,25 @@ class Options:
 
 @dataclass
 class Job:
-    """One row × seed, fully resolved."""
+    """One row × seed, fully resolved.
+
+    ``run`` is None for a row refused before its config could be resolved (a preset no
+    registered method ships); ``refused`` then says why, and the row is recorded as
+    ``unsupported`` instead of run.
+    """
 
     row: Row
     seed: int
     dir: Path
     overrides: list[str]
-    run: RunConfig
+    run: RunConfig | None
     hashes: dict[str, str | None]
+    refused: str | None = None
+
+    @property
+    def unsupported(self) -> str | None:
+        """Why this job is not run (None: it runs)."""
+        return self.refused or self.row.unsupported
 
     @property
     def key(self) -> str:
@@ -137,12 +151,48 @@ def world_size(opts: Options) -> int:
     return 1 if cuda_devices() else opts.scale.nproc_cpu
 
 
+def ood_split(opts: Options, run: RunConfig):
+    """The ID / OOD division of the evaluated benchmarks for ``run``'s training tasks.
+
+    Raises:
+        AblateError: the run does not train on the offline mixture (the only one whose task
+            names map to benchmarks), or one side of the division is empty.
+    """
+    from hmora_ds.eval.benchmarks import DISPLAY, EvalError, parse_benchmarks
+    from hmora_ds.eval.ood import split_benchmarks, training_tasks
+
+    if run.data.kind != "offline":
+        raise AblateError(
+            f"the {opts.study.name} study maps offline task names to benchmarks; "
+            f"data.kind must be offline, got {run.data.kind}"
+        )
+    try:
+        benches = parse_benchmarks(opts.benchmarks)
+    except EvalError as err:
+        raise AblateError(f"--benchmarks: {err}") from None
+    tasks = training_tasks(run.data)
+    split = split_benchmarks(benches, tasks)
+    if not split.id or not split.ood:
+        names = {s: ", ".join(DISPLAY[b] for b in bs) or "none"
+                 for s, bs in (("ID", split.id), ("OOD", split.ood))}  # fmt: skip
+        raise AblateError(
+            f"--benchmarks {opts.benchmarks}: the {opts.study.name} study needs in- and "
+            f"out-of-distribution benchmarks; training on {', '.join(tasks)} gives ID: "
+            f"{names['ID']}, OOD: {names['OOD']}"
+        )
+    return split
+
+
 def _eval_overrides(opts: Options, run: RunConfig) -> list[str]:
-    """Training that selects its best checkpoint on benchmarks sees the same benchmarks."""
+    """Training that selects its best checkpoint on benchmarks sees the same benchmarks (in
+    the ``ood`` study: the in-distribution ones only, never the held-out tasks)."""
     if run.eval.kind != "benchmarks":
         return []
+    benchmarks = opts.benchmarks
+    if opts.study.ood:
+        benchmarks = ",".join(ood_split(opts, run).id)
     out = [
-        f"eval.benchmarks={opts.benchmarks}",
+        f"eval.benchmarks={benchmarks}",
         f"eval.mode={opts.mode}",
         f"eval.source={opts.source}",
     ]
@@ -166,7 +216,7 @@ def plan(opts: Options, rows: list[Row], strict: bool = True) -> list[Job]:
             row_dir = opts.out / row.name / f"seed{seed}"
             overrides = [
                 *opts.scale.overrides,
-                *as_overrides(opts.study.base),
+                *as_overrides(opts.study.base_for(opts.scale.name)),
                 *opts.sets,
                 *as_overrides(row.overrides),
                 f"train.seed={seed}",
@@ -178,7 +228,17 @@ def plan(opts: Options, rows: list[Row], strict: bool = True) -> list[Job]:
                 if extra:
                     overrides[-2:-2] = extra
                     run = load_run_config(opts.config, overrides)
+                if opts.study.ood:
+                    ood_split(opts, run)
+            except AblateError:
+                raise
             except ValueError as err:
+                reason = unregistered_preset(row)
+                if reason is not None:  # refused, reported, never a crash of the study
+                    digest = rowio.stable_hash(["refused", row.name, seed, reason])
+                    hashes = {"train": digest, "eval": None, "analyze": None}
+                    jobs.append(Job(row, seed, row_dir, overrides, None, hashes, reason))
+                    continue
                 if not strict:
                     break
                 raise AblateError(f"row {row.name}: {err}") from None
@@ -193,9 +253,17 @@ def _read_json(path: Path, flag: str) -> dict[str, Any]:
         raise AblateError(f"{flag} {path}: cannot read it as JSON ({err})") from None
 
 
+#: Run-config keys added after rows were first run, with their defaults: at the default they
+#: are left out of the training hash, so rows trained before the key existed stay reusable.
+LATER_KEYS: dict[tuple[str, str], Any] = {("data", "tasks"): None, ("data", "exclude_tasks"): []}
+
+
 def _hashes(opts: Options, run: RunConfig, ds_json: dict, world: int) -> dict[str, str | None]:
     train = run.to_dict()
     train.pop("output_dir")
+    for (section, key), default in LATER_KEYS.items():
+        if train.get(section, {}).get(key, default) == default:
+            train.get(section, {}).pop(key, None)
     train_hash = rowio.stable_hash(
         {
             "run": train,
@@ -217,9 +285,13 @@ def _hashes(opts: Options, run: RunConfig, ds_json: dict, world: int) -> dict[st
     )
     analyze_hash = None
     if opts.analyze and run.hmora_config().has_mixture:
-        analyze_hash = rowio.stable_hash(
-            {"data": opts.analysis_data, "max_per_task": opts.max_per_task}
-        )
+        analysis: dict[str, Any] = {"data": opts.analysis_data, "max_per_task": opts.max_per_task}
+        if opts.analysis_data == BENCHMARK_PROMPTS:  # the prompts are the evaluated questions
+            analysis.update(benchmarks=opts.benchmarks, split=opts.split, source=opts.source,
+                            local_dir=str(opts.local_dir) if opts.local_dir else None)  # fmt: skip
+        if opts.study.ood:
+            analysis["per_task"] = True
+        analyze_hash = rowio.stable_hash(analysis)
     return {"train": train_hash, "eval": eval_hash, "analyze": analyze_hash}
 
 
@@ -267,12 +339,15 @@ def model_config_source(name_or_path: str) -> str | None:
     return shipped if (MODEL_CONFIGS_DIR / f"{shipped}.json").is_file() else None
 
 
-def parameters(run: RunConfig) -> dict[str, Any] | None:
+def parameters(run: RunConfig | None) -> dict[str, Any] | None:
     """TP % and trainable count of the run's method on its base model (meta device).
 
     None when the base model's shape is not known without fetching it (an HF name that is not
-    a shipped architecture); training then reports the real count.
+    a shipped architecture; training then reports the real count), or without a run (a
+    refused row).
     """
+    if run is None:
+        return None
     method = run.hmora_config()
     key = rowio.stable_hash([run.model.name_or_path, method.to_dict()])
     if key not in _TP_CACHE:
@@ -412,7 +487,7 @@ def child_env(gpus: list[str] | None) -> dict[str, str]:
 # ---------------------------------------------------------------------------- one job
 #: Which ``metrics`` keys each stage writes (kept together with the stage when it is reused).
 STAGE_METRICS = {
-    "eval": {"accuracy", "unavailable", "stand_in", "average", "average_over"},
+    "eval": {"accuracy", "questions", "unavailable", "stand_in", "average", "average_over"},
     "analyze": {"routing"},
 }
 
@@ -469,11 +544,11 @@ def run_job(opts: Options, job: Job, gpus: list[str] | None) -> tuple[dict[str, 
     if rowio.is_complete(old, job.hashes):
         logger.info("%s: skip: done (config %s)", job.key, job.hashes["train"])
         return old, False
-    if job.row.unsupported:
+    if job.unsupported:
         record = _record(opts, job, None)
-        record.update(status=rowio.UNSUPPORTED, error=job.row.unsupported)
+        record.update(status=rowio.UNSUPPORTED, error=job.unsupported)
         rowio.write_row(job.dir, record)
-        logger.warning("%s: not run: %s", job.key, job.row.unsupported)
+        logger.warning("%s: not run: %s", job.key, job.unsupported)
         return record, False
     changed = old is None or old.get("config_hash") != job.hashes["train"]
     if changed and job.dir.exists():  # another config's checkpoints must never be resumed
@@ -560,6 +635,7 @@ def _evaluate(opts: Options, job: Job, record: dict, gpus: list[str] | None) -> 
     doc = json.loads((out / "results.json").read_text())
     ok = {b: r for b, r in doc["benchmarks"].items() if r.get("status") == "ok"}
     record["metrics"]["accuracy"] = {b: r["accuracy"] for b, r in ok.items()}
+    record["metrics"]["questions"] = {b: r["num_questions"] for b, r in ok.items()}
     record["metrics"]["unavailable"] = sorted(set(doc["benchmarks"]) - set(ok))
     record["metrics"]["stand_in"] = {b: r["stand_in"] for b, r in ok.items() if r.get("stand_in")}
     record["metrics"]["average"] = doc["average"]["value"]
@@ -567,14 +643,46 @@ def _evaluate(opts: Options, job: Job, record: dict, gpus: list[str] | None) -> 
     return {"results": str(out / "results.json")}
 
 
+def benchmark_prompts(opts: Options) -> Path:
+    """``<out>/analysis_prompts.jsonl``: the first ``max_per_task`` evaluated questions of
+    every benchmark (the same subsets, in the same order, as the evaluation), task = the
+    benchmark's name. Written once per study directory (rewritten when the settings change)."""
+    from hmora_ds.eval.suite import SuiteConfig, prepare_suite
+
+    path = opts.out / PROMPTS_FILE
+    settings = [opts.benchmarks, opts.split, opts.source, str(opts.local_dir), opts.max_per_task]
+    stamp = opts.out / f".{PROMPTS_FILE}.settings"
+    if path.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == settings:
+        return path
+    suite = SuiteConfig(benchmarks=[opts.benchmarks], split=opts.split, source=opts.source,
+                        local_dir=opts.local_dir, max_questions=opts.max_per_task)  # fmt: skip
+    lines = []
+    for bench, p in prepare_suite(suite).items():
+        for q in p.questions:
+            lines.append(json.dumps({"task": bench, "id": q.id, "question": q.question,
+                                     "options": list(q.options)}))  # fmt: skip
+    if not lines:
+        raise StageError("analyze", f"no benchmark of --benchmarks {opts.benchmarks} has questions")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    stamp.write_text(json.dumps(settings))
+    return path
+
+
 def _analyze(opts: Options, job: Job, record: dict, gpus: list[str] | None) -> dict[str, Any]:
     m = job.run.model
     out = job.dir / "analysis"
+    data = opts.analysis_data
+    if data == BENCHMARK_PROMPTS:
+        data = str(benchmark_prompts(opts))
     cmd = [sys.executable, "-m", "hmora_ds.analyze", "routing", "--model", m.name_or_path]
-    cmd += ["--adapter", record["stages"]["train"]["adapter"], "--data", opts.analysis_data]
+    cmd += ["--adapter", record["stages"]["train"]["adapter"], "--data", data]
     cmd += ["--out", str(out)]
     if opts.max_per_task is not None:
         cmd += ["--max-per-task", str(opts.max_per_task)]
+    if opts.study.ood:  # routing of each ID and OOD task on its own
+        cmd.append("--per-task")
     log = job.dir / "analyze.log"
     _check(run_logged(cmd, log, child_env(gpus), opts.stage_timeout), "analyze", log)
     path = out / "routing.json"
@@ -591,6 +699,8 @@ def prepare_assets(opts: Options, jobs: list[Job]) -> None:
     """Fetch the model and build the data once, before concurrent rows would race on them."""
     done: set[str] = set()
     for job in jobs:
+        if job.run is None:
+            continue
         key = rowio.stable_hash([job.run.model.name_or_path, job.run.data.__dict__])
         if key in done:
             continue

@@ -15,6 +15,10 @@ the paper (tables 2, 3, 9, 10, 11; appendix E) and ``shared/spec/method.md``:
 * ``experts`` (ablation plan B): e ∈ {4, 8, 16, 32}.
 * ``baselines`` (table 3): LoRA r = 8 / 64, MoLoRA, MixLoRA, HydraLoRA, HMoRA w LW / w/o LW,
   full fine-tuning at ``--scale paper`` only.
+* ``learning``: does routing learn at CPU scale (a recipe that makes routers move in 40 steps).
+* ``ood`` (HiMoLE's protocol): train on 7 of the offline mixture's 9 tasks, evaluate on held-out
+  questions of the trained tasks (in distribution) and on tasks never trained (out of
+  distribution); HiMoLE, HiMoLE one-stage, MixLoRA, HydraLoRA, LoRA r = 8, HMoRA w LW.
 """
 
 from __future__ import annotations
@@ -71,8 +75,20 @@ class Study:
     base: dict[str, Any]
     rows: tuple[Row, ...]
     #: ``--data`` of the routing analysis when ``--analysis-data`` is not given (None: MMLU,
-    #: the paper's unseen tasks).
+    #: the paper's unseen tasks; ``benchmarks``: the evaluated benchmarks' questions).
     analysis_data: str | None = None
+    #: Per scale, defaults that replace the scale's (``benchmarks``, ``max_questions``,
+    #: ``max_per_task``); the command line still wins.
+    defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The in/out-of-distribution protocol (:mod:`hmora_ds.eval.ood`): checkpoints are
+    #: selected on the ID benchmarks only, and the table reports ID and OOD accuracy.
+    ood: bool = False
+    #: Per scale, overrides applied after ``base`` (a recipe meant for one scale only).
+    scale_base: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def base_for(self, scale: str) -> dict[str, Any]:
+        """``base`` with this scale's own overrides on top."""
+        return {**self.base, **self.scale_base.get(scale, {})}
 
     def rows_for(self, scale: str) -> list[Row]:
         return [r for r in self.rows if scale == "paper" or not r.paper_only]
@@ -294,6 +310,92 @@ def _learning() -> Study:
     )
 
 
+#: The ``ood`` study's training tasks: 7 of the offline mixture's 9. Held out: CommonsenseQA and
+#: HellaSwag (SWAG's offline stand-in), whose benchmarks, with MMLU (never in the mixture), are
+#: the out-of-distribution ones; ARC-C, ARC-E and OpenBookQA are evaluated on their held-out
+#: questions (in distribution). See docs/ablations.md for why this split.
+OOD_TRAIN_TASKS = (
+    "arc_easy",
+    "arc_challenge",
+    "openbookqa",
+    "piqa",
+    "social_iqa",
+    "boolq",
+    "winogrande",
+)
+#: What the ``ood`` study evaluates at CPU scale: every benchmark the offline source has.
+OOD_BENCHMARKS = "mmlu,arc-c,arc-e,obqa,swag,csqa"
+#: The ``ood`` study's data at every scale: the 7 tasks of the offline mixture's cached build
+#: (``data.path: null``), also at ``--scale paper``, whose config trains on Flan v2 (a mixture
+#: without this task mapping). At ``--scale cpu`` training follows the ``learning`` study's
+#: recipe (routers at 20 × lr, 8 sequences per step, constant lr), so that routing can differ
+#: between methods at all; at ``--scale paper`` the paper config's own training.
+OOD_DATA: dict[str, Any] = {
+    "data.kind": "offline",
+    "data.path": None,
+    "data.tasks": list(OOD_TRAIN_TASKS),
+}
+#: Training records of a CPU-scale ``ood`` row: the first 1,000 of the 7 tasks' 7,000 (the
+#: mixture is shuffled, so ≈ 140 per task). A row sees 40 × 8 = 320 sequences, less than one
+#: pass over either pool; the cap is for HiMoLE's stage 1, which embeds every training prompt
+#: with the base model before training (7,000 prompts: tens of minutes on 2 CPU cores).
+OOD_CPU_RECORDS = 1000
+#: The ``ood`` study's rows: (row name, preset, label when the preset is not registered).
+OOD_ROWS = (
+    ("himole", "himole", "HiMoLE"),
+    ("himole-one-stage", "himole_one_stage", "HiMoLE one-stage"),
+    ("mixlora", "mixlora", "MixLoRA"),
+    ("hydralora", "hydralora", "HydraLoRA"),
+    ("lora-r8", "lora_r8", "LoRA r = 8"),
+    ("hmora-lw", "hmora_lw", "HMoRA w LW"),
+)
+#: The row every other row's accuracy is compared with (paired, per question).
+OOD_REFERENCE = "lora-r8"
+
+
+def registered_presets() -> dict[str, str]:
+    """Preset → label of every registered method's shipped presets."""
+    from hmora_ds.methods import method_presets
+
+    return {preset: label for preset, label, _ in method_presets()}
+
+
+def unregistered_preset(row: Row) -> str | None:
+    """Why ``row`` cannot run when it names a preset no registered method ships, else None."""
+    preset = row.overrides.get("preset")
+    known = registered_presets()
+    if preset is None or preset in known:
+        return None
+    return (
+        f"preset {preset!r} is not registered in this checkout (no registered method ships it; "
+        f"registered: {', '.join(known)})"
+    )
+
+
+def _ood() -> Study:
+    """HiMoLE's evaluation: in and out of distribution (docs/ablations.md)."""
+    labels = registered_presets()
+    rows = tuple(
+        Row(name, {"Method": labels.get(preset, label)}, {"preset": preset})
+        for name, preset, label in OOD_ROWS
+    )
+    return Study(
+        "ood",
+        "In and out of distribution (HiMoLE's protocol): 7 training tasks; ID = their held-out "
+        "questions, OOD = tasks never trained",
+        ("Method",),
+        dict(OOD_DATA),
+        rows,
+        analysis_data="benchmarks",
+        defaults={
+            "cpu": {"benchmarks": OOD_BENCHMARKS, "max_questions": 100, "max_per_task": 20},
+            "paper": {"benchmarks": "all"},
+        },
+        ood=True,
+        scale_base={"cpu": {**LEARNING_RECIPE, "data.max_records": OOD_CPU_RECORDS}},
+    )
+
+
 STUDIES: dict[str, Study] = {
     s.name: s
     for s in (
@@ -305,6 +407,7 @@ STUDIES: dict[str, Study] = {
         _experts(),
         _baselines(),
         _learning(),
+        _ood(),
     )
 }
 
@@ -317,6 +420,8 @@ def get_study(name: str) -> Study:
 
 def render_value(value: Any) -> str:
     """A command-line ``key=value`` value that the config's YAML parser reads back as ``value``."""
+    if value is None:
+        return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):

@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
         "--router", default=None, help="task router for MEP / t-SNE (default: the final one)"
     )
     r.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity")
+    r.add_argument(
+        "--per-task",
+        action="store_true",
+        help="also each task's own routing statistics (tasks.<t>.routing: token balance and "
+        "certainty, expert shares of the last token router and of the MEP router)",
+    )
     r.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     r.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     t = sub.add_parser(
@@ -189,6 +195,7 @@ def run_routing(args: argparse.Namespace) -> dict[str, Any]:
         max_input_tokens=args.max_input_tokens,
         progress=not args.no_progress,
         autocast_dtype=torch.bfloat16 if bf16 else None,
+        per_task=args.per_task,
     )
     data = args.data if args.data in ("mmlu", "offline") else str(Path(args.data))
     if args.data == "mmlu":

@@ -33,7 +33,7 @@ import torch
 from hmora_ds.analysis.stats import between_task_share, main_expert_pairs, recognition_rates
 from hmora_ds.config import TARGETS
 from hmora_ds.metrics import RouterStatsAccumulator
-from hmora_ds.routing.context import RouterId
+from hmora_ds.routing.context import RouterId, RoutingRecord
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,8 @@ class RoutingCollection:
         top_k: experts per decision used for loads and pairs.
         routing_mode: ``topk`` or ``soft``.
         skipped: examples whose prompt could not fit ``max_input_tokens``.
+        task_stats: with ``per_task``: task → router → the same statistics over that task's
+            examples only (None without).
     """
 
     tasks: list[str]
@@ -95,6 +97,7 @@ class RoutingCollection:
     routing_mode: str
     skipped: int = 0
     notes: list[str] = field(default_factory=list)
+    task_stats: dict[str, dict[str, dict[str, torch.Tensor]]] | None = None
 
 
 def _as_example(ex: Any, i: int) -> RoutingExample:
@@ -130,6 +133,7 @@ def collect_routing(
     max_input_tokens: int = 512,
     progress: bool = True,
     autocast_dtype: torch.dtype | None = None,
+    per_task: bool = False,
 ) -> RoutingCollection:
     """Route every example's prompt through ``model`` and gather the statistics.
 
@@ -143,6 +147,8 @@ def collect_routing(
         progress: show a tqdm bar.
         autocast_dtype: bf16 autocast on GPU as in training and evaluation (None: off); the
             routers compute their softmax in fp32 either way.
+        per_task: also every router's statistics over each task's examples alone
+            (:attr:`RoutingCollection.task_stats`).
     """
     from tqdm.auto import tqdm
 
@@ -175,6 +181,7 @@ def collect_routing(
     # Longest first: similar lengths share a batch, and an out-of-memory shows up at once.
     encoded.sort(key=lambda item: -len(item[1]["input_ids"]))
     acc = RouterStatsAccumulator(top_k)
+    task_acc: dict[str, RouterStatsAccumulator] = {}
     gates: dict[str, list[torch.Tensor]] = {}
     order: list[int] = []
     batches = range(0, len(encoded), batch_size)
@@ -195,6 +202,15 @@ def collect_routing(
                 logits_to_keep=1,  # only the routing matters: skip the (B, T, V) logits
             )
         acc.add(out.routing_records)
+        if per_task:
+            rows_of: dict[str, list[int]] = {}
+            for row, (i, _) in enumerate(chunk):
+                rows_of.setdefault(exs[i].task, []).append(row)
+            for task, rows in rows_of.items():
+                idx = torch.as_tensor(rows, device=device)
+                task_acc.setdefault(task, RouterStatsAccumulator(top_k)).add(
+                    [_rows(rec, idx) for rec in out.routing_records]
+                )
         for rec in out.routing_records:
             if rec.kind == "task":
                 gates.setdefault(rec.name, []).append(rec.probs.detach().float().cpu())
@@ -209,7 +225,14 @@ def collect_routing(
         top_k=top_k,
         routing_mode=routing.mode,
         skipped=skipped,
+        task_stats={t: a.finalize() for t, a in sorted(task_acc.items())} if per_task else None,
     )
+
+
+def _rows(rec: RoutingRecord, idx: torch.Tensor) -> RoutingRecord:
+    """The record restricted to the batch rows ``idx`` (one task's examples)."""
+    mask = None if rec.mask is None else rec.mask.index_select(0, idx)
+    return RoutingRecord(rec.id, rec.probs.index_select(0, idx), mask)
 
 
 def router_names(model: Any) -> list[str]:
@@ -306,9 +329,13 @@ def summarize_routing(
                 f"pair is reported (e.g. {tied[0]}: {[list(meps[tied[0]].pair)]} + "
                 f"{[list(p) for p in meps[tied[0]].tied]})"
             )
+    per_task_routers = None
+    if coll.task_stats is not None:
+        per_task_routers = _add_task_routing(coll, tasks, mep_router)
     return {
         "meta": {
             **dict(meta or {}),
+            **({"per_task_routers": per_task_routers} if per_task_routers else {}),
             "num_examples": len(coll.tasks),
             "num_tasks": len(task_counts),
             "top_k": coll.top_k,
@@ -331,6 +358,31 @@ def summarize_routing(
     }
 
 
+def _add_task_routing(
+    coll: RoutingCollection, tasks: dict[str, dict[str, Any]], mep_router: str | None
+) -> dict[str, str | None]:
+    """``tasks.<t>.routing``: the statistics of the task's own examples: token-router balance
+    and certainty (means over the token routers, as the summary's), the expert activation
+    shares of the last token router (forward order) and of the MEP router. Returns which
+    routers the shares are of."""
+    token = [n for n in sorted_routers(list(coll.stats)) if parse_router_name(n)[2] == "token"]
+    last_token = token[-1] if token else None
+    for task, entry in tasks.items():
+        stats = coll.task_stats.get(task, {})
+        mine = [stats[n] for n in token if n in stats]
+        entry["routing"] = {
+            "token_balance": _mean([float(s["balance"]) for s in mine]),
+            "token_certainty": _mean([float(s["certainty"]) for s in mine]),
+            "token_load": [float(x) for x in stats[last_token]["load"]]
+            if last_token in stats
+            else None,
+            "task_load": [float(x) for x in stats[mep_router]["load"]]
+            if mep_router in stats
+            else None,
+        }
+    return {"token": last_token, "task": mep_router}
+
+
 def analyze_routing(
     model: Any,
     tokenizer: Any,
@@ -342,6 +394,7 @@ def analyze_routing(
     meta: Mapping[str, Any] | None = None,
     progress: bool = True,
     autocast_dtype: torch.dtype | None = None,
+    per_task: bool = False,
 ) -> dict[str, Any]:
     """:func:`collect_routing` then :func:`summarize_routing`: the ``routing.json`` document."""
     resolve_mep_router(router_names(model), router)  # a wrong router fails before the run
@@ -353,5 +406,6 @@ def analyze_routing(
         max_input_tokens=max_input_tokens,
         progress=progress,
         autocast_dtype=autocast_dtype,
+        per_task=per_task,
     )
     return summarize_routing(coll, meta, router=router)

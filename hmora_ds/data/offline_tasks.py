@@ -219,3 +219,31 @@ TASKS: dict[str, OfflineTask] = {
         ),
     )
 }
+
+
+def task_selection_problems(
+    kind: str, tasks: list[str] | None, exclude: list[str]
+) -> list[tuple[str, str]]:
+    """What is wrong with ``data.tasks`` / ``data.exclude_tasks``: ``(field, message)`` pairs,
+    empty when nothing is. With ``data.kind=offline`` the names must be tasks of the offline
+    mixture (the message lists them); with ``flan`` / ``local`` they are checked against the
+    records when those load (:func:`hmora_ds.data.records.select_tasks`)."""
+    problems: list[tuple[str, str]] = []
+    if tasks is not None and not tasks:
+        problems.append(("data.tasks", "is empty; list the tasks to train on, or null for all"))
+    if kind == "offline":
+        for field, names in (("data.tasks", tasks or []), ("data.exclude_tasks", exclude)):
+            unknown = [n for n in names if n not in TASKS]
+            if unknown:
+                problems.append(
+                    (
+                        field,
+                        f"unknown offline task(s) {', '.join(map(repr, unknown))}; the offline "
+                        f"mixture's tasks are {', '.join(TASKS)}",
+                    )
+                )
+    if tasks and set(tasks) <= set(exclude):
+        problems.append(
+            ("data.exclude_tasks", "excludes every task of data.tasks; nothing is left to train on")
+        )
+    return problems

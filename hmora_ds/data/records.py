@@ -129,3 +129,47 @@ def prepare_out_dir(out_dir: Path) -> Path:
     for name in (MANIFEST_FILE, DATA_FILE):
         (out_dir / name).unlink(missing_ok=True)
     return out_dir
+
+
+def select_tasks(
+    records: list[dict],
+    tasks: Iterable[str] | None = None,
+    exclude: Iterable[str] = (),
+    where: str = "the data",
+) -> list[dict]:
+    """The records whose ``task_name`` is in ``tasks`` (None: every task) and not in
+    ``exclude``, in their order.
+
+    A name that matches no record is an error, not an empty selection: a misspelt task would
+    otherwise train on nothing of it without a word.
+
+    Raises:
+        DataError: a named task has no record in ``where``, or nothing is left.
+    """
+    include = None if tasks is None else list(tasks)
+    exclude = list(exclude)
+    if include is None and not exclude:
+        return records
+    present = sorted({str(r.get("task_name", DEFAULT_TASK)) for r in records})
+    for field, names in (("data.tasks", include or []), ("data.exclude_tasks", exclude)):
+        missing = [n for n in names if n not in present]
+        if missing:
+            raise DataError(
+                f"{field}: no record of task(s) {', '.join(map(repr, missing))} in {where}; "
+                f"its tasks are {', '.join(present)}"
+            )
+    keep = set(present if include is None else include) - set(exclude)
+    if not keep:
+        raise DataError(
+            "data.exclude_tasks: leaves no task to train on (data.tasks: "
+            f"{', '.join(include or present)})"
+        )
+    out = [r for r in records if str(r.get("task_name", DEFAULT_TASK)) in keep]
+    logger.info(
+        "data: %d of %d records from %d task(s) (%s)",
+        len(out),
+        len(records),
+        len(keep),
+        ", ".join(sorted(keep)),
+    )
+    return out

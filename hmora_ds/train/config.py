@@ -80,6 +80,13 @@ class DataConfig:
         max_input_tokens / max_output_tokens: prompt and target limits (paper: 1024 / 512).
         group_by_length: length-grouped batching.
         offline_per_task: records per task when the offline mixture is built here.
+        tasks: train only on the records of these tasks (their ``task_name``); null = every
+            task. With ``offline`` the names must be the mixture's tasks (``arc_easy``,
+            ``arc_challenge``, ``openbookqa``, ``commonsense_qa``, ``hellaswag``, ``piqa``,
+            ``social_iqa``, ``boolq``, ``winogrande``); with ``flan`` / ``local`` each must
+            match some record. Validation records come from the same tasks.
+        exclude_tasks: leave the records of these tasks out (after ``tasks``): the held-out
+            tasks of an out-of-distribution evaluation (``python -m hmora_ds.ablate ood``).
     """
 
     kind: str = "offline"
@@ -91,9 +98,16 @@ class DataConfig:
     max_output_tokens: int = 512
     group_by_length: bool = True
     offline_per_task: int | None = 2000
+    tasks: list[str] | None = None
+    exclude_tasks: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         check_types(self, "data")
+        if self.tasks is not None or self.exclude_tasks:
+            from hmora_ds.data.offline_tasks import task_selection_problems
+
+            for name, message in task_selection_problems(self.kind, self.tasks, self.exclude_tasks):
+                _fail(name, message)
         if self.kind not in ("offline", "flan", "local"):
             _fail("data.kind", f"must be offline, flan or local, got {self.kind!r}")
         if self.kind in ("flan", "local") and not self.path:

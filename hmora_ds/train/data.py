@@ -22,6 +22,7 @@ from hmora_ds.data import (
     ensure_offline_mixture,
     load_records,
 )
+from hmora_ds.data.records import select_tasks
 from hmora_ds.train.config import RunConfig
 
 logger = logging.getLogger(__name__)
@@ -45,9 +46,10 @@ def split_records(run: RunConfig) -> tuple[list[dict], list[dict]]:
     """Training and validation records of the run."""
     d = run.data
     path = prepare_records(run) if d.kind == "offline" else Path(d.path)
-    records = load_records(path)
+    records = select_tasks(load_records(path), d.tasks, d.exclude_tasks, str(path))
     if d.val_path:
-        train, val = records, load_records(d.val_path)
+        val = select_tasks(load_records(d.val_path), d.tasks, d.exclude_tasks, d.val_path)
+        train = records
     else:
         train, val = [], []
         for rec in records:
