@@ -296,6 +296,11 @@ REFUSALS = [
      "adapter.num_experts: must be 1: one plain LoRA per layer (got 4); use method=molora or "
      "method=hmora for experts (method lora)"),
     ("lora_r8", "loss.aux=blc", "loss.aux: must be none: plain LoRA has no router (method lora)"),
+    ("hmora", ["routing.task_encoder=transformer", "routing.encoder_heads=5"],
+     "routing.encoder_heads: (5) must divide the model's hidden size (64) (method hmora)"),
+    ("hmora", "routing.task_encoder=none",
+     "routing.task_encoder: 'none' leaves layers [5] (α > beta_high=0.8) without any router; "
+     "set routing.beta_high=1.0 or choose a task encoder (method hmora)"),
     ("himole", "routing.mode=soft",
      "routing.mode: must be topk (KeepTop-k, eq. 4) (method himole)"),
     ("himole", "routing.task_encoder=transformer",

@@ -401,3 +401,20 @@ def test_himole_group_cosines_are_the_mean_pairwise_cosine(seed, n, b, t, d, sca
     assert torch.isfinite(e.grad).all()
     if n * b * t > 1:
         assert e.grad[:, 0, 0].abs().sum() == 0  # the masked token gets no gradient
+
+
+@given(st.integers(1, 40), st.integers(1, 33))
+def test_sinusoid_positions_are_the_transformer_table(length, dim):
+    """PE(p, 2i) = sin(p / 10000^(2i/d)), PE(p, 2i+1) = cos(p / 10000^(2i/d)) ("Attention is
+    all you need"), for odd widths too, written out per entry. Guards against sin / cos
+    swapped, a wrong base or exponent sign, and odd columns shifted by one frequency."""
+    from hmora_ds.routing.task_encoder import sinusoid_positions
+
+    table = sinusoid_positions(length, dim, torch.device("cpu"))
+    assert table.shape == (length, dim) and table.dtype == torch.float32
+    expected = torch.empty(length, dim, dtype=torch.float64)
+    for p in range(length):
+        for j in range(dim):
+            angle = p / 10000.0 ** ((j - j % 2) / dim)
+            expected[p, j] = math.sin(angle) if j % 2 == 0 else math.cos(angle)
+    assert torch.allclose(table.double(), expected, atol=2e-5)

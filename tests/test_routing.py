@@ -310,3 +310,25 @@ def test_shared_routers_build_one_sparse_plan_per_forward_and_never_reuse_a_stal
         fresh = tiny_hmora("hmora_lw", overrides=overrides).eval()
         fresh.load_state_dict(model.state_dict())
         torch.testing.assert_close(out, fresh(*second).logits)
+
+
+def test_task_token_id_resolution_and_its_errors():
+    """e_task starts from the embedding of '?' (spec §3): given explicitly, read from the
+    tokenizer, or a one-line error saying what to pass. Guards against the tokenizer being
+    ignored and against a multi-token '?' silently taking its first piece."""
+    from types import SimpleNamespace
+
+    from hmora_ds.methods.hmora import resolve_task_token_id
+
+    assert resolve_task_token_id(None, 7) == 7
+    one = SimpleNamespace(encode=lambda text, add_special_tokens: [42])
+    assert resolve_task_token_id(one, None) == 42
+    two = SimpleNamespace(encode=lambda text, add_special_tokens: [4, 2])
+    with pytest.raises(ValueError, match=r"^tokenizer: '\?' is not a single token \(\[4, 2\]\)$"):
+        resolve_task_token_id(two, None)
+    with pytest.raises(
+        ValueError,
+        match=r"^task_token_id: the transformer task encoder initialises e_task from the "
+        r"embedding of '\?'; pass tokenizer= or task_token_id=$",
+    ):
+        resolve_task_token_id(None, None)
