@@ -70,7 +70,7 @@ def add_diffs(mutants: list[Mutant]) -> None:
     from mutmut.mutation.diff_apply import get_diff_for_mutant
 
     for m in mutants:
-        if m.status != KILLED:
+        if m.status in (SURVIVED, NO_TESTS, OTHER):
             try:
                 m.diff = get_diff_for_mutant(m.name, path=m.file)
             except Exception as err:  # a diff we cannot show is reported, never fatal
@@ -102,7 +102,8 @@ def _row(label: str, ms: list[Mutant]) -> tuple[str, float]:
     open_survived = sum(1 for m in ms if m.status == SURVIVED and not m.reason)
     open_no_tests = sum(1 for m in ms if m.status == NO_TESTS and not m.reason)
     score = (c[KILLED] + c[TIMEOUT] + explained) / max(len(ms), 1)
-    cells = [label, len(ms), c[KILLED], c[TIMEOUT], explained, open_survived, open_no_tests]
+    cells = [label, len(ms), c[KILLED], c[TIMEOUT], explained, open_survived, open_no_tests,
+             c["not checked"]]  # fmt: skip
     return "| " + " | ".join(map(str, cells)) + f" | {100 * score:.1f} % |", score
 
 
@@ -124,10 +125,13 @@ def report(mutants: list[Mutant], stale: list[str]) -> tuple[str, float]:
         "mutants; *explained* = equivalent mutants, each with its reason "
         "(`tests/mutation_explained.yaml`); *no tests* = no fast unit test reaches the function.",
         "",
-        f"**Score: {100 * score:.1f} %** ({done} of {len(mutants)} mutants).",
+        f"**Score: {100 * score:.1f} %** ({done} of {len(mutants)} mutants); "
+        f"{sum(m.status == 'not checked' for m in mutants)} not checked yet (a stopped run: "
+        "`make mutate` continues it).",
         "",
-        "| file | mutants | killed | timeout | explained | survived | no tests | score |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| file | mutants | killed | timeout | explained | survived | no tests | not checked "
+        "| score |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
         total_row,
     ]
@@ -138,7 +142,7 @@ def report(mutants: list[Mutant], stale: list[str]) -> tuple[str, float]:
             "",
         ]
         lines += [f"- `{s}`" for s in stale]
-    unexplained = [m for m in mutants if m.status not in (KILLED, TIMEOUT) and not m.reason]
+    unexplained = [m for m in mutants if m.status in (SURVIVED, NO_TESTS, OTHER) and not m.reason]
     lines += ["", f"## Surviving, not explained ({len(unexplained)})", ""]
     for m in unexplained:
         lines += [f"### `{m.name}` ({m.status})", "", "```diff", m.diff.strip(), "```", ""]
