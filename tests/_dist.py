@@ -69,3 +69,20 @@ def run_command(cmd: list[str], timeout: float, env: dict | None = None, cwd=Non
             f"{' '.join(cmd[:4])}… exceeded {timeout:.0f}s:\n{out[-3000:]}"
         ) from None
     return proc.returncode, out
+
+
+def ep_gradients(per_rank: list[dict], experts_per_rank: int) -> dict:
+    """The gradients of an expert-parallel run under one process's names: replicated tensors
+    summed over ranks (each rank's is its share of the batch), each rank's local experts
+    renumbered to their global index (rank r holds experts E_r·r … E_r·r + E_r − 1)."""
+    from hmora_ds.parallel.expert_parallel import standardize_state_dict
+
+    replicated, experts = {}, {}
+    for r, grads in enumerate(per_rank):
+        for n, t in grads.items():
+            if ".deepspeed_experts." in n:
+                prefix, local, kind = n.rsplit(".", 2)
+                experts[f"{prefix}.{experts_per_rank * r + int(local)}.{kind}"] = t
+            else:
+                replicated[n] = replicated.get(n, 0) + t
+    return standardize_state_dict({**replicated, **experts})

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hmora_ds.parallel.expert_parallel import standardize_state_dict, validate_expert_parallel
-from tests._dist import run_ranks
+from hmora_ds.parallel.expert_parallel import validate_expert_parallel
+from tests._dist import ep_gradients, run_ranks
 from tests.conftest import batch, randomize_adapters, tiny_hmora
 
 pytestmark = pytest.mark.multirank
@@ -79,15 +79,7 @@ def test_ep2_model_equals_replicated(tmp_path, hydra):
         torch.testing.assert_close(got[r]["logits"], logits[r], rtol=1e-6, atol=1e-6)
     # Replicated parameters: the sum over ranks equals the reference gradient. Experts: rank r
     # holds experts 4r … 4r+3 with the gradient of every token routed to them.
-    replicated, experts = {}, {}
-    for r, g in enumerate(got):
-        for n, t in g["grads"].items():
-            if ".deepspeed_experts." in n:  # rank r holds experts 4r … 4r+3
-                prefix, local, kind = n.rsplit(".", 2)
-                experts[f"{prefix}.{4 * r + int(local)}.{kind}"] = t
-            else:
-                replicated[n] = replicated.get(n, 0) + t
-    std = standardize_state_dict({**replicated, **experts})
+    std = ep_gradients([g["grads"] for g in got], experts_per_rank=4)
     ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
     assert std.keys() == ref_grads.keys()
     for n in ref_grads:

@@ -15,7 +15,7 @@ import torch
 
 from hmora_ds.losses import load_balance_loss
 from hmora_ds.methods.himole import diversity_loss, group_cosines, hierarchical_gates
-from tests._dist import run_ranks
+from tests._dist import ep_gradients, run_ranks
 from tests.conftest import batch, randomize_adapters, tiny_hmora
 
 NO_DROPOUT = {"adapter.dropout": 0.0, "routing.router_dropout": 0.0}
@@ -235,7 +235,6 @@ def test_expert_parallel_equals_replicated(tmp_path):
     """Guards against the per-group outputs of L_div (computed through the block's own
     dispatcher) or the hierarchical gates going wrong when experts live on other ranks: with
     EP = 2 each rank's loss (L_div included) and the gradients equal the replicated model's."""
-    from hmora_ds.parallel.expert_parallel import standardize_state_dict
 
     run_ranks(_ep_worker, 2, tmp_path, tmp_path, timeout=180)
     ref = _ep_model()
@@ -249,15 +248,7 @@ def test_expert_parallel_equals_replicated(tmp_path):
         torch.testing.assert_close(got[rank]["div"], out.aux_by_kind["div"], rtol=1e-9, atol=1e-9)
         total = total + out.loss
     total.backward()
-    replicated, experts = {}, {}
-    for r, g in enumerate(got):
-        for n, t in g["grads"].items():
-            if ".deepspeed_experts." in n:  # rank r holds experts 8r … 8r+7
-                prefix, local, kind = n.rsplit(".", 2)
-                experts[f"{prefix}.{8 * r + int(local)}.{kind}"] = t
-            else:
-                replicated[n] = replicated.get(n, 0) + t
-    std = standardize_state_dict({**replicated, **experts})
+    std = ep_gradients([g["grads"] for g in got], experts_per_rank=8)
     want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
     assert std.keys() == want.keys()
     for n, g in want.items():
