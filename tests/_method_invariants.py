@@ -12,7 +12,10 @@ Qwen2 / LLaMA models (mechanics only).
 - a ZeRO-2 SGD step on 2 gloo ranks, each with half the batch, applies the update of one process
   with the whole batch (to 1e-4 relative), and the adapter exported from that DeepSpeed
   checkpoint loads and gives the live model's logits (to 1e-6) — one spawn checks every method;
-- the TP report works on the meta device (no weights) on the Qwen2-1.5B shape.
+- the TP report works on the meta device (no weights) on the Qwen2-1.5B shape;
+- on a bf16 base (the default dtype on a GPU) with the adapters, routers and task encoder in
+  fp32, a forward and backward run and give the loss of the same weights computed in fp32 (to
+  bf16 precision).
 """
 
 from __future__ import annotations
@@ -119,6 +122,25 @@ def check_gradient_checkpointing(config: HMoRAConfig) -> None:
     assert grads_c.keys() == grads.keys() and grads
     for name, g in grads.items():
         torch.testing.assert_close(grads_c[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def check_bf16_base(config: HMoRAConfig) -> None:
+    """Guards against a module that feeds the base's bf16 hidden states to its fp32 weights
+    (``expected m1 and m2 to have the same dtype``): evaluation without DeepSpeed on a GPU
+    loads the base in bf16 and leaves the adapter in fp32."""
+    config = no_dropout(config)
+    base = tiny_base("qwen2", seed=0).to(torch.bfloat16)
+    torch.manual_seed(1)
+    low = HMoRAModel(base, config, task_token_id=QUESTION_ID)
+    randomize(low)
+    assert all(p.dtype == torch.float32 for n, p in low.named_parameters() if "lora_" in n)
+    ref = HMoRAModel(tiny_base("qwen2", seed=0).to(torch.bfloat16).float(), config,
+                     task_token_id=QUESTION_ID)  # fmt: skip
+    ref.load_state_dict({k: v.float() for k, v in low.state_dict().items()})
+    loss, grads = _loss_and_grads(low)
+    loss_ref, grads_ref = _loss_and_grads(ref)
+    assert torch.isfinite(loss) and grads.keys() == grads_ref.keys() and grads
+    torch.testing.assert_close(loss.float(), loss_ref, rtol=2e-2, atol=2e-2)
 
 
 def check_meta_tp(config: HMoRAConfig) -> None:

@@ -216,8 +216,8 @@ class HierarchicalRouter(RouterGroup):
 
     def logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(G_sen (B, N), G_tok (B, T, N·M)): the two routers' raw scores (eqs. 2–3)."""
-        sen = self.sentence_router.linear(self.sentence_router.dropout(self.sentence_repr(x)))
-        tok = self.token_router.linear(self.token_router.dropout(x))
+        sen = self.sentence_router.logits(self.sentence_repr(x))
+        tok = self.token_router.logits(x)
         return sen, tok
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -236,7 +236,7 @@ class HierarchicalRouter(RouterGroup):
         with exact zeros on every other group's experts (their logits are -inf), so top-k
         keeps experts of that group alone and no other expert or token-router row receives a
         gradient from the sequence. The sentence router is not run (it trains in stage 2)."""
-        tok = self.token_router.linear(self.token_router.dropout(x))
+        tok = self.token_router.logits(x)
         owner = torch.arange(self.num_experts, device=tok.device) // self.experts_per_group
         mine = owner == cluster.to(tok.device).long().view(-1, 1, 1)  # (B, 1, N·M)
         dtype = torch.promote_types(tok.dtype, torch.float32)

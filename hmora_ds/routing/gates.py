@@ -83,8 +83,13 @@ class Router(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.linear = nn.Linear(in_features, num_experts, bias=True)
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """h(x) in the router's own dtype (fp32 routers on a bf16 base model read its bf16
+        hidden states)."""
+        return self.linear(self.dropout(x).to(self.linear.weight.dtype))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.linear(self.dropout(x))
+        logits = self.logits(x)
         # At least fp32 (bf16 logits are rounded too coarsely for the auxiliary statistics);
         # fp64 stays fp64.
         return torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))

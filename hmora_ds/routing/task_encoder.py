@@ -87,7 +87,6 @@ class TaskEncoder(nn.Module):
         super().__init__()
         assert kind in ("transformer", "mean_pool"), kind
         self.kind = kind
-        self.hidden_size = hidden_size
         self.slot_position = bool(slot_position)
         if kind == "transformer":
             layer = nn.TransformerEncoderLayer(
@@ -121,6 +120,8 @@ class TaskEncoder(nn.Module):
         Returns:
             (B, D) task representation.
         """
+        if self.kind == "transformer":  # its own dtype (an fp32 encoder on a bf16 base)
+            embeds = embeds.to(self.task_embedding.dtype)
         packed, lengths = pack_prompt(embeds, prompt_mask)
         if self.kind == "mean_pool":
             return packed.sum(dim=1) / lengths.clamp_min(1).unsqueeze(-1).to(packed.dtype)
