@@ -86,3 +86,43 @@ def ep_gradients(per_rank: list[dict], experts_per_rank: int) -> dict:
             else:
                 replicated[n] = replicated.get(n, 0) + t
     return standardize_state_dict({**replicated, **experts})
+
+
+class _Rank:
+    """A stand-in process group of a simulated two-rank run (see ``two_ranks``)."""
+
+
+def two_ranks(monkeypatch, fn, mine, other):
+    """``fn(*mine, group=…)`` as rank 0 of a two-rank run whose rank 1 holds ``other``, in one
+    process: every all-reduce of rank 0 adds the tensor rank 1 passed to the same all-reduce.
+
+    The real collective is exercised by the multirank tests; this runs in the fast suite and
+    fails when a loss does not hand its ``group`` down to each all-reduce (the statistic
+    then covers one rank's half of the batch).
+    """
+    import hmora_ds.losses as losses
+
+    rank0, rank1, sent = _Rank(), _Rank(), []
+
+    def record(t, group):
+        if group is None:
+            return t
+        assert group is rank1, "an all-reduce received another group than the caller's"
+        sent.append(t.detach().clone())
+        return t
+
+    monkeypatch.setattr(losses, "_all_reduce", record)
+    fn(*other, group=rank1)
+    received = iter(sent)
+
+    def add(t, group):
+        if group is None:
+            return t
+        assert group is rank0, "an all-reduce received another group than the caller's"
+        return t + next(received)
+
+    monkeypatch.setattr(losses, "_all_reduce", add)
+    out = fn(*mine, group=rank0)
+    assert next(received, None) is None, "rank 0 made fewer all-reduces than rank 1"
+    assert sent, "no all-reduce received the caller's group"
+    return out

@@ -33,9 +33,13 @@ def _no_reference(model):
     return contextlib.nullcontext()
 
 
-def _run(mode: str, experts: int, hydra: bool, compute: str, ctx=_no_reference):
+def _run(
+    mode: str, experts: int, hydra: bool, compute: str, ctx=_no_reference, extra=(), dtype=None
+):
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(CFG)
+    if dtype is not None:
+        base = base.to(dtype)
     method = load_config(
         "hmora",
         [
@@ -46,6 +50,7 @@ def _run(mode: str, experts: int, hydra: bool, compute: str, ctx=_no_reference):
             "routing.share_routers=true",
             "routing.encoder_heads=4",
             *NO_DROPOUT,
+            *extra,
         ],
     )
     model = HMoRAModel(base, method, task_token_id=5)
@@ -112,6 +117,7 @@ def test_auto_selects_sparse_only_where_the_dense_adapter_dominates():
     assert not any(prefer_sparse(e, 2, 8, 1536) for e in (4, 8, 16, 32))
     assert prefer_sparse(32, 2, 32, 512)  # E·R = 2·I, a token uses 1/16 of the experts
     assert not prefer_sparse(8, 2, 256, 512)  # wide, but top-2 of 8 saves too little
+    assert prefer_sparse(16, 2, 64, 512)  # both thresholds are inclusive: 16 = 8·2, E·R = 2·I
     # the tiny model (hidden 32): E·R = 256 ≥ 2·I, so auto makes its top-k mixtures sparse
     for experts, expect in ((32, True), (4, False)):
         _, _, _, model = _run("topk", experts, False, "auto")
@@ -121,3 +127,42 @@ def test_auto_selects_sparse_only_where_the_dense_adapter_dominates():
         ValueError, match=r"adapter\.compute: must be one of auto, dense, sparse, got 'bogus'"
     ):
         load_config("hmora_lw", ["adapter.compute=bogus"])
+
+
+def _agree(runs, where, tol):
+    (logits, loss, grads, _), *others = runs
+    for i, (lg, ls, gr, _) in enumerate(others):
+        torch.testing.assert_close(
+            lg.float(), logits.float(), rtol=tol, atol=tol, msg=f"{where} {i}"
+        )
+        torch.testing.assert_close(ls.float(), loss.float(), rtol=tol, atol=tol)
+        for name, g in grads.items():
+            torch.testing.assert_close(gr[name].float(), g.float(), rtol=tol, atol=tol, msg=name)
+
+
+def test_a_single_kept_expert_of_gate_one_is_computed_by_every_path():
+    """Top-1 with ``sum`` renormalisation gives gates of exactly 1: the loop's token selection
+    (gate ≠ 0) must keep them."""
+    extra = ["routing.top_k=1", "routing.topk_renorm=sum"]
+    runs = [
+        _run("topk", 4, False, "dense", extra=extra),
+        _run("topk", 4, False, "sparse", extra=extra),
+        _run("topk", 4, False, "dense", per_expert_loop, extra=extra),
+    ]
+    _agree(runs, "top-1", 1e-5)
+
+
+def test_fp32_adapters_on_a_bf16_base_agree_across_paths():
+    """A bf16 base with the adapters in fp32 (their default): the sparse path weights its bf16
+    or fp32 rows by fp32 gates in the rows' dtype, the loop casts the base input to the
+    adapters' dtype; all three paths agree to bf16 precision."""
+    runs = [
+        _run("topk", 8, hydra, compute, ctx, dtype=torch.bfloat16)
+        for hydra in (False,)
+        for compute, ctx in (("dense", _no_reference), ("sparse", _no_reference),
+                             ("dense", per_expert_loop))
+    ]  # fmt: skip
+    assert next(p for n, p in runs[0][3].named_parameters() if "lora_B" in n).dtype == (
+        torch.float32
+    )
+    _agree(runs, "bf16 base", 2e-2)

@@ -325,3 +325,116 @@ def test_without_a_diversity_weight_no_diversity_is_computed_and_no_alpha_exists
     assert "div" in on(*batch()).aux_by_kind
     components = {on.method.component_of(n) for n, p in on.named_parameters() if p.requires_grad}
     assert components == {"lora A", "lora B", "token routers", "sentence routers"}
+
+
+# ---------------------------------------------------------------- the router on its own
+def _router(diversity=True):
+    from hmora_ds.methods.himole import HierarchicalRouter
+    from hmora_ds.routing.context import RoutingContext
+
+    torch.manual_seed(0)
+    return HierarchicalRouter(1, ("gate", "up"), 8, 2, 3, 2, 0.0, RoutingContext(), diversity)
+
+
+def test_the_router_is_a_top_k_sum_router_with_a_div_id():
+    """KeepTopK with the kept gates summing to 1 (eq. 4), sparse-dispatchable, no task router;
+    the L_div observations carry the site's own id."""
+    from hmora_ds.routing.context import RouterId
+
+    r = _router()
+    assert (r.mode, r.top_k, r.topk_renorm, r.sparse_gates) == ("topk", 2, "sum", True)
+    assert r.task_router is None and r.num_experts == 6 and r.groups == 2
+    assert r.div_id == RouterId(1, ("gate", "up"), "div")
+    model = tiny_hmora("himole")
+    for name, module in model.adapted_modules().items():
+        router = module.router
+        assert router.div_id == RouterId(router.layer, router.targets, "div"), name
+
+
+def test_sentence_representation_errors_are_exact_lines():
+    r = _router()
+    ctx = r._ctx
+    ctx.cached_tokens = 1  # a decoding step before any prompt forward
+    with pytest.raises(RuntimeError) as err:
+        r.sentence_repr(torch.zeros(2, 1, 8))
+    assert str(err.value) == (
+        "HiMoLE router layer01.gate_up: a decoding step without the prompt's sentence "
+        "representation; generate through the wrapper model (its forward/generate)"
+    )
+    ctx.cached_tokens = 0
+    with ctx.forward_scope(torch.full((2, 4), 0.25), None, record=True):
+        with pytest.raises(RuntimeError) as err:
+            r.sentence_repr(torch.zeros(2, 5, 8))
+        assert str(err.value) == (
+            "HiMoLE router layer01.gate_up: pooling weights for 4 tokens, input of 5"
+        )
+        r.sentence_repr(torch.zeros(2, 4, 8))
+    ctx.cached_tokens = 4
+    with ctx.forward_scope(None, None, record=False), pytest.raises(RuntimeError) as err:
+        r.sentence_repr(torch.zeros(3, 1, 8))
+    assert str(err.value) == (
+        "routing context: input batch 3 does not match HiMoLE router layer01.gate_up's "
+        "sentence rows of 2"
+    )
+
+
+def test_bf16_inputs_route_in_fp32():
+    """A bf16 model's hidden states pooled with fp32 weights, the stage-1 softmax and the
+    group cosines: probabilities and cosines come out fp32 (the losses' precision)."""
+    r = _router().to(torch.bfloat16)
+    x = torch.randn(2, 4, 8, dtype=torch.bfloat16)
+    with r._ctx.forward_scope(torch.full((2, 4), 0.25), None, record=True):
+        h = r.sentence_repr(x)
+    assert h.dtype == torch.bfloat16
+    torch.testing.assert_close(h, x.float().mean(1).to(torch.bfloat16))
+    probs = r.stage1_probs(x, torch.tensor([1, 0]))
+    assert probs.dtype == torch.float32
+    torch.testing.assert_close(probs[0, :, 3:].sum(-1), torch.ones(4))
+    assert (probs[0, :, :3] == 0).all() and (probs[1, :, 3:] == 0).all()
+    cos = group_cosines(torch.randn(2, 2, 4, 8, dtype=torch.bfloat16))
+    assert cos.dtype == torch.float32
+
+
+def test_router_tensors_stay_on_the_inputs_device():
+    """On ``meta`` (standing in for a GPU in CI) the masks and stage-1 probabilities are
+    created on the input's device, in the asked dtype."""
+    meta = torch.device("meta")
+    r = _router().to(meta)
+    masks = r.group_masks(torch.float64, meta)
+    assert masks.device == meta and masks.dtype == torch.float64 and masks.shape == (2, 6)
+    assert r.group_masks(torch.float32, torch.device("cpu")).tolist() == [
+        [1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1],
+    ]  # fmt: skip
+    probs = r.stage1_probs(torch.empty(2, 4, 8, device=meta), torch.ones(2, device=meta))
+    assert probs.device == meta and probs.dtype == torch.float32
+    seen = []
+    with r._ctx.forward_scope(None, None, record=True):
+        r._ctx.observe = lambda rid, values, mask: seen.append(values)
+        r.observe_update(
+            torch.empty(2, 4, 8, device=meta), torch.empty(2, 4, 6, device=meta),
+            lambda g: g.sum(-1, keepdim=True),
+        )  # fmt: skip
+    assert seen and seen[0].device == meta
+
+
+def test_pooling_weights_are_one_over_the_pooled_count():
+    """h_sen weights: 1/count on the prompt's real tokens (one token: weight 1), 0 elsewhere."""
+    from hmora_ds.config import load_config
+    from hmora_ds.methods import build_method
+    from hmora_ds.methods.base import RoutingBatch
+
+    method = build_method(load_config("himole"))
+    attn = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
+    prompt = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    w = method.routing_inputs(None, RoutingBatch(torch.zeros(3, 4, 2), attn, prompt))
+    assert w.tolist() == [[0.5, 0.5, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]]
+
+
+def test_diversity_loss_is_a_mean_over_the_callers_group(monkeypatch):
+    from tests._dist import two_ranks
+
+    torch.manual_seed(0)
+    e = torch.randn(3, 4, 5, 6)
+    mask = torch.tensor([[1, 1, 0, 0, 1], [1, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 1, 1]])
+    got = two_ranks(monkeypatch, diversity_loss, (e[:, :2], mask[:2]), (e[:, 2:], mask[2:]))
+    torch.testing.assert_close(got, diversity_loss(e, mask))

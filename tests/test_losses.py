@@ -5,10 +5,18 @@ import math
 import pytest
 import torch
 
-from hmora_ds.losses import cgjs_divergence, cgjs_loss, entropy, load_balance_loss
+from hmora_ds.losses import (
+    cgjs_divergence,
+    cgjs_loss,
+    entropy,
+    load_balance_loss,
+    masked_mean,
+    stacked_cgjs_loss,
+    stacked_routing_moments,
+)
 from hmora_ds.metrics import RouterStatsAccumulator, routing_statistics
 from hmora_ds.routing.context import RouterId, RoutingRecord
-from tests._dist import run_ranks
+from tests._dist import run_ranks, two_ranks
 
 RID = RouterId(0, ("r",), "token")
 
@@ -176,3 +184,91 @@ def test_global_batch_statistics_two_ranks_equal_one_process(tmp_path):
         torch.testing.assert_close(got["div"], cgjs_divergence(probs, mask).detach())
         grads.append(got["grad"])
     torch.testing.assert_close(torch.cat(grads), ref_logits.grad)
+
+
+# ---------------------------------------------------------------- the group reaches the sums
+def _halves(e=6):
+    g = torch.Generator().manual_seed(3)
+    probs = torch.softmax(torch.randn(2, 10, e, generator=g) * 2, -1)
+    mask = torch.tensor([1, 1, 0, 1, 1, 1, 1, 0, 0, 1])
+    return probs, mask
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda p, m, group: cgjs_loss(p, m, gamma_b=0.9, gamma_c=0.3, group=group),
+        lambda p, m, group: cgjs_divergence(p, m, gamma_b=0.9, gamma_c=0.3, group=group),
+        lambda p, m, group: load_balance_loss(p, 2, m, group=group),
+        lambda p, m, group: masked_mean(p[..., 0], m, group=group),
+        lambda p, m, group: stacked_cgjs_loss(
+            torch.stack([p, p.flip(-1) ** 2 / (p.flip(-1) ** 2).sum(-1, keepdim=True)]),
+            m,
+            gamma_b=0.9,
+            gamma_c=0.3,
+            group=group,
+        ),
+        lambda p, m, group: torch.cat(
+            [
+                t.reshape(-1)
+                for t in stacked_routing_moments(torch.stack([p, p.roll(1, -1)]), m, group=group)
+            ]
+        ),
+    ],
+    ids=[
+        "cgjs_loss",
+        "cgjs_divergence",
+        "load_balance",
+        "masked_mean",
+        "stacked_cgjs",
+        "stacked_moments",
+    ],
+)
+def test_statistics_are_summed_over_the_callers_group(monkeypatch, fn):
+    """Rank 0 holding the first half of a masked batch and rank 1 the second give rank 0 the
+    whole batch's value: catches a ``group`` dropped on its way to an all-reduce."""
+    probs, mask = _halves()
+    whole = fn(probs.reshape(-1, probs.shape[-1]), torch.cat([mask, mask.flip(0)]), group=None)
+    got = two_ranks(monkeypatch, fn, (probs[0], mask), (probs[1], mask.flip(0)))
+    torch.testing.assert_close(got, whole)
+
+
+def test_all_reduce_sums_over_a_real_group_and_passes_gradients():
+    """``_all_reduce`` on a real (one-rank gloo) process group: the value and a gradient come
+    back (an in-place or detached reduction would break the backward pass)."""
+    import torch.distributed as dist
+
+    from hmora_ds.losses import _all_reduce
+    from tests._dist import free_port
+
+    assert not dist.is_initialized()
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    try:
+        x = torch.tensor([1.5, -2.0, 3.0], requires_grad=True)
+        out = _all_reduce(x * 2, dist.group.WORLD)
+        assert type(out) is torch.Tensor
+        torch.testing.assert_close(out, torch.tensor([3.0, -4.0, 6.0]))
+        (out * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+        torch.testing.assert_close(x.grad, torch.tensor([2.0, 4.0, 6.0]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_loss_argument_errors_are_exact():
+    with pytest.raises(ValueError) as err:
+        cgjs_loss(torch.full((2, 3, 4), 0.25), torch.ones(2, 4))
+    assert str(err.value) == "mask: shape (2, 4) must equal probs.shape[:-1] (2, 3)"
+    for gb, gc in [(1.5, 0.4), (0.3, 0.4), (1.0, -0.1)]:
+        with pytest.raises(ValueError) as err:
+            stacked_cgjs_loss(torch.full((1, 3, 4), 0.25), gamma_b=gb, gamma_c=gc)
+        assert str(err.value) == (f"cgjs_loss: need 0 <= gamma_c <= gamma_b <= 1, got {gc}, {gb}")
+
+
+def test_masked_mean_is_fp32_from_low_precision():
+    """``masked_mean`` of bf16 values is an fp32 mean (the losses it feeds are fp32)."""
+    v = torch.full((1024,), 1.0 + 2**-7, dtype=torch.bfloat16)
+    got = masked_mean(v)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(1.0 + 2**-7, abs=1e-7)

@@ -4,9 +4,10 @@ same checks (tests/_method_invariants.py) automatically."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from hmora_ds.config import load_config
-from hmora_ds.methods import Method, available_methods, get_method, register_method
+from hmora_ds.methods import Method, available_methods, build_method, get_method, register_method
 from tests import _method_invariants as inv
 from tests._dist import run_ranks
 
@@ -81,6 +82,11 @@ def test_save_load_round_trip(name, tmp_path):
 @pytest.mark.parametrize("name", METHODS)
 def test_gradient_checkpointing_parity(name):
     inv.check_gradient_checkpointing(get_method(name).default_config())
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_bf16_base_with_fp32_adapters(name):
+    inv.check_bf16_base(get_method(name).default_config())
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -342,6 +348,12 @@ REFUSALS = [
      "options.groups × options.experts_per_group = 0 (got 16); set adapter.num_experts=0 (method "
      "himole); options.div_weight: needs options.groups >= 2 (L_div compares groups); set it to "
      "0 (method himole)"),
+    ("himole", "options.experts_per_group=0",
+     "options.experts_per_group: must be >= 1, got 0 (method himole); adapter.num_experts: must "
+     "equal options.groups × options.experts_per_group = 0 (got 16); set adapter.num_experts=0 "
+     "(method himole); routing.top_k: must be <= options.experts_per_group (0): stage 1 routes "
+     "each sequence among its group's experts only; lower it or set options.stage1_fraction=0 "
+     "(method himole)"),
 ]  # fmt: skip
 
 
@@ -363,6 +375,7 @@ ACCEPTED = [
     ("himole", ["options.div_weight=0", "options.groups=1", "adapter.num_experts=4",
                 "options.cluster_candidates=[2]"]),  # no L_div: one group is fine
     ("himole", ["adapter.targets=[gate,up]", "options.div_weight=0"]),
+    ("himole", ["options.experts_per_group=1", "adapter.num_experts=4", "routing.top_k=1"]),
 ]  # fmt: skip
 
 
@@ -372,3 +385,181 @@ def test_the_settings_a_method_allows_are_accepted(preset, overrides):
     are accepted. Guards against a refusal that fires on its own escape hatch."""
     config = inv.build(load_config(preset, overrides)).config
     assert config.method == load_config(preset).method
+
+
+def _records():
+    """Token routers of two shapes, two of them under one mask and one under another (a
+    separate batch of the same shape), and two task routers without a mask."""
+    from hmora_ds.routing.context import RouterId, RoutingRecord
+
+    g = torch.Generator().manual_seed(1)
+
+    def probs(*shape):
+        return torch.softmax(torch.randn(*shape, generator=g) * 2, -1)
+
+    m1 = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    m2 = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    tok = lambda i: RouterId(i, ("q",), "token")  # noqa: E731
+    return [
+        RoutingRecord(tok(0), probs(2, 3, 4), m1),
+        RoutingRecord(RouterId(0, ("q",), "task"), probs(2, 4), None),
+        RoutingRecord(tok(1), probs(2, 3, 4), m1),
+        RoutingRecord(tok(2), probs(2, 3, 4), m2),
+        RoutingRecord(tok(3), probs(2, 3, 6), m2),
+        RoutingRecord(RouterId(1, ("q",), "task"), probs(2, 4), None),
+    ]
+
+
+def test_stack_records_groups_by_kind_shape_and_mask():
+    """Routers stack only with routers of their kind and shape under the same mask: a stack
+    keyed without the mask would score router 2 under router 0's mask."""
+    from hmora_ds.methods.base import stack_records
+
+    recs = _records()
+    stacks = stack_records(recs)
+    assert [(k, tuple(p.shape)) for k, p, _ in stacks] == [
+        ("token", (2, 2, 3, 4)),
+        ("task", (2, 2, 4)),
+        ("token", (1, 2, 3, 4)),
+        ("token", (1, 2, 3, 6)),
+    ]
+    assert stacks[0][2] is recs[0].mask and stacks[2][2] is recs[3].mask
+    assert stacks[3][2] is recs[4].mask and stacks[1][2] is None
+    torch.testing.assert_close(stacks[0][1], torch.stack([recs[0].probs, recs[2].probs]))
+
+
+@pytest.mark.parametrize("aux", ["cgjs", "blc"])
+def test_aux_losses_are_each_routers_loss_summed_by_kind(aux, monkeypatch):
+    """``Method.aux_losses``: per kind, the sum of every router's own loss under its own mask,
+    with the config's γ_b, γ_c (CGJS) or k (L_blc), over the caller's group (a simulated second
+    rank, see tests/test_losses.py); task routers join L_blc only with ``blc_task_routers``."""
+    from hmora_ds.losses import cgjs_loss, load_balance_loss
+    from hmora_ds.routing.context import RoutingRecord
+    from tests._dist import two_ranks
+
+    cfg = load_config(
+        "hmora", [f"loss.aux={aux}", "loss.gamma_b=0.9", "loss.gamma_c=0.3", "routing.top_k=3"]
+    )
+    method = build_method(cfg)
+    mine, other = _records(), _records()
+    for r in other:
+        r.probs.copy_(r.probs.flip(0))
+
+    def one(rec, group=None):
+        if aux == "cgjs":
+            return cgjs_loss(rec.probs, rec.mask, gamma_b=0.9, gamma_c=0.3, group=group)
+        return load_balance_loss(rec.probs, 3, rec.mask, group=group)
+
+    got = two_ranks(
+        monkeypatch, lambda recs, group: method.aux_losses(recs, group), (mine,), (other,)
+    )
+    kinds = ["token"] + (["task"] if aux == "cgjs" else [])
+    assert sorted(got) == sorted(kinds)
+    for kind in kinds:
+        expected = 0.0
+        for a, b in zip(mine, other, strict=True):
+            if a.id.kind == kind:
+                expected = expected + one(
+                    RoutingRecord(
+                        a.id,
+                        torch.cat([a.probs, b.probs]),
+                        None if a.mask is None else torch.cat([a.mask, b.mask]),
+                    )
+                )
+        torch.testing.assert_close(got[kind], expected, msg=kind)
+
+
+def test_default_config_names_the_class_that_asks():
+    """A subclass inheriting its parent's preset, or having none, still names itself."""
+    lora = get_method("lora")
+    derived = type("DerivedLoRA", (lora,), {"name": "derived_lora"})
+    bare = type("Bare", (Method,), {"name": "bare_method", "preset": None})
+    assert derived.preset == lora.preset and derived.default_config().method == "derived_lora"
+    assert bare.default_config().method == "bare_method"
+
+
+def test_one_stage_methods_have_no_stage_one_and_a_flat_lr_scale():
+    method = build_method(load_config("lora_r8"))
+    assert method.stage1_steps(100) == 0
+    assert [method.lr_scale(s, 10) for s in (0, 5, 9)] == [1.0, 1.0, 1.0]
+
+
+class _BosTokenizer:
+    """A mechanics stand-in tokenizer: one id per character, a BOS (id 1) with special tokens
+    (as Llama's tokenizer adds one), so asking for special tokens changes the ids."""
+
+    def encode(self, text, add_special_tokens=True):
+        return ([1] if add_special_tokens else []) + [ord(c) for c in text]
+
+
+def test_e_task_starts_as_the_question_mark_embedding():
+    """Without ``task_token_id`` the tokenizer's ``?`` (no special tokens) picks e_task's
+    initial embedding; with neither, a one-line error names both ways."""
+    from hmora_ds.methods.hmora import resolve_task_token_id
+    from hmora_ds.model import HMoRAModel
+    from tests.conftest import tiny_base
+
+    assert resolve_task_token_id(_BosTokenizer(), None) == ord("?")
+    assert resolve_task_token_id(None, 7) == 7
+    with pytest.raises(ValueError) as err:
+        resolve_task_token_id(None, None)
+    assert str(err.value) == (
+        "task_token_id: the transformer task encoder initialises e_task from the embedding of "
+        "'?'; pass tokenizer= or task_token_id="
+    )
+    multi = type("T", (), {"encode": lambda self, t, add_special_tokens: [5, 6]})()
+    with pytest.raises(ValueError) as err:
+        resolve_task_token_id(multi, None)
+    assert str(err.value) == "tokenizer: '?' is not a single token ([5, 6])"
+    base = tiny_base("qwen2", 0, 6, 0.02)
+    model = HMoRAModel(base, load_config("hmora"), tokenizer=_BosTokenizer())
+    assert model.task_token_id == ord("?")
+    torch.testing.assert_close(
+        model.task_encoder.task_embedding.detach(),
+        base.get_input_embeddings().weight[ord("?")].detach(),
+    )
+
+
+def test_without_a_task_encoder_every_layer_routes_by_token():
+    """``routing.task_encoder=none`` (with β_high = 1 so no layer is task-only): token routing
+    in every layer, no task encoder module, no tokenizer needed, and the model runs."""
+    from hmora_ds.model import HMoRAModel
+    from tests.conftest import batch, tiny_base
+
+    cfg = load_config("hmora", ["routing.task_encoder=none", "routing.beta_high=1.0"])
+    method = build_method(cfg)
+    assert method.modes(5) == ["token"] * 5
+    method.validate_for_model(64, 5)  # no layer left without a router: accepted
+    model = HMoRAModel(tiny_base("qwen2", 0, 6, 0.02), cfg)
+    assert model.task_encoder is None
+    ids, attn, labels, prompt = batch()
+    out = model(input_ids=ids, attention_mask=attn, labels=labels, prompt_mask=prompt)
+    assert torch.isfinite(out.loss)
+
+
+def test_mean_pool_task_encoder_needs_no_tokenizer():
+    from hmora_ds.model import HMoRAModel
+    from tests.conftest import tiny_base
+
+    cfg = load_config("hmora", ["routing.task_encoder=mean_pool"])
+    model = HMoRAModel(tiny_base("qwen2", 0, 6, 0.02), cfg)
+    assert model.task_encoder.kind == "mean_pool" and model.task_token_id is None
+
+
+def test_task_encoder_follows_the_routing_config_and_the_tables_device():
+    from hmora_ds.methods.hmora import build_task_encoder
+
+    routing = load_config("hmora", [
+        "routing.encoder_layers=2", "routing.encoder_heads=4", "routing.encoder_ffn_mult=3.0",
+        "routing.encoder_dropout=0.2",
+    ]).routing  # fmt: skip
+    weight = torch.randn(50, 32) * 0.05
+    enc = build_task_encoder(routing, 32, weight, 7)
+    layer = enc.encoder.layers[0]
+    assert len(enc.encoder.layers) == 2 and layer.self_attn.num_heads == 4
+    assert layer.linear1.out_features == 96 and layer.dropout.p == 0.2
+    rms = weight.pow(2).mean().sqrt().item()
+    assert enc.position_scale.item() == pytest.approx(rms * 2**0.5)
+    torch.testing.assert_close(enc.task_embedding.detach(), weight[7])
+    meta = build_task_encoder(routing, 32, torch.empty(50, 32, device="meta"), None)
+    assert all(p.device.type == "meta" for p in meta.parameters())

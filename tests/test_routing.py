@@ -332,3 +332,129 @@ def test_task_token_id_resolution_and_its_errors():
         r"embedding of '\?'; pass tokenizer= or task_token_id=$",
     ):
         resolve_task_token_id(None, None)
+
+
+# ------------------------------------------------------------- edges, defaults and devices
+def test_layer_alphas_at_one_and_two_layers_and_its_error():
+    """L = 1 has α = σ(−ε + μ); L = 2 spans exactly [σ(−ε+μ), σ(ε+μ)] (denominator L − 1)."""
+    from hmora_ds.routing.gates import _sigmoid
+
+    assert layer_alphas(1, 3.0, 0.5) == [_sigmoid(-2.5)]
+    assert layer_alphas(2, 3.0, 0.5) == pytest.approx([_sigmoid(-2.5), _sigmoid(3.5)])
+    with pytest.raises(ValueError) as err:
+        layer_alphas(0, 3.0, 0.5)
+    assert str(err.value) == "num_layers must be >= 1, got 0"
+
+
+def test_sigmoid_is_exact_and_never_overflows():
+    from hmora_ds.routing.gates import _sigmoid
+
+    for x in (-800.0, -30.0, -1.5, 0.0, 0.7, 30.0, 800.0):
+        assert _sigmoid(x) == pytest.approx(
+            float(torch.sigmoid(torch.tensor(x, dtype=torch.float64)))
+        )
+
+
+def test_layer_modes_thresholds_are_strict():
+    """α = β_low exactly is hybrid (token needs α < β_low), α = β_high exactly is hybrid."""
+    assert layer_modes(3, 0.0, 0.0, 0.5, 0.9) == ["hybrid"] * 3  # α = 0.5 = β_low
+    assert layer_modes(3, 0.0, 0.0, 0.1, 0.5) == ["hybrid"] * 3  # α = 0.5 = β_high
+    assert layer_modes(3, 0.0, 0.0, 0.6, 0.9) == ["token"] * 3
+    assert layer_modes(3, 0.0, 0.0, 0.1, 0.4) == ["task"] * 3
+
+
+def test_topk_gates_default_renormalisation_is_the_papers():
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    torch.testing.assert_close(topk_gates(p, 2), topk_gates(p, 2, "paper"))
+    assert not torch.allclose(topk_gates(p, 2), topk_gates(p, 2, "sum"))
+
+
+def test_router_probabilities_are_fp32_from_bf16():
+    from hmora_ds.routing.gates import Router
+
+    router = Router(8, 4, 0.0).to(torch.bfloat16)
+    out = router(torch.randn(2, 3, 8, dtype=torch.bfloat16))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.sum(-1), torch.ones(2, 3))
+
+
+def test_task_encoder_defaults_are_the_papers():
+    """1 layer, 16 heads, FFN 2·D, dropout 0.1, positions at the embeddings' RMS 1, no
+    position on the e_task slot; the derived position scale is not saved with the adapter."""
+    enc = TaskEncoder(32)
+    assert len(enc.encoder.layers) == 1
+    layer = enc.encoder.layers[0]
+    assert layer.self_attn.num_heads == 16 and layer.linear1.out_features == 64
+    assert layer.dropout.p == 0.1
+    assert enc.position_scale.item() == pytest.approx(math.sqrt(2.0))
+    assert enc.slot_position is False
+    assert "position_scale" not in enc.state_dict() and "task_embedding" in enc.state_dict()
+
+
+def test_mean_pool_encoder_is_the_prompt_tokens_mean_by_hand():
+    enc = TaskEncoder(4, kind="mean_pool")
+    embeds = torch.arange(24.0).reshape(2, 3, 4)
+    mask = torch.tensor([[0, 1, 1], [0, 0, 1]])
+    out = enc(embeds, mask)
+    torch.testing.assert_close(out[0], (embeds[0, 1] + embeds[0, 2]) / 2)
+    torch.testing.assert_close(out[1], embeds[1, 2])  # one prompt token: itself
+
+
+def test_an_empty_prompt_encodes_to_the_task_slot_alone():
+    """A row without prompt tokens attends from the e_task slot to the slot itself: a finite
+    vector, the encoder of [e_task] alone (padding keys start after the slot)."""
+    torch.manual_seed(0)
+    enc = TaskEncoder(32, num_heads=4).eval()
+    with torch.no_grad():
+        enc.task_embedding.normal_()
+    embeds = torch.randn(2, 5, 32)
+    out = enc(embeds, torch.tensor([[1, 1, 0, 0, 0], [0, 0, 0, 0, 0]]))
+    assert torch.isfinite(out).all()
+    alone = enc.encoder(enc.task_embedding.view(1, 1, 32))[0, 0]
+    torch.testing.assert_close(out[1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_routing_math_stays_on_the_inputs_device():
+    """On the ``meta`` device every tensor the routing code creates must be created there
+    too (a CPU default would fail on a GPU run: CI has no GPU, ``meta`` stands in for it)."""
+    from hmora_ds.routing.task_encoder import pack_prompt, sinusoid_positions
+
+    meta = torch.device("meta")
+    assert sinusoid_positions(5, 8, meta).device == meta
+    packed, lengths = pack_prompt(
+        torch.empty(2, 5, 8, device=meta), torch.ones(2, 5, dtype=torch.bool, device=meta)
+    )
+    assert packed.device == meta and lengths.device == meta
+    with meta:
+        enc = TaskEncoder(32, num_heads=4)
+    out = enc(torch.empty(2, 5, 32, device=meta), torch.ones(2, 5, device=meta))
+    assert out.shape == (2, 32) and out.device == meta
+
+
+def test_a_token_mask_is_none_outside_recording():
+    """Generation steps (not recording) route tokens the prompt's mask does not cover: the
+    mask is None there, never a shape error."""
+    from hmora_ds.routing.context import RoutingContext
+
+    ctx = RoutingContext()
+    mask = torch.ones(2, 6)
+    with ctx.forward_scope(None, mask, record=False):
+        assert ctx.token_mask_for(torch.zeros(2, 1, 4)) is None
+    with ctx.forward_scope(None, mask, record=True):
+        assert ctx.token_mask_for(torch.zeros(2, 6, 4)) is mask
+
+
+def test_task_representation_errors_and_row_expansion():
+    from hmora_ds.routing.context import RoutingContext
+
+    ctx = RoutingContext()
+    with ctx.forward_scope(None, None, record=True), pytest.raises(RuntimeError) as err:
+        ctx.task_repr_for(torch.zeros(2, 3, 4))
+    assert str(err.value) == (
+        "routing context: a task router ran but no task representation is bound; "
+        "call the HMoRA wrapper model (its forward/generate), not the inner HF model"
+    )
+    rep = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    with ctx.forward_scope(rep, None, record=False, expand_batch=True):
+        got = ctx.task_repr_for(torch.zeros(4, 3, 4))
+    assert got.tolist() == [[1.0, 2.0], [1.0, 2.0], [3.0, 4.0], [3.0, 4.0]]
