@@ -438,3 +438,38 @@ def test_diversity_loss_is_a_mean_over_the_callers_group(monkeypatch):
     mask = torch.tensor([[1, 1, 0, 0, 1], [1, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 1, 1]])
     got = two_ranks(monkeypatch, diversity_loss, (e[:, :2], mask[:2]), (e[:, 2:], mask[2:]))
     torch.testing.assert_close(got, diversity_loss(e, mask))
+
+
+def test_aux_losses_are_global_over_the_callers_group(monkeypatch):
+    """HiMoLE's L_balance (per router, summed) and L_div (the sites' mean cosine, averaged
+    over real tokens) on a simulated second rank equal the whole batch's values."""
+    from hmora_ds.config import load_config
+    from hmora_ds.losses import masked_mean
+    from hmora_ds.methods import build_method
+    from hmora_ds.routing.context import RouterId, RoutingRecord
+    from tests._dist import two_ranks
+
+    method = build_method(load_config("himole", ["routing.top_k=2"]))
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [0, 1, 1]])
+
+    def records(rows):
+        out = []
+        for layer in range(2):
+            probs = torch.softmax(torch.randn(4, 3, 16, generator=g), -1)
+            cos = torch.rand(4, 3, generator=g)
+            out += [
+                RoutingRecord(RouterId(layer, ("gate", "up"), "token"), probs, mask),
+                RoutingRecord(RouterId(layer, ("down",), "div"), cos, mask),
+            ]
+        return [RoutingRecord(r.id, r.probs[rows], r.mask[rows]) for r in out], out
+
+    mine, whole = records(slice(0, 2))
+    other = [RoutingRecord(r.id, r.probs[2:], r.mask[2:]) for r in whole]
+    got = two_ranks(monkeypatch, lambda recs, group: method.aux_losses(recs, group),
+                    (mine,), (other,))  # fmt: skip
+    token = sum(load_balance_loss(r.probs, 2, r.mask) for r in whole if r.id.kind == "token")
+    div = masked_mean(torch.stack([r.probs for r in whole if r.id.kind == "div"]).mean(0), mask)
+    assert sorted(got) == ["div", "token"]
+    torch.testing.assert_close(got["token"], token)
+    torch.testing.assert_close(got["div"], div)

@@ -272,3 +272,11 @@ def test_masked_mean_is_fp32_from_low_precision():
     got = masked_mean(v)
     assert got.dtype == torch.float32
     assert got.item() == pytest.approx(1.0 + 2**-7, abs=1e-7)
+
+
+def test_losses_stay_on_the_inputs_device():
+    """Without a mask the all-valid mask is created on the probabilities' device (``meta``
+    stands in for a GPU in CI)."""
+    meta = torch.empty(2, 5, 4, device="meta")
+    assert cgjs_loss(meta).device.type == "meta"
+    assert load_balance_loss(meta, 2).device.type == "meta"
