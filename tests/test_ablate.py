@@ -405,3 +405,62 @@ def test_runner_end_to_end_skip_resume_and_rerun(tiny_run_inputs, tmp_path, capl
     rec = rowio.read_row(topk)
     assert rec["status"] == "done" and "method.loss.gamma_c=0.2" in rec["row_overrides"]
     assert rowio.read_row(soft)["status"] == "done"
+
+
+# ---------------------------------------------------------------------------- methods study
+def test_methods_study_has_one_row_per_registered_method_with_its_preset(tmp_path):
+    """Every registered method once, its own default preset, table order; the CPU recipe of
+    the ``learning`` study; full fine-tuning only at paper scale. Guards against a method added
+    to the registry but missing from the comparison."""
+    from hmora_ds.methods import available_methods, get_method
+
+    s = get_study("methods")
+    expected = [n for n in sorted(available_methods(), key=lambda n: (get_method(n).order, n))
+                if get_method(n).preset]  # fmt: skip
+    assert [r.name for r in s.rows] == [n.replace("_", "-") for n in expected]
+    assert {r.name: r.overrides["preset"] for r in s.rows} == {
+        n.replace("_", "-"): get_method(n).preset for n in expected
+    }
+    assert [r.name for r in s.rows if r.paper_only] == ["full-ft"]
+    jobs = plan(_options("methods", CPU, tmp_path), s.rows_for("cpu"))
+    assert all(j.run.train.max_steps == 40 and j.run.train.router_lr_mult == 20.0 for j in jobs)
+    assert {j.run.hmora_config().method for j in jobs} == set(expected) - {"full_ft"}
+
+
+def test_methods_table_by_hand(tmp_path):
+    """s/step = training seconds / steps; the validation loss that chose the checkpoint; the
+    average's interval over questions and the paired difference to LoRA, by hand. LoRA: ARC-E
+    2/4 → 50 [-6.6, 106.6] (s² = 1/3, Var = s²/4); MoLoRA 3/4, paired d = (0,0,1,0): +25 ±
+    1.96·25."""
+    from hmora_ds.ablate.methods_table import csv_text as methods_csv
+    from hmora_ds.ablate.methods_table import markdown as methods_md
+    from tests.test_ood import _results
+
+    s = get_study("methods")
+    rows = {r.name: r for r in s.rows}
+
+    def rec(name, flags, seconds, val, routing=None):
+        r = _results(tmp_path, name, 0, {"arc_easy": flags})
+        r["stages"]["train"] = {"steps": 40, "train_seconds": seconds,
+                                "best": {"metric": "val_loss", "value": val}}  # fmt: skip
+        r["metrics"] = {"routing": routing or {}}
+        return r
+
+    table = [
+        TableRow(rows["lora"], [rec("lora", [True, True, False, False], 200.0, 3.1)], {}),
+        TableRow(rows["molora"], [rec("mo", [True, True, True, False], 300.0, 3.05,
+                                      {"token_certainty": 0.612, "token_balance": 0.9})], {}),
+        TableRow(rows["hmora"], [], {0: "not run"}),
+    ]  # fmt: skip
+    md = methods_md(s, table, "setting")
+    assert ("| Method | TP | s/step | Val. loss | Avg (n = 4) | Δ Avg vs LoRA r = 8 | Tok. cert. "
+            "| Tok. bal. | Experts/token | Seeds |") in md  # fmt: skip
+    assert "| LoRA r = 8 | 1.00% | 5.0 | 3.100 | 50.0 [-6.6, 106.6] | (reference) | — | — |" in md
+    assert (
+        "| MoLoRA | 1.00% | 7.5 | 3.050 | 75.0 [26.0, 124.0] | +25.0 [-24.0, +74.0] | "
+        "0.612 | 0.900 | — | 0 |" in md
+    )
+    assert "- hmora seed 0: not run" in md
+    lines = methods_csv(s, table).splitlines()
+    assert lines[0].startswith("row,Method,seeds,tp_percent,step_s,val_loss,arc_easy_acc")
+    assert lines[2].startswith("molora,MoLoRA,0,1.000000,7.500000,3.050000,0.750000,")

@@ -305,6 +305,10 @@ def run(opts: Options) -> int:
         split = ood_split(opts, _first_run(jobs))
         md = write_ood_tables(opts.out, opts.study, table_rows(opts), split,
                               setting_line(opts, jobs), group_sizes(jobs))  # fmt: skip
+    elif opts.study.table == "methods":
+        from hmora_ds.ablate.methods_table import write_methods_tables
+
+        md = write_methods_tables(opts.out, opts.study, table_rows(opts), setting_line(opts, jobs))
     else:
         md = write_tables(opts.out, opts.study, table_rows(opts), setting_line(opts, jobs))
     print(md.read_text())

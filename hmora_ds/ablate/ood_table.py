@@ -156,8 +156,11 @@ def row_stats(
     return RowStats(accuracy, estimates(per_seed, delta), [s for s, _ in per_seed])
 
 
-def _reference(rows: list[TableRow]) -> tuple[TableRow | None, dict[int, dict[str, dict]]]:
-    ref = next((tr for tr in rows if tr.row.name == OOD_REFERENCE), None)
+def reference_results(
+    rows: list[TableRow], name: str = OOD_REFERENCE
+) -> tuple[TableRow | None, dict[int, dict[str, dict]]]:
+    """The reference row (named ``name``) and its results by seed."""
+    ref = next((tr for tr in rows if tr.row.name == name), None)
     by_seed: dict[int, dict[str, dict]] = {}
     for rec in ref.records if ref else []:
         res = read_results(rec)
@@ -251,7 +254,7 @@ def _mep(task: dict[str, Any]) -> str:
 def markdown(study: Study, rows: list[TableRow], split: Split, setting: str,
              group_sizes: dict[str, int] | None = None) -> str:  # fmt: skip
     """``table.md`` of the ``ood`` study."""
-    ref_row, reference = _reference(rows)
+    ref_row, reference = reference_results(rows)
     ref_label = _label(study, ref_row) if ref_row else OOD_REFERENCE
     computed = [(tr, row_stats(tr.records, reference, split)) for tr in rows]
     stats = [s for _, s in computed if s is not None]
@@ -344,7 +347,7 @@ def _n_mismatch(stats: list[RowStats], key: str, e: Estimate) -> str:
 
 def csv_text(study: Study, rows: list[TableRow], split: Split) -> str:
     """``table.csv``: per row, value / low / high / n of every benchmark, ID, OOD and Δ."""
-    _, reference = _reference(rows)
+    _, reference = reference_results(rows)
     keys = [*split.id, *split.ood, *GROUPS]
     head = ["row", *study.columns, "seeds"]
     for k in keys:

@@ -19,6 +19,9 @@ the paper (tables 2, 3, 9, 10, 11; appendix E) and ``shared/spec/method.md``:
 * ``ood`` (HiMoLE's protocol): train on 7 of the offline mixture's 9 tasks, evaluate on held-out
   questions of the trained tasks (in distribution) and on tasks never trained (out of
   distribution); HiMoLE, HiMoLE one-stage, MixLoRA, HydraLoRA, LoRA r = 8, HMoRA w LW.
+* ``methods``: every registered method with its default preset, trained alike (at CPU scale the
+  ``learning`` recipe), tabulated with TP, step time, validation loss, accuracy with intervals
+  and routing statistics (:mod:`hmora_ds.ablate.methods_table`).
 """
 
 from __future__ import annotations
@@ -85,6 +88,9 @@ class Study:
     ood: bool = False
     #: Per scale, overrides applied after ``base`` (a recipe meant for one scale only).
     scale_base: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Which table the study writes: ``default`` (:mod:`hmora_ds.ablate.table`) or
+    #: ``methods`` (:mod:`hmora_ds.ablate.methods_table`); the ``ood`` flag has its own.
+    table: str = "default"
 
     def base_for(self, scale: str) -> dict[str, Any]:
         """``base`` with this scale's own overrides on top."""
@@ -396,6 +402,40 @@ def _ood() -> Study:
     )
 
 
+#: The ``methods`` study's reference row: every other row's average is compared with it.
+METHODS_REFERENCE = "lora"
+
+
+def _methods() -> Study:
+    """Every registered method with its default preset (:attr:`Method.preset`), in table order,
+    trained alike; full fine-tuning only at ``--scale paper`` (as in ``baselines``)."""
+    from hmora_ds.methods import available_methods, get_method
+
+    rows = []
+    for name in sorted(available_methods(), key=lambda n: (get_method(n).order, n)):
+        cls = get_method(name)
+        if cls.preset is None:
+            continue
+        label = cls.presets.get(cls.preset, name)
+        row = name.replace("_", "-")
+        if name == "full_ft":
+            rows.append(Row(row, {"Method": label},
+                            {"preset": cls.preset, "train.gradient_checkpointing": True},
+                            paper_only=True, unsupported=FULL_FT_UNSUPPORTED))  # fmt: skip
+        else:
+            rows.append(Row(row, {"Method": label}, {"preset": cls.preset}))
+    return Study(
+        "methods",
+        "Every registered method, its default preset, trained alike",
+        ("Method",),
+        {},
+        tuple(rows),
+        analysis_data="benchmarks",
+        scale_base={"cpu": dict(LEARNING_RECIPE)},
+        table="methods",
+    )
+
+
 STUDIES: dict[str, Study] = {
     s.name: s
     for s in (
@@ -408,6 +448,7 @@ STUDIES: dict[str, Study] = {
         _baselines(),
         _learning(),
         _ood(),
+        _methods(),
     )
 }
 
