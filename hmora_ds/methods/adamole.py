@@ -33,8 +33,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from hmora_ds import losses
 from hmora_ds.experts.dispatch import DispatchPlan
-from hmora_ds.losses import _all_reduce, _flatten
 from hmora_ds.methods.base import Method, register_method
 from hmora_ds.metrics import ACTIVE_KIND
 from hmora_ds.routing.context import RouterId, RoutingRecord
@@ -79,7 +79,7 @@ def adamole_balance_loss(
     gate and the threshold network). 0 without a valid token.
     """
     r, e = adapted.shape[0], adapted.shape[-1]
-    a, m = _flatten(adapted, mask)  # (R, N, E), (N,)
+    a, m = losses._flatten(adapted, mask)  # (R, N, E), (N,)
     active = (a >= 0).to(a.dtype)
     sums = torch.cat(
         [
@@ -88,7 +88,7 @@ def adamole_balance_loss(
             m.sum().reshape(1),
         ]
     )
-    sums = _all_reduce(sums, group)
+    sums = losses._all_reduce(sums, group)
     count = sums[-1].detach().clamp_min(1.0)
     frac = sums[: r * e].detach().view(r, e) / count
     mean_a = sums[r * e : 2 * r * e].view(r, e) / count
