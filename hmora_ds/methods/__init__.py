@@ -7,6 +7,7 @@ name it in their ``method`` field. See ``docs/methods.md`` for how a method is p
 """
 
 from hmora_ds.methods import (  # registers them
+    adamole,
     full_ft,
     himole,
     hmora,
@@ -31,6 +32,7 @@ from hmora_ds.methods.base import (
 __all__ = [
     "Method",
     "RoutingBatch",
+    "adamole",
     "adapter_parameters",
     "available_methods",
     "build_method",

@@ -144,12 +144,17 @@ class Sinks:
 
     def log_router(self, step: int, router: dict[str, dict[str, torch.Tensor]]) -> None:
         """Router name → {balance (), certainty (), load (E,)}: three scalars per router in
-        TensorBoard, the full statistics as one line of ``router_stats.jsonl``."""
+        TensorBoard (a fourth, ``router_active_experts``, for routers with a variable number
+        of experts per token), the full statistics as one line of ``router_stats.jsonl``."""
         record: dict[str, Any] = {"step": step}
         for name, s in router.items():
             self.writer.add_scalar(f"router_balance/{name}", s["balance"].item(), step)
             self.writer.add_scalar(f"router_certainty/{name}", s["certainty"].item(), step)
             self.writer.add_scalar(f"router_load_max/{name}", s["load"].max().item(), step)
+            if "active_experts" in s:
+                self.writer.add_scalar(
+                    f"router_active_experts/{name}", s["active_experts"].item(), step
+                )
             record[name] = {k: v.tolist() for k, v in s.items()}
         with (self.out_dir / "router_stats.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
