@@ -398,3 +398,24 @@ def test_per_task_routing_equals_routing_each_task_alone(analysis_inputs):
     plain = analyze_routing(model, tok, examples, batch_size=5, progress=False)
     assert all("routing" not in t for t in plain["tasks"].values())
     assert "per_task_routers" not in plain["meta"]
+
+
+def test_summary_reports_the_mean_active_experts_where_routers_have_them():
+    """Routers with a variable number of experts per token (AdaMoLE) carry ``active_experts``;
+    the summary averages it over those routers, and is null for fixed-k methods."""
+    from hmora_ds.analysis import RoutingCollection, summarize_routing
+
+    def stats(active=None):
+        s = {"balance": torch.tensor(0.9), "certainty": torch.tensor(0.5),
+             "load": torch.full((4,), 0.25), "count": torch.tensor(10.0)}  # fmt: skip
+        if active is not None:
+            s["active_experts"] = torch.tensor(active)
+        return s
+
+    coll = RoutingCollection(["a"], {"layer00.q.token": stats(1.5), "layer01.q.token": stats(2.5)},
+                             {}, top_k=4, routing_mode="topk")  # fmt: skip
+    doc = summarize_routing(coll, {})
+    assert doc["summary"]["active_experts"] == pytest.approx(2.0)
+    assert doc["routers"]["layer01.q.token"]["active_experts"] == pytest.approx(2.5)
+    coll = RoutingCollection(["a"], {"layer00.q.token": stats()}, {}, top_k=2, routing_mode="topk")
+    assert summarize_routing(coll, {})["summary"]["active_experts"] is None

@@ -283,6 +283,7 @@ def summarize_routing(
     notes = list(coll.notes)
     routers: dict[str, dict[str, Any]] = {}
     by_kind: dict[str, dict[str, list[float]]] = {"token": {}, "task": {}}
+    active: list[float] = []
     for name in sorted_routers(list(coll.stats)):
         layer, layer_type, kind = parse_router_name(name)
         s = coll.stats[name]
@@ -294,6 +295,9 @@ def summarize_routing(
             "certainty": float(s["certainty"]),
             "load": [float(x) for x in s["load"]],
         }
+        if "active_experts" in s:  # a variable number of experts per token (AdaMoLE)
+            entry["active_experts"] = float(s["active_experts"])
+            active.append(entry["active_experts"])
         routers[name] = entry
         for key in ("balance", "certainty"):
             by_kind[kind].setdefault(key, []).append(entry[key])
@@ -353,6 +357,7 @@ def summarize_routing(
             "recognition": recognition,
             "distinct_meps": distinct,
             "task_gate_between_share": gate_share,
+            "active_experts": _mean(active),
         },
         "tasks": tasks,
     }
