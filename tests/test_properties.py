@@ -418,3 +418,29 @@ def test_sinusoid_positions_are_the_transformer_table(length, dim):
             angle = p / 10000.0 ** ((j - j % 2) / dim)
             expected[p, j] = math.sin(angle) if j % 2 == 0 else math.cos(angle)
     assert torch.allclose(table.double(), expected, atol=2e-5)
+
+
+@given(router_probs(), st.data())
+def test_adamole_gates_are_the_active_experts_renormalised(pm, data):
+    """AdaMoLE (``w = (p − τ)·[p ≥ τ]`` renormalised): with τ ≤ 1/E at least the largest expert
+    is active and rows sum to 1; exactly the experts with p > τ are non-zero; every kept gate
+    is (p_i − τ) / Σ_active (p_j − τ). Guards against the threshold compared the wrong way,
+    an inactive expert leaking a negative weight, and rows that do not sum to 1."""
+    from hmora_ds.methods.adamole import adaptive_gates
+
+    probs, _ = pm
+    e = probs.shape[-1]
+    n = probs.shape[0] * probs.shape[1]
+    tau = torch.tensor(data.draw(st.lists(st.floats(0.0, 1.0), min_size=n, max_size=n)),
+                       dtype=probs.dtype)  # fmt: skip
+    tau = (tau / e).view(*probs.shape[:-1], 1)  # τ = τ_max·σ(·) ∈ [0, 1/E]
+    gates = adaptive_gates(probs, tau)
+    active = probs >= tau
+    assert active.any(-1).all()
+    assert ((gates > 0) == (probs > tau)).all()
+    assert (gates >= 0).all()
+    excess = torch.where(active, probs - tau, torch.zeros_like(probs))
+    total = excess.sum(-1, keepdim=True)
+    rows = total.squeeze(-1) > 0
+    assert torch.allclose(gates[rows].sum(-1), torch.ones(int(rows.sum()), dtype=probs.dtype))
+    assert torch.allclose(gates[rows], (excess / total)[rows], atol=1e-6)
