@@ -171,26 +171,38 @@ class MoLA(Method):
             field_, _, msg = str(err).partition(": ")
             self.require(field_, False, msg)
             return
-        self.require("options.experts", min(counts) >= 1,
-                     f"each count must be >= 1 (1 = plain LoRA at that layer), got {counts}")  # fmt: skip
-        self.require("options.experts", max(counts) >= 2,
-                     "needs a count >= 2 somewhere; use method=lora for plain LoRA everywhere")  # fmt: skip
-        self.require("adapter.num_experts", c.adapter.num_experts == max(counts),
-                     f"must equal the largest count of options.experts ({max(counts)}) (got "
-                     f"{c.adapter.num_experts}); set adapter.num_experts={max(counts)}")  # fmt: skip
-        routed = [n for n in counts if n >= 2]
-        if routed and c.routing.mode == "topk":
-            self.require("routing.top_k", c.routing.top_k <= min(routed),
-                         f"({c.routing.top_k}) exceeds the smallest routed count of "
-                         f"options.experts ({min(routed)}); use top_k <= {min(routed)}")  # fmt: skip
+        self.require(
+            "options.experts",
+            min(counts) >= 1,
+            f"each count must be >= 1 (1 = plain LoRA at that layer), got {counts}",
+        )
+        if max(counts) < 2:
+            msg = "needs a count >= 2 somewhere; use method=lora for plain LoRA everywhere"
+            self.require("options.experts", False, msg)
+            return
+        top, k = max(counts), c.routing.top_k
+        self.require(
+            "adapter.num_experts",
+            c.adapter.num_experts == top,
+            f"must equal the largest count of options.experts ({top}) (got "
+            f"{c.adapter.num_experts}); set adapter.num_experts={top}",
+        )
+        low = min(n for n in counts if n >= 2)  # the smallest routed count (1 = no router)
+        if c.routing.mode == "topk":
+            self.require(
+                "routing.top_k",
+                k <= low,
+                f"({k}) exceeds the smallest routed count of options.experts ({low}); use "
+                f"top_k <= {low}",
+            )
         self.require("routing.task_encoder", c.routing.task_encoder == "none",
                      "must be none: MoLA routes tokens only")  # fmt: skip
         self.require("routing.topk_renorm", c.routing.topk_renorm == "sum",
                      "must be sum (the kept probabilities divided by their sum, as the paper "
                      "and the official code)")  # fmt: skip
         self.require("adapter.hydra", not c.adapter.hydra, "must be false")
-        self.require("adapter.single_lora_layers", not c.adapter.single_lora_layers,
-                     "must be empty: a count of 1 in options.experts makes a layer plain LoRA")  # fmt: skip
+        msg = "must be empty: a count of 1 in options.experts makes a layer plain LoRA"
+        self.require("adapter.single_lora_layers", not c.adapter.single_lora_layers, msg)
         self.require("loss.aux", c.loss.aux in ("none", "blc"),
                      "must be none or blc (the load-balancing loss)")  # fmt: skip
 
