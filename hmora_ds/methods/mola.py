@@ -27,6 +27,7 @@ docs/methods.md ("MoLA") lists where this follows the paper, where the code, and
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -37,8 +38,7 @@ from hmora_ds.losses import stacked_load_balance_loss
 from hmora_ds.methods.base import Method, register_method
 from hmora_ds.routing.context import RoutingRecord
 
-#: The paper's pattern names → expert counts per block of layers (LLaMA-2 7B: blocks of 8).
-PATTERNS = {"▽": [2, 4, 6, 8], "△": [8, 6, 4, 2], "□": [5, 5, 5, 5], "◇": [3, 5, 5, 3]}
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -207,7 +207,11 @@ class MoLA(Method):
                      "must be none or blc (the load-balancing loss)")  # fmt: skip
 
     def validate_for_model(self, hidden_size: int, num_layers: int) -> None:
-        self.counts = layer_expert_counts(self.options.experts, num_layers, self.options.blocks)
+        o = self.options
+        self.counts = layer_expert_counts(o.experts, num_layers, o.blocks)
+        if num_layers % len(parse_counts(o.experts)):  # blocks=spread on a depth P does not divide
+            logger.info("MoLA: options.experts %s spread over %d layers: %s", o.experts,
+                        num_layers, self.counts)  # fmt: skip
 
     def experts_at(self, layer: int, target: str) -> int | None:
         if target not in self.config.adapter.targets:
