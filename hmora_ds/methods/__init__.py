@@ -14,6 +14,7 @@ from hmora_ds.methods import (  # registers them
     hydralora,
     lora,
     mixlora,
+    mola,
     molora,
 )
 from hmora_ds.methods.base import (
@@ -45,6 +46,7 @@ __all__ = [
     "lora",
     "method_presets",
     "mixlora",
+    "mola",
     "molora",
     "register_method",
     "stack_records",
