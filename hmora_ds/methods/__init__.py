@@ -12,6 +12,7 @@ from hmora_ds.methods import (  # registers them
     hmora,
     hydralora,
     lora,
+    loramoe,
     mixlora,
     molora,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "hydralora",
     "import_plugins",
     "lora",
+    "loramoe",
     "method_presets",
     "mixlora",
     "molora",
