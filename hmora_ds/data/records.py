@@ -29,6 +29,9 @@ MANIFEST_FILE = "manifest.json"
 DEFAULT_TASK = "unlabelled"
 REQUIRED_FIELDS = ("source", "target")
 OPTIONAL_STR_FIELDS = ("task_name", "task_source", "template")
+#: Optional 0/1 field: 1 marks a world-knowledge record (LoRAMoE's sample type). Records without
+#: it are typed by their task name (:func:`knowledge_flags`).
+KNOWLEDGE_FIELD = "knowledge"
 
 
 class DataError(ValueError):
@@ -52,7 +55,8 @@ def validate_record(obj: Any) -> tuple[dict[str, str] | None, str | None]:
 
     Returns:
         ``(record, None)`` with a normalised record (``source``, ``target``, ``task_name``,
-        ``id`` and any optional string fields), or ``(None, reason)`` when it is unusable.
+        ``id``, any optional string fields and ``knowledge`` as 0 or 1 when given), or
+        ``(None, reason)`` when it is unusable.
     """
     if not isinstance(obj, Mapping):
         return None, f"not an object ({type(obj).__name__})"
@@ -73,6 +77,12 @@ def validate_record(obj: Any) -> tuple[dict[str, str] | None, str | None]:
         if not isinstance(value, str):
             return None, f"non-string field '{key}' ({type(value).__name__})"
         rec[key] = value
+    if obj.get(KNOWLEDGE_FIELD) is not None:
+        flag = obj[KNOWLEDGE_FIELD]
+        if isinstance(flag, bool) or (isinstance(flag, int) and flag in (0, 1)):
+            rec[KNOWLEDGE_FIELD] = int(flag)
+        else:
+            return None, f"field '{KNOWLEDGE_FIELD}' must be 0, 1, true or false"
     rec.setdefault("task_name", DEFAULT_TASK)
     raw_id = obj.get("id")
     if isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool) and str(raw_id):
@@ -172,4 +182,37 @@ def select_tasks(
         len(keep),
         ", ".join(sorted(keep)),
     )
+    return out
+
+
+def knowledge_flags(
+    flags: Iterable[int | None], task_names: Iterable[str], knowledge_tasks: Iterable[str] = ()
+) -> list[int]:
+    """Each record's type, 1 = world knowledge, 0 = downstream task: its own ``knowledge``
+    field where it has one, else 1 if its task is in ``knowledge_tasks`` and 0 otherwise.
+
+    Logs how many records were typed by their task name, so records without the field never
+    change meaning unnoticed.
+
+    Args:
+        flags: each record's ``knowledge`` field (None where absent).
+        task_names: each record's ``task_name``.
+        knowledge_tasks: the task names counted as world knowledge for records without it.
+    """
+    known = set(knowledge_tasks)
+    out: list[int] = []
+    by_task: dict[int, int] = {0: 0, 1: 0}
+    for flag, task in zip(flags, task_names, strict=True):
+        if flag is None:
+            flag = int(task in known)
+            by_task[flag] += 1
+        out.append(int(flag))
+    if by_task[0] or by_task[1]:
+        logger.info(
+            "data: %d of %d records have no '%s' field: %d typed world knowledge by their task "
+            "(%s), %d downstream task",
+            by_task[0] + by_task[1], len(out), KNOWLEDGE_FIELD, by_task[1],
+            ", ".join(sorted(known)) or "none", by_task[0],
+        )  # fmt: skip
+    logger.info("data: %d of %d training records are world knowledge", sum(out), len(out))
     return out

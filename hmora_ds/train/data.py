@@ -22,7 +22,12 @@ from hmora_ds.data import (
     ensure_offline_mixture,
     load_records,
 )
-from hmora_ds.data.records import select_tasks
+from hmora_ds.data.records import (
+    DEFAULT_TASK,
+    KNOWLEDGE_FIELD,
+    knowledge_flags,
+    select_tasks,
+)
 from hmora_ds.train.config import RunConfig
 
 logger = logging.getLogger(__name__)
@@ -71,6 +76,8 @@ class RunData:
         prompts: the raw prompt (``source``) of every training example, in dataset order.
         columns: per-example values added to every training batch under their name, as a
             (B,) tensor of the batch's examples (e.g. HiMoLE's ``cluster``); set by the trainer.
+        task_names: the ``task_name`` of every training example, in dataset order.
+        knowledge: every training example's own ``knowledge`` field (0/1), None where absent.
     """
 
     train: EncodedDataset
@@ -79,6 +86,8 @@ class RunData:
     collator: DataCollator
     prompts: list[str] = field(default_factory=list)
     columns: dict[str, np.ndarray] = field(default_factory=dict)
+    task_names: list[str] = field(default_factory=list)
+    knowledge: list[int | None] = field(default_factory=list)
 
     def batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's micro-batches forever (epoch after epoch), resumable by the sampler."""
@@ -98,6 +107,22 @@ class RunData:
         if max_batches is not None:
             chunks = chunks[:max_batches]
         return [self.collator([self.val[i] for i in c]) for c in chunks]
+
+
+def add_knowledge_column(data: RunData, method: Any) -> bool:
+    """Feed every training example's type as the batch input ``knowledge`` (1 = world
+    knowledge) when ``method`` routes on it (LoRAMoE): the record's ``knowledge`` field, else
+    1 for a task in the method's ``options.knowledge_tasks`` and 0 for any other (logged).
+
+    Returns:
+        Whether the column was added.
+    """
+    if KNOWLEDGE_FIELD not in (*method.batch_inputs, *method.optional_batch_inputs):
+        return False
+    tasks = getattr(method.options, "knowledge_tasks", ())
+    flags = knowledge_flags(data.knowledge, data.task_names, tasks)
+    data.columns[KNOWLEDGE_FIELD] = np.asarray(flags, dtype=np.int64)
+    return True
 
 
 def build_run_data(run: RunConfig, tokenizer: Any, rank: int, world_size: int) -> RunData:
@@ -137,5 +162,10 @@ def build_run_data(run: RunConfig, tokenizer: Any, rank: int, world_size: int) -
         0 if val is None else len(val),
         len(sampler),
     )
-    prompts = [train_recs[i]["source"] for i in train.record_index]
-    return RunData(train, val, sampler, DataCollator.from_tokenizer(tokenizer, "right"), prompts)
+    kept = [train_recs[i] for i in train.record_index]
+    return RunData(
+        train, val, sampler, DataCollator.from_tokenizer(tokenizer, "right"),
+        prompts=[r["source"] for r in kept],
+        task_names=[str(r.get("task_name", DEFAULT_TASK)) for r in kept],
+        knowledge=[r.get(KNOWLEDGE_FIELD) for r in kept],
+    )  # fmt: skip
