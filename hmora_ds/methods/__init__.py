@@ -13,6 +13,7 @@ from hmora_ds.methods import (  # registers them
     hydralora,
     lora,
     mixlora,
+    moelora,
     molora,
 )
 from hmora_ds.methods.base import (
@@ -43,6 +44,7 @@ __all__ = [
     "lora",
     "method_presets",
     "mixlora",
+    "moelora",
     "molora",
     "register_method",
     "stack_records",
