@@ -246,8 +246,10 @@ def _dp_worker(rank, world, out_dir):
     mine = slice(2 * rank, 2 * rank + 2)
     out = model(ids[mine], attn[mine], labels[mine], prompt[mine], aux_group=dist.group.WORLD)
     cl = out.aux_by_kind["cl"]
-    (model.method.aux_weight("cl") * model.method.aux_losses(
-        list(model.routing_context.observations), dist.group.WORLD)["cl"]).backward()
+    (
+        model.method.aux_weight("cl")
+        * model.method.aux_losses(list(model.routing_context.observations), dist.group.WORLD)["cl"]
+    ).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     torch.save({"cl": cl, "grads": grads}, out_dir / f"r{rank}.pt")
 

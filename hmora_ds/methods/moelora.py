@@ -69,7 +69,7 @@ def sample_positions(mask: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Te
         ``(positions (B, m) long, valid (B, m) bool)``; an invalid slot (j ≥ n) points at 0.
     """
     mask = mask.bool()
-    b, t = mask.shape
+    t = mask.shape[-1]
     n = mask.sum(-1, keepdim=True)  # (B, 1)
     j = torch.arange(m, device=mask.device).unsqueeze(0)  # (1, m)
     rank = torch.where(n >= m, torch.div((2 * j + 1) * n, 2 * m, rounding_mode="floor"), j)
