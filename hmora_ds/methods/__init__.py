@@ -15,7 +15,11 @@ from hmora_ds.methods import (  # registers them
     lora,
     loramoe,
     mixlora,
+<<<<<<< HEAD
     mola,
+=======
+    moelora,
+>>>>>>> m-moelora
     molora,
 )
 from hmora_ds.methods.base import (
@@ -48,7 +52,11 @@ __all__ = [
     "loramoe",
     "method_presets",
     "mixlora",
+<<<<<<< HEAD
     "mola",
+=======
+    "moelora",
+>>>>>>> m-moelora
     "molora",
     "register_method",
     "stack_records",
