@@ -1,5 +1,4 @@
 """LoRA-mixture methods as plug-ins: one file per method, one registry.
-
     from hmora_ds.methods import available_methods, get_method, register_method
 
 A method subclasses :class:`Method` and is registered with :func:`register_method`; configs
@@ -15,11 +14,8 @@ from hmora_ds.methods import (  # registers them
     lora,
     loramoe,
     mixlora,
-<<<<<<< HEAD
-    mola,
-=======
     moelora,
->>>>>>> m-moelora
+    mola,
     molora,
 )
 from hmora_ds.methods.base import (
@@ -52,11 +48,8 @@ __all__ = [
     "loramoe",
     "method_presets",
     "mixlora",
-<<<<<<< HEAD
-    "mola",
-=======
     "moelora",
->>>>>>> m-moelora
+    "mola",
     "molora",
     "register_method",
     "stack_records",
