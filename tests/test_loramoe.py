@@ -297,3 +297,43 @@ def test_preset_has_the_papers_settings():
     assert a.targets == ["gate", "up", "down"] and c.routing.mode == "soft"
     assert not c.routing.share_routers and c.loss.aux == "none"
     assert (o["knowledge_experts"], o["delta"], o["lbc_weight"]) == (3, 0.1, 0.1)
+
+
+def test_the_batch_input_is_the_records_field():
+    """The trainer feeds the column named by the records' field to the method's batch input of
+    that name: a rename on one side would silently drop the balancing constraint."""
+    from hmora_ds.data.records import KNOWLEDGE_FIELD
+    from hmora_ds.methods.loramoe import KNOWLEDGE_INPUT
+
+    assert KNOWLEDGE_INPUT == KNOWLEDGE_FIELD
+
+
+def test_a_training_run_feeds_each_records_knowledge_flag_to_the_constraint(
+    tiny_run_inputs, tmp_path
+):
+    """The real entry point (one process, ZeRO-2, the tiny model) on local JSONL where every
+    third record says ``knowledge: 1``: the trainer types the records as logged (the field where
+    present, the task name otherwise) and the constraint enters the loss (L ≠ L_LM). Guards
+    against the flag lost between the records and the routers (no batch input: no L_lbc)."""
+    import json
+    import re
+
+    from tests._train_helpers import launch, overrides
+
+    recs = [json.loads(line) for line in (tiny_run_inputs / "data.jsonl").read_text().splitlines()]
+    data = tmp_path / "data.jsonl"
+    with data.open("w") as f:
+        for i, r in enumerate(recs):
+            f.write(json.dumps({**r, "knowledge": 1} if i % 3 == 0 else r) + "\n")
+    out = tmp_path / "out"
+    args = overrides(tiny_run_inputs, out, "preset=loramoe", f"data.path={data}",
+                     "train.max_steps=2")  # fmt: skip
+    log = launch("python", "zero2.json", args)
+    m = re.search(r"data: (\d+) of (\d+) training records are world knowledge", log)
+    assert m, log[-3000:]
+    knowledge, total = int(m.group(1)), int(m.group(2))
+    assert 0 < knowledge < total
+    assert re.search(rf"data: {total - knowledge} of {total} records have no 'knowledge' field",
+                     log)  # fmt: skip
+    aux = [float(x) for x in re.findall(r"aux=([0-9.]+)", log)]
+    assert aux and all(a > 0 for a in aux)

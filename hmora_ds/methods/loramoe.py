@@ -32,14 +32,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from hmora_ds.data.records import KNOWLEDGE_FIELD
 from hmora_ds.losses import _all_reduce
 from hmora_ds.methods.base import Method, register_method
 from hmora_ds.routing.context import RouterId, RoutingRecord
 from hmora_ds.routing.gates import RouterGroup
 
 #: The batch input with each sequence's type: 1 = world knowledge, 0 = downstream task.
-KNOWLEDGE_INPUT = KNOWLEDGE_FIELD
+KNOWLEDGE_INPUT = "knowledge"  # the records' field of that name (data.records.KNOWLEDGE_FIELD)
 #: The record kind of a site's weighted importance Z (B, N).
 LBC_KIND = "lbc"
 #: The official code's epsilon in the denominator of the squared coefficient of variation.
