@@ -71,10 +71,12 @@ def run_command(cmd: list[str], timeout: float, env: dict | None = None, cwd=Non
     return proc.returncode, out
 
 
-def ep_gradients(per_rank: list[dict], experts_per_rank: int) -> dict:
+def ep_gradients(per_rank: list[dict], experts_per_rank) -> dict:
     """The gradients of an expert-parallel run under one process's names: replicated tensors
     summed over ranks (each rank's is its share of the batch), each rank's local experts
-    renumbered to their global index (rank r holds experts E_r·r … E_r·r + E_r − 1)."""
+    renumbered to their global index (rank r holds experts E_r·r … E_r·r + E_r − 1).
+    ``experts_per_rank``: E_r, or a function of the bank's parameter prefix giving its E_r
+    (methods with different expert counts per site)."""
     from hmora_ds.parallel.expert_parallel import standardize_state_dict
 
     replicated, experts = {}, {}
@@ -82,7 +84,8 @@ def ep_gradients(per_rank: list[dict], experts_per_rank: int) -> dict:
         for n, t in grads.items():
             if ".deepspeed_experts." in n:
                 prefix, local, kind = n.rsplit(".", 2)
-                experts[f"{prefix}.{experts_per_rank * r + int(local)}.{kind}"] = t
+                e_r = experts_per_rank(prefix) if callable(experts_per_rank) else experts_per_rank
+                experts[f"{prefix}.{e_r * r + int(local)}.{kind}"] = t
             else:
                 replicated[n] = replicated.get(n, 0) + t
     return standardize_state_dict({**replicated, **experts})

@@ -229,3 +229,63 @@ def test_expert_parallel_needs_an_ep_size_dividing_every_layers_count():
     assert sorted({(b.num_experts, b.num_local_experts) for b in blocks}) == [
         (2, 1), (4, 2), (6, 3), (8, 4)
     ]  # fmt: skip
+
+
+def _ep_model():
+    from tests.conftest import randomize_adapters, tiny_hmora
+
+    model = tiny_hmora("mola", overrides={"adapter.dropout": 0.0, "loss.aux": "blc"})
+    randomize_adapters(model)
+    return model.double()
+
+
+def _ep_worker(rank, world, out_dir):
+    from hmora_ds.parallel.expert_parallel import expert_parallel_blocks, to_expert_parallel
+    from tests.conftest import batch
+    from tests.test_expert_parallel import _ep_setup
+
+    model = _ep_model()
+    to_expert_parallel(model, world, rank)
+    group = _ep_setup(world)
+    for block in expert_parallel_blocks(model).values():
+        block.bind_group(group)
+    ids, attn, labels, prompt = batch(bsz=4, seed=7)
+    mine = slice(2 * rank, 2 * rank + 2)
+    out = model(ids[mine], attn[mine], labels[mine], prompt[mine])
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    torch.save({"loss": out.loss.detach(), "grads": grads}, out_dir / f"r{rank}.pt")
+
+
+@pytest.mark.multirank
+def test_expert_parallel_equals_replicated_with_a_count_per_layer(tmp_path):
+    """EP = 2 on 2-4-6-8 (the tiny model's six layers: 2, 2, 4, 6, 6, 8 experts), the balance
+    loss on: each rank's loss and the gradients equal the replicated model's on that rank's
+    rows. Guards against a bank split as if every layer had the same count (experts of one
+    layer sent to another's slots) and the layer's pooled balance loss computed per rank."""
+    from tests._dist import ep_gradients, run_ranks
+    from tests.conftest import batch
+
+    run_ranks(_ep_worker, 2, tmp_path, tmp_path, timeout=180)
+    ref = _ep_model()
+    counts = {n: m.num_experts for n, m in ref.named_modules()
+              if getattr(m, "router", None) is not None}  # fmt: skip
+    assert sorted(set(counts.values())) == [2, 4, 6, 8]
+    ids, attn, labels, prompt = batch(bsz=4, seed=7)
+    got = [torch.load(tmp_path / f"r{r}.pt") for r in range(2)]
+    total = 0
+    for rank in range(2):
+        mine = slice(2 * rank, 2 * rank + 2)
+        out = ref(ids[mine], attn[mine], labels[mine], prompt[mine])
+        torch.testing.assert_close(got[rank]["loss"], out.loss.detach(), rtol=1e-9, atol=1e-9)
+        total = total + out.loss
+    total.backward()
+
+    def per_rank(prefix):  # "<site>.deepspeed_moe.experts.deepspeed_experts" → E_site / 2
+        return counts[prefix.split(".deepspeed_moe.")[0]] // 2
+
+    std = ep_gradients([g["grads"] for g in got], experts_per_rank=per_rank)
+    want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    assert std.keys() == want.keys()
+    for n, g in want.items():
+        torch.testing.assert_close(std[n], g, rtol=1e-7, atol=1e-9, msg=n)
