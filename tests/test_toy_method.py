@@ -60,7 +60,7 @@ class ThresholdRouter(nn.Module):
         return DispatchPlan.build(gates, None, num_tokens_per_row)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = torch.softmax(self.linear(x).float(), dim=-1)
+        p = torch.softmax(self.linear(x.to(self.linear.weight.dtype)).float(), dim=-1)
         self._ctx.record(self.rid, p, self._ctx.token_mask_for(x))
         kept = torch.where(p >= self.threshold * p.amax(-1, keepdim=True), p, torch.zeros_like(p))
         return kept / kept.sum(-1, keepdim=True)
@@ -172,6 +172,7 @@ def test_the_toy_passes_the_invariant_table(tmp_path):
     inv.check_round_trip(config, tmp_path)
     inv.check_gradient_checkpointing(config)
     inv.check_meta_tp(config)
+    inv.check_bf16_base(config)
     configs = {NAME: config.to_dict()}
     run_ranks(inv.zero2_worker, inv.WORLD, tmp_path, configs, tmp_path, [THIS_FILE], timeout=300)
     inv.check_zero2_results(configs, tmp_path)
