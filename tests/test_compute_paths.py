@@ -166,3 +166,39 @@ def test_fp32_adapters_on_a_bf16_base_agree_across_paths():
         torch.float32
     )
     _agree(runs, "bf16 base", 2e-2)
+
+
+def test_a_bank_built_with_its_defaults_is_one_plain_lora():
+    """``MoRALinear(base, rank, alpha)``: one expert, no router, no dropout module, scaling
+    α / r (rsLoRA α / √r on request), A drawn like ``nn.Linear`` (Kaiming-uniform, bound
+    1/√I, as PEFT), B = 0, both on the base's device; a mixture without a router is a one-line
+    error; Hydra needs more than one expert; dropout 0 is no module at all."""
+    import math
+
+    from hmora_ds.routing.context import RoutingContext
+    from hmora_ds.routing.gates import RouterGroup
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(256, 64)
+    bank = MoRALinear(base, 4, 8.0)
+    assert (bank.num_experts, bank.hydra, bank.router, bank.compute) == (1, False, None, "auto")
+    assert bank.scaling == 2.0 and isinstance(bank.dropout, torch.nn.Identity)
+    assert MoRALinear(base, 4, 8.0, rslora=True).scaling == 4.0
+    assert isinstance(MoRALinear(base, 4, 8.0, dropout=0.5).dropout, torch.nn.Dropout)
+    assert isinstance(MoRALinear(base, 4, 8.0, dropout=1.0).dropout, torch.nn.Dropout)
+    assert bank.lora_A.shape == (4, 256) and (bank.lora_B == 0).all()
+    bound = 1 / math.sqrt(256)
+    wide = MoRALinear(torch.nn.Linear(256, 64), 256, 8.0)  # 65,536 draws of A
+    assert wide.lora_A.abs().max().item() <= bound
+    assert wide.lora_A.abs().max().item() > 0.99 * bound
+    assert wide.lora_A.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.02)
+    assert MoRALinear(base, 4, 8.0, hydra=True).hydra is False  # one expert: nothing to share
+    with pytest.raises(ValueError) as err:
+        MoRALinear(base, 4, 8.0, num_experts=4)
+    assert str(err.value) == "MoRALinear: a mixture of experts (num_experts > 1) needs a router"
+    router = RouterGroup(0, ("q",), 256, 256, "token", 0.0, 2, "topk", 1, "sum", 0.0, False,
+                         RoutingContext())  # fmt: skip
+    two = MoRALinear(base, 4, 8.0, num_experts=2, hydra=True, router=router)
+    assert two.hydra is True and two.lora_A.shape == (4, 256) and two.lora_B.shape == (64, 8)
+    meta = MoRALinear(torch.nn.Linear(256, 64, device="meta"), 4, 8.0)
+    assert meta.lora_A.device.type == "meta" and meta.lora_B.device.type == "meta"

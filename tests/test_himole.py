@@ -473,3 +473,26 @@ def test_aux_losses_are_global_over_the_callers_group(monkeypatch):
     assert sorted(got) == ["div", "token"]
     torch.testing.assert_close(got["token"], token)
     torch.testing.assert_close(got["div"], div)
+
+
+def test_sparse_and_dense_compute_agree_with_the_diversity_loss_on():
+    """``adapter.compute=sparse`` (each token's kept experts only, the group outputs of L_div
+    through the same dispatcher) gives the dense path's loss, L_div and gradients. Guards
+    against the per-group updates computed without the token layout the sparse plan needs."""
+    runs = {}
+    for compute in ("dense", "sparse"):
+        model = tiny_hmora("himole", overrides=[f"adapter.compute={compute}",
+                                                "adapter.dropout=0.0",
+                                                "routing.router_dropout=0.0"])  # fmt: skip
+        randomize_adapters(model)
+        ids, attn, labels, prompt = batch()
+        out = model(input_ids=ids, attention_mask=attn, labels=labels, prompt_mask=prompt)
+        out.loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        runs[compute] = (out.loss.detach(), out.aux_by_kind["div"].detach(), grads)
+    (loss, div, grads), (loss_s, div_s, grads_s) = runs["dense"], runs["sparse"]
+    torch.testing.assert_close(loss_s, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(div_s, div, rtol=1e-5, atol=1e-6)
+    assert grads_s.keys() == grads.keys()
+    for n, g in grads.items():
+        torch.testing.assert_close(grads_s[n], g, rtol=1e-4, atol=1e-6, msg=n)

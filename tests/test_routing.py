@@ -458,3 +458,53 @@ def test_task_representation_errors_and_row_expansion():
     with ctx.forward_scope(rep, None, record=False, expand_batch=True):
         got = ctx.task_repr_for(torch.zeros(4, 3, 4))
     assert got.tolist() == [[1.0, 2.0], [1.0, 2.0], [3.0, 4.0], [3.0, 4.0]]
+
+
+def test_a_fresh_context_binds_nothing_and_records_nothing():
+    """Before any forward: no task representation, no inputs, no token mask, not recording, no
+    KV cache, nothing recorded. Guards against state that leaks into the first forward (a
+    stale mask or an expanded batch, records collected outside a forward scope)."""
+    from hmora_ds.routing.context import RoutingContext
+
+    ctx = RoutingContext()
+    x = torch.zeros(2, 3, 4)
+    assert ctx.forward_id == 0 and ctx.cached_tokens == 0
+    assert ctx.task_repr is None and ctx.inputs == {} and ctx.recording is False
+    assert ctx.token_mask_for(x) is None and ctx.batch_input("cluster", x) is None
+    assert ctx.observations == []
+    with pytest.raises(RuntimeError, match="no task representation is bound"):
+        ctx.task_repr_for(x)
+    with ctx.forward_scope(None, None, record=True) as records:
+        assert ctx.forward_id == 1 and records == []
+    with ctx.forward_scope(None, torch.ones(2, 3), record=True), pytest.raises(RuntimeError) as e:
+        ctx.token_mask_for(torch.zeros(2, 5, 4))
+    assert str(e.value) == (
+        "routing context: token mask (2, 3) does not match the routed input (2, 5)"
+    )
+
+
+def test_alpha_is_the_layers_value_even_where_the_sigmoid_saturates():
+    """A hybrid layer's α starts at α(l), including α(l) rounded to exactly 1 or 0 (σ far
+    from 0), where the logit is infinite; learnable (a (1,) parameter) only on hybrid layers
+    with learn_alpha, else a buffer the adapter does not save; routers have biases (h(x) =
+    W x + b). Guards against α(l) = 1 reset to 0.5."""
+    from hmora_ds.routing.context import RoutingContext
+    from hmora_ds.routing.gates import RouterGroup
+
+    def group(mode, alpha, learn):
+        return RouterGroup(0, ("q",), 8, 8, mode, alpha, 4, "topk", 2, "paper", 0.0, learn,
+                           RoutingContext())  # fmt: skip
+
+    for alpha in (0.25, 0.9, 1.0, 0.0):
+        got = group("hybrid", alpha, False).alpha.item()
+        assert got == pytest.approx(alpha, abs=1e-6), alpha
+    learned = group("hybrid", 0.25, True)
+    assert isinstance(learned.alpha_logit, torch.nn.Parameter)
+    assert learned.alpha_logit.shape == (1,) and "alpha_logit" in learned.state_dict()
+    for mode, learn in (("hybrid", False), ("token", True), ("task", True)):
+        g = group(mode, 0.25, learn)
+        assert not isinstance(g.alpha_logit, torch.nn.Parameter), mode
+        assert "alpha_logit" not in g.state_dict(), mode
+    g = group("token", 0.25, False)
+    assert g.shared is False and g._memo is None and g._plan is None
+    assert g.token_router.linear.bias is not None

@@ -141,7 +141,10 @@ class RouterGroup(nn.Module):
         self.task_router = (
             Router(task_features, num_experts, dropout) if layer_mode != "token" else None
         )
-        logit = math.log(alpha) - math.log1p(-alpha) if 0.0 < alpha < 1.0 else 0.0
+        # α(l) as a logit. σ saturates to exactly 0 or 1 in floating point far from 0, where the
+        # logit is infinite: such an α is kept at 1e-7 from its bound (not reset to 0.5).
+        a = min(max(alpha, 1e-7), 1.0 - 1e-7)
+        logit = math.log(a) - math.log1p(-a)
         if layer_mode == "hybrid" and learn_alpha:
             # α = σ(a), a initialised so that α starts at α(l); no weight decay (see optim).
             # Shape (1,), not 0-D: DeepSpeed's start-up broadcast views every parameter as
