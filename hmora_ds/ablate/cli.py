@@ -303,8 +303,10 @@ def run(opts: Options) -> int:
         from hmora_ds.ablate.ood_table import write_ood_tables
 
         split = ood_split(opts, _first_run(jobs))
+        # Every row of the table, not only this invocation's (``--rows``), has its grouping.
+        every = plan(opts, opts.study.rows_for(opts.scale.name), strict=False)
         md = write_ood_tables(opts.out, opts.study, table_rows(opts), split,
-                              setting_line(opts, jobs), group_sizes(jobs))  # fmt: skip
+                              setting_line(opts, jobs), group_sizes(every))  # fmt: skip
     elif opts.study.table == "methods":
         from hmora_ds.ablate.methods_table import write_methods_tables
 
