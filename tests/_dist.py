@@ -129,3 +129,21 @@ def two_ranks(monkeypatch, fn, mine, other):
     assert next(received, None) is None, "rank 0 made fewer all-reduces than rank 1"
     assert sent, "no all-reduce received the caller's group"
     return out
+
+
+def ep_rank_forward(model, world: int, rank: int):
+    """Rank ``rank`` of an expert-parallel run (EP = ``world``, gloo) in a spawned worker: the
+    model's experts split off (returns how many blocks were converted), the expert-parallel
+    group bound to every block, and a forward on this rank's half of the 4-sequence test batch
+    (``conftest.batch(bsz=4, seed=7)``). Returns ``(blocks, output)``."""
+    from hmora_ds.parallel.expert_parallel import expert_parallel_blocks, to_expert_parallel
+    from tests.conftest import batch
+    from tests.test_expert_parallel import _ep_setup
+
+    blocks = to_expert_parallel(model, world, rank)
+    group = _ep_setup(world)
+    for block in expert_parallel_blocks(model).values():
+        block.bind_group(group)
+    ids, attn, labels, prompt = batch(bsz=4, seed=7)
+    mine = slice(2 * rank, 2 * rank + 2)
+    return blocks, model(ids[mine], attn[mine], labels[mine], prompt[mine])

@@ -359,24 +359,11 @@ def test_the_preset_is_the_official_training_config():
 
 # ------------------------------------------------------------------ expert parallelism
 def _ep_worker(rank, world, out_dir):
-    import deepspeed
-    from deepspeed.utils import groups
-
-    from hmora_ds.parallel.expert_parallel import expert_parallel_blocks, to_expert_parallel
-    from hmora_ds.runtime.dist import skip_cpu_shm_build
+    from tests._dist import ep_rank_forward
 
     model = _ep_reference()
-    n = to_expert_parallel(model, world, rank)
-    assert n == 6 * 4
-    skip_cpu_shm_build()
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    groups._create_expert_and_data_parallel(world)
-    group = groups._get_expert_parallel_group(f"ep_size_{world}")
-    for block in expert_parallel_blocks(model).values():
-        block.bind_group(group)
-    ids, attn, labels, prompt = batch(bsz=4, seed=7)
-    mine = slice(2 * rank, 2 * rank + 2)
-    out = model(ids[mine], attn[mine], labels[mine], prompt[mine])
+    blocks, out = ep_rank_forward(model, world, rank)
+    assert blocks == 6 * 4
     w = torch.randn(out.logits.shape, generator=torch.Generator().manual_seed(rank)).double()
     ((out.logits * w).sum() + out.aux_loss).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

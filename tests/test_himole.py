@@ -213,17 +213,11 @@ def _ep_model():
 
 
 def _ep_worker(rank, world, out_dir):
-    from hmora_ds.parallel.expert_parallel import expert_parallel_blocks, to_expert_parallel
-    from tests.test_expert_parallel import _ep_setup
+    from tests._dist import ep_rank_forward
 
     model = _ep_model()
-    assert to_expert_parallel(model, world, rank) == 3 * 6
-    group = _ep_setup(world)
-    for block in expert_parallel_blocks(model).values():
-        block.bind_group(group)
-    ids, attn, labels, prompt = batch(bsz=4, seed=7)
-    mine = slice(2 * rank, 2 * rank + 2)
-    out = model(ids[mine], attn[mine], labels[mine], prompt[mine])
+    blocks, out = ep_rank_forward(model, world, rank)
+    assert blocks == 3 * 6
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     torch.save({"loss": out.loss.detach(), "div": out.aux_by_kind["div"], "grads": grads},
