@@ -147,3 +147,20 @@ def ep_rank_forward(model, world: int, rank: int):
     ids, attn, labels, prompt = batch(bsz=4, seed=7)
     mine = slice(2 * rank, 2 * rank + 2)
     return blocks, model(ids[mine], attn[mine], labels[mine], prompt[mine])
+
+
+#: Test modules whose ``_ep_worker(rank, world, out_dir)`` runs in the one shared
+#: expert-parallel spawn (:func:`ep_cases_worker`, fixture ``ep_runs`` in conftest.py).
+EP_CASES = ("tests.test_himole", "tests.test_adamole", "tests.test_moelora", "tests.test_mola")
+
+
+def ep_cases_worker(rank: int, world: int, out_dir, modules) -> None:
+    """One spawned rank running the expert-parallel worker of every module in ``modules``,
+    each writing into ``out_dir/<module's last name>/``: the methods' EP = replicated checks
+    share one 2-rank start (process start-up and imports dominate their cost)."""
+    import importlib
+
+    for name in modules:
+        target = out_dir / name.rsplit(".", 1)[-1]
+        target.mkdir(exist_ok=True)
+        importlib.import_module(name)._ep_worker(rank, world, target)

@@ -112,3 +112,15 @@ def tiny_run_inputs(tmp_path_factory):
     if prepared:
         return Path(prepared).resolve()
     return make_tiny_run_inputs(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def ep_runs(tmp_path_factory):
+    """The expert-parallel (EP = 2) runs of every method in ``tests._dist.EP_CASES``, made in
+    one 2-rank spawn; each method's test compares ``ep_runs / <its module name>`` with its
+    replicated reference."""
+    from tests._dist import EP_CASES, ep_cases_worker, run_ranks
+
+    out = tmp_path_factory.mktemp("ep_runs")
+    run_ranks(ep_cases_worker, 2, out, out, EP_CASES, timeout=300)
+    return out

@@ -14,7 +14,7 @@ from hmora_ds.methods import get_method
 from hmora_ds.methods.adamole import AdaMoLERouter, adamole_balance_loss, adaptive_gates
 from hmora_ds.metrics import RouterStatsAccumulator
 from hmora_ds.routing.context import RouterId, RoutingRecord
-from tests._dist import ep_gradients, run_ranks, two_ranks
+from tests._dist import ep_gradients, two_ranks
 from tests._method_invariants import build, no_dropout, randomize
 from tests.conftest import batch, randomize_adapters, tiny_hmora
 
@@ -379,10 +379,10 @@ def _ep_reference():
 
 
 @pytest.mark.multirank
-def test_expert_parallel_equals_replicated(tmp_path):
+def test_expert_parallel_equals_replicated(ep_runs):
     """Guards against the all-to-all dispatcher assuming k experts per token: with AdaMoLE's
     variable counts, EP = 2 must give the replicated model's logits and gradients."""
-    run_ranks(_ep_worker, 2, tmp_path, tmp_path, timeout=180)
+    runs = ep_runs / "test_adamole"  # one shared 2-rank spawn: tests._dist.EP_CASES
     ref = _ep_reference()
     ids, attn, labels, prompt = batch(bsz=4, seed=7)
     total, logits = 0, []
@@ -393,7 +393,7 @@ def test_expert_parallel_equals_replicated(tmp_path):
         total = total + (out.logits * w).sum() + out.aux_loss
         logits.append(out.logits.detach())
     total.backward()
-    got = [torch.load(tmp_path / f"r{r}.pt") for r in range(2)]
+    got = [torch.load(runs / f"r{r}.pt") for r in range(2)]
     for r in range(2):
         torch.testing.assert_close(got[r]["logits"], logits[r], rtol=1e-6, atol=1e-6)
     std = ep_gradients([g["grads"] for g in got], experts_per_rank=E // 2)

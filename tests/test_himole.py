@@ -15,7 +15,7 @@ import torch
 
 from hmora_ds.losses import load_balance_loss
 from hmora_ds.methods.himole import diversity_loss, group_cosines, hierarchical_gates
-from tests._dist import ep_gradients, run_ranks
+from tests._dist import ep_gradients
 from tests.conftest import batch, randomize_adapters, tiny_hmora
 
 NO_DROPOUT = {"adapter.dropout": 0.0, "routing.router_dropout": 0.0}
@@ -225,15 +225,14 @@ def _ep_worker(rank, world, out_dir):
 
 
 @pytest.mark.multirank
-def test_expert_parallel_equals_replicated(tmp_path):
+def test_expert_parallel_equals_replicated(ep_runs):
     """Guards against the per-group outputs of L_div (computed through the block's own
     dispatcher) or the hierarchical gates going wrong when experts live on other ranks: with
     EP = 2 each rank's loss (L_div included) and the gradients equal the replicated model's."""
-
-    run_ranks(_ep_worker, 2, tmp_path, tmp_path, timeout=180)
+    runs = ep_runs / "test_himole"  # one shared 2-rank spawn: tests._dist.EP_CASES
     ref = _ep_model()
     ids, attn, labels, prompt = batch(bsz=4, seed=7)
-    got = [torch.load(tmp_path / f"r{r}.pt") for r in range(2)]
+    got = [torch.load(runs / f"r{r}.pt") for r in range(2)]
     total = 0
     for rank in range(2):
         mine = slice(2 * rank, 2 * rank + 2)

@@ -30,7 +30,7 @@ def _library(tmp_path, tasks=("a", "b"), preset="lora_r8"):
 
 
 def test_round_trip_and_relative_paths(tmp_path):
-    lib, _ = _library(tmp_path)
+    _library(tmp_path)
     data = json.loads((tmp_path / "library.json").read_text())
     assert [e["adapter"] for e in data["entries"]] == ["a/adapter", "b/adapter"]
     moved = tmp_path.parent / (tmp_path.name + "_moved")
@@ -68,7 +68,7 @@ def test_check_base_refuses_another_shape(tmp_path):
 
 
 def test_damaged_manifests_are_one_line_errors(tmp_path):
-    with pytest.raises(LibraryError, match="library.json not found; build one with"):
+    with pytest.raises(LibraryError, match=r"library\.json not found; build one with"):
         Library.load(tmp_path)
     lib, _ = _library(tmp_path)
     path = tmp_path / "library.json"

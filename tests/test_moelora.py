@@ -291,14 +291,14 @@ def _ep_worker(rank, world, out_dir):
 
 
 @pytest.mark.multirank
-def test_expert_parallel_equals_replicated(tmp_path):
+def test_expert_parallel_equals_replicated(ep_runs):
     """Guards against the per-expert outputs of L_cl (computed through the block's own
     dispatcher) going wrong when experts live on other ranks: with EP = 2 each rank's loss
     (L_cl included) and the gradients equal the replicated model's on that rank's rows."""
-    run_ranks(_ep_worker, 2, tmp_path, tmp_path, timeout=180)
+    runs = ep_runs / "test_moelora"  # one shared 2-rank spawn: tests._dist.EP_CASES
     ref = _model().double()
     ids, attn, labels, prompt = batch(bsz=4, seed=7)
-    got = [torch.load(tmp_path / f"r{r}.pt") for r in range(2)]
+    got = [torch.load(runs / f"r{r}.pt") for r in range(2)]
     total = 0
     for rank in range(2):
         mine = slice(2 * rank, 2 * rank + 2)

@@ -250,21 +250,21 @@ def _ep_worker(rank, world, out_dir):
 
 
 @pytest.mark.multirank
-def test_expert_parallel_equals_replicated_with_a_count_per_layer(tmp_path):
+def test_expert_parallel_equals_replicated_with_a_count_per_layer(ep_runs):
     """EP = 2 on 2-4-6-8 (the tiny model's six layers: 2, 2, 4, 6, 6, 8 experts), the balance
     loss on: each rank's loss and the gradients equal the replicated model's on that rank's
     rows. Guards against a bank split as if every layer had the same count (experts of one
     layer sent to another's slots) and the layer's pooled balance loss computed per rank."""
-    from tests._dist import ep_gradients, run_ranks
+    from tests._dist import ep_gradients
     from tests.conftest import batch
 
-    run_ranks(_ep_worker, 2, tmp_path, tmp_path, timeout=180)
+    runs = ep_runs / "test_mola"  # one shared 2-rank spawn: tests._dist.EP_CASES
     ref = _ep_model()
     counts = {n: m.num_experts for n, m in ref.named_modules()
               if getattr(m, "router", None) is not None}  # fmt: skip
     assert sorted(set(counts.values())) == [2, 4, 6, 8]
     ids, attn, labels, prompt = batch(bsz=4, seed=7)
-    got = [torch.load(tmp_path / f"r{r}.pt") for r in range(2)]
+    got = [torch.load(runs / f"r{r}.pt") for r in range(2)]
     total = 0
     for rank in range(2):
         mine = slice(2 * rank, 2 * rank + 2)
