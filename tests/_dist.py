@@ -164,3 +164,68 @@ def ep_cases_worker(rank: int, world: int, out_dir, modules) -> None:
         target = out_dir / name.rsplit(".", 1)[-1]
         target.mkdir(exist_ok=True)
         importlib.import_module(name)._ep_worker(rank, world, target)
+
+
+def _ep_value(out, key: str):
+    if key == "loss":
+        return out.loss
+    if key == "logits":
+        return out.logits
+    return out.aux_by_kind[key]
+
+
+def loss_objective(out, rank: int):
+    """The objective of an EP check: the model's own loss (LM + weighted auxiliary losses)."""
+    return out.loss
+
+
+def logits_objective(out, rank: int):
+    """The objective of an EP check that must reach every logit: a fixed random weighting of
+    the logits (seeded by rank) plus the auxiliary losses."""
+    import torch
+
+    w = torch.randn(out.logits.shape, generator=torch.Generator().manual_seed(rank))
+    return (out.logits * w.to(out.logits.dtype)).sum() + out.aux_loss
+
+
+def save_ep_rank(model, out, rank: int, out_dir, keys=("loss",), objective=loss_objective):
+    """In an EP worker: backpropagate ``objective`` and save the ``keys`` of the output
+    (``loss``, ``logits`` or an auxiliary kind) and the gradients to ``out_dir/r{rank}.pt``."""
+    import torch
+
+    objective(out, rank).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    saved = {k: _ep_value(out, k).detach() for k in keys}
+    torch.save({**saved, "grads": grads}, out_dir / f"r{rank}.pt")
+
+
+def check_ep_equals_replicated(ref, runs, experts_per_rank, *, keys=("loss",),
+                               objective=loss_objective, out_tol=1e-9,
+                               grad_tol=(1e-7, 1e-9)) -> dict:  # fmt: skip
+    """Compare the two ranks' files of an EP run (:func:`save_ep_rank`) with the replicated
+    reference model ``ref`` on each rank's half of ``conftest.batch(bsz=4, seed=7)``: each
+    saved output equals the reference's on those rows, and the gradients (replicated tensors
+    summed over ranks, experts renumbered: :func:`ep_gradients`) equal the reference's of the
+    summed objective. Returns the standardised EP gradients."""
+    import torch
+
+    from tests.conftest import batch
+
+    ids, attn, labels, prompt = batch(bsz=4, seed=7)
+    got = [torch.load(runs / f"r{r}.pt") for r in range(2)]
+    total = 0
+    for rank in range(2):
+        mine = slice(2 * rank, 2 * rank + 2)
+        out = ref(ids[mine], attn[mine], labels[mine], prompt[mine])
+        for key in keys:
+            want = _ep_value(out, key).detach()
+            torch.testing.assert_close(got[rank][key], want, rtol=out_tol, atol=out_tol, msg=key)
+        total = total + objective(out, rank)
+    total.backward()
+    std = ep_gradients([g["grads"] for g in got], experts_per_rank)
+    want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    assert std.keys() == want.keys()
+    rtol, atol = grad_tol
+    for n, g in want.items():
+        torch.testing.assert_close(std[n], g, rtol=rtol, atol=atol, msg=n)
+    return std

@@ -14,7 +14,7 @@ from hmora_ds.methods import get_method
 from hmora_ds.methods.adamole import AdaMoLERouter, adamole_balance_loss, adaptive_gates
 from hmora_ds.metrics import RouterStatsAccumulator
 from hmora_ds.routing.context import RouterId, RoutingRecord
-from tests._dist import ep_gradients, two_ranks
+from tests._dist import two_ranks
 from tests._method_invariants import build, no_dropout, randomize
 from tests.conftest import batch, randomize_adapters, tiny_hmora
 
@@ -359,15 +359,12 @@ def test_the_preset_is_the_official_training_config():
 
 # ------------------------------------------------------------------ expert parallelism
 def _ep_worker(rank, world, out_dir):
-    from tests._dist import ep_rank_forward
+    from tests._dist import ep_rank_forward, logits_objective, save_ep_rank
 
     model = _ep_reference()
     blocks, out = ep_rank_forward(model, world, rank)
     assert blocks == 6 * 4
-    w = torch.randn(out.logits.shape, generator=torch.Generator().manual_seed(rank)).double()
-    ((out.logits * w).sum() + out.aux_loss).backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    torch.save({"logits": out.logits.detach(), "grads": grads}, out_dir / f"r{rank}.pt")
+    save_ep_rank(model, out, rank, out_dir, keys=("logits",), objective=logits_objective)
 
 
 def _ep_reference():
@@ -381,26 +378,13 @@ def _ep_reference():
 @pytest.mark.multirank
 def test_expert_parallel_equals_replicated(ep_runs):
     """Guards against the all-to-all dispatcher assuming k experts per token: with AdaMoLE's
-    variable counts, EP = 2 must give the replicated model's logits and gradients."""
-    runs = ep_runs / "test_adamole"  # one shared 2-rank spawn: tests._dist.EP_CASES
-    ref = _ep_reference()
-    ids, attn, labels, prompt = batch(bsz=4, seed=7)
-    total, logits = 0, []
-    for rank in range(2):
-        mine = slice(2 * rank, 2 * rank + 2)
-        out = ref(ids[mine], attn[mine], labels[mine], prompt[mine])
-        w = torch.randn(out.logits.shape, generator=torch.Generator().manual_seed(rank)).double()
-        total = total + (out.logits * w).sum() + out.aux_loss
-        logits.append(out.logits.detach())
-    total.backward()
-    got = [torch.load(runs / f"r{r}.pt") for r in range(2)]
-    for r in range(2):
-        torch.testing.assert_close(got[r]["logits"], logits[r], rtol=1e-6, atol=1e-6)
-    std = ep_gradients([g["grads"] for g in got], experts_per_rank=E // 2)
-    want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
-    assert std.keys() == want.keys()
-    for n, g in want.items():
-        torch.testing.assert_close(std[n], g, rtol=1e-6, atol=1e-6, msg=n)
+    variable counts, EP = 2 must give the replicated model's logits and gradients. The EP run
+    is one of the shared spawn's (tests._dist.EP_CASES)."""
+    from tests._dist import check_ep_equals_replicated, logits_objective
+
+    check_ep_equals_replicated(_ep_reference(), ep_runs / "test_adamole", E // 2,
+                               keys=("logits",), objective=logits_objective, out_tol=1e-6,
+                               grad_tol=(1e-6, 1e-6))  # fmt: skip
 
 
 def test_router_is_a_plain_module_with_the_bank_interface():

@@ -15,7 +15,6 @@ import torch
 
 from hmora_ds.losses import load_balance_loss
 from hmora_ds.methods.himole import diversity_loss, group_cosines, hierarchical_gates
-from tests._dist import ep_gradients
 from tests.conftest import batch, randomize_adapters, tiny_hmora
 
 NO_DROPOUT = {"adapter.dropout": 0.0, "routing.router_dropout": 0.0}
@@ -213,39 +212,23 @@ def _ep_model():
 
 
 def _ep_worker(rank, world, out_dir):
-    from tests._dist import ep_rank_forward
+    from tests._dist import ep_rank_forward, save_ep_rank
 
     model = _ep_model()
     blocks, out = ep_rank_forward(model, world, rank)
     assert blocks == 3 * 6
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    torch.save({"loss": out.loss.detach(), "div": out.aux_by_kind["div"], "grads": grads},
-               out_dir / f"r{rank}.pt")  # fmt: skip
+    save_ep_rank(model, out, rank, out_dir, keys=("loss", "div"))
 
 
 @pytest.mark.multirank
 def test_expert_parallel_equals_replicated(ep_runs):
     """Guards against the per-group outputs of L_div (computed through the block's own
     dispatcher) or the hierarchical gates going wrong when experts live on other ranks: with
-    EP = 2 each rank's loss (L_div included) and the gradients equal the replicated model's."""
-    runs = ep_runs / "test_himole"  # one shared 2-rank spawn: tests._dist.EP_CASES
-    ref = _ep_model()
-    ids, attn, labels, prompt = batch(bsz=4, seed=7)
-    got = [torch.load(runs / f"r{r}.pt") for r in range(2)]
-    total = 0
-    for rank in range(2):
-        mine = slice(2 * rank, 2 * rank + 2)
-        out = ref(ids[mine], attn[mine], labels[mine], prompt[mine])
-        torch.testing.assert_close(got[rank]["loss"], out.loss.detach(), rtol=1e-9, atol=1e-9)
-        torch.testing.assert_close(got[rank]["div"], out.aux_by_kind["div"], rtol=1e-9, atol=1e-9)
-        total = total + out.loss
-    total.backward()
-    std = ep_gradients([g["grads"] for g in got], experts_per_rank=8)
-    want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
-    assert std.keys() == want.keys()
-    for n, g in want.items():
-        torch.testing.assert_close(std[n], g, rtol=1e-7, atol=1e-9, msg=n)
+    EP = 2 each rank's loss (L_div included) and the gradients equal the replicated model's.
+    The EP run is one of the shared spawn's (tests._dist.EP_CASES)."""
+    from tests._dist import check_ep_equals_replicated
+
+    check_ep_equals_replicated(_ep_model(), ep_runs / "test_himole", 8, keys=("loss", "div"))
 
 
 # ------------------------------------------------------------------ ZeRO-2/3 through the launcher

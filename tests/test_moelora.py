@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hmora_ds.methods.moelora import contrastive_loss, sample_positions
-from tests._dist import ep_gradients, run_ranks
+from tests._dist import run_ranks
 from tests.conftest import batch, randomize_adapters, tiny_hmora
 
 NO_DROPOUT = {"adapter.dropout": 0.0, "routing.router_dropout": 0.0}
@@ -279,36 +279,20 @@ def test_two_ranks_give_one_process_contrastive_loss_and_gradient(tmp_path):
 
 
 def _ep_worker(rank, world, out_dir):
-    from tests._dist import ep_rank_forward
+    from tests._dist import ep_rank_forward, save_ep_rank
 
     model = _model().double()
     blocks, out = ep_rank_forward(model, world, rank)
     assert blocks == 6 * 2
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    torch.save({"loss": out.loss.detach(), "cl": out.aux_by_kind["cl"], "grads": grads},
-               out_dir / f"r{rank}.pt")  # fmt: skip
+    save_ep_rank(model, out, rank, out_dir, keys=("loss", "cl"))
 
 
 @pytest.mark.multirank
 def test_expert_parallel_equals_replicated(ep_runs):
     """Guards against the per-expert outputs of L_cl (computed through the block's own
     dispatcher) going wrong when experts live on other ranks: with EP = 2 each rank's loss
-    (L_cl included) and the gradients equal the replicated model's on that rank's rows."""
-    runs = ep_runs / "test_moelora"  # one shared 2-rank spawn: tests._dist.EP_CASES
-    ref = _model().double()
-    ids, attn, labels, prompt = batch(bsz=4, seed=7)
-    got = [torch.load(runs / f"r{r}.pt") for r in range(2)]
-    total = 0
-    for rank in range(2):
-        mine = slice(2 * rank, 2 * rank + 2)
-        out = ref(ids[mine], attn[mine], labels[mine], prompt[mine])
-        torch.testing.assert_close(got[rank]["loss"], out.loss.detach(), rtol=1e-9, atol=1e-9)
-        torch.testing.assert_close(got[rank]["cl"], out.aux_by_kind["cl"], rtol=1e-9, atol=1e-9)
-        total = total + out.loss
-    total.backward()
-    std = ep_gradients([g["grads"] for g in got], experts_per_rank=4)
-    want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
-    assert std.keys() == want.keys()
-    for n, g in want.items():
-        torch.testing.assert_close(std[n], g, rtol=1e-7, atol=1e-9, msg=n)
+    (L_cl included) and the gradients equal the replicated model's on that rank's rows. The
+    EP run is one of the shared spawn's (tests._dist.EP_CASES)."""
+    from tests._dist import check_ep_equals_replicated
+
+    check_ep_equals_replicated(_model().double(), ep_runs / "test_moelora", 4, keys=("loss", "cl"))

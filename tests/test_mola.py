@@ -240,13 +240,11 @@ def _ep_model():
 
 
 def _ep_worker(rank, world, out_dir):
-    from tests._dist import ep_rank_forward
+    from tests._dist import ep_rank_forward, save_ep_rank
 
     model = _ep_model()
     _, out = ep_rank_forward(model, world, rank)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    torch.save({"loss": out.loss.detach(), "grads": grads}, out_dir / f"r{rank}.pt")
+    save_ep_rank(model, out, rank, out_dir)
 
 
 @pytest.mark.multirank
@@ -254,30 +252,16 @@ def test_expert_parallel_equals_replicated_with_a_count_per_layer(ep_runs):
     """EP = 2 on 2-4-6-8 (the tiny model's six layers: 2, 2, 4, 6, 6, 8 experts), the balance
     loss on: each rank's loss and the gradients equal the replicated model's on that rank's
     rows. Guards against a bank split as if every layer had the same count (experts of one
-    layer sent to another's slots) and the layer's pooled balance loss computed per rank."""
-    from tests._dist import ep_gradients
-    from tests.conftest import batch
+    layer sent to another's slots) and the layer's pooled balance loss computed per rank. The
+    EP run is one of the shared spawn's (tests._dist.EP_CASES)."""
+    from tests._dist import check_ep_equals_replicated
 
-    runs = ep_runs / "test_mola"  # one shared 2-rank spawn: tests._dist.EP_CASES
     ref = _ep_model()
     counts = {n: m.num_experts for n, m in ref.named_modules()
               if getattr(m, "router", None) is not None}  # fmt: skip
     assert sorted(set(counts.values())) == [2, 4, 6, 8]
-    ids, attn, labels, prompt = batch(bsz=4, seed=7)
-    got = [torch.load(runs / f"r{r}.pt") for r in range(2)]
-    total = 0
-    for rank in range(2):
-        mine = slice(2 * rank, 2 * rank + 2)
-        out = ref(ids[mine], attn[mine], labels[mine], prompt[mine])
-        torch.testing.assert_close(got[rank]["loss"], out.loss.detach(), rtol=1e-9, atol=1e-9)
-        total = total + out.loss
-    total.backward()
 
     def per_rank(prefix):  # "<site>.deepspeed_moe.experts.deepspeed_experts" → E_site / 2
         return counts[prefix.split(".deepspeed_moe.")[0]] // 2
 
-    std = ep_gradients([g["grads"] for g in got], experts_per_rank=per_rank)
-    want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
-    assert std.keys() == want.keys()
-    for n, g in want.items():
-        torch.testing.assert_close(std[n], g, rtol=1e-7, atol=1e-9, msg=n)
+    check_ep_equals_replicated(ref, ep_runs / "test_mola", per_rank)
