@@ -46,6 +46,16 @@ def base_fingerprint(base_model: nn.Module, base_parameters: int | None = None) 
     return fp
 
 
+def fingerprint_mismatch(expected: dict[str, Any], base_model: nn.Module, what: str) -> str | None:
+    """Where ``base_model`` differs from a saved shape fingerprint, as ``"key saved (what) vs
+    actual (base)"`` pairs joined by commas; None when every saved key matches."""
+    actual = base_fingerprint(base_model)
+    diff = {k: (v, actual.get(k)) for k, v in expected.items() if actual.get(k) != v}
+    if not diff:
+        return None
+    return ", ".join(f"{k} {a} ({what}) vs {b} (base)" for k, (a, b) in diff.items())
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of a Qwen2 / LLaMA causal LM, checked against its config."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None

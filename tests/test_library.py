@@ -63,7 +63,7 @@ def test_check_base_refuses_another_shape(tmp_path):
     lib, _ = _library(tmp_path)
     lib.check_base(tiny_base())
     with pytest.raises(LibraryError, match=r"trained on base 'tiny' of another shape: "
-                       r"num_hidden_layers 6 \(library\) vs 4 \(model\)"):  # fmt: skip
+                       r"num_hidden_layers 6 \(library\) vs 4 \(base\)"):  # fmt: skip
         lib.check_base(tiny_base(layers=4))
 
 

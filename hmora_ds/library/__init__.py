@@ -119,12 +119,10 @@ class Library:
 
     def check_base(self, base_model: torch.nn.Module) -> None:
         """Refuse a base model of another shape than the one the library was trained on."""
-        from hmora_ds.base_model import base_fingerprint
+        from hmora_ds.base_model import fingerprint_mismatch
 
-        actual = base_fingerprint(base_model)
-        diff = {k: (v, actual.get(k)) for k, v in self.fingerprint.items() if actual.get(k) != v}
-        if diff:
-            details = ", ".join(f"{k} {a} (library) vs {b} (model)" for k, (a, b) in diff.items())
+        details = fingerprint_mismatch(self.fingerprint, base_model, "library")
+        if details:
             raise LibraryError(
                 f"library {self.root} was trained on base {self.base_name!r} of another shape: "
                 f"{details}; use it with that base model or build a library for this one "
@@ -162,8 +160,10 @@ class Library:
             raise LibraryError(f"{path}: entries must be a non-empty list; rebuild the library")
         entries, seen = [], set()
         for i, e in enumerate(raw):
-            if not isinstance(e, dict) or not isinstance(e.get("task"), str) or not isinstance(
-                e.get("adapter"), str
+            if (
+                not isinstance(e, dict)
+                or not isinstance(e.get("task"), str)
+                or not isinstance(e.get("adapter"), str)
             ):
                 raise LibraryError(f"{path}: entries[{i}] needs a task and an adapter (strings)")
             if e["task"] in seen:
@@ -177,10 +177,9 @@ class Library:
                     "rebuild that task (python -m hmora_ds.library build --tasks "
                     f"{e['task']} --out {root})"
                 )
-            entries.append(
-                LibraryEntry(e["task"], adapter, e.get("val_loss"), e.get("steps"),
-                             e.get("seconds"))  # fmt: skip
-            )
+            entry = LibraryEntry(e["task"], adapter, e.get("val_loss"), e.get("steps"),
+                                 e.get("seconds"))  # fmt: skip
+            entries.append(entry)
         return cls(root, base.get("name_or_path"), base["fingerprint"], entries)
 
     def write(self) -> Path:
@@ -235,7 +234,7 @@ def load_lora(adapter_dir: str | Path) -> dict[str, LoRASite]:
         b = tensors.get(module + ".lora_B")
         if b is None:
             raise LibraryError(f"library: {adapter_dir} has {name} but no {module}.lora_B")
-        key = module[len(prefix):] if module.startswith(prefix) else module
+        key = module[len(prefix) :] if module.startswith(prefix) else module
         sites[key] = LoRASite(t.float(), b.float(), scaling)
     if not sites:
         raise LibraryError(f"library: {adapter_dir} holds no LoRA tensors")
