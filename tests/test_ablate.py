@@ -464,3 +464,98 @@ def test_methods_table_by_hand(tmp_path):
     lines = methods_csv(s, table).splitlines()
     assert lines[0].startswith("row,Method,seeds,tp_percent,step_s,val_loss,arc_easy_acc")
     assert lines[2].startswith("molora,MoLoRA,0,1.000000,7.500000,3.050000,0.750000,")
+
+
+# ---------------------------------------------------------------------------- composition
+def test_composition_grid_library_rows_and_hashes(tmp_path):
+    """The held-out task is never in the library; rows that train nothing have no analysis;
+    everything that uses the library depends on its recipe (a --set changes their hashes)."""
+    from hmora_ds.ablate.runner import LIBRARY, library_tasks
+    from hmora_ds.data.offline_tasks import TASKS
+
+    study = get_study("composition")
+    held = study.held_out
+    assert held in TASKS and held not in library_tasks(study)
+    assert sorted(library_tasks(study)) == sorted(set(TASKS) - {held})
+    rows = {r.name: r for r in study.rows}
+    assert {r.task for r in rows.values() if r.kind == "library"} == set(library_tasks(study))
+    assert rows["base"].kind == "base" and rows["lorahub"].kind == "lorahub"
+    assert rows["lora-held-out"].overrides["data.tasks"] == [held]
+    opts = _options("composition", CPU, tmp_path, analyze=True)
+    jobs = {j.row.name: j for j in plan(opts, study.rows_for("cpu"))}
+    for name in ("base", "lib-arc-easy", "lorahub"):
+        assert jobs[name].hashes["analyze"] is None, name
+    for name in ("mole", "mixture-of-loras"):
+        job = jobs[name]
+        if job.run is not None:  # registered: the placeholder became the study's library
+            assert f"method.options.library={opts.out / LIBRARY}" in job.overrides
+            assert f"data.exclude_tasks=[{held}]" in job.overrides
+    other = plan(dataclasses.replace(opts, sets=["train.lr=0.001"]), study.rows_for("cpu"))
+    changed = {j.row.name for j in other if j.hashes["train"] != jobs[j.row.name].hashes["train"]}
+    assert {"lib-arc-easy", "lorahub", "lora-held-out"} <= changed
+    assert "base" not in changed  # the base model does not depend on the training recipe
+
+
+def test_composition_stages(monkeypatch, tmp_path):
+    """The library build, LoraHub and evaluation commands; a library row evaluates its task's
+    adapter, the base row evaluates without one."""
+    from hmora_ds.ablate import runner
+    from hmora_ds.library import Library
+    from tests.test_library import _library
+
+    opts = _options("composition", CPU, tmp_path)
+    opts.out.mkdir(parents=True)
+    jobs = {j.row.name: j for j in plan(opts, get_study("composition").rows_for("cpu"))}
+    seen = []
+
+    def fake_run(cmd, log, env, timeout):
+        seen.append([str(c) for c in cmd])
+        if "build" in cmd:  # the library of two tasks, as `hmora_ds.library build` writes it
+            lib, _ = _library(opts.out / "library", tasks=("arc_easy", "piqa"))
+            assert lib.tasks == ["arc_easy", "piqa"]
+        if "lorahub" in cmd:
+            out = cmd[cmd.index("--out") + 1]
+            (tmp_path / "lh").mkdir(exist_ok=True)
+            import pathlib
+
+            pathlib.Path(out).mkdir(parents=True, exist_ok=True)
+            (pathlib.Path(out) / "lorahub.json").write_text(json.dumps({"weights": {"a": 1}}))
+        if "--output-dir" in cmd:
+            import pathlib
+
+            out = pathlib.Path(cmd[cmd.index("--output-dir") + 1])
+            out.mkdir(parents=True, exist_ok=True)
+            doc = {"benchmarks": {"commonsense_qa": {"status": "ok", "accuracy": 50.0,
+                                                    "num_questions": 2}},
+                   "average": {"value": 50.0, "over": ["commonsense_qa"]}}  # fmt: skip
+            (out / "results.json").write_text(json.dumps(doc))
+        return 0
+
+    monkeypatch.setattr(runner, "run_logged", fake_run)
+    runner.prepare_composition(opts, list(jobs.values()))
+    build = seen[0]
+    assert build[1:4] == ["-m", "hmora_ds.library", "build"]
+    assert build[build.index("--tasks") + 1] == ",".join(runner.library_tasks(opts.study))
+    assert build[build.index("--out") + 1] == str(opts.out / "library")
+    assert "train.max_steps=40" in build[build.index("--set") + 1 :]
+    examples = [json.loads(x) for x in (opts.out / "lorahub_examples.jsonl").read_text().split("\n")
+                if x]  # fmt: skip
+    assert len(examples) == 5 and {e["task_name"] for e in examples} == {"commonsense_qa"}
+    assert Library.load(opts.out / "library").tasks == ["arc_easy", "piqa"]
+
+    record, _ = runner.run_job(opts, jobs["lib-arc-easy"], None)
+    adapter = str((opts.out / "library" / "arc_easy" / "adapter").resolve())
+    assert record["status"] == "done", record.get("error")
+    assert record["stages"]["train"]["adapter"] == adapter
+    assert seen[-1][seen[-1].index("--adapter") + 1] == adapter
+    record, _ = runner.run_job(opts, jobs["base"], None)
+    assert record["status"] == "done" and "--adapter" not in seen[-1]
+    assert record["tp_percent"] == 0.0
+    record, _ = runner.run_job(opts, jobs["lorahub"], None)
+    lorahub = seen[-2]
+    assert lorahub[:3] == [sys.executable, "-m", "hmora_ds.library"] and lorahub[3] == "lorahub"
+    assert lorahub[lorahub.index("--examples") + 1] == str(opts.out / "lorahub_examples.jsonl")
+    assert seen[-1][seen[-1].index("--adapter") + 1] == str(jobs["lorahub"].dir / "lorahub")
+    # A library row whose task the library lacks fails with the library's one-line error.
+    record, _ = runner.run_job(opts, jobs["lib-boolq"], None)
+    assert record["status"] == "failed" and "no LoRA for task 'boolq'" in record["error"]

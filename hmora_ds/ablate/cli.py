@@ -29,6 +29,7 @@ from hmora_ds.ablate.runner import (
     ood_split,
     parameters,
     plan,
+    prepare_composition,
     select_rows,
     world_size,
 )
@@ -206,6 +207,14 @@ def ood_lines(opts: Options, jobs: list[Job]) -> list[str]:
     return lines + [f"note: {n}" for n in split.notes]
 
 
+#: The dry run's line for a row that trains nothing (:data:`hmora_ds.ablate.studies.ROW_KINDS`).
+ROW_KIND_TEXT = {
+    "base": "evaluate the base model (no adapter)",
+    "library": "evaluate this task's LoRA from <out>/library",
+    "lorahub": "LoraHub over <out>/library on <out>/lorahub_examples.jsonl, then evaluate",
+}
+
+
 def describe(opts: Options, jobs: list[Job]) -> str:
     """The dry-run report: settings, every row with its TP %, overrides and state."""
     first = _first_run(jobs)
@@ -227,12 +236,13 @@ def describe(opts: Options, jobs: list[Job]) -> str:
     for name in dict.fromkeys(job.row.name for job in jobs):
         mine = [j for j in jobs if j.row.name == name]
         row = mine[0].row
-        params = parameters(mine[0].run)
-        tp = f"{params['tp_percent']:.2f}%" if params else "?"
+        params = parameters(mine[0].run) if row.kind == "train" else None
+        tp = f"{params['tp_percent']:.2f}%" if params else ("-" if row.kind != "train" else "?")
         labels = ", ".join(f"{k} {v}" for k, v in row.labels.items())
         states = "; ".join(f"seed {j.seed}: {state_of(j)}" for j in mine)
         lines.append(f"  {row.name:<16} TP {tp:>7}  {labels}")
-        lines.append(f"  {'':<16} {' '.join(as_overrides(row.overrides)) or '(base)'}")
+        what = ROW_KIND_TEXT.get(row.kind) or " ".join(as_overrides(row.overrides)) or "(base)"
+        lines.append(f"  {'':<16} {what}")
         lines.append(f"  {'':<16} {states}")
         if mine[0].unsupported:
             lines.append(f"  {'':<16} not run: {mine[0].unsupported}")
@@ -298,6 +308,7 @@ def run(opts: Options) -> int:
         print(describe(opts, jobs))
         return 0
     check_out_dir(opts.out, opts.study, opts.scale, create=True)
+    prepare_composition(opts, jobs)
     records = execute(opts, jobs)
     if opts.study.ood:
         from hmora_ds.ablate.ood_table import write_ood_tables

@@ -62,6 +62,8 @@ def train_numbers(records: list[dict[str, Any]]) -> dict[str, tuple[float, float
         best = tr.get("best") or {}
         if best.get("metric") == "val_loss" and best.get("value") is not None:
             val.append(best["value"])
+        elif tr.get("val_loss") is not None:  # a library LoRA: its own run's best loss
+            val.append(tr["val_loss"])
     return {"step_s": _mean_ci(step_s), "val_loss": _mean_ci(val)}
 
 
@@ -100,8 +102,9 @@ def _tp(tr: TableRow) -> float | None:
 def markdown(study: Study, rows: list[TableRow], setting: str) -> str:
     """``table.md`` of the ``methods`` study."""
     split = _split(rows)
-    ref_row, reference = reference_results(rows, METHODS_REFERENCE)
-    ref_label = ref_row.row.labels.get("Method", METHODS_REFERENCE) if ref_row else "LoRA"
+    ref_name = study.reference or METHODS_REFERENCE
+    ref_row, reference = reference_results(rows, ref_name)
+    ref_label = ref_row.row.labels.get("Method", ref_name) if ref_row else ref_name
     computed: list[tuple[TableRow, RowStats | None]] = [
         (tr, row_stats(tr.records, reference, split)) for tr in rows
     ]
@@ -128,7 +131,7 @@ def markdown(study: Study, rows: list[TableRow], setting: str) -> str:
         cells += [_fmt(train["step_s"], 1), _fmt(train["val_loss"], 3)]
         avg: Estimate | None = s.accuracy.get("ID") if s else None
         cells.append("—" if avg is None else avg.cell())
-        if tr.row.name == METHODS_REFERENCE:
+        if tr.row.name == ref_name:
             cells.append("(reference)")
         else:
             d = s.delta.get("ID") if s else None
@@ -165,7 +168,7 @@ def csv_text(study: Study, rows: list[TableRow]) -> str:
     """``table.csv``: per row, TP, step time, validation loss, every accuracy with its interval
     and n, the difference to the reference, and the routing statistics."""
     split = _split(rows)
-    _, reference = reference_results(rows, METHODS_REFERENCE)
+    _, reference = reference_results(rows, study.reference or METHODS_REFERENCE)
     keys = [*split.id, "ID"]
     head = ["row", *study.columns, "seeds", "tp_percent", "step_s", "val_loss"]
     for k in keys:

@@ -31,7 +31,14 @@ from typing import Any
 
 from hmora_ds.ablate import rows as rowio
 from hmora_ds.ablate.scales import REPO, Scale
-from hmora_ds.ablate.studies import Row, Study, as_overrides, unregistered_preset
+from hmora_ds.ablate.studies import (
+    COMPOSITION_SHOTS,
+    LIBRARY_DIR,
+    Row,
+    Study,
+    as_overrides,
+    unregistered_preset,
+)
 from hmora_ds.train.config import RunConfig, load_run_config
 
 logger = logging.getLogger("hmora_ds.ablate")
@@ -44,6 +51,10 @@ OWNED = {"train.seed": "--seeds", "output_dir": "--out"}
 #: ``--analysis-data`` value: route the evaluated benchmarks' own questions (task = benchmark).
 BENCHMARK_PROMPTS = "benchmarks"
 PROMPTS_FILE = "analysis_prompts.jsonl"
+#: A composition study's library (``python -m hmora_ds.library build``) and LoraHub's few-shot
+#: examples of its held-out task, inside the study's output directory.
+LIBRARY = "library"
+EXAMPLES_FILE = "lorahub_examples.jsonl"
 
 
 class AblateError(ValueError):
@@ -214,11 +225,10 @@ def plan(opts: Options, rows: list[Row], strict: bool = True) -> list[Job]:
     for row in rows:
         for seed in opts.seeds:
             row_dir = opts.out / row.name / f"seed{seed}"
+            library = str(opts.out / LIBRARY)
             overrides = [
-                *opts.scale.overrides,
-                *as_overrides(opts.study.base_for(opts.scale.name)),
-                *opts.sets,
-                *as_overrides(row.overrides),
+                *shared_overrides(opts),
+                *(o.replace(LIBRARY_DIR, library) for o in as_overrides(row.overrides)),
                 f"train.seed={seed}",
                 f"output_dir={row_dir / 'train'}",
             ]
@@ -242,8 +252,58 @@ def plan(opts: Options, rows: list[Row], strict: bool = True) -> list[Job]:
                 if not strict:
                     break
                 raise AblateError(f"row {row.name}: {err}") from None
-            jobs.append(Job(row, seed, row_dir, overrides, run, _hashes(opts, run, ds_json, world)))
+            hashes = _hashes(opts, run, ds_json, world)
+            if row.kind != "train" or any(LIBRARY_DIR in str(v) for v in row.overrides.values()):
+                hashes = _composition_hashes(opts, row, seed, run, hashes, ds_json, world)
+            jobs.append(Job(row, seed, row_dir, overrides, run, hashes))
     return jobs
+
+
+def shared_overrides(opts: Options) -> list[str]:
+    """The overrides every row of the invocation starts from: the scale's, the study's base,
+    then ``--set``."""
+    return [
+        *opts.scale.overrides,
+        *as_overrides(opts.study.base_for(opts.scale.name)),
+        *opts.sets,
+    ]
+
+
+def library_hash(opts: Options, ds_json: dict, world: int) -> str:
+    """What a composition study's library depends on: its tasks and the shared training
+    recipe (a change rebuilds the rows that use the library)."""
+    return rowio.stable_hash(
+        {
+            "tasks": library_tasks(opts.study),
+            "overrides": shared_overrides(opts),
+            "config": str(opts.config),
+            "deepspeed": ds_json,
+            "world_size": world,
+        }
+    )
+
+
+def library_tasks(study: Study) -> list[str]:
+    """The tasks of a composition study's library: the offline mixture's, minus the held-out."""
+    from hmora_ds.data.offline_tasks import TASKS
+
+    return [t for t in TASKS if t != study.held_out]
+
+
+def _composition_hashes(opts: Options, row: Row, seed: int, run: RunConfig,
+                        hashes: dict[str, str | None], ds_json: dict,
+                        world: int) -> dict[str, str | None]:  # fmt: skip
+    """A composition row's stage hashes: the adapter stage of a row that trains nothing
+    depends on its kind and the library, a training row's on the library too."""
+    lib = library_hash(opts, ds_json, world)
+    if row.kind == "train":
+        return {**hashes, "train": rowio.stable_hash([hashes["train"], lib])}
+    what: dict[str, Any] = {"kind": row.kind, "model": run.model.__dict__}
+    if row.kind == "library":
+        what.update(task=row.task, library=lib)
+    elif row.kind == "lorahub":
+        what.update(library=lib, shots=COMPOSITION_SHOTS, seed=seed, held_out=opts.study.held_out)
+    return {"train": rowio.stable_hash(what), "eval": hashes["eval"], "analyze": None}
 
 
 def _read_json(path: Path, flag: str) -> dict[str, Any]:
@@ -475,6 +535,14 @@ def launch_prefix(launcher: str, nproc: int, gpus: list[str] | None) -> list[str
     return prefix if gpus else [*prefix, "--num_gpus", str(nproc)]
 
 
+def module_command(launcher: str, nproc: int, gpus: list[str] | None, module: str) -> list[str]:
+    """The command that starts ``nproc`` ranks of ``python -m module``."""
+    if launcher == "python":
+        return [sys.executable, "-m", module]
+    flag = "-m" if launcher == "torchrun" else "--module"
+    return [*launch_prefix(launcher, nproc, gpus), flag, module]
+
+
 def child_env(gpus: list[str] | None) -> dict[str, str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if gpus:
@@ -558,7 +626,9 @@ def run_job(opts: Options, job: Job, gpus: list[str] | None) -> tuple[dict[str, 
     rowio.write_row(job.dir, record)
     start = time.time()
     try:
-        for stage, fn in (("train", _train), ("eval", _evaluate), ("analyze", _analyze)):
+        first = {"train": _train, "base": _no_adapter, "library": _library_adapter,
+                 "lorahub": _lorahub}[job.row.kind]  # fmt: skip
+        for stage, fn in (("train", first), ("eval", _evaluate), ("analyze", _analyze)):
             if job.hashes[stage] is None or stage in record["stages"]:
                 continue
             logger.info("%s: %s", job.key, stage)
@@ -612,12 +682,107 @@ def _train(opts: Options, job: Job, record: dict, gpus: list[str] | None) -> dic
     }
 
 
+def _no_adapter(opts: Options, job: Job, record: dict, gpus: list[str] | None) -> dict[str, Any]:
+    """A ``base`` row: nothing to make; the base model is evaluated."""
+    record["tp_percent"], record["trainable_parameters"] = 0.0, 0
+    return {"adapter": None}
+
+
+def _library_adapter(opts: Options, job: Job, record: dict,
+                     gpus: list[str] | None) -> dict[str, Any]:  # fmt: skip
+    """A ``library`` row: the library's LoRA of the row's task, evaluated as it is."""
+    from hmora_ds.library import Library, LibraryError
+
+    try:
+        entry = Library.load(opts.out / LIBRARY).entry(job.row.task)
+    except LibraryError as err:
+        raise StageError("library", str(err)) from None
+    _adapter_tp(record, entry.adapter)
+    return {"adapter": str(entry.adapter.resolve()), "val_loss": entry.val_loss}
+
+
+def _adapter_tp(record: dict, adapter: Path) -> None:
+    """The trainable share an adapter directory's run reported (its ``summary.json`` two levels
+    up: ``<run>/adapter_best``), when there is one."""
+    summary = adapter.parent / "summary.json"
+    if summary.is_file():
+        s = json.loads(summary.read_text())
+        record["tp_percent"] = s.get("tp_percent")
+        record["trainable_parameters"] = s.get("trainable_parameters")
+
+
+def _lorahub(opts: Options, job: Job, record: dict, gpus: list[str] | None) -> dict[str, Any]:
+    """A ``lorahub`` row: LoraHub's gradient-free composition of the library's LoRAs on the
+    study's few-shot examples of the held-out task (``python -m hmora_ds.library lorahub``)."""
+    world = world_size(opts)
+    m = job.run.model
+    out = job.dir / "lorahub"
+    cmd = [*module_command(opts.launcher, world, gpus, "hmora_ds.library"), "lorahub"]
+    cmd += ["--library", str(opts.out / LIBRARY), "--examples", str(opts.out / EXAMPLES_FILE)]
+    cmd += ["--model", m.name_or_path, "--seed", str(job.seed), "--out", str(out)]
+    log = job.dir / "lorahub.log"
+    _check(run_logged(cmd, log, child_env(gpus), opts.stage_timeout), "lorahub", log)
+    info = json.loads((out / "lorahub.json").read_text())
+    record["tp_percent"], record["trainable_parameters"] = None, None
+    return {"adapter": str(out.resolve()), "lorahub": info}
+
+
+def prepare_composition(opts: Options, jobs: list[Job]) -> None:
+    """Before a composition study's rows: build its library (resumable: ``python -m
+    hmora_ds.library build`` skips the tasks already built) and write LoraHub's few-shot
+    examples of the held-out task. Nothing happens when no pending row needs them."""
+    study = opts.study
+    pending = [j for j in jobs if not j.unsupported
+               and not rowio.is_complete(rowio.read_row(j.dir), j.hashes)]  # fmt: skip
+    needs = [j for j in pending if j.row.kind in ("library", "lorahub")
+             or any(LIBRARY_DIR in str(v) for v in j.row.overrides.values())]  # fmt: skip
+    if not study.held_out or not needs:
+        return
+    world = world_size(opts)
+    lib = opts.out / LIBRARY
+    cmd = [sys.executable, "-m", "hmora_ds.library", "build", "--tasks",
+           ",".join(library_tasks(study)), "--out", str(lib), "--config", str(opts.config),
+           "--launcher", opts.launcher, "--nproc", str(world), "--deepspeed",
+           str(opts.deepspeed)]  # fmt: skip
+    shared = shared_overrides(opts)
+    if shared:
+        cmd += ["--set", *shared]
+    if opts.stage_timeout is not None:
+        cmd += ["--stage-timeout", str(opts.stage_timeout)]
+    log = opts.out / "library.log"
+    logger.info("composition: building the library of %s (log: %s)",
+                ", ".join(library_tasks(study)), log)  # fmt: skip
+    if run_logged(cmd, log, child_env(None), None) != 0:
+        raise AblateError(f"building the library failed: {last_error(log)} (log: {log})")
+    if any(j.row.kind == "lorahub" for j in needs):
+        write_examples(opts, needs[0].run)
+
+
+def write_examples(opts: Options, run: RunConfig) -> Path:
+    """``<out>/lorahub_examples.jsonl``: the first :data:`COMPOSITION_SHOTS` training records
+    of the held-out task (records of its training split: never an evaluated question)."""
+    import dataclasses
+
+    from hmora_ds.data.records import write_jsonl
+    from hmora_ds.train.data import split_records
+
+    held = opts.study.held_out
+    only = dataclasses.replace(run, data=dataclasses.replace(run.data, tasks=[held],
+                                                             exclude_tasks=[]))  # fmt: skip
+    train, _ = split_records(only)
+    path = opts.out / EXAMPLES_FILE
+    write_jsonl(path, train[:COMPOSITION_SHOTS])
+    return path
+
+
 def _evaluate(opts: Options, job: Job, record: dict, gpus: list[str] | None) -> dict[str, Any]:
     world = world_size(opts)
     m = job.run.model
     out = job.dir / "eval"
     cmd = [*launch_prefix(opts.launcher, world, gpus), str(EVAL), "--model", m.name_or_path]
-    cmd += ["--adapter", record["stages"]["train"]["adapter"]]
+    adapter = record["stages"]["train"].get("adapter")
+    if adapter:  # None: the base model itself (a composition study's ``base`` row)
+        cmd += ["--adapter", adapter]
     if m.gguf_file:
         cmd += ["--gguf-file", m.gguf_file]
     if m.tokenizer:

@@ -22,6 +22,10 @@ the paper (tables 2, 3, 9, 10, 11; appendix E) and ``shared/spec/method.md``:
 * ``methods``: every registered method with its default preset, trained alike (at CPU scale the
   ``learning`` recipe), tabulated with TP, step time, validation loss, accuracy with intervals
   and routing statistics (:mod:`hmora_ds.ablate.methods_table`).
+* ``composition``: composing trained LoRAs on a task none of them saw. A library of plain LoRAs
+  is built on the offline mixture's tasks minus one held-out task; on that task the table
+  compares the base model, each library LoRA alone, LoraHub, MoLE, Mixture-of-LoRAs and a LoRA
+  trained on the held-out task itself (the upper bound).
 """
 
 from __future__ import annotations
@@ -49,6 +53,12 @@ AUX = {
 MODES = {"soft": ("Soft", {"method.routing.mode": "soft"}), "topk": ("Top-k", {})}
 
 
+#: What a row does before its evaluation (:class:`Row`).
+ROW_KINDS = ("train", "base", "library", "lorahub")
+#: In a composition study's row overrides: replaced by the study's library directory.
+LIBRARY_DIR = "<library>"
+
+
 @dataclass(frozen=True)
 class Row:
     """One grid point.
@@ -59,6 +69,12 @@ class Row:
         overrides: dotted run-config overrides on top of the study's base overrides.
         paper_only: only part of the grid at ``--scale paper``.
         unsupported: why this row cannot run with the current entry points (None = runs).
+        kind: what the row does before its evaluation (:data:`ROW_KINDS`): ``train`` (the
+            default: train with its overrides), ``base`` (nothing: the base model is
+            evaluated), ``library`` (the study's library LoRA of ``task`` is evaluated) or
+            ``lorahub`` (LoraHub composes the library's LoRAs on few-shot examples of the
+            study's held-out task, then that adapter is evaluated).
+        task: with ``kind=library``, the library task whose LoRA is evaluated.
     """
 
     name: str
@@ -66,6 +82,14 @@ class Row:
     overrides: dict[str, Any] = field(default_factory=dict)
     paper_only: bool = False
     unsupported: str | None = None
+    kind: str = "train"
+    task: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ROW_KINDS:
+            raise ValueError(f"Row {self.name}: kind must be one of {ROW_KINDS}, got {self.kind!r}")
+        if (self.kind == "library") != (self.task is not None):
+            raise ValueError(f"Row {self.name}: a task is given exactly with kind=library")
 
 
 @dataclass(frozen=True)
@@ -91,6 +115,13 @@ class Study:
     #: Which table the study writes: ``default`` (:mod:`hmora_ds.ablate.table`) or
     #: ``methods`` (:mod:`hmora_ds.ablate.methods_table`); the ``ood`` flag has its own.
     table: str = "default"
+    #: With ``table="methods"``: the row every other row's accuracy is compared with (None:
+    #: :data:`METHODS_REFERENCE`).
+    reference: str | None = None
+    #: A composition study's held-out task: the runner first builds a library of plain LoRAs
+    #: on the other tasks of the offline mixture (``<out>/library``) and writes LoraHub's
+    #: few-shot examples of this task (``<out>/lorahub_examples.jsonl``).
+    held_out: str | None = None
 
     def base_for(self, scale: str) -> dict[str, Any]:
         """``base`` with this scale's own overrides on top."""
@@ -436,6 +467,48 @@ def _methods() -> Study:
     )
 
 
+#: The ``composition`` study's held-out task: CommonsenseQA, evaluated by the ``csqa``
+#: benchmark (its test questions, never trained on); the library holds the other eight tasks.
+COMPOSITION_HELD_OUT = "commonsense_qa"
+#: LoraHub's few-shot examples of the held-out task (the paper's setting: 5).
+COMPOSITION_SHOTS = 5
+
+
+def _composition() -> Study:
+    """Composing trained LoRAs on a held-out task (docs/ablations.md)."""
+    from hmora_ds.data.offline_tasks import TASKS
+
+    held = COMPOSITION_HELD_OUT
+    rows = [Row("base", {"Method": "Base model (no adapter)"}, kind="base")]
+    rows += [
+        Row(f"lib-{task.replace('_', '-')}", {"Method": f"Library LoRA: {task}"},
+            kind="library", task=task)
+        for task in TASKS
+        if task != held
+    ]  # fmt: skip
+    rows.append(Row("lorahub", {"Method": f"LoraHub ({COMPOSITION_SHOTS}-shot)"}, kind="lorahub"))
+    on_library = {"method.options.library": LIBRARY_DIR, "data.exclude_tasks": [held]}
+    rows += [
+        Row("mole", {"Method": "MoLE"}, {"preset": "mole", **on_library}),
+        Row("mixture-of-loras", {"Method": "Mixture-of-LoRAs"},
+            {"preset": "mixture_of_loras", **on_library}),
+        Row("lora-held-out", {"Method": "LoRA r = 8 trained on the held-out task"},
+            {"preset": "lora_r8", "data.tasks": [held]}),
+    ]  # fmt: skip
+    return Study(
+        "composition",
+        f"Composing trained LoRAs on a held-out task ({held}): library = the other tasks",
+        ("Method",),
+        {"data.kind": "offline", "data.path": None},
+        tuple(rows),
+        defaults={"cpu": {"benchmarks": "csqa", "max_questions": 300}},
+        scale_base={"cpu": dict(LEARNING_RECIPE)},
+        table="methods",
+        reference="base",
+        held_out=held,
+    )
+
+
 STUDIES: dict[str, Study] = {
     s.name: s
     for s in (
@@ -449,6 +522,7 @@ STUDIES: dict[str, Study] = {
         _learning(),
         _ood(),
         _methods(),
+        _composition(),
     )
 }
 
