@@ -301,7 +301,7 @@ def load_adapter(base_model: torch.nn.Module, directory: str | Path) -> HMoRAMod
     # e_task is overwritten by the saved tensor; the token id only seeds its initial value.
     task_token_id = meta.get("task_token_id")
     # A library method's frozen experts are among the tensors: its library is not read.
-    model = HMoRAModel(base_model, config, task_token_id=task_token_id or 0, read_library=False)
+    model = HMoRAModel(base_model, config, task_token_id=task_token_id or 0, from_adapter=True)
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as err:

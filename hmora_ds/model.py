@@ -99,76 +99,6 @@ def merge_sequence_records(
     return out
 
 
-#: The adapter settings a library method takes from its library (its LoRAs' own).
-LIBRARY_SETTINGS = ("rank", "alpha", "rslora", "targets")
-
-
-def resolve_library(
-    config: HMoRAConfig, base_model: nn.Module, *, load_tensors: bool = True
-) -> tuple[HMoRAConfig, list[dict[str, Any]]]:
-    """The config of a method that composes a LoRA library (:attr:`Method.library_experts`),
-    completed from the library, and the library's LoRAs.
-
-    Reads ``options.library`` (``options.tasks`` selects and orders entries; empty = all),
-    refuses a library of another base or whose LoRAs differ in rank, alpha, rslora or
-    targets, and returns the config with ``adapter.rank / alpha / rslora / targets`` those of
-    the LoRAs, ``adapter.num_experts`` the number of LoRAs and ``options.tasks`` their tasks
-    (what a saved adapter records, so it loads without the library), plus each task's
-    ``{module path: LoRASite}`` in that order (empty lists' place: ``[]`` without
-    ``load_tensors``, e.g. on the meta device).
-
-    Raises:
-        ValueError: one line: no ``options.library``, not a library, another base model,
-            LoRAs of different shapes, fewer than two LoRAs.
-    """
-    from hmora_ds.library import Library, LibraryError, load_lora, lora_config
-
-    name, options = config.method, config.options
-    directory = options.get("library")
-    if not directory:
-        raise ValueError(
-            f"method.options.library: method {name} composes the LoRAs of a library and needs "
-            "its directory (built by python -m hmora_ds.library build --out DIR); set "
-            "method.options.library=DIR"
-        )
-    library = Library.load(directory).select(list(options.get("tasks") or []) or None)
-    library.check_base(base_model)
-    settings: dict[str, tuple] = {}
-    for entry in library.entries:
-        a = lora_config(entry.adapter)["config"]["adapter"]
-        targets = [t for t in TARGETS if t in a.get("targets", [])]
-        settings[entry.task] = (a["rank"], float(a["alpha"]), bool(a.get("rslora")), targets)
-    (first, want), *others = settings.items()
-    for task, got in others:
-        for key, x, y in zip(LIBRARY_SETTINGS, want, got, strict=True):
-            if x != y:
-                raise LibraryError(
-                    f"library {library.root}: the LoRAs of {first!r} and {task!r} differ in "
-                    f"{key} ({x} vs {y}); method {name} stacks the library's LoRAs as the "
-                    "experts of one bank per site and needs one rank, alpha, rslora and set of "
-                    "targets"
-                )
-    if len(settings) < 2:
-        raise LibraryError(
-            f"library {library.root}: method {name} mixes at least 2 LoRAs, the selection "
-            f"holds 1 ({first}); add tasks to the library or to options.tasks"
-        )
-    rank, alpha, rslora, targets = want
-    resolved = config.with_overrides({
-        "adapter.rank": rank, "adapter.alpha": alpha, "adapter.rslora": rslora,
-        "adapter.targets": targets, "adapter.single_lora_layers": [],
-        "adapter.num_experts": len(settings), "options.tasks": library.tasks,
-    })  # fmt: skip
-    resolved.preset = config.preset
-    logger.info(
-        "method %s: library %s, %d LoRAs (%s), rank %d, alpha %g%s, targets %s (the adapter "
-        "settings are the library's)", name, library.root, len(settings),
-        ", ".join(library.tasks), rank, alpha, ", rslora" if rslora else "", targets,
-    )  # fmt: skip
-    sites = [load_lora(e.adapter) for e in library.entries] if load_tensors else []
-    return resolved, sites
-
-
 def cache_length(past_key_values: Any) -> int:
     """Tokens held by a KV cache (a ``Cache`` object or the legacy tuple), 0 for none."""
     if past_key_values is None:
@@ -186,10 +116,13 @@ class HMoRAModel(nn.Module):
         config: the method configuration (validated again against the model's shape).
         tokenizer: used to find the ``?`` token whose embedding initialises ``e_task``.
         task_token_id: the token id to initialise ``e_task`` from (instead of ``tokenizer``).
-        read_library: for a method that composes a LoRA library (:func:`resolve_library`),
-            read the library and load its LoRAs into the experts; False when every adapter
-            tensor is loaded next (:func:`~hmora_ds.adapter_io.load_adapter`): the config must
-            then be one a library completed (``options.tasks`` set), and no library is read.
+        library_sites: for a method that composes a LoRA library
+            (:attr:`~hmora_ds.methods.Method.library_experts`), each library LoRA's tensors by
+            module path, loaded as the experts, with the config the library completed
+            (:func:`hmora_ds.composition.build_model` reads both; ``[]`` on the meta device).
+        from_adapter: a library method's model whose every adapter tensor is loaded next
+            (:func:`~hmora_ds.adapter_io.load_adapter`): its config records the library's
+            tasks, and no library is needed.
     """
 
     def __init__(
@@ -199,7 +132,8 @@ class HMoRAModel(nn.Module):
         *,
         tokenizer: Any = None,
         task_token_id: int | None = None,
-        read_library: bool = True,
+        library_sites: list[dict[str, Any]] | None = None,
+        from_adapter: bool = False,
     ) -> None:
         super().__init__()
         hf_cfg = base_model.config
@@ -209,17 +143,17 @@ class HMoRAModel(nn.Module):
                 f"use one of {sorted(ARCH_TARGETS)}"
             )
         num_layers = hf_cfg.num_hidden_layers
-        library_sites: list[dict[str, Any]] = []
         if get_method(config.method).library_experts is not None:
-            if read_library:
-                on_meta = any(p.device.type == "meta" for p in base_model.parameters())
-                config, library_sites = resolve_library(
-                    config, base_model, load_tensors=not on_meta
-                )
-            elif not config.options.get("tasks"):
+            if library_sites is None and not from_adapter:
                 raise ValueError(
-                    f"options.tasks: empty in a {config.method} config that is loaded without "
-                    "its library; an adapter records its library's tasks (re-export it)"
+                    f"method {config.method} composes the LoRAs of a library: build its model "
+                    "with hmora_ds.composition.build_model(base, config), which reads "
+                    "method.options.library, or load a saved adapter"
+                )
+            if not config.options.get("tasks"):
+                raise ValueError(
+                    f"options.tasks: empty in a {config.method} config; the library's tasks "
+                    "are recorded by hmora_ds.composition.build_model and in every adapter"
                 )
         self.method: Method = build_method(config)
         self.method.bind(hf_cfg.hidden_size, num_layers)
@@ -298,13 +232,11 @@ class HMoRAModel(nn.Module):
     def _load_library_experts(self, sites: list[dict[str, Any]]) -> None:
         """Expert i of every bank = the i-th library LoRA at that linear: rows ``i·R:(i+1)·R``
         of ``lora_A`` its A, columns ``i·R:(i+1)·R`` of ``lora_B`` its B."""
-        from hmora_ds.library import LibraryError
-
         for name, bank in self.adapted_modules().items():
             missing = [i for i, s in enumerate(sites) if name not in s]
             if missing:
                 task = self.config.options["tasks"][missing[0]]
-                raise LibraryError(
+                raise ValueError(
                     f"library {self.config.options.get('library')}: the LoRA of task {task!r} "
                     f"has no tensors for {name}; rebuild that task"
                 )

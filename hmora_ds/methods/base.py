@@ -96,6 +96,21 @@ def method_presets() -> list[tuple[str, str, type[Method]]]:
     ]
 
 
+def library_missing(config: HMoRAConfig) -> str | None:
+    """Why ``config`` cannot build a model on its own: a method that composes a LoRA library
+    (:attr:`Method.library_experts`) with no ``options.library`` (its shipped preset leaves
+    it to the user). None when nothing is missing. Tools that run every preset (the step
+    benchmark, the methods and baselines studies) skip such a preset with this reason."""
+    cls = get_method(config.method)
+    if cls.library_experts is None or config.options.get("library"):
+        return None
+    return (
+        f"method {cls.name} composes the LoRAs of a library and its preset leaves "
+        "method.options.library unset (build one with python -m hmora_ds.library build --out "
+        "DIR, then set method.options.library=DIR)"
+    )
+
+
 def build_method(config: HMoRAConfig) -> Method:
     """The validated method object of a config."""
     return get_method(config.method)(config)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hmora_ds.losses import _all_reduce
+from hmora_ds import losses
 from hmora_ds.methods.base import Method, register_method
 from hmora_ds.methods.mole import GATE_KIND, LayerGate, LibraryMethod
 from hmora_ds.routing.context import RouterId, RoutingRecord
@@ -92,7 +92,7 @@ def route_loss(values: torch.Tensor, *, group: Any = None) -> torch.Tensor:
     router's mean cross-entropy over the labelled tokens of the global batch (one
     differentiable all-reduce over ``group``), averaged over the routers; 0 without a
     labelled token."""
-    total = _all_reduce(values, group)
+    total = losses._all_reduce(values, group)
     count = total[:, 1].detach()
     per_router = total[:, 0] / count.clamp_min(1.0)
     return torch.where(count > 0, per_router, torch.zeros_like(per_router)).mean()

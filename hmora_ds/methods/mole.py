@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hmora_ds import losses
 from hmora_ds.base_model import decoder_layers
 from hmora_ds.config import TARGETS
 from hmora_ds.experts import DispatchPlan
-from hmora_ds.losses import _all_reduce
 from hmora_ds.methods.base import Method, freeze_bank_tensors, register_method
 from hmora_ds.routing.context import RouterId, RoutingRecord
 
@@ -111,7 +111,7 @@ def balance_loss(records: list[RoutingRecord], *, group: Any = None) -> torch.Te
         s = torch.einsum("btn,bt->n", p, m)
         c = m.sum().detach().reshape(1)
         sums, count = (s, c) if sums is None else (sums + s, count + c)
-    total = _all_reduce(torch.cat([sums, count]), group)
+    total = losses._all_reduce(torch.cat([sums, count]), group)
     q = total[:-1] / total[-1].detach().clamp_min(1.0)
     return -q.clamp_min(torch.finfo(q.dtype).tiny).log().sum()
 
