@@ -62,8 +62,11 @@ def test_gate_is_a_softmax_of_the_logits_over_a_clamped_temperature():
         z = [2.0 / used, 0.0, -1.0 / used]
         total = sum(math.exp(v) for v in z)
         want = torch.tensor([[[math.exp(v) / total for v in z]]])
-        got = gate_probs(logits, torch.tensor([tau]), 1.0, 3.0)
+        t = torch.tensor([tau], requires_grad=True)
+        got = gate_probs(logits, t, 1.0, 3.0)
         torch.testing.assert_close(got, want)
+        got[0, 0, 0].backward()  # the clamp passes the gradient straight through
+        assert t.grad.abs().item() > 0
     torch.testing.assert_close(gate_probs(logits, None, 1.0, 3.0), torch.softmax(logits, -1))
 
 
@@ -209,10 +212,10 @@ def test_tp_report_on_meta_counts_what_trains(preset, tmp_path):
     layers, hidden = 28, 1536
     gates = layers * (2 * hidden + (1 if preset == "mole" else 2))  # W (+ τ or the bias)
     if preset == "mole":
-        assert rep.trainable == gates
+        assert rep.trainable == rep.components["token routers"] == gates
     else:
         assert rep.trainable > 2 * 9_232_384  # two rank-8 LoRAs on all 7 linears
-        assert rep.components["domain routers"] == gates
+        assert rep.components["token routers"] == gates
 
 
 def test_library_tensors_stay_bit_identical_while_the_gates_train(library):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hmora_ds import losses
-from hmora_ds.methods.base import Method, register_method
+from hmora_ds.methods.base import register_method
 from hmora_ds.methods.mole import GATE_KIND, LayerGate, LibraryMethod
 from hmora_ds.routing.context import RouterId, RoutingRecord
 
@@ -136,7 +136,7 @@ class MixtureOfLoRAs(LibraryMethod):
     options_class = MixtureOfLoRAsOptions
     library_experts = "trainable"
     optional_batch_inputs = (TASK_INDEX_INPUT,)
-    components = ("domain routers", "lora A", "lora B", "base model")
+    components = ("lora A", "lora B", "token routers", "base model")
 
     def validate(self) -> None:
         super().validate()
@@ -163,7 +163,3 @@ class MixtureOfLoRAs(LibraryMethod):
 
     def aux_weight(self, kind: str) -> float:
         return self.options.route_weight
-
-    def component_of(self, name: str) -> str:
-        return Method.component_of(self, name) if not name.startswith("routers.") else \
-            "domain routers"  # fmt: skip

@@ -90,7 +90,12 @@ def gate_probs(
     """``softmax(logits / τ)`` over the last dim in fp32 at least, τ clamped to [lo, hi]."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if temperature is not None:
-        logits = logits / temperature.to(logits.dtype).clamp(min=lo, max=hi)
+        t = temperature.to(logits.dtype)
+        # The clamped value, with the gradient passed straight through: a τ pushed outside the
+        # interval acts as its bound and can come back (the official code clamps the value
+        # after every optimizer step, which leaves the gradient at the bound intact too).
+        t = t + (t.clamp(min=lo, max=hi) - t).detach()
+        logits = logits / t
     return torch.softmax(logits, dim=-1)
 
 
@@ -243,9 +248,8 @@ class LibraryMethod(Method):
         return None
 
     def component_of(self, name: str) -> str:
-        if name.startswith("routers."):
-            return self.components[0]
-        return super().component_of(name)
+        # The gates are the routers (``train.router_lr_mult`` scales their lr as others').
+        return "token routers" if name.startswith("routers.") else super().component_of(name)
 
 
 @register_method
@@ -256,7 +260,7 @@ class MoLE(LibraryMethod):
     order = 90
     options_class = MoLEOptions
     library_experts = "frozen"
-    components = ("gates", "base model")
+    components = ("token routers", "base model")
 
     def validate(self) -> None:
         super().validate()
