@@ -152,14 +152,15 @@ class LayerGate(nn.Module):
         self.num_experts = num_experts
         self._ctx = context
         self._input: torch.Tensor | None = None
-        self._memo: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._memo: torch.Tensor | None = None
         self.shared = False
 
     def new_round(self, *_: object) -> None:
         """Nothing to forget per parent call: a block gate is recomputed per :meth:`capture`."""
 
     def capture(self, _module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
-        """Forward hook of the decoder layer's input norm: the block's gate input."""
+        """Forward hook of the decoder layer's input norm: the block's gate input (kept until
+        its gates are computed, so no layer's input outlives its forward)."""
         self._input = output
         self._memo = None
 
@@ -167,17 +168,19 @@ class LayerGate(nn.Module):
         if not self.block:
             return self(x)
         u = self._input
-        if u is None or u.shape[:-1] != x.shape[:-1]:
+        if u is None:
+            memo = self._memo
+            if memo is not None and memo.shape[:-1] == x.shape[:-1]:
+                return memo
             raise RuntimeError(
                 f"{self.rid}: no block input of the current forward was captured (is the "
                 "decoder layer's input_layernorm hook registered?)"
             )
-        memo = self._memo
-        if memo is not None and memo[0] is u:
-            return memo[1]
-        g = self(u)
-        self._memo = (u, g)
-        return g
+        if u.shape[:-1] != x.shape[:-1]:
+            raise RuntimeError(f"{self.rid}: block input {tuple(u.shape)} vs site {tuple(x.shape)}")
+        self._memo = self(u)
+        self._input = None
+        return self._memo
 
     def dispatch(self, gates: torch.Tensor, num_tokens_per_row: int) -> DispatchPlan:
         return DispatchPlan.build(gates, None, num_tokens_per_row)
