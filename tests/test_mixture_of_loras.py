@@ -227,3 +227,68 @@ def test_preset():
     o = c.options
     assert (o["train_gates"], o["route_weight"], o["library"]) == ("soft", 1.0, None)
     assert c.routing.mode == "soft" and c.loss.aux == "none"
+
+
+def _tiny_run_library(root, model_dir, tasks):
+    """A library of random plain LoRAs on the tiny run's own base model."""
+    from transformers import AutoModelForCausalLM
+
+    from hmora_ds.base_model import base_fingerprint
+    from hmora_ds.library import Library, LibraryEntry
+    from tests.conftest import randomize_adapters
+
+    entries = []
+    for i, task in enumerate(tasks):
+        base = AutoModelForCausalLM.from_pretrained(model_dir)
+        model = build_model(base, load_config("lora_r8"))
+        randomize_adapters(model, seed=20 + i, scale=0.05)
+        entries.append(LibraryEntry(task, save_adapter(model, root / task / "adapter")))
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    Library(root, "tiny-run", base_fingerprint(base), entries).write()
+    return root
+
+
+def test_training_runs_route_on_the_task_index_and_resume_restores_moles_frozen_loras(
+    tiny_run_inputs, tmp_path
+):
+    """The real entry point (one process, ZeRO-2, the tiny model). Mixture-of-LoRAs: the
+    trainer builds ``task_index`` from the records (logged) and the routing loss enters the
+    objective (aux > 0). MoLE: a run killed during its step-4 save resumes from step 2 after
+    the library's files were changed; the resumed run's adapter holds the frozen LoRAs of the
+    checkpoint (the library as it was), not the changed files. Guards against the column lost
+    between the records and the routers, and a resume that reloads frozen experts from the
+    library instead of the checkpoint."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    from tests._train_helpers import launch, overrides
+
+    lib = _tiny_run_library(tmp_path / "lib", tiny_run_inputs / "model", ("qa", "other"))
+    out = tmp_path / "moa"
+    log = launch("python", "zero2.json", overrides(
+        tiny_run_inputs, out, "preset=mixture_of_loras", f"method.options.library={lib}",
+        "train.max_steps=2"))  # fmt: skip
+    m = re.search(r"data: (\d+) of (\d+) training records belong to one of 2 tasks \(qa (\d+), "
+                  r"other 0\)", log)  # fmt: skip
+    assert m and m.group(1) == m.group(2) == m.group(3), log[-3000:]
+    aux = [float(x) for x in re.findall(r"aux=([0-9.]+)", log)]
+    assert aux and all(a > 0 for a in aux), log[-3000:]
+
+    out = tmp_path / "mole"
+    args = overrides(tiny_run_inputs, out, "preset=mole", f"method.options.library={lib}",
+                     "train.max_steps=4", "checkpoint.every=2",
+                     "checkpoint.keep_last=2")  # fmt: skip
+    launch("python", "zero2.json", args, env={"HMORA_CRASH_DURING_SAVE": "step00000004"},
+           expect=17)  # fmt: skip
+    weights = lib / "qa" / "adapter" / "adapter_model.safetensors"
+    original = load_file(str(weights))
+    save_file({k: v + 1.0 for k, v in original.items()}, str(weights))  # the library changes
+    resumed = launch("python", "zero2.json", [*args, "--resume", "auto"])
+    assert "resum" in resumed.lower(), resumed[-3000:]
+    final = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    name = "base_model.model.layers.0.self_attn.q_proj"
+    rank = 8
+    torch.testing.assert_close(final[f"{name}.lora_A"][:rank],
+                               original[f"{name}.lora_A"].float(), rtol=0, atol=0)  # fmt: skip
+    assert any(".temperature" in k for k in final)
