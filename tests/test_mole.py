@@ -356,3 +356,24 @@ def test_balance_loss_on_two_ranks_equals_one_process(monkeypatch):
         [RoutingRecord(rid, p, m)], group=group), (a, ma), (b, mb))  # fmt: skip
     q = [(0.8 + 0.1 + 0.3 + 0.4) / 4, (0.2 + 0.9 + 0.7 + 0.6) / 4]
     assert got.item() == pytest.approx(-sum(math.log(v) for v in q), rel=1e-6)
+
+
+def test_the_methods_study_skips_library_presets_unless_the_run_names_a_library(tmp_path):
+    """Guards against a study crashing on (or silently running) a preset whose library is not
+    set, and against it staying skipped when ``--set method.options.library=DIR`` names one."""
+    from hmora_ds.ablate.runner import plan
+    from hmora_ds.ablate.studies import get_study
+    from tests.test_ablate import CPU, _options
+
+    s = get_study("methods")
+    rows = [r for r in s.rows_for("cpu") if r.name in ("mole", "mixture-of-loras", "lora")]
+    jobs = {j.row.name: j for j in plan(_options("methods", CPU, tmp_path), rows)}
+    assert jobs["lora"].unsupported is None
+    for name in ("mole", "mixture-of-loras"):
+        why = f"method {name.replace('-', '_')} composes the LoRAs of a library and its preset"
+        assert jobs[name].unsupported.startswith(why)
+    # Those rows alone (--rows), with the library for every row (--set).
+    sets = [f"method.options.library={tmp_path}"]
+    mine = [r for r in rows if r.name != "lora"]
+    jobs = plan(_options("methods", CPU, tmp_path, sets=sets), mine)
+    assert len(jobs) == 2 and all(j.unsupported is None for j in jobs)

@@ -32,6 +32,7 @@ from typing import Any
 from hmora_ds.ablate import rows as rowio
 from hmora_ds.ablate.scales import REPO, Scale
 from hmora_ds.ablate.studies import Row, Study, as_overrides, unregistered_preset
+from hmora_ds.methods import library_missing
 from hmora_ds.train.config import RunConfig, load_run_config
 
 logger = logging.getLogger("hmora_ds.ablate")
@@ -242,7 +243,11 @@ def plan(opts: Options, rows: list[Row], strict: bool = True) -> list[Job]:
                 if not strict:
                     break
                 raise AblateError(f"row {row.name}: {err}") from None
-            jobs.append(Job(row, seed, row_dir, overrides, run, _hashes(opts, run, ds_json, world)))
+            # A method composing a LoRA library whose run names none (its shipped preset leaves
+            # it to the user: --set method.options.library=DIR): listed, not run, with why.
+            missing = library_missing(run.hmora_config())
+            jobs.append(Job(row, seed, row_dir, overrides, run,
+                            _hashes(opts, run, ds_json, world), missing))  # fmt: skip
     return jobs
 
 

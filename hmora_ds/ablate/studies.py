@@ -259,8 +259,7 @@ FULL_FT_UNSUPPORTED = (
 
 def _baselines() -> Study:
     """Every registered method's shipped presets (the built-ins are table 3's rows)."""
-    from hmora_ds.config import load_config
-    from hmora_ds.methods import library_missing, method_presets
+    from hmora_ds.methods import method_presets
 
     rows = []
     for preset, label, _ in method_presets():
@@ -270,8 +269,7 @@ def _baselines() -> Study:
                             {"preset": preset, "train.gradient_checkpointing": True},
                             paper_only=True, unsupported=FULL_FT_UNSUPPORTED))  # fmt: skip
         else:
-            rows.append(Row(name, {"Method": label}, {"preset": preset},
-                            unsupported=library_missing(load_config(preset))))  # fmt: skip
+            rows.append(Row(name, {"Method": label}, {"preset": preset}))
     return Study(
         "baselines",
         "Baselines (paper table 3), each preset as shipped (spec §8)",
@@ -411,7 +409,7 @@ METHODS_REFERENCE = "lora"
 def _methods() -> Study:
     """Every registered method with its default preset (:attr:`Method.preset`), in table order,
     trained alike; full fine-tuning only at ``--scale paper`` (as in ``baselines``)."""
-    from hmora_ds.methods import available_methods, get_method, library_missing
+    from hmora_ds.methods import available_methods, get_method
 
     rows = []
     for name in sorted(available_methods(), key=lambda n: (get_method(n).order, n)):
@@ -425,8 +423,7 @@ def _methods() -> Study:
                             {"preset": cls.preset, "train.gradient_checkpointing": True},
                             paper_only=True, unsupported=FULL_FT_UNSUPPORTED))  # fmt: skip
         else:
-            rows.append(Row(row, {"Method": label}, {"preset": cls.preset},
-                            unsupported=library_missing(cls.default_config())))  # fmt: skip
+            rows.append(Row(row, {"Method": label}, {"preset": cls.preset}))
     return Study(
         "methods",
         "Every registered method, its default preset, trained alike",
