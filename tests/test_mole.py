@@ -15,7 +15,7 @@ import torch
 from hmora_ds.adapter_io import load_adapter, save_adapter
 from hmora_ds.composition import build_model
 from hmora_ds.config import load_config
-from hmora_ds.library import Library, LibraryEntry, LibraryError
+from hmora_ds.library import Library, LibraryEntry, LibraryError, load_lora
 from hmora_ds.methods import adapter_parameters, build_method, frozen_adapter_tensors
 from hmora_ds.methods.mole import balance_loss, gate_probs, init_rows
 from hmora_ds.model import HMoRAModel
@@ -163,8 +163,7 @@ def test_the_library_defines_the_adapter_and_an_adapter_records_it(library):
     assert a.targets == ["q", "k", "v", "o", "gate", "up", "down"]
     assert model.config.options["tasks"] == ["c", "a"]
     bank = model.base_model.model.layers[1].mlp.up_proj
-    sites = __import__("hmora_ds.library", fromlist=["load_lora"]).load_lora(
-        library / "c" / "adapter")  # fmt: skip
+    sites = load_lora(library / "c" / "adapter")
     torch.testing.assert_close(bank.lora_A[:8], sites["model.layers.1.mlp.up_proj"].A)
     torch.testing.assert_close(bank.lora_B[:, :8], sites["model.layers.1.mlp.up_proj"].B)
 
