@@ -2,7 +2,9 @@
 
 ``adapter_config.json`` holds the full resolved method config, the base model's name and shape
 fingerprint, and the tensor shapes; ``adapter_model.safetensors`` holds the trainable tensors
-only (real safetensors), named as in the wrapper's ``named_parameters()``. Loading is strict: a
+(real safetensors), named as in the wrapper's ``named_parameters()``, and the method's frozen
+adapter tensors (:func:`~hmora_ds.methods.frozen_adapter_tensors`: MoLE's library experts), so
+an adapter never needs the files it was built from. Loading is strict: a
 missing, extra or mis-shaped tensor, or an adapter made for another base, is a clear error.
 """
 
@@ -21,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from hmora_ds import __version__
 from hmora_ds.base_model import base_fingerprint, gathered
 from hmora_ds.config import HMoRAConfig
-from hmora_ds.methods import adapter_parameters
+from hmora_ds.methods import adapter_parameters, frozen_adapter_tensors
 from hmora_ds.model import HMoRAModel
 
 CONFIG_NAME = "adapter_config.json"
@@ -104,6 +106,8 @@ def save_adapter(model: HMoRAModel, directory: str | Path, *, write: bool = True
         for name, param in adapter_parameters(model).items():
             with gathered([param]):
                 tensors[name] = param.detach().to("cpu", copy=True)
+        for name, tensor in frozen_adapter_tensors(model).items():
+            tensors[name] = tensor.detach().to("cpu", copy=True)
     if write:
         write_adapter(directory, tensors, adapter_metadata(model))
     return Path(directory)
@@ -296,12 +300,13 @@ def load_adapter(base_model: torch.nn.Module, directory: str | Path) -> HMoRAMod
         )
     # e_task is overwritten by the saved tensor; the token id only seeds its initial value.
     task_token_id = meta.get("task_token_id")
-    model = HMoRAModel(base_model, config, task_token_id=task_token_id or 0)
+    # A library method's frozen experts are among the tensors: its library is not read.
+    model = HMoRAModel(base_model, config, task_token_id=task_token_id or 0, from_adapter=True)
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as err:
         raise AdapterError(_corrupt_weights(weights, err)) from None
-    params = adapter_parameters(model)
+    params = {**adapter_parameters(model), **frozen_adapter_tensors(model)}
     missing = sorted(set(params) - set(tensors))
     extra = sorted(set(tensors) - set(params))
     if missing or extra:

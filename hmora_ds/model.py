@@ -26,11 +26,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hmora_ds.base_model import ARCH_TARGETS, base_fingerprint, count_parameters, decoder_layers
+from hmora_ds.base_model import (
+    ARCH_TARGETS,
+    base_fingerprint,
+    count_parameters,
+    decoder_layers,
+    gathered,
+)
 from hmora_ds.config import TARGETS, HMoRAConfig
 from hmora_ds.experts import MoRALinear
 from hmora_ds.losses import total_loss
-from hmora_ds.methods import Method, RoutingBatch, build_method
+from hmora_ds.methods import Method, RoutingBatch, build_method, get_method
 from hmora_ds.metrics import RouterStatsAccumulator
 from hmora_ds.routing import RouterId, RoutingContext, RoutingRecord, TaskEncoder
 
@@ -110,6 +116,13 @@ class HMoRAModel(nn.Module):
         config: the method configuration (validated again against the model's shape).
         tokenizer: used to find the ``?`` token whose embedding initialises ``e_task``.
         task_token_id: the token id to initialise ``e_task`` from (instead of ``tokenizer``).
+        library_sites: for a method that composes a LoRA library
+            (:attr:`~hmora_ds.methods.Method.library_experts`), each library LoRA's tensors by
+            module path, loaded as the experts, with the config the library completed
+            (:func:`hmora_ds.composition.build_model` reads both; ``[]`` on the meta device).
+        from_adapter: a library method's model whose every adapter tensor is loaded next
+            (:func:`~hmora_ds.adapter_io.load_adapter`): its config records the library's
+            tasks, and no library is needed.
     """
 
     def __init__(
@@ -119,6 +132,8 @@ class HMoRAModel(nn.Module):
         *,
         tokenizer: Any = None,
         task_token_id: int | None = None,
+        library_sites: list[dict[str, Any]] | None = None,
+        from_adapter: bool = False,
     ) -> None:
         super().__init__()
         hf_cfg = base_model.config
@@ -128,6 +143,18 @@ class HMoRAModel(nn.Module):
                 f"use one of {sorted(ARCH_TARGETS)}"
             )
         num_layers = hf_cfg.num_hidden_layers
+        if get_method(config.method).library_experts is not None:
+            if library_sites is None and not from_adapter:
+                raise ValueError(
+                    f"method {config.method} composes the LoRAs of a library: build its model "
+                    "with hmora_ds.composition.build_model(base, config), which reads "
+                    "method.options.library, or load a saved adapter"
+                )
+            if not config.options.get("tasks"):
+                raise ValueError(
+                    f"options.tasks: empty in a {config.method} config; the library's tasks "
+                    "are recorded by hmora_ds.composition.build_model and in every adapter"
+                )
         self.method: Method = build_method(config)
         self.method.bind(hf_cfg.hidden_size, num_layers)
         self.config = config
@@ -145,6 +172,8 @@ class HMoRAModel(nn.Module):
             self._inject(decoder_layers(base_model))
         base_model.register_forward_pre_hook(self._note_cache, with_kwargs=True)
         self.method.build_modules(self, tokenizer, task_token_id)
+        if library_sites:
+            self._load_library_experts(library_sites)
         trainable = count_parameters(self, trainable_only=True)
         logger.info(
             "trainable parameters: %s (TP %.2f%% of %s)",
@@ -198,6 +227,24 @@ class HMoRAModel(nn.Module):
                         compute=a.compute,
                     ),
                 )
+
+    @torch.no_grad()
+    def _load_library_experts(self, sites: list[dict[str, Any]]) -> None:
+        """Expert i of every bank = the i-th library LoRA at that linear: rows ``i·R:(i+1)·R``
+        of ``lora_A`` its A, columns ``i·R:(i+1)·R`` of ``lora_B`` its B."""
+        for name, bank in self.adapted_modules().items():
+            missing = [i for i, s in enumerate(sites) if name not in s]
+            if missing:
+                task = self.config.options["tasks"][missing[0]]
+                raise ValueError(
+                    f"library {self.config.options.get('library')}: the LoRA of task {task!r} "
+                    f"has no tensors for {name}; rebuild that task"
+                )
+            a = torch.cat([s[name].A for s in sites])
+            b = torch.cat([s[name].B for s in sites], dim=1)
+            for tensor, value in ((bank.lora_A, a), (bank.lora_B, b)):
+                with gathered([tensor], modify=True):
+                    tensor.copy_(value.to(device=tensor.device, dtype=tensor.dtype))
 
     def _note_cache(self, _module: nn.Module, _args: tuple, kwargs: dict[str, Any]) -> None:
         """Before every base-model call (the wrapper's forward and each step of Hugging Face

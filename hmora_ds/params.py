@@ -102,11 +102,13 @@ def build_meta_model(model_config, config: HMoRAConfig):
     """Base model + HMoRA on the ``meta`` device: shapes only, no memory, no weights."""
     from transformers import AutoModelForCausalLM
 
-    from hmora_ds.model import HMoRAModel  # the model logs its report: imported where used
+    # The model logs its report: imported where used. A library method reads its library's
+    # manifests (the adapter's rank, targets and expert count), no tensor.
+    from hmora_ds.composition import build_model
 
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(model_config)
-        return HMoRAModel(base, config)
+        return build_model(base, config)
 
 
 #: The run config's namespace of method keys: ``method.routing.eps`` is ``routing.eps`` here.

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from hmora_ds.adapter_io import adapter_metadata, load_adapter, save_adapter
+from hmora_ds.composition import build_model
 from hmora_ds.config import HMoRAConfig
 from hmora_ds.losses import total_loss
 from hmora_ds.methods import adapter_parameters, build_method
@@ -46,7 +47,7 @@ def no_dropout(config: HMoRAConfig) -> HMoRAConfig:
 def build(config: HMoRAConfig, arch: str = "qwen2", seed: int = 0) -> HMoRAModel:
     base = tiny_base(arch, seed=seed)
     torch.manual_seed(seed + 1)
-    return HMoRAModel(base, config, task_token_id=QUESTION_ID)
+    return build_model(base, config, task_token_id=QUESTION_ID)  # reads a method's library
 
 
 def randomize(model: HMoRAModel, seed: int = 0) -> None:
@@ -131,11 +132,11 @@ def check_bf16_base(config: HMoRAConfig) -> None:
     config = no_dropout(config)
     base = tiny_base("qwen2", seed=0).to(torch.bfloat16)
     torch.manual_seed(1)
-    low = HMoRAModel(base, config, task_token_id=QUESTION_ID)
+    low = build_model(base, config, task_token_id=QUESTION_ID)
     randomize(low)
     assert all(p.dtype == torch.float32 for n, p in low.named_parameters() if "lora_" in n)
-    ref = HMoRAModel(tiny_base("qwen2", seed=0).to(torch.bfloat16).float(), config,
-                     task_token_id=QUESTION_ID)  # fmt: skip
+    ref = build_model(tiny_base("qwen2", seed=0).to(torch.bfloat16).float(), config,
+                      task_token_id=QUESTION_ID)  # fmt: skip
     ref.load_state_dict({k: v.float() for k, v in low.state_dict().items()})
     loss, grads = _loss_and_grads(low)
     loss_ref, grads_ref = _loss_and_grads(ref)

@@ -11,12 +11,17 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from hmora_ds.config import available_presets, load_config
+from hmora_ds.methods import library_missing
 from hmora_ds.model import HMoRAModel
 
 torch.set_num_threads(1)
 
 #: Every shipped preset: a new method's preset is covered by the model tests without edits.
 PRESETS = tuple(available_presets())
+#: The presets that build a model by themselves: all but those of a method composing a LoRA
+#: library (MoLE, Mixture-of-LoRAs), which leave ``options.library`` to the user; their own
+#: tests build them on a tiny library.
+MODEL_PRESETS = tuple(p for p in PRESETS if not library_missing(load_config(p)))
 VOCAB = 300
 #: A token id standing in for "?" in the tiny vocabularies.
 QUESTION_ID = 63

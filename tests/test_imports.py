@@ -29,8 +29,9 @@ LAYERS: dict[int, tuple[str, ...]] = {
     1: ("experts", "routing", "metrics", "cluster"),
     # the methods: one file each, and the registry
     2: ("methods",),
-    # the wrapper model and what works on it directly
-    3: ("model", "params", "adapter_io", "optim", "parallel", "memory"),
+    # the wrapper model and what works on it directly; the LoRA library (its adapters' files)
+    # and building a model that composes one
+    3: ("model", "params", "adapter_io", "optim", "parallel", "memory", "library", "composition"),
     # libraries over the model: datasets, benchmark evaluation (training validates with eval)
     4: ("data", "eval"),
     # training and what reads its checkpoints

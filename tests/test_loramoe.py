@@ -218,7 +218,7 @@ def test_knowledge_flows_from_local_jsonl_into_training_batches(tmp_path):
     examples, for LoRAMoE only."""
     from hmora_ds.data.local import load_records
     from hmora_ds.methods import build_method
-    from hmora_ds.train.data import RunData, add_knowledge_column
+    from hmora_ds.train.data import RunData, add_record_columns
 
     path = tmp_path / "d.jsonl"
     rows = [{"source": "a", "target": "x", "knowledge": 1},
@@ -233,12 +233,12 @@ def test_knowledge_flows_from_local_jsonl_into_training_batches(tmp_path):
         task_names=[r["task_name"] for r in recs], knowledge=[r.get("knowledge") for r in recs],
     )  # fmt: skip
     method = build_method(load_config("loramoe"))
-    assert add_knowledge_column(data, method)
+    assert add_record_columns(data, method) == ["knowledge"]
     b = next(data.batches())
     assert b["i"].tolist() == [3, 0, 2] and b["knowledge"].tolist() == [0, 1, 1]
     other = types.SimpleNamespace(batch_inputs=(), optional_batch_inputs=("cluster",))
     plain = RunData(train=[], val=None, sampler=[], collator=None)
-    assert not add_knowledge_column(plain, other) and plain.columns == {}
+    assert add_record_columns(plain, other) == [] and plain.columns == {}
     assert isinstance(data.columns["knowledge"], np.ndarray)
 
 

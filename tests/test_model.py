@@ -8,13 +8,13 @@ import torch
 from hmora_ds.experts import MoRALinear
 from hmora_ds.model import HMoRAModel
 from hmora_ds.optim import lora_plus_param_groups
-from tests.conftest import PRESETS, batch, randomize_adapters, tiny_base, tiny_hmora
+from tests.conftest import MODEL_PRESETS, batch, randomize_adapters, tiny_base, tiny_hmora
 
 ARCHS = ("qwen2", "llama")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", MODEL_PRESETS)
 def test_init_equals_base_model_exactly(arch, preset):
     ids, attn, _, prompt = batch(seed=1)
     positions = (attn.cumsum(-1) - 1).clamp_min(0)

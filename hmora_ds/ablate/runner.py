@@ -39,6 +39,7 @@ from hmora_ds.ablate.studies import (
     as_overrides,
     unregistered_preset,
 )
+from hmora_ds.methods import library_missing
 from hmora_ds.train.config import RunConfig, load_run_config
 
 logger = logging.getLogger("hmora_ds.ablate")
@@ -255,7 +256,10 @@ def plan(opts: Options, rows: list[Row], strict: bool = True) -> list[Job]:
             hashes = _hashes(opts, run, ds_json, world)
             if row.kind != "train" or any(LIBRARY_DIR in str(v) for v in row.overrides.values()):
                 hashes = _composition_hashes(opts, row, seed, run, hashes, ds_json, world)
-            jobs.append(Job(row, seed, row_dir, overrides, run, hashes))
+            # A method composing a LoRA library whose run names none (its shipped preset leaves
+            # it to the user: --set method.options.library=DIR): listed, not run, with why.
+            missing = library_missing(run.hmora_config()) if row.kind == "train" else None
+            jobs.append(Job(row, seed, row_dir, overrides, run, hashes, missing))
     return jobs
 
 

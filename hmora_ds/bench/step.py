@@ -162,12 +162,17 @@ def _loop(model: Any) -> Iterator[None]:
 
 def variants(device: str) -> list[Variant]:
     from hmora_ds.config import load_config
-    from hmora_ds.methods import method_presets
+    from hmora_ds.methods import library_missing, method_presets
 
     rows = [Variant("frozen base", "methods", None, note="forward + input-gradient backward")]
-    # Every registered method's presets (a full fine-tune is not an adapter step: left out).
+    # Every registered method's presets (a full fine-tune is not an adapter step: left out;
+    # a preset that needs a LoRA library the benchmark does not have: skipped, logged).
     for preset, label, _ in method_presets():
-        if not load_config(preset).full_finetune:
+        config = load_config(preset)
+        missing = library_missing(config)
+        if missing:
+            logger.info("bench: preset %s skipped: %s", preset, missing)
+        elif not config.full_finetune:
             rows.append(Variant(label.replace(" = ", "="), "methods", preset))
     for e in EXPERTS:
         for compute in ("dense", "sparse"):

@@ -32,6 +32,10 @@ OPTIONAL_STR_FIELDS = ("task_name", "task_source", "template")
 #: Optional 0/1 field: 1 marks a world-knowledge record (LoRAMoE's sample type). Records without
 #: it are typed by their task name (:func:`knowledge_flags`).
 KNOWLEDGE_FIELD = "knowledge"
+#: Not a record field but a per-record column derived from ``task_name``: the index of the
+#: record's task among a method's tasks (Mixture-of-LoRAs' domain label), −1 for another task
+#: (:func:`task_indices`).
+TASK_INDEX_FIELD = "task_index"
 
 
 class DataError(ValueError):
@@ -215,4 +219,23 @@ def knowledge_flags(
             ", ".join(sorted(known)) or "none", by_task[0],
         )  # fmt: skip
     logger.info("data: %d of %d training records are world knowledge", sum(out), len(out))
+    return out
+
+
+def task_indices(task_names: Iterable[str], tasks: Iterable[str]) -> list[int]:
+    """Each record's domain: the index of its ``task_name`` in ``tasks``, −1 for a task not
+    listed (such records are left out of a domain-supervised loss). Logs the counts per task,
+    so a mixture whose task names do not match the library's is visible at once."""
+    index = {t: i for i, t in enumerate(tasks)}
+    out = [index.get(t, -1) for t in task_names]
+    counts = [0] * len(index)
+    for i in out:
+        if i >= 0:
+            counts[i] += 1
+    outside = sum(1 for i in out if i < 0)
+    logger.info(
+        "data: %d of %d training records belong to one of %d tasks (%s); %d of other tasks",
+        len(out) - outside, len(out), len(index),
+        ", ".join(f"{t} {counts[i]}" for t, i in index.items()), outside,
+    )  # fmt: skip
     return out

@@ -96,6 +96,21 @@ def method_presets() -> list[tuple[str, str, type[Method]]]:
     ]
 
 
+def library_missing(config: HMoRAConfig) -> str | None:
+    """Why ``config`` cannot build a model on its own: a method that composes a LoRA library
+    (:attr:`Method.library_experts`) with no ``options.library`` (its shipped preset leaves
+    it to the user). None when nothing is missing. Tools that run every preset (the step
+    benchmark, the methods and baselines studies) skip such a preset with this reason."""
+    cls = get_method(config.method)
+    if cls.library_experts is None or config.options.get("library"):
+        return None
+    return (
+        f"method {cls.name} composes the LoRAs of a library and its preset leaves "
+        "method.options.library unset (build one with python -m hmora_ds.library build --out "
+        "DIR, then set method.options.library=DIR)"
+    )
+
+
 def build_method(config: HMoRAConfig) -> Method:
     """The validated method object of a config."""
     return get_method(config.method)(config)
@@ -185,6 +200,13 @@ class Method:
     options_class: ClassVar[type | None] = None
     #: Display order of parameter components in the TP report.
     components: ClassVar[tuple[str, ...]] = ("lora A", "lora B", "token routers", "base model")
+    #: Whether the method composes the LoRAs of a library (``options.library``, a directory
+    #: built by ``python -m hmora_ds.library build``; ``options.tasks`` selects entries): the
+    #: wrapper model reads it when it is built, takes the adapter's rank, alpha, targets and
+    #: expert count from it, and loads task i's LoRA as expert i of every site it adapts.
+    #: ``"frozen"``: the library's tensors stay fixed (they are saved with the adapter as
+    #: :func:`frozen_adapter_tensors`); ``"trainable"``: they only initialise the experts.
+    library_experts: ClassVar[str | None] = None
 
     def __init__(self, config: HMoRAConfig) -> None:
         self.config = config
@@ -410,3 +432,30 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     the expert-parallel split and checkpoint filtering: what trains is what the adapter holds.
     """
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+#: The names of an expert bank's tensors (``MoRALinear.lora_A`` / ``lora_B``).
+BANK_TENSORS = ("lora_A", "lora_B")
+
+
+def freeze_bank_tensors(bank: nn.Module) -> None:
+    """Make a bank's ``lora_A`` / ``lora_B`` frozen adapter tensors: persistent buffers of the
+    same name, shape, dtype and device (see :func:`frozen_adapter_tensors`)."""
+    for name in BANK_TENSORS:
+        tensor = getattr(bank, name).detach()
+        delattr(bank, name)
+        bank.register_buffer(name, tensor, persistent=True)
+
+
+def frozen_adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors that do not train, by wrapper-relative name: expert banks'
+    ``lora_A`` / ``lora_B`` held as buffers (:func:`freeze_bank_tensors`; MoLE's library
+    experts). Empty for every method whose experts train.
+
+    Part of the adapter (saved, exported and loaded with it, so an adapter never needs the
+    files it was built from) but never of :func:`adapter_parameters`: the optimizer, the TP
+    report and the checkpoint filter see trainable tensors only. As persistent buffers they
+    are in the module's state, so a DeepSpeed checkpoint stores them and a resumed run gets
+    them back (``exclude_frozen_parameters`` drops frozen *parameters* only).
+    """
+    return {n: b for n, b in model.named_buffers() if n.rpartition(".")[2] in BANK_TENSORS}

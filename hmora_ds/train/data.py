@@ -25,8 +25,10 @@ from hmora_ds.data import (
 from hmora_ds.data.records import (
     DEFAULT_TASK,
     KNOWLEDGE_FIELD,
+    TASK_INDEX_FIELD,
     knowledge_flags,
     select_tasks,
+    task_indices,
 )
 from hmora_ds.train.config import RunConfig
 
@@ -109,20 +111,39 @@ class RunData:
         return [self.collator([self.val[i] for i in c]) for c in chunks]
 
 
-def add_knowledge_column(data: RunData, method: Any) -> bool:
-    """Feed every training example's type as the batch input ``knowledge`` (1 = world
-    knowledge) when ``method`` routes on it (LoRAMoE): the record's ``knowledge`` field, else
-    1 for a task in the method's ``options.knowledge_tasks`` and 0 for any other (logged).
+def _knowledge_column(data: RunData, method: Any) -> list[int]:
+    """LoRAMoE's sample types (1 = world knowledge): the record's ``knowledge`` field, else 1
+    for a task in the method's ``options.knowledge_tasks`` and 0 for any other (logged)."""
+    tasks = getattr(method.options, "knowledge_tasks", ())
+    return knowledge_flags(data.knowledge, data.task_names, tasks)
+
+
+def _task_index_column(data: RunData, method: Any) -> list[int]:
+    """Mixture-of-LoRAs' domain labels: the index of each record's task among the method's
+    ``options.tasks`` (the library's, in expert order), −1 for another task (logged)."""
+    return task_indices(data.task_names, getattr(method.options, "tasks", ()))
+
+
+#: Per-record batch inputs the trainer can build from the records: name → its builder. A
+#: method receives the ones it names in ``batch_inputs`` / ``optional_batch_inputs``.
+RECORD_COLUMNS = {KNOWLEDGE_FIELD: _knowledge_column, TASK_INDEX_FIELD: _task_index_column}
+
+
+def add_record_columns(data: RunData, method: Any) -> list[str]:
+    """Feed every training example's per-record value as a batch input of that name (a (B,)
+    tensor of the batch's examples) for each :data:`RECORD_COLUMNS` entry ``method`` routes on
+    (LoRAMoE's ``knowledge``, Mixture-of-LoRAs' ``task_index``).
 
     Returns:
-        Whether the column was added.
+        The names of the columns added.
     """
-    if KNOWLEDGE_FIELD not in (*method.batch_inputs, *method.optional_batch_inputs):
-        return False
-    tasks = getattr(method.options, "knowledge_tasks", ())
-    flags = knowledge_flags(data.knowledge, data.task_names, tasks)
-    data.columns[KNOWLEDGE_FIELD] = np.asarray(flags, dtype=np.int64)
-    return True
+    wanted = (*method.batch_inputs, *method.optional_batch_inputs)
+    added = []
+    for name, build in RECORD_COLUMNS.items():
+        if name in wanted:
+            data.columns[name] = np.asarray(build(data, method), dtype=np.int64)
+            added.append(name)
+    return added
 
 
 def build_run_data(run: RunConfig, tokenizer: Any, rank: int, world_size: int) -> RunData:

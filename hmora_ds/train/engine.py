@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from hmora_ds.adapter_io import AdapterError, check_adapter, load_adapter
+from hmora_ds.composition import build_model as build_model_of
 from hmora_ds.config import HMoRAConfig
 from hmora_ds.methods.base import Method
 from hmora_ds.model import HMoRAModel
@@ -141,7 +142,7 @@ def build_model(
         model = load_adapter(base, run.model.adapter)
         logger.info("started from adapter %s (its method config is used)", run.model.adapter)
     else:
-        model = HMoRAModel(base, plan.method, tokenizer=tokenizer)
+        model = build_model_of(base, plan.method, tokenizer=tokenizer)  # reads a library
     if zero_stage(plan.ds_config) < 3:
         model.to(info.device)
     return model

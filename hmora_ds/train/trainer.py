@@ -26,7 +26,7 @@ from hmora_ds.parallel.expert_parallel import validate_expert_parallel
 from hmora_ds.runtime.dist import DistInfo, rank0_first
 from hmora_ds.train.checkpoint import ResumePoint
 from hmora_ds.train.config import RunConfig
-from hmora_ds.train.data import RunData, add_knowledge_column, build_run_data, prepare_records
+from hmora_ds.train.data import RunData, add_record_columns, build_run_data, prepare_records
 from hmora_ds.train.deepspeed_config import zero_stage
 from hmora_ds.train.engine import build_engine, plan_engine, resolve_base, seed_everything
 from hmora_ds.train.evaluate import Evaluator, ValidationLoss
@@ -113,7 +113,7 @@ class Trainer:
         built = build_engine(run, self.plan, info, checkpoint, self.tokenizer, fresh=resume is None)
         self.engine, self.model = built.engine, built.model
         self.report, self.dp_group = built.report, built.dp_group
-        add_knowledge_column(self.data, self.model.method)  # LoRAMoE's sample types
+        add_record_columns(self.data, self.model.method)  # e.g. LoRAMoE's sample types
 
     def _default_evaluator(self) -> Evaluator | None:
         """Benchmarks (``eval.kind``), else the held-out loss; None without validation data."""
