@@ -271,7 +271,7 @@ def test_refusals_are_one_line(library, tmp_path):
     with pytest.raises(LibraryError, match=r"library\.json not found"):
         build(tmp_path)
     with pytest.raises(LibraryError, match=r"trained on base 'tiny' of another shape: "
-                       r"num_hidden_layers 6 \(library\) vs 4 \(model\)"):  # fmt: skip
+                       r"num_hidden_layers 6 \(library\) vs 4 \(base\)"):  # fmt: skip
         build_model(tiny_base(layers=4), config(library))
     mixed = make_library(tmp_path / "mixed", tasks=("a",))
     other = tiny_hmora("lora_r8", overrides={"adapter.rank": 4})
