@@ -117,6 +117,22 @@ class Library:
             raise LibraryError(f"library {self.root}: the selection leaves no LoRA")
         return Library(self.root, self.base_name, dict(self.fingerprint), entries)
 
+    def check_uniform(self) -> dict[str, Any]:
+        """Refuse a library whose LoRAs differ in rank, alpha, rslora or adapted targets (their
+        tensors could not be added); returns the shared :func:`lora_shape`."""
+        shapes = {e.task: lora_shape(e.adapter) for e in self.entries}
+        first_task, first = next(iter(shapes.items()))
+        for task, shape in shapes.items():
+            diff = {k: (first[k], v) for k, v in shape.items() if first.get(k) != v}
+            if diff:
+                details = ", ".join(f"{k} {a} ({first_task}) vs {b} ({task})"
+                                    for k, (a, b) in diff.items())  # fmt: skip
+                raise LibraryError(
+                    f"library {self.root} mixes LoRA shapes: {details}; every task's LoRA must "
+                    "share rank and alpha (rebuild the odd ones with the same --preset / --set)"
+                )
+        return first
+
     def check_base(self, base_model: torch.nn.Module) -> None:
         """Refuse a base model of another shape than the one the library was trained on."""
         from hmora_ds.base_model import base_fingerprint
@@ -162,8 +178,10 @@ class Library:
             raise LibraryError(f"{path}: entries must be a non-empty list; rebuild the library")
         entries, seen = [], set()
         for i, e in enumerate(raw):
-            if not isinstance(e, dict) or not isinstance(e.get("task"), str) or not isinstance(
-                e.get("adapter"), str
+            if (
+                not isinstance(e, dict)
+                or not isinstance(e.get("task"), str)
+                or not isinstance(e.get("adapter"), str)
             ):
                 raise LibraryError(f"{path}: entries[{i}] needs a task and an adapter (strings)")
             if e["task"] in seen:
@@ -178,8 +196,9 @@ class Library:
                     f"{e['task']} --out {root})"
                 )
             entries.append(
-                LibraryEntry(e["task"], adapter, e.get("val_loss"), e.get("steps"),
-                             e.get("seconds"))  # fmt: skip
+                LibraryEntry(
+                    e["task"], adapter, e.get("val_loss"), e.get("steps"), e.get("seconds")
+                )
             )
         return cls(root, base.get("name_or_path"), base["fingerprint"], entries)
 
@@ -213,6 +232,17 @@ def lora_config(adapter_dir: str | Path) -> dict[str, Any]:
     return meta
 
 
+def lora_shape(adapter_dir: str | Path) -> dict[str, Any]:
+    """What two LoRAs must share to be added tensor by tensor: rank, alpha, rslora, targets."""
+    a = lora_config(adapter_dir)["config"]["adapter"]
+    return {
+        "rank": int(a["rank"]),
+        "alpha": float(a["alpha"]),
+        "rslora": bool(a.get("rslora", False)),
+        "targets": sorted(a.get("targets", [])),
+    }
+
+
 def load_lora(adapter_dir: str | Path) -> dict[str, LoRASite]:
     """A plain LoRA's tensors by adapted module, e.g. ``model.layers.3.self_attn.q_proj``
     (the base model's own module path), as :class:`LoRASite` (fp32, CPU)."""
@@ -235,7 +265,7 @@ def load_lora(adapter_dir: str | Path) -> dict[str, LoRASite]:
         b = tensors.get(module + ".lora_B")
         if b is None:
             raise LibraryError(f"library: {adapter_dir} has {name} but no {module}.lora_B")
-        key = module[len(prefix):] if module.startswith(prefix) else module
+        key = module[len(prefix) :] if module.startswith(prefix) else module
         sites[key] = LoRASite(t.float(), b.float(), scaling)
     if not sites:
         raise LibraryError(f"library: {adapter_dir} holds no LoRA tensors")
@@ -251,4 +281,5 @@ __all__ = [
     "LoRASite",
     "load_lora",
     "lora_config",
+    "lora_shape",
 ]
