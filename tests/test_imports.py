@@ -36,7 +36,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     # training and what reads its checkpoints
     5: ("train", "export"),
     # tools built on everything below
-    6: ("analysis", "analyze", "bench", "plan", "ablate", "config_doc"),
+    6: ("analysis", "analyze", "bench", "plan", "ablate", "config_doc", "library"),
 }
 
 #: Imports the layer order would allow but which are not wanted: tools that run a model without

@@ -20,13 +20,12 @@ from hmora_ds.adapter_io import load_adapter, read_adapter_config, save_adapter
 from hmora_ds.config import load_config
 from hmora_ds.library import Library, LibraryEntry, load_lora
 from hmora_ds.library.cli import main
+from hmora_ds.library.hub import LoraHubOptions, check_options, example_batches
 from hmora_ds.methods.lorahub import (
     Composer,
     LoraHubError,
-    LoraHubOptions,
     compose,
     cross_entropy,
-    example_batches,
     few_shot_objective,
     l1_penalty,
     search,
@@ -303,6 +302,4 @@ def test_lorahub_refuses_another_base_and_bad_inputs(tmp_path, tiny_run_inputs, 
     err = _error_line(capsys)
     assert err.startswith("error: --library: library ") and "mixes LoRA shapes: rank 8 (t0)" in err
     with pytest.raises(LoraHubError, match=r"--examples: .* is not a file"):
-        from hmora_ds.methods.lorahub import check_options
-
         check_options(LoraHubOptions(lib.root, tmp_path / "none.jsonl", tmp_path / "o5"))

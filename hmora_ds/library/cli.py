@@ -130,7 +130,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _lorahub(args: argparse.Namespace) -> int:
-    from hmora_ds.methods.lorahub import LoraHubOptions, run
+    from hmora_ds.library.hub import LoraHubOptions, run
 
     opts = LoraHubOptions(
         library=args.library,
