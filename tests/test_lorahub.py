@@ -303,3 +303,14 @@ def test_lorahub_refuses_another_base_and_bad_inputs(tmp_path, tiny_run_inputs, 
     assert err.startswith("error: --library: library ") and "mixes LoRA shapes: rank 8 (t0)" in err
     with pytest.raises(LoraHubError, match=r"--examples: .* is not a file"):
         check_options(LoraHubOptions(lib.root, tmp_path / "none.jsonl", tmp_path / "o5"))
+
+
+def test_examples_without_a_usable_record_are_refused(tmp_path, tiny_run_inputs):
+    from hmora_ds.runtime.loading import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_run_inputs / "model"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"source": "a question"}) + "\n")
+    with pytest.raises(LoraHubError, match=r"^--examples: ") as err:
+        example_batches(bad, tok)
+    assert "\n" not in str(err.value)

@@ -58,8 +58,9 @@ def example_batches(
     data = encode_records(records, encoder, progress=False)
     if len(data) == 0:
         raise LoraHubError(
-            f"--examples: none of the {len(records)} examples in {path} fits "
-            f"--max-input-tokens {max_input_tokens}; raise it"
+            f"--examples: none of the {len(records)} examples in {path} could be encoded "
+            f"(empty targets, or prompts beyond --max-input-tokens {max_input_tokens}); fix "
+            "the file or raise the limit"
         )
     collator = DataCollator.from_tokenizer(tokenizer, "right")
     order = sorted(range(len(data)), key=lambda i: -int(data.lengths[i]))
