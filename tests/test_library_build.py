@@ -192,3 +192,23 @@ def test_local_data_tasks_come_from_the_file(tmp_path, monkeypatch):
     assert _tasks_of(fake.calls) == ["[x]", "[y]"]
     with pytest.raises(BuildError, match=r"--tasks: unknown task\(s\) w in .*d.jsonl; its tasks"):
         build(_opts(tmp_path, tasks=["w"], sets=sets))
+
+
+def test_parallel_tasks_take_one_gpu_slot_each(tmp_path, monkeypatch):
+    from hmora_ds.ablate import runner
+
+    gpus = ["0", "1", "2", "3"]
+    monkeypatch.setattr(runner, "cuda_devices", lambda: gpus)
+    monkeypatch.setattr(lb, "cuda_devices", lambda: gpus)
+    par = _opts(tmp_path, launcher="torchrun", parallel_tasks=True)
+    assert lb.world_size(par) == 1 and lb._slots(par) == [["0"], ["1"], ["2"], ["3"]]
+    par.nproc = 2
+    assert lb._slots(par) == [["0", "1"], ["2", "3"]]
+    one = _opts(tmp_path, launcher="torchrun")
+    assert lb.world_size(one) == 4 and lb._slots(one) == [gpus]  # one task on every GPU
+    one.nproc = 8
+    with pytest.raises(BuildError, match="--nproc 8 exceeds the 4 visible CUDA device"):
+        lb._slots(one)
+    monkeypatch.setattr(runner, "cuda_devices", lambda: [])
+    monkeypatch.setattr(lb, "cuda_devices", lambda: [])
+    assert lb._slots(par) == [None] and lb.world_size(_opts(tmp_path, launcher="torchrun")) == 2
