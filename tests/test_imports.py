@@ -36,8 +36,21 @@ LAYERS: dict[int, tuple[str, ...]] = {
     4: ("data", "eval"),
     # training and what reads its checkpoints
     5: ("train", "export"),
-    # tools built on everything below
-    6: ("analysis", "analyze", "bench", "plan", "ablate", "config_doc"),
+    # tools built on everything below; the LoRA library's commands (``python -m
+    # hmora_ds.library build | lorahub | show``) sit here while its manifest and loader (the
+    # package itself) are layer 3
+    6: (
+        "analysis",
+        "analyze",
+        "bench",
+        "plan",
+        "ablate",
+        "config_doc",
+        "library.build",
+        "library.hub",
+        "library.cli",
+        "library.__main__",
+    ),
 }
 
 #: Imports the layer order would allow but which are not wanted: tools that run a model without
@@ -208,8 +221,11 @@ def cycle_through(graph: dict[str, dict[str, str] | set[str]], component: set[st
 
 
 def unit(module: str) -> str:
-    """The top-level module or subpackage of ``hmora_ds`` a module belongs to (its LAYERS key)."""
+    """The top-level module or subpackage of ``hmora_ds`` a module belongs to (its LAYERS key),
+    or the module of a subpackage that LAYERS places on its own (``library.build``)."""
     parts = module.split(".")
+    if len(parts) > 2 and ".".join(parts[1:3]) in layer_of():
+        return ".".join(parts[1:3])
     return parts[1] if len(parts) > 1 else "__init__"
 
 

@@ -117,6 +117,22 @@ class Library:
             raise LibraryError(f"library {self.root}: the selection leaves no LoRA")
         return Library(self.root, self.base_name, dict(self.fingerprint), entries)
 
+    def check_uniform(self) -> dict[str, Any]:
+        """Refuse a library whose LoRAs differ in rank, alpha, rslora or adapted targets (their
+        tensors could not be added); returns the shared :func:`lora_shape`."""
+        shapes = {e.task: lora_shape(e.adapter) for e in self.entries}
+        first_task, first = next(iter(shapes.items()))
+        for task, shape in shapes.items():
+            diff = {k: (first[k], v) for k, v in shape.items() if first.get(k) != v}
+            if diff:
+                details = ", ".join(f"{k} {a} ({first_task}) vs {b} ({task})"
+                                    for k, (a, b) in diff.items())  # fmt: skip
+                raise LibraryError(
+                    f"library {self.root} mixes LoRA shapes: {details}; every task's LoRA must "
+                    "share rank and alpha (rebuild the odd ones with the same --preset / --set)"
+                )
+        return first
+
     def check_base(self, base_model: torch.nn.Module) -> None:
         """Refuse a base model of another shape than the one the library was trained on."""
         from hmora_ds.base_model import fingerprint_mismatch
@@ -212,6 +228,17 @@ def lora_config(adapter_dir: str | Path) -> dict[str, Any]:
     return meta
 
 
+def lora_shape(adapter_dir: str | Path) -> dict[str, Any]:
+    """What two LoRAs must share to be added tensor by tensor: rank, alpha, rslora, targets."""
+    a = lora_config(adapter_dir)["config"]["adapter"]
+    return {
+        "rank": int(a["rank"]),
+        "alpha": float(a["alpha"]),
+        "rslora": bool(a.get("rslora", False)),
+        "targets": sorted(a.get("targets", [])),
+    }
+
+
 def load_lora(adapter_dir: str | Path) -> dict[str, LoRASite]:
     """A plain LoRA's tensors by adapted module, e.g. ``model.layers.3.self_attn.q_proj``
     (the base model's own module path), as :class:`LoRASite` (fp32, CPU)."""
@@ -250,4 +277,5 @@ __all__ = [
     "LoRASite",
     "load_lora",
     "lora_config",
+    "lora_shape",
 ]
