@@ -537,7 +537,8 @@ def test_composition_stages(monkeypatch, tmp_path):
     assert build[1:4] == ["-m", "hmora_ds.library", "build"]
     assert build[build.index("--tasks") + 1] == ",".join(runner.library_tasks(opts.study))
     assert build[build.index("--out") + 1] == str(opts.out / "library")
-    assert "train.max_steps=40" in build[build.index("--set") + 1 :]
+    sets = [build[i + 1] for i, x in enumerate(build) if x == "--set"]
+    assert "train.max_steps=40" in sets and "data.kind=offline" in sets
     examples = [json.loads(x) for x in (opts.out / "lorahub_examples.jsonl").read_text().split("\n")
                 if x]  # fmt: skip
     assert len(examples) == 5 and {e["task_name"] for e in examples} == {"commonsense_qa"}

@@ -724,6 +724,13 @@ def _lorahub(opts: Options, job: Job, record: dict, gpus: list[str] | None) -> d
     cmd = [*module_command(opts.launcher, world, gpus, "hmora_ds.library"), "lorahub"]
     cmd += ["--library", str(opts.out / LIBRARY), "--examples", str(opts.out / EXAMPLES_FILE)]
     cmd += ["--model", m.name_or_path, "--seed", str(job.seed), "--out", str(out)]
+    if m.gguf_file:
+        cmd += ["--gguf-file", m.gguf_file]
+    if m.tokenizer:
+        cmd += ["--tokenizer", m.tokenizer]
+    cmd += ["--dtype", m.dtype, "--attn-implementation", m.attn_implementation]
+    cmd += ["--max-input-tokens", str(job.run.data.max_input_tokens)]
+    cmd += ["--max-output-tokens", str(job.run.data.max_output_tokens)]
     log = job.dir / "lorahub.log"
     _check(run_logged(cmd, log, child_env(gpus), opts.stage_timeout), "lorahub", log)
     info = json.loads((out / "lorahub.json").read_text())
@@ -748,9 +755,8 @@ def prepare_composition(opts: Options, jobs: list[Job]) -> None:
            ",".join(library_tasks(study)), "--out", str(lib), "--config", str(opts.config),
            "--launcher", opts.launcher, "--nproc", str(world), "--deepspeed",
            str(opts.deepspeed)]  # fmt: skip
-    shared = shared_overrides(opts)
-    if shared:
-        cmd += ["--set", *shared]
+    for item in shared_overrides(opts):
+        cmd += ["--set", item]
     if opts.stage_timeout is not None:
         cmd += ["--stage-timeout", str(opts.stage_timeout)]
     log = opts.out / "library.log"
