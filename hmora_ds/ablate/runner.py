@@ -887,31 +887,60 @@ def prepare_assets(opts: Options, jobs: list[Job]) -> None:
             raise AblateError(f"preparing model and data failed: {last_error(log)} (log: {log})")
 
 
-def execute(opts: Options, jobs: list[Job]) -> list[dict[str, Any]]:
-    """Run every job (concurrently over device slots when there are several)."""
+def on_slots(items: list, slots: list, work, *, desc: str, unit: str, total: int | None = None):
+    """Run ``work(item, slot)`` for every item, one item per device slot at a time (threads:
+    the work is a subprocess), and yield ``(item, result, seconds)`` as each finishes, with a
+    progress bar (on a terminal) of ``total`` (default: the items). On any exception, Ctrl-C
+    included, the items not started are cancelled and every launched process is killed."""
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
+
+    free: queue.Queue = queue.Queue()
+    for slot in slots:
+        free.put(slot)
+
+    def run(item):
+        slot = free.get()
+        t0 = time.time()
+        try:
+            return item, work(item, slot), time.time() - t0
+        finally:
+            free.put(slot)
+
+    with (
+        logging_redirect_tqdm(),
+        # disable=None: a bar on a terminal; in a log file the callers' ETA lines say it all.
+        tqdm(total=len(items) if total is None else total, desc=desc, unit=unit,
+             disable=None) as bar,
+        ThreadPoolExecutor(max_workers=len(slots)) as pool,
+    ):  # fmt: skip
+        futures = [pool.submit(run, item) for item in items]
+        try:
+            for fut in as_completed(futures):
+                bar.update(1)
+                yield fut.result()
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            kill_children()
+            raise
+
+
+def eta_seconds(durations: list[float], left: int, slots: int) -> float:
+    """Seconds until ``left`` more items finish, at the mean of ``durations``, over ``slots``."""
+    return sum(durations) / len(durations) * left / slots if durations else 0.0
+
+
+def execute(opts: Options, jobs: list[Job]) -> list[dict[str, Any]]:
+    """Run every job (concurrently over device slots when there are several)."""
 
     slots = device_slots(opts)
     pending = [j for j in jobs if not rowio.is_complete(rowio.read_row(j.dir), j.hashes)]
     if len(slots) > 1 and pending:
         prepare_assets(opts, pending)
-    free: queue.Queue = queue.Queue()
-    for slot in slots:
-        free.put(slot)
     durations: list[float] = []
     records: list[dict[str, Any]] = []
     waiting = {id(j) for j in pending}
-
-    def work(job: Job) -> tuple[Job, dict[str, Any], bool, float]:
-        slot = free.get()
-        t0 = time.time()
-        try:
-            record, worked = run_job(opts, job, slot)
-        finally:
-            free.put(slot)
-        return job, record, worked, time.time() - t0
-
     where = "CPU" if slots == [None] else f"{len(slots)} device slot(s) {slots}"
     logger.info(
         "study %s: %d row(s) x %d seed(s) = %d job(s), %d to run, on %s",
@@ -922,35 +951,20 @@ def execute(opts: Options, jobs: list[Job]) -> list[dict[str, Any]]:
         len(waiting),
         where,
     )
-    with (
-        logging_redirect_tqdm(),
-        # disable=None: a bar on a terminal; in a log file the ETA lines below say it all.
-        tqdm(total=len(jobs), desc=opts.study.name, unit="row", disable=None) as bar,
-        ThreadPoolExecutor(max_workers=len(slots)) as pool,
-    ):
-        futures = [pool.submit(work, j) for j in jobs]
-        try:
-            for fut in as_completed(futures):
-                job, record, worked, seconds = fut.result()
-                records.append(record)
-                bar.update(1)
-                waiting.discard(id(job))
-                if not worked:
-                    continue
-                durations.append(seconds)
-                # ETA from the rows that ran (skipped ones take no time), over the slots.
-                eta = sum(durations) / len(durations) * len(waiting) / len(slots)
-                logger.info(
-                    "%s: %s in %.1f min; %d to go, ETA %.0f min",
-                    job.key,
-                    record["status"],
-                    seconds / 60,
-                    len(waiting),
-                    eta / 60,
-                )
-        except BaseException:
-            for fut in futures:
-                fut.cancel()
-            kill_children()
-            raise
+    done = on_slots(jobs, slots, lambda job, slot: run_job(opts, job, slot),
+                    desc=opts.study.name, unit="row")  # fmt: skip
+    for job, (record, worked), seconds in done:
+        records.append(record)
+        waiting.discard(id(job))
+        if not worked:
+            continue
+        durations.append(seconds)  # the ETA counts the rows that ran (skips take no time)
+        logger.info(
+            "%s: %s in %.1f min; %d to go, ETA %.0f min",
+            job.key,
+            record["status"],
+            seconds / 60,
+            len(waiting),
+            eta_seconds(durations, len(waiting), len(slots)) / 60,
+        )
     return records

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import threading
-import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,9 +23,10 @@ from hmora_ds.ablate.runner import (
     child_env,
     cuda_devices,
     device_slots,
-    kill_children,
+    eta_seconds,
     last_error,
     launch_prefix,
+    on_slots,
     run_logged,
 )
 from hmora_ds.ablate.scales import CPU, REPO
@@ -302,9 +300,6 @@ def build(opts: BuildOptions) -> tuple[Library, list[str]]:
     Returns:
         The library and the tasks that failed (their error is logged; the others are built).
     """
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     tasks = check_options(opts)
     opts.out.mkdir(parents=True, exist_ok=True)
     manifest = _Manifest(opts.out, previous_library(opts.out))
@@ -329,9 +324,6 @@ def build(opts: BuildOptions) -> tuple[Library, list[str]]:
         if manifest.done(r.task):
             logger.info("library: task %d/%d %s: done, skipped", r.index, n, r.task)
     slots = _slots(opts)
-    free: queue.Queue = queue.Queue()
-    for slot in slots:
-        free.put(slot)
     where = "CPU" if slots == [None] else f"device slot(s) {slots}"
     logger.info(
         "library: %d task(s), %d to train, %d rank(s) each, on %s; logs in %s",
@@ -345,54 +337,37 @@ def build(opts: BuildOptions) -> tuple[Library, list[str]]:
     failed: list[str] = []
     waiting = {r.task for r in todo}
 
-    def work(run: TaskRun) -> tuple[TaskRun, float, str | None]:
-        slot = free.get()
-        t0 = time.time()
+    def work(run: TaskRun, slot: list[str] | None) -> str | None:
+        """Train one task and add it to the manifest; its error message, or None."""
         try:
             logger.info("library: task %d/%d %s: training", run.index, n, run.task)
             _train(opts, run, slot)
             entry, base_name, fp = entry_of(opts.out, run.task)
             manifest.add(entry, base_name, fp)
-            return run, time.time() - t0, None
+            return None
         except (ValueError, OSError) as err:  # LibraryError, an unreadable adapter or summary
-            return run, time.time() - t0, str(err)
-        finally:
-            free.put(slot)
+            return str(err)
 
-    with (
-        logging_redirect_tqdm(),
-        tqdm(total=len(todo), desc="library", unit="task", disable=None) as bar,
-        ThreadPoolExecutor(max_workers=len(slots)) as pool,
-    ):
-        futures = [pool.submit(work, r) for r in todo]
-        try:
-            for fut in as_completed(futures):
-                run, seconds, error = fut.result()
-                bar.update(1)
-                waiting.discard(run.task)
-                durations.append(seconds)
-                eta = sum(durations) / len(durations) * len(waiting) / len(slots)
-                if error:
-                    failed.append(run.task)
-                    logger.error("library: task %d/%d %s failed: %s", run.index, n, run.task, error)
-                    continue
-                e = next(x for x in manifest.lib.entries if x.task == run.task)
-                loss = "-" if e.val_loss is None else f"{e.val_loss:.4f}"
-                logger.info(
-                    "library: task %d/%d %s done in %.1f min (val_loss %s); %d to go, ETA %.0f min",
-                    run.index,
-                    n,
-                    run.task,
-                    seconds / 60,
-                    loss,
-                    len(waiting),
-                    eta / 60,
-                )
-        except BaseException:
-            for fut in futures:
-                fut.cancel()
-            kill_children()
-            raise
+    for run, error, seconds in on_slots(todo, slots, work, desc="library", unit="task"):
+        waiting.discard(run.task)
+        durations.append(seconds)
+        eta = eta_seconds(durations, len(waiting), len(slots))
+        if error:
+            failed.append(run.task)
+            logger.error("library: task %d/%d %s failed: %s", run.index, n, run.task, error)
+            continue
+        e = next(x for x in manifest.lib.entries if x.task == run.task)
+        loss = "-" if e.val_loss is None else f"{e.val_loss:.4f}"
+        logger.info(
+            "library: task %d/%d %s done in %.1f min (val_loss %s); %d to go, ETA %.0f min",
+            run.index,
+            n,
+            run.task,
+            seconds / 60,
+            loss,
+            len(waiting),
+            eta / 60,
+        )
     return manifest.lib, failed
 
 
