@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from hmora_ds import __version__
-from hmora_ds.base_model import base_fingerprint, gathered
+from hmora_ds.base_model import fingerprint_mismatch, gathered
 from hmora_ds.config import HMoRAConfig
 from hmora_ds.methods import adapter_parameters, frozen_adapter_tensors
 from hmora_ds.model import HMoRAModel
@@ -289,10 +289,8 @@ def load_adapter(base_model: torch.nn.Module, directory: str | Path) -> HMoRAMod
     expected_fp = meta["base_model"]["fingerprint"]
     weights = directory / WEIGHTS_NAME
     # Compare shapes before touching the base: a refused adapter leaves it unmodified.
-    actual_fp = base_fingerprint(base_model)
-    diff = {k: (v, actual_fp.get(k)) for k, v in expected_fp.items() if actual_fp.get(k) != v}
-    if diff:
-        details = ", ".join(f"{k} {a} (adapter) vs {b} (base)" for k, (a, b) in diff.items())
+    details = fingerprint_mismatch(expected_fp, base_model, "adapter")
+    if details:
         raise AdapterError(
             f"load_adapter: {directory} was made for base "
             f"{meta['base_model'].get('name_or_path')!r} of another shape: {details}; load it "
