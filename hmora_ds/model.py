@@ -108,6 +108,27 @@ def cache_length(past_key_values: Any) -> int:
     return int(past_key_values[0][0].shape[-2]) if len(past_key_values) else 0
 
 
+def lm_loss_sum(
+    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over target tokens (labels ``-100`` are ignored).
+
+    Returns:
+        (summed loss in fp32, number of target tokens).
+    """
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    n = (shift_labels != -100).sum()
+    total = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=-100,
+        label_smoothing=label_smoothing,
+        reduction="sum",
+    )
+    return total, n
+
+
 class HMoRAModel(nn.Module):
     """HMoRA around a frozen Hugging Face ``Qwen2ForCausalLM`` / ``LlamaForCausalLM``.
 
@@ -533,22 +554,9 @@ class HMoRAModel(nn.Module):
     def lm_loss_sum(
         self, logits: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed next-token cross-entropy over target tokens, with label smoothing.
-
-        Returns:
-            (summed loss in fp32, number of target tokens).
-        """
-        shift_logits = logits[:, :-1].float()
-        shift_labels = labels[:, 1:]
-        n = (shift_labels != -100).sum()
-        total = F.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]),
-            shift_labels.reshape(-1),
-            ignore_index=-100,
-            label_smoothing=self.config.loss.label_smoothing,
-            reduction="sum",
-        )
-        return total, n
+        """Summed next-token cross-entropy over target tokens, with the config's label
+        smoothing (:func:`lm_loss_sum`)."""
+        return lm_loss_sum(logits, labels, self.config.loss.label_smoothing)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()

@@ -103,3 +103,27 @@ def test_record_window_stops_after_nonfinite_steps_in_a_row():
     assert state.nonfinite_in_row == 3 and [h["step"] for h in state.history] == [1, 2, 3, 4]
     record_window(state, [5], [ok], 2)
     assert state.nonfinite_in_row == 0
+
+
+def test_validation_loss_is_plain_cross_entropy_whatever_the_label_smoothing():
+    """Guards against the held-out loss carrying the training's label smoothing: runs (and
+    methods) that smooth differently (the HMoRA paper's presets 0.1, others 0) would report
+    losses that cannot be compared. Tiny random-init model: mechanics only."""
+    import torch.nn.functional as F
+
+    from hmora_ds.train.evaluate import ValidationLoss
+    from tests.conftest import batch, tiny_hmora
+
+    ids, attn, labels, prompt = batch(bsz=3, seed=4)
+    val = {"input_ids": ids, "attention_mask": attn, "labels": labels, "prompt_mask": prompt}
+    got = {}
+    for smoothing in (0.0, 0.1):
+        model = tiny_hmora("lora_r8", overrides={"loss.label_smoothing": smoothing})
+        got[smoothing] = ValidationLoss([val], torch.device("cpu")).evaluate(model, 0)["val_loss"]
+        model.eval()
+        logits = model(ids, attn, labels, prompt).logits[:, :-1]
+        target = labels[:, 1:]
+        want = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+                               ignore_index=-100)  # fmt: skip
+        assert got[smoothing] == pytest.approx(want.item(), rel=1e-6)
+    assert got[0.0] == pytest.approx(got[0.1], rel=1e-6)

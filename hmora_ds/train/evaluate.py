@@ -14,6 +14,8 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from hmora_ds.model import lm_loss_sum
+
 
 class Evaluator(Protocol):
     """Scores a model; every rank calls :meth:`evaluate` (it may run collectives)."""
@@ -27,7 +29,8 @@ class Evaluator(Protocol):
 
 
 class ValidationLoss:
-    """Held-out LM loss over fixed validation batches, sharded across ranks.
+    """Held-out LM loss (plain cross-entropy: no label smoothing) over fixed validation
+    batches, sharded across ranks.
 
     Every rank runs the same number of forwards (ranks without a batch of their own re-run one
     with zero weight), which ZeRO-3's collectives inside forward require.
@@ -66,8 +69,11 @@ class ValidationLoss:
             ):
                 out = model(**batch, return_router_stats=False)
             if idx < n:
-                totals[0] += out.lm_loss_sum.double()
-                totals[1] += out.num_target_tokens.double()
+                # Plain cross-entropy whatever loss.label_smoothing trains with: the held-out
+                # loss of runs (and methods) that smooth differently stays comparable.
+                lm_sum, n_tokens = lm_loss_sum(out.logits, batch["labels"])
+                totals[0] += lm_sum.double()
+                totals[1] += n_tokens.double()
         if was_training:
             model.train()
         if world > 1:
