@@ -33,10 +33,6 @@ def build_model(base_model: nn.Module, config: HMoRAConfig, **kwargs: Any) -> HM
     return HMoRAModel(base_model, config, library_sites=sites, **kwargs)
 
 
-#: The adapter settings a library method takes from its library (its LoRAs' own).
-LIBRARY_SETTINGS = ("rank", "alpha", "rslora", "targets")
-
-
 def resolve_library(
     config: HMoRAConfig, base_model: nn.Module, *, load_tensors: bool = True
 ) -> tuple[HMoRAConfig, list[dict[str, Any]]]:
@@ -55,7 +51,7 @@ def resolve_library(
         ValueError: one line: no ``options.library``, not a library, another base model,
             LoRAs of different shapes, fewer than two LoRAs.
     """
-    from hmora_ds.library import Library, LibraryError, load_lora, lora_config
+    from hmora_ds.library import Library, LibraryError, load_lora
 
     name, options = config.method, config.options
     directory = options.get("library")
@@ -67,36 +63,23 @@ def resolve_library(
         )
     library = Library.load(directory).select(list(options.get("tasks") or []) or None)
     library.check_base(base_model)
-    settings: dict[str, tuple] = {}
-    for entry in library.entries:
-        a = lora_config(entry.adapter)["config"]["adapter"]
-        targets = [t for t in TARGETS if t in a.get("targets", [])]
-        settings[entry.task] = (a["rank"], float(a["alpha"]), bool(a.get("rslora")), targets)
-    (first, want), *others = settings.items()
-    for task, got in others:
-        for key, x, y in zip(LIBRARY_SETTINGS, want, got, strict=True):
-            if x != y:
-                raise LibraryError(
-                    f"library {library.root}: the LoRAs of {first!r} and {task!r} differ in "
-                    f"{key} ({x} vs {y}); method {name} stacks the library's LoRAs as the "
-                    "experts of one bank per site and needs one rank, alpha, rslora and set of "
-                    "targets"
-                )
-    if len(settings) < 2:
+    shape = library.check_uniform()  # one rank, alpha, rslora and set of targets
+    if len(library.entries) < 2:
         raise LibraryError(
             f"library {library.root}: method {name} mixes at least 2 LoRAs, the selection "
-            f"holds 1 ({first}); add tasks to the library or to options.tasks"
+            f"holds 1 ({library.tasks[0]}); add tasks to the library or to options.tasks"
         )
-    rank, alpha, rslora, targets = want
+    rank, alpha, rslora = shape["rank"], shape["alpha"], shape["rslora"]
+    targets = [t for t in TARGETS if t in shape["targets"]]
     resolved = config.with_overrides({
         "adapter.rank": rank, "adapter.alpha": alpha, "adapter.rslora": rslora,
         "adapter.targets": targets, "adapter.single_lora_layers": [],
-        "adapter.num_experts": len(settings), "options.tasks": library.tasks,
+        "adapter.num_experts": len(library.entries), "options.tasks": library.tasks,
     })  # fmt: skip
     resolved.preset = config.preset
     logger.info(
         "method %s: library %s, %d LoRAs (%s), rank %d, alpha %g%s, targets %s (the adapter "
-        "settings are the library's)", name, library.root, len(settings),
+        "settings are the library's)", name, library.root, len(library.entries),
         ", ".join(library.tasks), rank, alpha, ", rslora" if rslora else "", targets,
     )  # fmt: skip
     sites = [load_lora(e.adapter) for e in library.entries] if load_tensors else []

@@ -279,7 +279,7 @@ def test_refusals_are_one_line(library, tmp_path):
     lib = Library.load(mixed)
     lib.entries.append(LibraryEntry("b", save_adapter(other, mixed / "b" / "adapter")))
     lib.write()
-    with pytest.raises(LibraryError, match=r"the LoRAs of 'a' and 'b' differ in rank \(8 vs 4\)"):
+    with pytest.raises(LibraryError, match=r"mixes LoRA shapes: rank 8 \(a\) vs 4 \(b\)"):
         build(mixed)
     with pytest.raises(LibraryError, match=r"at least 2 LoRAs, the selection holds 1 \(a\)"):
         build(mixed, **{"options.tasks": ["a"]})
