@@ -125,6 +125,64 @@ def check_gradient_checkpointing(config: HMoRAConfig) -> None:
         torch.testing.assert_close(grads_c[name], g, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def check_compiled_layers(
+    config: HMoRAConfig,
+    backend: str = "aot_eager",
+    mode: str = "layers",
+    ckpt: bool = False,
+    lengths: tuple[int, ...] = (12, 16, 20),
+) -> None:
+    """Every decoder layer compiled with ``fullgraph=True`` (no graph break anywhere in the
+    routing code) gives the eager loss and gradients (to 1e-5), and a batch of a new length
+    costs at most one more compilation per layer variant, none after that (no per-layer or
+    per-step guard on Python state). ``backend``: ``eager`` checks dynamo's capture and
+    guards; ``aot_eager`` also traces forward and backward as inductor receives them, without
+    generating C++ (compilation time); one test uses inductor itself. ``lengths``: the batches'
+    sequence lengths; from the third one on no new graph may be compiled."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from hmora_ds.compile import compile_model
+
+    config = no_dropout(config)
+    eager = build(config)
+    randomize(eager)
+    compiled = build(config)
+    compiled.load_state_dict(eager.state_dict())
+    eager.train()
+    compiled.train()
+    if ckpt:
+        compiled.gradient_checkpointing_enable()
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend(backend)
+    assert compile_model(compiled, mode, fullgraph=True, backend=counter) > 0
+    try:
+        frames = None
+        for seed, length in enumerate(lengths, start=2):
+            ids, attn, labels, prompt = batch(length=length, seed=seed)
+            results = []
+            for model in (eager, compiled):
+                model.zero_grad(set_to_none=True)
+                out = model(ids, attn, labels, prompt)
+                out.loss.backward()
+                grads = {n: p.grad for n, p in adapter_parameters(model).items()
+                         if p.grad is not None}  # fmt: skip
+                results.append((out.loss.detach(), grads))
+            (loss, grads), (loss_c, grads_c) = results
+            torch.testing.assert_close(loss_c, loss, rtol=1e-5, atol=1e-6)
+            assert grads_c.keys() == grads.keys() and grads, config.method
+            for name, g in grads.items():
+                torch.testing.assert_close(grads_c[name], g, rtol=1e-5, atol=1e-5, msg=name)
+            if seed == 3:  # after the second length: every layer variant is dynamic
+                frames = counter.frame_count
+        assert frames is None or counter.frame_count == frames, (
+            f"{config.method}: a third batch length compiled again "
+            f"({frames} → {counter.frame_count} graphs)"
+        )
+    finally:
+        torch._dynamo.reset()
+
+
 def check_bf16_base(config: HMoRAConfig) -> None:
     """Guards against a module that feeds the base's bf16 hidden states to its fp32 weights
     (``expected m1 and m2 to have the same dtype``): evaluation without DeepSpeed on a GPU

@@ -385,7 +385,7 @@ def test_router_tensors_stay_on_the_inputs_device():
     assert probs.device == meta and probs.dtype == torch.float32
     seen = []
     with r._ctx.forward_scope(None, None, record=True):
-        r._ctx.observe = lambda rid, values, mask: seen.append(values)
+        r._ctx.observe = lambda rid, values, mask, slot=None: seen.append(values)
         r.observe_update(
             torch.empty(2, 4, 8, device=meta), torch.empty(2, 4, 6, device=meta),
             lambda g: g.sum(-1, keepdim=True),

@@ -87,6 +87,33 @@ def test_gradient_checkpointing_parity(name):
 
 
 @pytest.mark.parametrize("name", METHODS)
+def test_compiled_decoder_layers_equal_eager_without_graph_breaks(name):
+    """Dynamo's capture (``fullgraph=True``: any graph break fails) and guards, every method."""
+    inv.check_compiled_layers(get_method(name).default_config(), backend="eager")
+
+
+@pytest.mark.parametrize("name", ["hmora", "adamole", "moelora", "himole"])
+def test_compiled_forward_and_backward_graphs_equal_eager(name):
+    """The forward and backward traced by AOT autograd, as inductor receives them: the task
+    encoder path, the sparse dispatcher's custom op with a variable number of experts per
+    token (``nonzero``), the contrastive sample and the observed updates."""
+    inv.check_compiled_layers(get_method(name).default_config(), backend="aot_eager")
+
+
+def test_compiled_adapted_blocks_equal_eager():
+    """``train.compile=blocks``: attention and MLP compiled, norms and residuals eager; the
+    shared routers' pre-call hook runs inside the compiled block."""
+    inv.check_compiled_layers(load_config("hmora_lw"), backend="eager", mode="blocks")
+
+
+def test_inductor_compiled_layers_with_checkpointing_equal_eager():
+    """The real compiler (C++ code generation on CPU) on whole decoder layers with gradient
+    checkpointing inside them (one batch length: the checks above cover the guards)."""
+    inv.check_compiled_layers(load_config("lora_r8"), "inductor", "layers", ckpt=True,
+                              lengths=(12,))  # fmt: skip
+
+
+@pytest.mark.parametrize("name", METHODS)
 def test_a_bf16_base_with_fp32_adapters(name):
     inv.check_bf16_base(get_method(name).default_config())
 

@@ -49,6 +49,7 @@ class ThresholdRouter(nn.Module):
         super().__init__()
         self.linear = nn.Linear(in_features, num_experts)
         self.rid, self.threshold, self._ctx = rid, threshold, ctx
+        self._slot = ctx.slot()
 
     def new_round(self, *_: object) -> None:
         pass
@@ -61,7 +62,7 @@ class ThresholdRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = torch.softmax(self.linear(x.to(self.linear.weight.dtype)).float(), dim=-1)
-        self._ctx.record(self.rid, p, self._ctx.token_mask_for(x))
+        self._ctx.record(self.rid, p, self._ctx.token_mask_for(x), self._slot)
         kept = torch.where(p >= self.threshold * p.amax(-1, keepdim=True), p, torch.zeros_like(p))
         return kept / kept.sum(-1, keepdim=True)
 

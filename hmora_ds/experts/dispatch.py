@@ -104,8 +104,72 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, plan: DispatchPlan) -> torc
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
         if dtype == torch.bfloat16:
             return torch._grouped_mm(x.to(dtype), w.to(dtype), offs=plan.offsets)
+    if torch.compiler.is_compiling():  # the slice sizes are data: one opaque op, no break
+        return sliced_mm(x, w, plan.offsets)
     parts = x.split(plan.counts)
     return torch.cat([xi @ w[i] for i, xi in enumerate(parts)])
+
+
+# ``x[slice_i] @ w[i]`` as a custom op for torch.compile. The slice sizes are data (how many
+# tokens each expert got), so the eager slice loop would make dynamo either break the graph at
+# ``offsets.tolist()`` or guard on every count. As an opaque op with a shape-only fake
+# implementation the whole routed block stays one graph (``fullgraph=True``); the op runs the
+# same slice loop eagerly inside. Written here because torch's own ``_grouped_mm`` needs CUDA
+# (on CPU its backward rejects broadcast gradients and it wants 16-byte-aligned strides).
+@torch.library.custom_op("hmora_ds::sliced_mm", mutates_args=())
+def sliced_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``x[slice_i] @ w[i]`` → (M, N); ``x`` (M, K), ``w`` (E, K, N), ``offsets`` (E,) ends."""
+    ends = offsets.tolist()
+    out = x.new_empty(x.shape[0], w.shape[-1])
+    start = 0
+    for i, end in enumerate(ends):
+        if end > start:
+            torch.mm(x[start:end], w[i], out=out[start:end])
+        start = end
+    return out
+
+
+@sliced_mm.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+@torch.library.custom_op("hmora_ds::sliced_mm_wgrad", mutates_args=())
+def sliced_mm_wgrad(x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``x[slice_i]ᵀ @ grad[slice_i]`` → (E, K, N): the weight gradient of :func:`sliced_mm`."""
+    ends = offsets.tolist()
+    out = x.new_zeros(len(ends), x.shape[-1], grad.shape[-1])
+    start = 0
+    for i, end in enumerate(ends):
+        if end > start:
+            torch.mm(x[start:end].t(), grad[start:end], out=out[i])
+        start = end
+    return out
+
+
+@sliced_mm_wgrad.register_fake
+def _(x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(offsets.shape[0], x.shape[-1], grad.shape[-1])
+
+
+def _sliced_mm_setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    x, w, offsets = inputs
+    ctx.save_for_backward(x, w, offsets)
+
+
+def _sliced_mm_backward(ctx: Any, grad: torch.Tensor):
+    x, w, offsets = ctx.saved_tensors
+    grad = grad.contiguous()
+    gx = (
+        sliced_mm(grad, w.transpose(1, 2).contiguous(), offsets)
+        if ctx.needs_input_grad[0]
+        else None
+    )
+    gw = sliced_mm_wgrad(x, grad, offsets) if ctx.needs_input_grad[1] else None
+    return gx, gw, None
+
+
+sliced_mm.register_autograd(_sliced_mm_backward, setup_context=_sliced_mm_setup)
 
 
 class Dispatcher:

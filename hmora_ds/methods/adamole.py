@@ -128,6 +128,7 @@ class AdaMoLERouter(nn.Module):
         self.threshold_id = RouterId(layer, self.targets, THRESHOLD_KIND)
         self.active_id = RouterId(layer, self.targets, ACTIVE_KIND)
         self._ctx = context
+        self._slot = context.slot()  # this router's records (see routing.context)
         self.shared = False
 
     def new_round(self, *_: object) -> None:
@@ -154,9 +155,9 @@ class AdaMoLERouter(nn.Module):
         p, tau = self.probs_and_threshold(x)
         if ctx.recording:
             mask = ctx.token_mask_for(x)
-            ctx.record(self.token_id, p, mask)
-            ctx.observe(self.threshold_id, tau.squeeze(-1), mask)
-            ctx.record(self.active_id, (p >= tau).to(p.dtype), mask)
+            ctx.record(self.token_id, p, mask, self._slot)
+            ctx.observe(self.threshold_id, tau.squeeze(-1), mask, self._slot)
+            ctx.record(self.active_id, (p >= tau).to(p.dtype), mask, self._slot)
         return adaptive_gates(p, tau)
 
     def extra_repr(self) -> str:

@@ -227,7 +227,7 @@ class HierarchicalRouter(RouterGroup):
         else:
             sen, tok = self.logits(x)
             probs = hierarchical_probs(sen, tok, experts_per_group=self.experts_per_group)
-        self._ctx.record(self.token_id, probs, self._ctx.token_mask_for(x))
+        self._ctx.record(self.token_id, probs, self._ctx.token_mask_for(x), self._slot)
         return topk_gates(probs, self.top_k, "sum")
 
     def stage1_probs(self, x: torch.Tensor, cluster: torch.Tensor) -> torch.Tensor:
@@ -258,7 +258,7 @@ class HierarchicalRouter(RouterGroup):
         outs = torch.stack(
             [update(gates * m).reshape(*x.shape[:-1], -1) for m in masks]
         )  # (N, B, T, O)
-        ctx.observe(self.div_id, group_cosines(outs), ctx.token_mask_for(x))
+        ctx.observe(self.div_id, group_cosines(outs), ctx.token_mask_for(x), self._slot)
 
 
 @register_method

@@ -173,7 +173,7 @@ class LoRAMoERouter(RouterGroup):
             if mask is not None and mask.shape != x.shape[:-1]:
                 mask = None
             z = weighted_importance(gates, mask, knowledge, self.knowledge_experts, self.delta)
-            ctx.observe(self.lbc_id, z, None)
+            ctx.observe(self.lbc_id, z, None, self._slot)
         return gates
 
 

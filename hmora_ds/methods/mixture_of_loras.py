@@ -119,7 +119,7 @@ class DomainRouter(LayerGate):
         mask = ctx._token_mask
         if mask is not None and mask.shape != u.shape[:-1]:
             mask = None
-        ctx.observe(self.route_id, route_nll(logits, labels, mask), None)
+        ctx.observe(self.route_id, route_nll(logits, labels, mask), None, self._slot)
 
     def select(self, probs: torch.Tensor) -> torch.Tensor:
         if self.training and self.train_gates == "soft":

@@ -202,7 +202,7 @@ class ContrastiveRouter(RouterGroup):
         )  # fmt: skip
         self.cl_tokens, self.contrastive = cl_tokens, contrastive
         self.cl_id = RouterId(layer, self.targets, CL_KIND)
-        self._sample: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self._sample: tuple[int | None, torch.Tensor, torch.Tensor] | None = None
 
     def _positions(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The sampled (positions, valid) of this forward: drawn when recording, the same ones
@@ -214,10 +214,17 @@ class ContrastiveRouter(RouterGroup):
             if mask is None:
                 mask = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
             pos, valid = sample_positions(mask, self.cl_tokens)
-            self._sample = (ctx.forward_id, pos, valid)
+            # Compiled, the forward counter is not read (dynamo would recompile per step); the
+            # sample is then trusted to be this forward's, as the recompute follows it.
+            compiling = torch.compiler.is_compiling()
+            self._sample = (None if compiling else ctx.forward_id, pos, valid)
             return pos, valid
         sample = self._sample
-        if torch.is_grad_enabled() and sample is not None and sample[0] == ctx.forward_id:
+        if (
+            torch.is_grad_enabled()
+            and sample is not None
+            and (torch.compiler.is_compiling() or sample[0] == ctx.forward_id)
+        ):
             return sample[1], sample[2]
         return None
 
@@ -238,7 +245,9 @@ class ContrastiveRouter(RouterGroup):
         values = torch.stack(outs, dim=2)  # (B, m, k, O)
         experts = top.gather(1, pos.unsqueeze(-1).expand(b, m, self.top_k))  # (B, m, k)
         experts = torch.where(valid.unsqueeze(-1), experts, torch.full_like(experts, -1))
-        self._ctx.observe(self.cl_id, values.reshape(b * m * self.top_k, -1), experts.reshape(-1))
+        self._ctx.observe(
+            self.cl_id, values.reshape(b * m * self.top_k, -1), experts.reshape(-1), self._slot
+        )
 
 
 @register_method

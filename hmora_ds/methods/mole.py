@@ -151,6 +151,7 @@ class LayerGate(nn.Module):
         self.t_min, self.t_max = temperature_min, temperature_max
         self.num_experts = num_experts
         self._ctx = context
+        self._slot = context.slot()  # this router's records (see routing.context)
         self._input: torch.Tensor | None = None
         self._memo: torch.Tensor | None = None
         self.shared = False
@@ -200,7 +201,7 @@ class LayerGate(nn.Module):
         logits = self.logits(u)
         self.observe(u, logits)
         probs = gate_probs(logits, self.temperature, self.t_min, self.t_max)
-        self._ctx.record(self.rid, probs, self._ctx.token_mask_for(u))
+        self._ctx.record(self.rid, probs, self._ctx.token_mask_for(u), self._slot)
         return self.select(probs)
 
 

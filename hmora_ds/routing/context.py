@@ -7,6 +7,13 @@ backward, after the forward returned) sees the same tensor. Routing *records* (t
 probabilities the auxiliary losses need) are collected only inside the wrapper's forward scope,
 so a recompute never records twice.
 
+Each router module records into a *slot* of its own (:meth:`RoutingContext.slot`, a list the
+context empties at the start of every forward and reads back, in the routers' construction
+order, at its end). One list shared by every router would make a compiled decoder layer depend
+on how many records earlier layers appended: ``torch.compile`` guards on that length and would
+compile every layer again. With a slot per router, every layer of the model sees the same
+state (its slots empty) and reuses one compiled graph.
+
 Nothing here is set from the training loop: the wrapper's own ``forward`` and ``generate`` are
 the only writers.
 """
@@ -73,6 +80,14 @@ class RoutingRecord:
         return self.id.kind
 
 
+class RecordSlot:
+    """One router module's records and observations of the current forward."""
+
+    def __init__(self) -> None:
+        self.records: list[RoutingRecord] = []
+        self.observations: list[RoutingRecord] = []
+
+
 class RoutingContext:
     """Per-forward routing state shared by the router groups of one model."""
 
@@ -85,6 +100,8 @@ class RoutingContext:
         self._recording = False
         self._records: list[RoutingRecord] = []
         self._observations: list[RoutingRecord] = []
+        # Per-router slots (see the module docstring): (records, observations) lists.
+        self._slots: list[RecordSlot] = []
         #: Tokens already in the KV cache of the base model's current call (0 outside a
         #: decoding step); set by the wrapper model before every base-model call, so a router
         #: can tell a decoding step (only the new tokens) from a full forward.
@@ -121,6 +138,9 @@ class RoutingContext:
         self._expand_batch = expand_batch
         self._records = []
         self._observations = []
+        for slot in self._slots:
+            slot.records.clear()
+            slot.observations.clear()
         self._recording = record
         try:
             yield self._records
@@ -128,6 +148,11 @@ class RoutingContext:
             # The task representation stays bound (checkpoint recompute needs it); recording
             # stops so a recompute during backward adds nothing.
             self._recording = False
+            for slot in self._slots:
+                self._records.extend(slot.records)
+                self._observations.extend(slot.observations)
+                slot.records.clear()
+                slot.observations.clear()
 
     @property
     def task_repr(self) -> torch.Tensor | None:
@@ -151,17 +176,42 @@ class RoutingContext:
         recomputation during backward)."""
         return self._recording
 
-    def record(self, rid: RouterId, probs: torch.Tensor, mask: torch.Tensor | None) -> None:
-        if self._recording:
-            self._records.append(RoutingRecord(rid, probs, mask))
+    def slot(self) -> RecordSlot:
+        """A new record slot for one router module, created once at its construction and
+        passed to :meth:`record` / :meth:`observe` (see the module docstring)."""
+        slot = RecordSlot()
+        self._slots.append(slot)
+        return slot
 
-    def observe(self, rid: RouterId, values: torch.Tensor, mask: torch.Tensor | None) -> None:
+    def record(
+        self,
+        rid: RouterId,
+        probs: torch.Tensor,
+        mask: torch.Tensor | None,
+        slot: RecordSlot | None = None,
+    ) -> None:
+        """Keep a router's probabilities for this forward's losses and statistics, in the
+        router's ``slot`` (or, without one, in a list shared by every router: correct, but a
+        compiled layer then recompiles per layer)."""
+        if self._recording:
+            (self._records if slot is None else slot.records).append(
+                RoutingRecord(rid, probs, mask)
+            )
+
+    def observe(
+        self,
+        rid: RouterId,
+        values: torch.Tensor,
+        mask: torch.Tensor | None,
+        slot: RecordSlot | None = None,
+    ) -> None:
         """Keep a per-decision quantity a method's auxiliary loss needs that is not a router's
         probabilities (e.g. a similarity of expert outputs per token): ``values`` (B, T) with
         its token ``mask``. Handed to :meth:`~hmora_ds.methods.Method.aux_losses` with the
-        records, never to the routing statistics."""
+        records, never to the routing statistics. ``slot``: as in :meth:`record`."""
         if self._recording:
-            self._observations.append(RoutingRecord(rid, values, mask))
+            target = self._observations if slot is None else slot.observations
+            target.append(RoutingRecord(rid, values, mask))
 
     @property
     def observations(self) -> list[RoutingRecord]:

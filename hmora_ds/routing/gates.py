@@ -154,7 +154,8 @@ class RouterGroup(nn.Module):
             self.register_buffer("alpha_logit", torch.tensor(logit), persistent=False)
         # The context is shared by every group of the model; a plain attribute, not a module.
         self._ctx = context
-        self._memo: tuple[int, torch.Size, torch.Tensor] | None = None
+        self._slot = context.slot()  # this router's records (see routing.context)
+        self._memo: tuple[int | None, torch.Size, torch.Tensor] | None = None
         self._plan: tuple[torch.Tensor, DispatchPlan] | None = None
         self.shared = False  # set by the injector, which also registers new_round
 
@@ -185,10 +186,17 @@ class RouterGroup(nn.Module):
         if not self.shared:
             return self(x)
         memo = self._memo
-        if memo is not None and memo[0] == self._ctx.forward_id and memo[1] == x.shape:
+        # Compiled, the parent's pre-hook (new_round) runs inside the same graph, so the memo
+        # is always this call's; reading the forward counter there would recompile per step.
+        if (
+            memo is not None
+            and memo[1] == x.shape
+            and (torch.compiler.is_compiling() or memo[0] == self._ctx.forward_id)
+        ):
             return memo[2]
         gates = self(x)
-        self._memo = (self._ctx.forward_id, x.shape, gates)
+        forward_id = None if torch.compiler.is_compiling() else self._ctx.forward_id
+        self._memo = (forward_id, x.shape, gates)
         return gates
 
     def dispatch(self, gates: torch.Tensor, num_tokens_per_row: int) -> DispatchPlan:
@@ -207,11 +215,11 @@ class RouterGroup(nn.Module):
         p_token = p_task = None
         if self.token_router is not None:
             p_token = self.token_router(x)  # (B, T, E), fp32
-            ctx.record(self.token_id, p_token, ctx.token_mask_for(x))
+            ctx.record(self.token_id, p_token, ctx.token_mask_for(x), self._slot)
         if self.task_router is not None:
             task_repr = ctx.task_repr_for(x)  # (B, D_task)
             p_task = self.task_router(task_repr)  # (B, E)
-            ctx.record(self.task_id, p_task, None)
+            ctx.record(self.task_id, p_task, None, self._slot)
             p_task = p_task.unsqueeze(-2)  # (B, 1, E): one decision per sequence
         if p_token is None:
             g = p_task

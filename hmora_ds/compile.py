@@ -1,0 +1,107 @@
+"""Regional ``torch.compile`` of an adapted model (``train.compile``).
+
+``blocks`` compiles each decoder layer's adapted sub-blocks (attention and MLP: the modules that
+hold the adapted linears and the pre-call hook of their shared router); ``layers`` compiles
+whole decoder layers (norms, attention, MLP, residuals). Each region is compiled once and reused
+by every layer of the same shape, as torchtitan compiles per transformer block: compile time stays
+that of one layer, not of the model, and the embedding, LM head, losses and the task encoder stay
+eager.
+
+The routing code compiles as one graph (``fullgraph=True``): the routers, the hybrid mix, top-k,
+the routing records and the dense dispatcher have no host syncs and no data-dependent Python
+branches. Two things are dynamic by nature, and are marked so:
+
+- the sparse dispatcher's slices (how many tokens each expert got) are data: its grouped GEMM is
+  one custom op (``hmora_ds::sliced_mm``) whose output shape depends only on the input's;
+- a variable number of experts per token (AdaMoLE's thresholds) uses ``nonzero``, whose output
+  length is data: :func:`configure_dynamo` lets dynamo capture such ops
+  (``capture_dynamic_output_shape_ops``) instead of breaking the graph there.
+
+Sequence lengths vary from batch to batch; dynamo recompiles once and then treats them as dynamic
+(its automatic dynamic shapes). Under ZeRO-3 every parameter access goes through DeepSpeed's
+gathering hooks, which DeepSpeed marks ``torch.compiler.disable``: there the regions are compiled
+with ``fullgraph=False`` and split at those hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from hmora_ds.base_model import decoder_layers
+from hmora_ds.experts import MoRALinear
+
+logger = logging.getLogger(__name__)
+
+COMPILE_MODES = ("none", "blocks", "layers")
+RECOMPILE_LIMIT = 64
+
+
+def configure_dynamo() -> None:
+    """Let dynamo capture data-dependent output shapes (``nonzero``) and scalars (``.item()``
+    inside custom ops' fake implementations) instead of breaking the graph."""
+    import torch._dynamo
+
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    torch._dynamo.config.capture_scalar_outputs = True
+    # With gradient checkpointing the checkpoint is inside the compiled layer: the routers'
+    # records are a forward side effect that the recomputation must not repeat (as in eager,
+    # where the routing context stops recording after the forward).
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    # One compiled variant per distinct layer structure (HMoRA's token / hybrid / task layers,
+    # MoLA's expert counts), × the first layer (whose input needs no gradient) × static and
+    # dynamic sequence length: more than dynamo's default limit of 8 per code object, and
+    # every layer shares one code object (``nn.Module._call_impl``).
+    torch._dynamo.config.recompile_limit = max(
+        torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT
+    )
+    torch._dynamo.config.accumulated_recompile_limit = max(
+        torch._dynamo.config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT
+    )
+
+
+def compile_regions(model: nn.Module) -> dict[str, list[nn.Module]]:
+    """The modules each mode compiles: ``layers`` the decoder layers, ``blocks`` the children
+    of each decoder layer that hold an adapted linear (attention, MLP)."""
+    base = getattr(model, "base_model", model)
+    layers = list(decoder_layers(base))
+    blocks = [
+        child
+        for layer in layers
+        for child in layer.children()
+        if any(isinstance(m, MoRALinear) for m in child.modules())
+    ]
+    return {"layers": layers, "blocks": blocks}
+
+
+def compile_model(
+    model: nn.Module, mode: str, *, fullgraph: bool = True, backend: str = "inductor"
+) -> int:
+    """Compile ``model``'s regions in place (``nn.Module.compile``: parameter names, state
+    dicts and checkpoints are unchanged). Returns the number of compiled modules.
+
+    Raises:
+        ValueError: an unknown ``mode``, or ``blocks`` on a model with no adapted linear.
+    """
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"train.compile: must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    if mode == "none":
+        return 0
+    configure_dynamo()
+    regions = compile_regions(model)[mode]
+    if not regions:
+        raise ValueError(
+            "train.compile=blocks: the model has no adapted linear to compile; "
+            "use train.compile=layers (a full fine-tune) or none"
+        )
+    for module in regions:
+        module.compile(fullgraph=fullgraph, backend=backend)
+    logger.info(
+        "torch.compile: %d %s (backend %s, fullgraph %s); the first steps compile them",
+        len(regions),
+        mode,
+        backend,
+        fullgraph,
+    )
+    return len(regions)
