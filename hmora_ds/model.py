@@ -35,6 +35,7 @@ from hmora_ds.base_model import (
 )
 from hmora_ds.config import TARGETS, HMoRAConfig
 from hmora_ds.experts import MoRALinear
+from hmora_ds.lm_head import chunked_lm_loss_sum
 from hmora_ds.losses import total_loss
 from hmora_ds.methods import Method, RoutingBatch, build_method, get_method
 from hmora_ds.metrics import RouterStatsAccumulator
@@ -58,14 +59,15 @@ class HMoRAOutput:
         step_kinds: the kinds of ``aux_by_kind`` computed over the optimizer step (the
             step's other micro-batches included through ``step_batches``).
         aux_by_kind: the aux losses by kind (HMoRA: ``token``, ``task``), detached.
-        logits: (B, T, V).
+        logits: (B, T, V); None from a training forward whose loss was computed in chunks
+            without them (``ce_chunk_tokens``).
         num_target_tokens: number of target tokens in ``labels``.
         router_stats: router name → ``balance``, ``certainty``, ``load`` (detached).
         routing_records: this forward's router probabilities (for accumulating statistics).
         past_key_values: the KV cache when ``use_cache``.
     """
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     lm_loss_sum: torch.Tensor | None = None
@@ -184,6 +186,10 @@ class HMoRAModel(nn.Module):
         self.routing_context = RoutingContext()
         self.routers = nn.ModuleDict()
         self.task_encoder: TaskEncoder | None = None
+        #: Training forwards compute the LM loss in chunks of this many tokens without the
+        #: full logits (:mod:`hmora_ds.lm_head`; ``train.ce_chunk_tokens``, set by the
+        #: trainer); 0: from the logits, which the output then carries.
+        self.ce_chunk_tokens = 0
         self._warned_prompt_mask = False
         self._warned_instruction_mask = False
         self.task_token_id = task_token_id  # a method may fill it in from the tokenizer
@@ -465,8 +471,13 @@ class HMoRAModel(nn.Module):
             )
             task_repr = self._task_representation(embeds, pmask, attention_mask, extras)
             scope = ctx.forward_scope(task_repr, attention_mask.bool(), record=True, inputs=extras)
+        chunked = self._chunked_loss(labels, use_cache)
         with scope as records:
-            out = self.base_model(
+            runner = self.base_model
+            if chunked:  # the decoder alone: no logits (its call skips the pre-hook below)
+                runner = self.base_model.get_decoder()
+                self._note_cache(runner, (), {"past_key_values": past_key_values})
+            out = runner(
                 inputs_embeds=embeds,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
@@ -475,7 +486,9 @@ class HMoRAModel(nn.Module):
                 **model_kwargs,
             )
         result = HMoRAOutput(
-            logits=out.logits, past_key_values=out.past_key_values, routing_records=records
+            logits=None if chunked else out.logits,
+            past_key_values=out.past_key_values,
+            routing_records=records,
         )
         step_kinds = self.method.step_aux_kinds
         aux_records = records
@@ -499,11 +512,37 @@ class HMoRAModel(nn.Module):
             acc.add(records)
             result.router_stats = acc.finalize(aux_group)
         if labels is not None:
-            lm_sum, n_target = self.lm_loss_sum(out.logits, labels)
+            if chunked:
+                lm_sum, n_target = chunked_lm_loss_sum(
+                    out.last_hidden_state,
+                    self.base_model.get_output_embeddings().weight,
+                    labels,
+                    self.ce_chunk_tokens,
+                    self.config.loss.label_smoothing,
+                )
+            else:
+                lm_sum, n_target = self.lm_loss_sum(out.logits, labels)
             result.lm_loss_sum, result.num_target_tokens = lm_sum, n_target
             result.lm_loss = lm_sum / n_target.clamp_min(1)
             result.loss = total_loss(result.lm_loss, result.aux_weighted)
         return result
+
+    def _chunked_loss(self, labels: torch.Tensor | None, use_cache: bool) -> bool:
+        """Whether this forward computes its LM loss in chunks (no logits): a training forward
+        with labels and ``ce_chunk_tokens`` set, on a base whose head is a plain bias-free
+        linear, not partitioned by ZeRO-3 (there DeepSpeed's module hooks gather and release
+        the head's weight, tied to the embedding's, around the module's own call: the loss
+        comes from the logits)."""
+        if not (self.ce_chunk_tokens and labels is not None and self.training) or use_cache:
+            return False
+        if not torch.is_grad_enabled():
+            return False
+        head = self.base_model.get_output_embeddings()
+        if not isinstance(head, nn.Linear) or head.bias is not None:
+            return False
+        if getattr(self.base_model.config, "final_logit_softcapping", None):
+            return False
+        return not hasattr(head.weight, "ds_id")
 
     def _step_routing_batch(self, batches: list[dict[str, torch.Tensor]]) -> RoutingBatch:
         """The prompts of several micro-batches as one :class:`RoutingBatch`: rows

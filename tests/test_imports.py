@@ -23,7 +23,7 @@ PACKAGE = "hmora_ds"
 #: root package itself (``__version__`` and the public names it resolves lazily).
 LAYERS: dict[int, tuple[str, ...]] = {
     # foundations: configs, losses, the frozen base model, assets, process/model loading
-    0: ("__init__", "config", "losses", "base_model", "assets", "runtime"),
+    0: ("__init__", "config", "losses", "lm_head", "base_model", "assets", "runtime"),
     # expert banks and dispatchers, routers and the routing context, routing statistics, the
     # K-means pre-clustering of prompts (HiMoLE stage 1; a method may use it)
     1: ("experts", "routing", "metrics", "cluster"),
@@ -31,7 +31,17 @@ LAYERS: dict[int, tuple[str, ...]] = {
     2: ("methods",),
     # the wrapper model and what works on it directly; the LoRA library (its adapters' files)
     # and building a model that composes one
-    3: ("model", "params", "adapter_io", "optim", "parallel", "memory", "library", "composition"),
+    3: (
+        "model",
+        "params",
+        "adapter_io",
+        "optim",
+        "parallel",
+        "memory",
+        "library",
+        "composition",
+        "compile",
+    ),
     # libraries over the model: datasets, benchmark evaluation (training validates with eval)
     4: ("data", "eval"),
     # training and what reads its checkpoints

@@ -39,6 +39,17 @@ def test_overrides_reach_run_and_method():
         (["method.routing.top_k=99"], r"^routing\.top_k"),
         (["train.nope=1"], r"unknown key 'train\.nope'"),
         (["method.loss.aux_weight=.nan"], r"^loss\.aux_weight: is NaN"),
+        (["train.compile=all"], r"^train\.compile: must be none, blocks or layers, got 'all'$"),
+        (
+            ["train.compile=blocks", "train.gradient_checkpointing=true"],
+            r"^train\.compile: blocks cannot run inside checkpointed layers .* use "
+            r"train\.compile=layers with train\.gradient_checkpointing$",
+        ),
+        (
+            ["train.compile=layers", "parallel.ep_size=2"],
+            r"^train\.compile: not available with expert parallelism .* use train\.compile=none$",
+        ),
+        (["train.ce_chunk_tokens=-1"], r"^train\.ce_chunk_tokens: must be an integer >= 0"),
     ],
 )
 def test_bad_run_configs_name_the_field(overrides, message):

@@ -73,6 +73,19 @@ def test_distributed_layouts_equal_single_process(layouts, layout):
     assert not torch.equal(a["task_encoder.task_embedding"], torch.zeros(64))
 
 
+def test_compiled_layers_under_zero3_equal_single_process(layouts, tiny_run_inputs, tmp_path):
+    """``train.compile=layers`` through the real entry point on 2 ZeRO-3 ranks: DeepSpeed's
+    parameter-gathering hooks split each compiled layer (``fullgraph`` off there) and the run
+    still equals the eager single process. ``aot_eager`` traces forward and backward as
+    inductor would, without its C++ build time."""
+    run = tmp_path / "compiled"
+    extra = ("train.micro_batch_size=1", "train.grad_accum=2", "train.compile=layers",
+             "train.compile_backend=aot_eager")  # fmt: skip
+    out = launch("torchrun", "zero3.json", overrides(tiny_run_inputs, run, *NO_DROPOUT, *extra))
+    assert "torch.compile: 4 layers (backend aot_eager, fullgraph False)" in out
+    torch.testing.assert_close(_losses(run), _losses(layouts / "single"), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("layout", ["zero2", "zero3"])
 def test_export_from_checkpoint_reproduces_trained_model(layouts, tiny_run_inputs, layout):
     from transformers import AutoModelForCausalLM

@@ -29,6 +29,7 @@ from hmora_ds.config import (
     load_config,
     parse_override,
 )
+from hmora_ds.lm_head import DEFAULT_CHUNK_TOKENS
 
 
 @dataclass
@@ -151,6 +152,16 @@ class TrainConfig:
             adapters' weights stay fp32.
         gradient_checkpointing: recompute the base model's activations in the backward pass
             (less memory, more compute).
+        ce_chunk_tokens: the LM loss of a training step is computed this many tokens at a
+            time, with its gradient, so the (tokens × vocabulary) logits never exist in full
+            (``hmora_ds/lm_head.py``); 0 computes it from the full logits, as ZeRO-3 always
+            does (there DeepSpeed gathers the head's weight around the module's own call).
+        compile: ``torch.compile`` of regions of the model (``docs/performance.md``):
+            ``none``, ``blocks`` (each decoder layer's attention and MLP, where the adapters
+            and routers are) or ``layers`` (whole decoder layers; the one to use with
+            ``gradient_checkpointing``). The first steps are slower while the regions compile.
+        compile_backend: the ``torch.compile`` backend (``inductor``; ``aot_eager`` or
+            ``eager`` to tell a compiler problem from a capture problem).
         max_nonfinite_steps: stop the run after this many non-finite losses in a row.
         log_every: steps between metric logs. Metrics are read back from the device once per
             window (and before every evaluation / checkpoint), so the step never waits on
@@ -172,6 +183,9 @@ class TrainConfig:
     seed: int = 42
     precision: str = "auto"
     gradient_checkpointing: bool = False
+    ce_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    compile: str = "none"
+    compile_backend: str = "inductor"
     max_nonfinite_steps: int = 5
     log_every: int = 10
     router_stats_every: int = 50
@@ -201,6 +215,19 @@ class TrainConfig:
             _fail("train.schedule", f"must be linear, cosine or constant, got {self.schedule!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             _fail("train.precision", f"must be auto, fp32 or bf16, got {self.precision!r}")
+        if not isinstance(self.ce_chunk_tokens, int) or self.ce_chunk_tokens < 0:
+            _fail(
+                "train.ce_chunk_tokens",
+                f"must be an integer >= 0 (0 = full logits), got {self.ce_chunk_tokens!r}",
+            )
+        if self.compile not in ("none", "blocks", "layers"):
+            _fail("train.compile", f"must be none, blocks or layers, got {self.compile!r}")
+        if self.compile == "blocks" and self.gradient_checkpointing:
+            _fail(
+                "train.compile",
+                "blocks cannot run inside checkpointed layers (the recomputation would trace "
+                "other graphs); use train.compile=layers with train.gradient_checkpointing",
+            )
         if self.grad_clip < 0:
             _fail("train.grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
         if not 0 <= self.weight_decay < math.inf:
@@ -386,8 +413,20 @@ class RunConfig:
         parts += (self.dist,)
         # Every bad key of every section in one error; then preset + method overrides.
         check_sections(
-            lambda: check_types(self, ""), *(part.validate for part in parts), self.hmora_config
+            lambda: check_types(self, ""),
+            *(part.validate for part in parts),
+            self._check_combinations,
+            self.hmora_config,
         )
+
+    def _check_combinations(self) -> None:
+        """Settings of two sections that do not go together."""
+        if self.train.compile != "none" and self.parallel.ep_size > 1:
+            _fail(
+                "train.compile",
+                "not available with expert parallelism (parallel.ep_size > 1: its all-to-all "
+                "runs inside the adapted blocks); use train.compile=none",
+            )
 
     def hmora_config(self) -> HMoRAConfig:
         """The resolved method config: the preset with ``method`` overrides applied, checked by

@@ -159,6 +159,10 @@ def split_experts(model: HMoRAModel, ep: int, num_experts: int, rank: int) -> No
     )
 
 
+#: Devices where ``torch.optim.AdamW(fused=True)`` runs.
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
 def build_optimizer(model: HMoRAModel, t: TrainConfig, ep: int):
     """AdamW over LoRA+ parameter groups (routing parameters at ``router_lr_mult · lr``), and
     the LR schedule (a ``LambdaLR``: one factor for every group, so their ratios hold), times
@@ -178,7 +182,12 @@ def build_optimizer(model: HMoRAModel, t: TrainConfig, ep: int):
             for g in split_params_into_different_moe_groups_for_optimizer(param_groups)
             if g["params"]
         ]
-    optimizer = torch.optim.AdamW(param_groups, lr=t.lr, betas=t.adam_betas)
+    # torch's fused AdamW: one kernel over every tensor of a group instead of a Python loop of
+    # ~10 small ops per tensor (the default on CPU, where torch picks neither foreach nor
+    # fused). DeepSpeed hands it its flat fp32 partitions under ZeRO; it runs on CPU and CUDA.
+    params = [p for g in param_groups for p in g["params"]]
+    fused = bool(params) and all(p.device.type in FUSED_ADAMW_DEVICES for p in params)
+    optimizer = torch.optim.AdamW(param_groups, lr=t.lr, betas=t.adam_betas, fused=fused or None)
     method = getattr(model, "method", None)
     scale = None
     if method is not None and type(method).lr_scale is not Method.lr_scale:
@@ -187,6 +196,21 @@ def build_optimizer(model: HMoRAModel, t: TrainConfig, ep: int):
         optimizer, t.warmup_steps, t.max_steps, t.schedule, t.min_lr_ratio, scale
     )
     return optimizer, scheduler
+
+
+def compile_for_engine(model: HMoRAModel, run: RunConfig, plan: EnginePlan) -> None:
+    """``train.compile``: regional ``torch.compile`` before DeepSpeed wraps the model (the
+    modules keep their names, so checkpoints are those of an eager run). Under ZeRO-3 the
+    regions may not be one graph: DeepSpeed's parameter-gathering hooks are
+    ``torch.compiler.disable``-d, so dynamo splits each region at them."""
+    from hmora_ds.compile import compile_model
+
+    compile_model(
+        model,
+        run.train.compile,
+        fullgraph=zero_stage(plan.ds_config) < 3,
+        backend=run.train.compile_backend,
+    )
 
 
 def build_engine(
@@ -212,6 +236,9 @@ def build_engine(
         split_experts(model, ep, plan.method.adapter.num_experts, info.rank)
     if run.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    model.ce_chunk_tokens = run.train.ce_chunk_tokens
+    if run.train.compile != "none":
+        compile_for_engine(model, run, plan)
     logger.info(
         "model %s (%s): %s trainable parameters, TP %.2f%%",
         run.model.name_or_path,
