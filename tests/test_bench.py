@@ -40,11 +40,33 @@ def test_make_bench_quick(tmp_path):
     tps = [by[f"HMoRA e={e} dense"]["tp_percent"] for e in (4, 8, 16, 32)]
     assert tps == sorted(tps) and by["HMoRA e=8 per-expert loop"]["tp_percent"] == tps[1]
     assert by["HMoRA e=32 sparse"]["sparse_blocks"] == by["HMoRA e=32 sparse"]["mixture_blocks"]
-    assert len(step["targets"]) == 5 and {f["fast path"] for f in step["fast_paths"]} >= {
+    # (the e=32 row is the one adapter.compute=auto picks: sparse at the quick shape's width)
+    assert {t["target"].partition(" (ours")[0] for t in step["targets"]} == {
+        "HMoRA w LW step / LoRA r=64 step",
+        "compiled: HMoRA w LW step / LoRA r=64 step",
+        "HMoRA w LW step / frozen-base limit",
+        "compiled: HMoRA w LW step / frozen-base limit",
+        "HMoRA w/o LW step / LoRA r=64 step",
+        "HMoRA w LW peak memory / LoRA r=64",
+        "our LoRA r=8 step / PEFT LoRA r=8 step",
+        "HMoRA w LW: fraction of the GEMM peak",
+        "speed-up over the per-expert loop, e=8",
+        "speed-up over the per-expert loop, e=32",
+    }
+    assert {f["fast path"] for f in step["fast_paths"]} >= {
         "shared routers computed once",
         "dropout once",
         "no .item() in the step",
+        "chunked LM-head cross-entropy",
+        "compiled decoder layers (HMoRA w LW)",
     }
+    # The roofline: executed FLOPs per step (compiled rows: their eager twin's) over the
+    # measured GEMM peak; PEFT's LoRA executes the same products as ours plus the full logits.
+    assert step["machine"]["gemm_peak_tflops"] > 0
+    assert all(r["gflop"] > 0 and r["roofline"] > 0 for r in step["rows"]), step["rows"]
+    assert by["HMoRA w LW compiled"]["gflop"] == by["HMoRA w LW"]["gflop"]
+    assert by["LoRA r=8"]["gflop"] < by["PEFT LoRA r=8"]["gflop"]  # prompt rows skip the head
+    assert by["PEFT LoRA r=8"]["tp_percent"] == pytest.approx(by["LoRA r=8"]["tp_percent"])
     md = (tmp_path / "step_cpu_quick.md").read_text()
     assert md.startswith("# Training-step benchmark (cpu)") and "## Targets" in md
 

@@ -43,6 +43,8 @@ from typing import Any
 
 import torch
 
+from hmora_ds.lm_head import DEFAULT_CHUNK_TOKENS, chunked_lm_loss_sum
+
 logger = logging.getLogger(__name__)
 
 # Model shapes (Qwen2 architecture, random init). CPU: small enough for minutes on 2 cores.
@@ -70,6 +72,8 @@ SHAPES: dict[str, dict[str, Any]] = {
         seq=32,
         warmup=1,
         steps=2,
+        # The smoke run checks the compiled rows' mechanics, not inductor's C++ build time.
+        compile_backend="aot_eager",
     ),
     # Qwen2-1.5B (hmora_ds/model_configs/qwen2-1.5b.json), bf16 + SDPA.
     "cuda": dict(
@@ -104,6 +108,12 @@ class Variant:
     # The first micro-step of an optimizer step of 1 + step_batches micro-batches: its forward
     # also encodes the other micro-batches' prompts for the step-level task statistics.
     step_batches: int = 0
+    # A PEFT LoRA with the settings of this preset instead of ours (the peers' reference).
+    peft: bool = False
+    # train.compile of the variant (none | blocks | layers).
+    compile: str = "none"
+    # The LM loss from the full logits (train.ce_chunk_tokens=0) instead of in chunks.
+    full_logits: bool = False
     note: str = ""
 
 
@@ -164,7 +174,11 @@ def variants(device: str) -> list[Variant]:
     from hmora_ds.config import load_config
     from hmora_ds.methods import library_missing, method_presets
 
-    rows = [Variant("frozen base", "methods", None, note="forward + input-gradient backward")]
+    rows = [
+        Variant("frozen base", "methods", None, note="forward + input-gradient backward"),
+        Variant("PEFT LoRA r=8", "peft", "lora_r8", peft=True, note="PEFT, loss from HF logits"),
+        Variant("PEFT LoRA r=64", "peft", "lora_r64", peft=True, note="PEFT, loss from HF logits"),
+    ]
     # Every registered method's presets (a full fine-tune is not an adapter step: left out;
     # a preset that needs a LoRA library the benchmark does not have: skipped, logged).
     for preset, label, _ in method_presets():
@@ -195,8 +209,13 @@ def variants(device: str) -> list[Variant]:
                 note="reference: peers' loop over experts",
             )
         )
+    for preset, label in (("lora_r64", "LoRA r=64"), ("hmora_lw", "HMoRA w LW"),
+                          ("hmora", "HMoRA w/o LW")):  # fmt: skip
+        rows.append(Variant(f"{label} compiled", "compiled", preset, compile="layers",
+                            note="train.compile=layers (inductor)"))  # fmt: skip
     lw = "hmora_lw"
     rows += [
+        Variant("LW: full logits (no chunked CE)", "fast paths", lw, full_logits=True),
         Variant("LW: routers recomputed per member", "fast paths", lw, patch=_unshared_routers),
         Variant("LW: task encoder per router", "fast paths", lw, patch=_task_encoder_per_router),
         Variant("LW: dropout per expert", "fast paths", lw, patch=_dropout_per_expert),
@@ -269,6 +288,7 @@ def _state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer | None) -> i
 
 
 def _build(v: Variant, base: torch.nn.Module, shape_name: str, device: torch.device):
+    shape = SHAPES[shape_name]
     from hmora_ds.config import load_config
     from hmora_ds.model import HMoRAModel
 
@@ -276,6 +296,8 @@ def _build(v: Variant, base: torch.nn.Module, shape_name: str, device: torch.dev
         model = copy.deepcopy(base)
         model.requires_grad_(False)
         return model, None
+    if v.peft:
+        return _build_peft(v, base, device)
     overrides = list(v.overrides)
     if load_config(v.preset).routing.task_encoder == "transformer":
         overrides.append(f"routing.encoder_heads={ENCODER_HEADS[shape_name]}")
@@ -285,10 +307,35 @@ def _build(v: Variant, base: torch.nn.Module, shape_name: str, device: torch.dev
         model.float()
     if v.grad_ckpt:
         model.gradient_checkpointing_enable()
+    model.ce_chunk_tokens = 0 if v.full_logits else DEFAULT_CHUNK_TOKENS
+    if v.compile != "none":
+        from hmora_ds.compile import compile_model
+
+        compile_model(model, v.compile, backend=shape.get("compile_backend", "inductor"))
+    return model, _adamw(model)
+
+
+def _adamw(model: torch.nn.Module) -> torch.optim.Optimizer | None:
+    """The trainer's optimizer: torch AdamW, fused (one kernel for all tensors)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = device.type == "cuda"
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=fused) if params else None
-    return model, opt
+    return torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None
+
+
+def _build_peft(v: Variant, base: torch.nn.Module, device: torch.device):
+    """PEFT's LoRA with the preset's rank, α, dropout and target layers (the peers' plain LoRA;
+    its AdamW is the same fused one, so the rows differ in the adapter path and the loss)."""
+    from peft import LoraConfig, get_peft_model
+
+    from hmora_ds.base_model import ARCH_TARGETS
+    from hmora_ds.config import load_config
+
+    a = load_config(v.preset).adapter
+    paths = ARCH_TARGETS[base.config.model_type]
+    modules = sorted({paths[t].rpartition(".")[2] for t in a.targets})
+    config = LoraConfig(r=a.rank, lora_alpha=a.alpha, lora_dropout=a.dropout,
+                        target_modules=modules, use_rslora=a.rslora, bias="none")  # fmt: skip
+    model = get_peft_model(copy.deepcopy(base), config).to(device)
+    return model, _adamw(model)
 
 
 def _step_fn(v: Variant, model, opt, batch, device: torch.device, autocast: bool):
@@ -299,13 +346,28 @@ def _step_fn(v: Variant, model, opt, batch, device: torch.device, autocast: bool
         else contextlib.nullcontext()
     )
     if v.preset is None:
-        emb = model.get_input_embeddings()
+        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
 
         def step():
+            # The adapters' loss path (chunked LM-head cross-entropy), so the rows differ only
+            # in what the adapters add.
             x = emb(ids).detach().requires_grad_(True)
             with ac:
-                out = model(inputs_embeds=x, attention_mask=mask, labels=labels)
+                hidden = model.get_decoder()(inputs_embeds=x, attention_mask=mask)
+                total, n = chunked_lm_loss_sum(
+                    hidden.last_hidden_state, head.weight, labels, DEFAULT_CHUNK_TOKENS
+                )
+            (total / n).backward()
+
+        return step
+    if v.peft:
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with ac:
+                out = model(input_ids=ids, attention_mask=mask, labels=labels)
             out.loss.backward()
+            opt.step()
 
         return step
 
@@ -356,6 +418,8 @@ def measure(
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     warmup, steps = (1, 3) if v.slow else (shape["warmup"], shape["steps"])
+    if v.compile != "none":
+        warmup += 1  # the first step compiles every layer variant
     with patch:
         for _ in range(warmup):
             step()
@@ -376,6 +440,7 @@ def measure(
             with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda x: x):
                 step()
             peak = _state_bytes(model, opt) + saved.total
+        flops = _step_flops(step) if v.compile == "none" else None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     base_params = sum(p.numel() for p in base.parameters())
     median = statistics.median(times)
@@ -391,6 +456,7 @@ def measure(
         "tokens_per_s": b * t / median,
         "peak_mb": peak / 2**20,
         "tp_percent": 100.0 * trainable / base_params,
+        "gflop": None if flops is None else flops / 1e9,
     }
     if v.preset is not None:
         from hmora_ds.experts import MoRALinear, prefer_sparse
@@ -410,6 +476,38 @@ def measure(
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def _step_flops(step) -> float:
+    """Floating-point operations one step executes: matrix products and attention, forward
+    and backward (input and weight gradients), as torch's FlopCounterMode counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def gemm_peak(device: torch.device) -> float:
+    """The machine's attainable matrix-product rate (FLOP/s), measured: the best of several
+    large square GEMMs in the step's compute dtype (fp32 on CPU, bf16 on CUDA). The roofline
+    column is a row's executed FLOP/s over this, its distance to the physical limit."""
+    n, dtype, reps = (
+        (2048, torch.float32, 5) if device.type == "cpu" else (8192, torch.bfloat16, 10)
+    )
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b
+    sync()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
 
 
 def _profile(step, patch_factory, model, v: Variant, out: Path) -> str:
@@ -438,9 +536,17 @@ def _profile(step, patch_factory, model, v: Variant, out: Path) -> str:
 # ----------------------------------------------------------------------------- report
 TARGETS = (
     ("HMoRA w LW step / LoRA r=64 step", "HMoRA w LW", "LoRA r=64", "step_ms", 1.10),
+    ("compiled: HMoRA w LW step / LoRA r=64 step", "HMoRA w LW compiled", "LoRA r=64 compiled",
+     "step_ms", 1.10),
     ("HMoRA w LW step / frozen-base limit", "HMoRA w LW", "frozen base", "step_ms", 1.35),
-    ("HMoRA w LW peak memory / LoRA r=64", "HMoRA w LW", "LoRA r=64", "peak_mb", 1.15),
-)
+    ("compiled: HMoRA w LW step / frozen-base limit", "HMoRA w LW compiled", "frozen base",
+     "step_ms", 1.35),
+    ("HMoRA w/o LW step / LoRA r=64 step", "HMoRA w/o LW", "LoRA r=64", "step_ms", 1.25),
+    ("HMoRA w LW peak memory / LoRA r=64", "HMoRA w LW", "LoRA r=64", "peak_mb", 1.10),
+    ("our LoRA r=8 step / PEFT LoRA r=8 step", "LoRA r=8", "PEFT LoRA r=8", "step_ms", 1.00),
+)  # fmt: skip
+#: Fraction of the measured GEMM peak the flagship's step reaches (a GPU target; shown on CPU).
+ROOFLINE_TARGET = ("HMoRA w LW", 0.40)
 SPEEDUPS = ((8, 3.0), (32, 5.0))
 FAST_PATHS = (
     ("fused stacked experts (e=8)", "HMoRA e=8 per-expert loop", "HMoRA e=8 dense"),
@@ -451,13 +557,23 @@ FAST_PATHS = (
     ("dropout once", "LW: dropout per expert", "HMoRA w LW"),
     ("no .item() in the step", "LW: .item() syncs in the step", "HMoRA w LW"),
     ("bf16 autocast, fp32 adapters", "LW: fp32 (no bf16 autocast)", "HMoRA w LW"),
+    ("chunked LM-head cross-entropy", "LW: full logits (no chunked CE)", "HMoRA w LW"),
+    ("compiled decoder layers (LoRA r=64)", "LoRA r=64", "LoRA r=64 compiled"),
+    ("compiled decoder layers (HMoRA w LW)", "HMoRA w LW", "HMoRA w LW compiled"),
+    ("compiled decoder layers (HMoRA w/o LW)", "HMoRA w/o LW", "HMoRA w/o LW compiled"),
 )
 
 
-def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize(rows: list[dict[str, Any]], peak: float | None = None) -> dict[str, Any]:
+    """Ratios, targets and fast paths; ``peak``: the measured GEMM rate in TFLOP/s."""
     by = {r["name"]: r for r in rows}
     ref, limit = by.get("LoRA r=64"), by.get("frozen base")
     for r in rows:
+        if r.get("gflop") is None and r["name"].endswith(" compiled"):
+            eager = by.get(r["name"].removesuffix(" compiled"))  # the same work, compiled
+            r["gflop"] = eager.get("gflop") if eager else None
+        r["tflops"] = None if r.get("gflop") is None else r["gflop"] / r["step_ms"]
+        r["roofline"] = r["tflops"] / peak if peak and r["tflops"] is not None else None
         r["vs_lora_r64"] = r["step_ms"] / ref["step_ms"] if ref else None
         r["vs_frozen_base"] = r["step_ms"] / limit["step_ms"] if limit else None
         r["memory_vs_lora_r64"] = r["peak_mb"] / ref["peak_mb"] if ref else None
@@ -466,6 +582,18 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         if a in by and b in by:
             value = by[a][key] / by[b][key]
             targets.append({"target": label, "value": value, "limit": bound, "met": value <= bound})
+    name, bound = ROOFLINE_TARGET
+    if by.get(name, {}).get("roofline") is not None:
+        value = by[name]["roofline"]
+        targets.append(
+            {
+                "target": f"{name}: fraction of the GEMM peak",
+                "value": value,
+                "limit": bound,
+                "met": value >= bound,
+                "higher_is_better": True,
+            }
+        )
     for e, bound in SPEEDUPS:
         loop, ours = by.get(f"HMoRA e={e} per-expert loop"), _auto_row(by, e)
         if loop and ours:
@@ -536,9 +664,13 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{doc['precision']}; median of {s['steps']} steps after {s['warmup']} warm-up.",
         f"Memory: {doc['memory_kind']}.",
         "",
+        f"Roofline: the FLOPs a step executes (matrix products and attention, forward and "
+        f"backward, torch's FlopCounterMode) per second, over the best large GEMM measured on "
+        f"this machine in this run: {_fmt(m.get('gemm_peak_tflops'), 3)} TFLOP/s.",
+        "",
         "| variant | group | TP % | step ms | tokens/s | memory MB | × LoRA r=64 | × frozen base "
-        "| memory × LoRA r=64 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| memory × LoRA r=64 | GFLOP/step | % of GEMM peak |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in doc["rows"]:
         name = r["name"]
@@ -547,7 +679,9 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {r['group']} | {_fmt(r['tp_percent'])} | {_fmt(r['step_ms'], 1)} "
             f"| {r['tokens_per_s']:.0f} | {_fmt(r['peak_mb'], 0)} | {_fmt(r['vs_lora_r64'])} "
-            f"| {_fmt(r['vs_frozen_base'])} | {_fmt(r['memory_vs_lora_r64'])} |"
+            f"| {_fmt(r['vs_frozen_base'])} | {_fmt(r['memory_vs_lora_r64'])} "
+            f"| {_fmt(r.get('gflop'), 1)} "
+            f"| {_fmt(None if r.get('roofline') is None else 100 * r['roofline'], 1)} |"
         )
     lines += ["", "## Targets", "", "| target | measured | limit | met |", "|---|---|---|---|"]
     for t in doc["targets"]:
@@ -589,13 +723,17 @@ def _machine(device: torch.device) -> dict[str, Any]:
     }
 
 
-def _write(path: Path, device: str, quick: bool, shape, dev, rows: list[dict[str, Any]]) -> None:
+def _write(
+    path: Path, device: str, quick: bool, shape, dev, rows: list[dict[str, Any]], peak: float
+) -> None:
+    machine = _machine(dev)
+    machine["gemm_peak_tflops"] = peak / 1e12
     doc = {
         "benchmark": "step",
         "device": device,
         "date": time.strftime("%Y-%m-%d"),
         "quick": quick,
-        "machine": _machine(dev),
+        "machine": machine,
         "shape": shape,
         "precision": "bf16 autocast, bf16 base, fp32 adapters" if device == "cuda" else "fp32",
         "memory_kind": "torch.cuda.max_memory_allocated during the timed steps"
@@ -603,7 +741,7 @@ def _write(path: Path, device: str, quick: bool, shape, dev, rows: list[dict[str
         else "parameters + gradients + AdamW state + tensors saved for backward (exact count)",
         "rows": rows,
     }
-    doc.update(summarize(rows))
+    doc.update(summarize(rows, peak / 1e12))
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     tmp.replace(path)
@@ -649,6 +787,7 @@ def run(
     if only is not None and len(todo) != len(only):
         known = [v.name for v in variants(device)]
         raise SystemExit(f"bench step: --only names unknown variant(s); choose from {known}")
+    peak = gemm_peak(dev)
     for v in tqdm(todo, desc="bench step", unit="variant"):
         prof = out if profile and v.name in profile else None
         if v.fp32 and device == "cuda":
@@ -658,5 +797,5 @@ def run(
         else:
             rows.append(measure(v, base, shape, shape_name, dev, prof))
         logger.info("%s: %.1f ms, %.0f MB", v.name, rows[-1]["step_ms"], rows[-1]["peak_mb"])
-        _write(path, device, quick, shape, dev, rows)  # after every row: a crash keeps the rest
+        _write(path, device, quick, shape, dev, rows, peak)  # after every row: keeps the rest
     return path
