@@ -99,8 +99,8 @@ def check_round_trip(config: HMoRAConfig, tmp_path: Path, arch: str = "llama") -
     assert loaded.config.to_dict() == model.config.to_dict()
 
 
-def _loss_and_grads(model: HMoRAModel):
-    ids, attn, labels, prompt = batch(seed=2)
+def _loss_and_grads(model: HMoRAModel, seed: int = 2, length: int = 12):
+    ids, attn, labels, prompt = batch(length=length, seed=seed)
     model.zero_grad(set_to_none=True)
     out = model(ids, attn, labels, prompt)
     out.loss.backward()
@@ -108,21 +108,29 @@ def _loss_and_grads(model: HMoRAModel):
     return out.loss.detach(), grads
 
 
-def check_gradient_checkpointing(config: HMoRAConfig) -> None:
+def _twins(config: HMoRAConfig) -> tuple[HMoRAModel, HMoRAModel]:
+    """Two models of ``config`` without dropout, with the same random adapters, in train mode."""
     config = no_dropout(config)
     plain = build(config)
     randomize(plain)
-    ckpt = build(config)
-    ckpt.load_state_dict(plain.state_dict())
-    plain.train()
-    ckpt.train()
+    twin = build(config)
+    twin.load_state_dict(plain.state_dict())
+    return plain.train(), twin.train()
+
+
+def check_gradient_checkpointing(config: HMoRAConfig) -> None:
+    plain, ckpt = _twins(config)
     ckpt.gradient_checkpointing_enable()
-    loss, grads = _loss_and_grads(plain)
-    loss_c, grads_c = _loss_and_grads(ckpt)
+    want = _loss_and_grads(plain)
+    _assert_same_loss_and_grads(_loss_and_grads(ckpt), want, config.method)
+
+
+def _assert_same_loss_and_grads(got, want, what: str, atol: float = 1e-6) -> None:
+    (loss_c, grads_c), (loss, grads) = got, want
     torch.testing.assert_close(loss_c, loss, rtol=1e-5, atol=1e-6)
-    assert grads_c.keys() == grads.keys() and grads
+    assert grads_c.keys() == grads.keys() and grads, what
     for name, g in grads.items():
-        torch.testing.assert_close(grads_c[name], g, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(grads_c[name], g, rtol=1e-5, atol=atol, msg=name)
 
 
 def check_compiled_layers(
@@ -144,13 +152,7 @@ def check_compiled_layers(
 
     from hmora_ds.compile import compile_model
 
-    config = no_dropout(config)
-    eager = build(config)
-    randomize(eager)
-    compiled = build(config)
-    compiled.load_state_dict(eager.state_dict())
-    eager.train()
-    compiled.train()
+    eager, compiled = _twins(config)
     if ckpt:
         compiled.gradient_checkpointing_enable()
     torch._dynamo.reset()
@@ -159,20 +161,9 @@ def check_compiled_layers(
     try:
         frames = None
         for seed, length in enumerate(lengths, start=2):
-            ids, attn, labels, prompt = batch(length=length, seed=seed)
-            results = []
-            for model in (eager, compiled):
-                model.zero_grad(set_to_none=True)
-                out = model(ids, attn, labels, prompt)
-                out.loss.backward()
-                grads = {n: p.grad for n, p in adapter_parameters(model).items()
-                         if p.grad is not None}  # fmt: skip
-                results.append((out.loss.detach(), grads))
-            (loss, grads), (loss_c, grads_c) = results
-            torch.testing.assert_close(loss_c, loss, rtol=1e-5, atol=1e-6)
-            assert grads_c.keys() == grads.keys() and grads, config.method
-            for name, g in grads.items():
-                torch.testing.assert_close(grads_c[name], g, rtol=1e-5, atol=1e-5, msg=name)
+            want = _loss_and_grads(eager, seed, length)
+            got = _loss_and_grads(compiled, seed, length)
+            _assert_same_loss_and_grads(got, want, config.method, atol=1e-5)
             if seed == 3:  # after the second length: every layer variant is dynamic
                 frames = counter.frame_count
         assert frames is None or counter.frame_count == frames, (
