@@ -314,3 +314,12 @@ def test_examples_without_a_usable_record_are_refused(tmp_path, tiny_run_inputs)
     with pytest.raises(LoraHubError, match=r"^--examples: ") as err:
         example_batches(bad, tok)
     assert "\n" not in str(err.value)
+
+
+def test_the_deepspeed_launchers_local_rank_comes_before_the_subcommand_and_is_accepted():
+    """``deepspeed -m hmora_ds.library lorahub …`` runs ``--local_rank=N lorahub …``."""
+    from hmora_ds.library.cli import parse_args
+
+    args = parse_args(["--local_rank=1", "lorahub", "--library", "lib", "--examples", "x.jsonl",
+                       "--out", "out"])  # fmt: skip
+    assert args.command == "lorahub" and str(args.library) == "lib"

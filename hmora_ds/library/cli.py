@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m hmora_ds.library", description="Build, show and compose a library of LoRAs."
     )
+    # The deepspeed launcher puts --local_rank before the subcommand (the rank comes from
+    # LOCAL_RANK in the environment; the flag is accepted and ignored).
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="train one plain LoRA per task (resumable)")
@@ -88,7 +91,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=300.0,
         help="seconds a rank waits for the others (torchrun / deepspeed)",
     )
-    h.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
