@@ -400,6 +400,26 @@ def test_mean_pool_encoder_is_the_prompt_tokens_mean_by_hand():
     torch.testing.assert_close(out[1], embeds[1, 2])  # one prompt token: itself
 
 
+@pytest.mark.parametrize("longest", [0, 1, 3])
+def test_cutting_the_packed_prompts_to_the_longest_gives_the_same_task_vectors(longest):
+    """On CPU the encoder runs over the longest prompt's columns only (the rest are padding
+    keys): the same output as the full width, with and without an empty prompt."""
+    torch.manual_seed(0)
+    enc = TaskEncoder(32, num_heads=4).eval()
+    with torch.no_grad():
+        enc.task_embedding.normal_()
+    embeds = torch.randn(3, 6, 32)
+    mask = torch.zeros(3, 6, dtype=torch.long)
+    mask[0, 2 : 2 + longest] = 1
+    mask[1, 4 : 4 + min(longest, 1)] = 1
+    outs = []
+    for trim in (False, True):
+        enc.trim_padding = trim
+        with torch.no_grad():
+            outs.append(enc(embeds, mask))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+
+
 def test_an_empty_prompt_encodes_to_the_task_slot_alone():
     """A row without prompt tokens attends from the e_task slot to the slot itself: a finite
     vector, the encoder of [e_task] alone (padding keys start after the slot)."""

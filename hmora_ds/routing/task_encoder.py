@@ -88,6 +88,9 @@ class TaskEncoder(nn.Module):
         assert kind in ("transformer", "mean_pool"), kind
         self.kind = kind
         self.slot_position = bool(slot_position)
+        #: Cut the packed prompts to the longest one before the encoder (None: on CPU only;
+        #: see :meth:`forward`). The output is the same either way.
+        self.trim_padding: bool | None = None
         if kind == "transformer":
             layer = nn.TransformerEncoderLayer(
                 d_model=hidden_size,
@@ -125,6 +128,15 @@ class TaskEncoder(nn.Module):
         packed, lengths = pack_prompt(embeds, prompt_mask)
         if self.kind == "mean_pool":
             return packed.sum(dim=1) / lengths.clamp_min(1).unsqueeze(-1).to(packed.dtype)
+        trim = self.trim_padding
+        if trim is None:
+            trim = packed.device.type == "cpu"
+        if trim and packed.shape[1]:
+            # Only the longest prompt's columns (the rest are padding keys, masked anyway):
+            # the same output with (B, heads, T_prompt²) attention instead of (B, heads, T²).
+            # Reading the length is a host sync, free on a CPU; on a GPU the full width is
+            # kept so the forward never waits on the device.
+            packed = packed[:, : int(lengths.max())]
         bsz, t, d = packed.shape
         # One extra slot so that e_task always fits right after the longest prompt.
         packed = torch.cat([packed, packed.new_zeros(bsz, 1, d)], dim=1)
