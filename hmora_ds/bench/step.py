@@ -257,19 +257,30 @@ def _base_config(shape: dict[str, Any]):
 
 
 class _SavedBytes:
-    """Bytes of the tensors autograd saves for backward (unique storages), i.e. activations."""
+    """Bytes of the tensors autograd saves for backward (unique storages), i.e. activations.
 
-    def __init__(self) -> None:
+    ``exclude``: storages already counted as model state (parameters, buffers): a linear
+    saves its weight as a transposed *view*, which is not the ``Parameter`` itself but shares
+    its storage, and must not be counted twice.
+    """
+
+    def __init__(self, exclude: set[int] | None = None) -> None:
         self.seen: dict[int, int] = {}
+        self.exclude = exclude or set()
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         if not isinstance(t, torch.nn.Parameter):
             try:
                 storage = t.untyped_storage()
-                self.seen[storage.data_ptr()] = storage.nbytes()
+                if storage.data_ptr() not in self.exclude:
+                    self.seen[storage.data_ptr()] = storage.nbytes()
             except (RuntimeError, NotImplementedError):
                 pass
         return t
+
+
+def _state_storages(model: torch.nn.Module) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
 
     @property
     def total(self) -> int:
@@ -436,7 +447,7 @@ def measure(
             peak = torch.cuda.max_memory_allocated(device)
             del start_mem
         else:
-            saved = _SavedBytes()
+            saved = _SavedBytes(_state_storages(model))
             with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda x: x):
                 step()
             peak = _state_bytes(model, opt) + saved.total
