@@ -163,6 +163,22 @@ def _dropout_per_expert(model: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _kept_dropout_masks(model: Any) -> Iterator[None]:
+    """Before: the expert banks' input dropout is ``nn.Dropout`` (mask and dropped copy kept
+    per adapted linear) instead of recomputed from its seed."""
+    from hmora_ds.experts.dropout import InputDropout
+
+    mods = [m for m in model.modules() if isinstance(m, InputDropout)]
+    for m in mods:
+        m.__class__ = torch.nn.Dropout
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.__class__ = InputDropout
+
+
+@contextlib.contextmanager
 def _loop(model: Any) -> Iterator[None]:
     from hmora_ds.bench.reference import per_expert_loop
 
@@ -216,6 +232,8 @@ def variants(device: str) -> list[Variant]:
     lw = "hmora_lw"
     rows += [
         Variant("LW: full logits (no chunked CE)", "fast paths", lw, full_logits=True),
+        Variant("LW: dropout masks kept", "fast paths", lw, patch=_kept_dropout_masks),
+        Variant("LoRA r=8: dropout masks kept", "fast paths", "lora_r8", patch=_kept_dropout_masks),
         Variant("LW: routers recomputed per member", "fast paths", lw, patch=_unshared_routers),
         Variant("LW: task encoder per router", "fast paths", lw, patch=_task_encoder_per_router),
         Variant("LW: dropout per expert", "fast paths", lw, patch=_dropout_per_expert),
@@ -277,6 +295,10 @@ class _SavedBytes:
             except (RuntimeError, NotImplementedError):
                 pass
         return t
+
+    # Only counts: code that keeps a tensor in another form (the expert banks' recomputed
+    # dropout) shows it what it really keeps (hmora_ds/experts/dropout.py).
+    pack.observes_saved_tensors = True  # type: ignore[attr-defined]
 
 
 def _state_storages(model: torch.nn.Module) -> set[int]:
@@ -569,6 +591,8 @@ FAST_PATHS = (
     ("no .item() in the step", "LW: .item() syncs in the step", "HMoRA w LW"),
     ("bf16 autocast, fp32 adapters", "LW: fp32 (no bf16 autocast)", "HMoRA w LW"),
     ("chunked LM-head cross-entropy", "LW: full logits (no chunked CE)", "HMoRA w LW"),
+    ("dropout recomputed from its seed", "LW: dropout masks kept", "HMoRA w LW"),
+    ("dropout recomputed from its seed (LoRA r=8)", "LoRA r=8: dropout masks kept", "LoRA r=8"),
     ("compiled decoder layers (LoRA r=64)", "LoRA r=64", "LoRA r=64 compiled"),
     ("compiled decoder layers (HMoRA w LW)", "HMoRA w LW", "HMoRA w LW compiled"),
     ("compiled decoder layers (HMoRA w/o LW)", "HMoRA w/o LW", "HMoRA w/o LW compiled"),

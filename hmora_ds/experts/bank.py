@@ -19,6 +19,7 @@ it faster.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hmora_ds.experts.dispatch import DenseDispatcher, Dispatcher, SparseDispatcher
+from hmora_ds.experts.dropout import InputDropout
 
 # adapter.compute=auto picks the sparse path only where the dense adapter is the expensive part
 # of the block: E·R at least SPARSE_MIN_WIDTH × the layer's input width, with each token using at
@@ -70,7 +72,14 @@ class ExpertBankForward:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        h = self.dropout(x)
+        if isinstance(self.dropout, InputDropout):
+            h, scope = self.dropout.recomputable(x)
+        else:
+            h, scope = self.dropout(x), contextlib.nullcontext()
+        with scope:  # the dropped input is kept for the backward as its seed
+            return self._adapted(x, h, out)
+
+    def _adapted(self, x: torch.Tensor, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if not torch.is_autocast_enabled(x.device.type):
             h = h.to(self.adapter_dtype)
         router = self.router
@@ -132,7 +141,7 @@ class MoRALinear(ExpertBankForward, nn.Module):
         self.num_experts = num_experts
         self.hydra = hydra and num_experts > 1
         self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = InputDropout(dropout) if dropout > 0 else nn.Identity()
         device = base.weight.device
         a_rows = rank if (self.hydra or num_experts == 1) else num_experts * rank
         # Adapters are fp32 whatever the base dtype (bf16 autocast computes in bf16).
