@@ -560,3 +560,18 @@ def test_composition_stages(monkeypatch, tmp_path):
     # A library row whose task the library lacks fails with the library's one-line error.
     record, _ = runner.run_job(opts, jobs["lib-boolq"], None)
     assert record["status"] == "failed" and "no LoRA for task 'boolq'" in record["error"]
+
+
+def test_how_a_step_is_computed_leaves_finished_rows_valid(tmp_path):
+    """train.ce_chunk_tokens / compile / compile_backend at their defaults do not enter the
+    training hash (rows trained before they existed stay done); set otherwise, they do."""
+    study = get_study("task_encoder")
+    opts = _options("task_encoder", CPU, tmp_path)
+    base = {j.row.name: j.hashes["train"] for j in plan(opts, study.rows_for("cpu"))}
+    for sets, same in (
+        (["train.ce_chunk_tokens=1024", "train.compile=none"], True),
+        (["train.compile=layers"], False),
+        (["train.ce_chunk_tokens=0"], False),
+    ):
+        other = plan(dataclasses.replace(opts, sets=sets), study.rows_for("cpu"))
+        assert all((j.hashes["train"] == base[j.row.name]) is same for j in other), sets

@@ -39,6 +39,7 @@ from hmora_ds.ablate.studies import (
     as_overrides,
     unregistered_preset,
 )
+from hmora_ds.lm_head import DEFAULT_CHUNK_TOKENS
 from hmora_ds.methods import library_missing
 from hmora_ds.train.config import RunConfig, load_run_config
 
@@ -319,7 +320,15 @@ def _read_json(path: Path, flag: str) -> dict[str, Any]:
 
 #: Run-config keys added after rows were first run, with their defaults: at the default they
 #: are left out of the training hash, so rows trained before the key existed stay reusable.
-LATER_KEYS: dict[tuple[str, str], Any] = {("data", "tasks"): None, ("data", "exclude_tasks"): []}
+#: The ``train`` ones change how a step is computed, not what it computes (the chunked loss
+#: equals the full-logits one, a compiled layer its eager self).
+LATER_KEYS: dict[tuple[str, str], Any] = {
+    ("data", "tasks"): None,
+    ("data", "exclude_tasks"): [],
+    ("train", "ce_chunk_tokens"): DEFAULT_CHUNK_TOKENS,
+    ("train", "compile"): "none",
+    ("train", "compile_backend"): "inductor",
+}
 
 
 def _hashes(opts: Options, run: RunConfig, ds_json: dict, world: int) -> dict[str, str | None]:
