@@ -164,8 +164,8 @@ def _dropout_per_expert(model: Any) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _kept_dropout_masks(model: Any) -> Iterator[None]:
-    """Before: the expert banks' input dropout is ``nn.Dropout`` (mask and dropped copy kept
-    per adapted linear) instead of recomputed from its seed."""
+    """Before: the expert banks' input dropout is ``nn.Dropout`` (an fp32 mask on CPU and the
+    dropped copy kept per adapted linear) instead of a boolean mask and no copy."""
     from hmora_ds.experts.dropout import InputDropout
 
     mods = [m for m in model.modules() if isinstance(m, InputDropout)]
@@ -300,13 +300,14 @@ class _SavedBytes:
     # dropout) shows it what it really keeps (hmora_ds/experts/dropout.py).
     pack.observes_saved_tensors = True  # type: ignore[attr-defined]
 
-
-def _state_storages(model: torch.nn.Module) -> set[int]:
-    return {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-
     @property
     def total(self) -> int:
         return sum(self.seen.values())
+
+
+def _state_storages(model: torch.nn.Module) -> set[int]:
+    """Storages of the model's parameters and buffers (counted as state, not as saved)."""
+    return {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
 
 
 def _state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer | None) -> int:
@@ -591,8 +592,12 @@ FAST_PATHS = (
     ("no .item() in the step", "LW: .item() syncs in the step", "HMoRA w LW"),
     ("bf16 autocast, fp32 adapters", "LW: fp32 (no bf16 autocast)", "HMoRA w LW"),
     ("chunked LM-head cross-entropy", "LW: full logits (no chunked CE)", "HMoRA w LW"),
-    ("dropout recomputed from its seed", "LW: dropout masks kept", "HMoRA w LW"),
-    ("dropout recomputed from its seed (LoRA r=8)", "LoRA r=8: dropout masks kept", "LoRA r=8"),
+    ("dropout: boolean mask, no dropped copy", "LW: dropout masks kept", "HMoRA w LW"),
+    (
+        "dropout: boolean mask, no dropped copy (LoRA r=8)",
+        "LoRA r=8: dropout masks kept",
+        "LoRA r=8",
+    ),
     ("compiled decoder layers (LoRA r=64)", "LoRA r=64", "LoRA r=64 compiled"),
     ("compiled decoder layers (HMoRA w LW)", "HMoRA w LW", "HMoRA w LW compiled"),
     ("compiled decoder layers (HMoRA w/o LW)", "HMoRA w/o LW", "HMoRA w/o LW compiled"),

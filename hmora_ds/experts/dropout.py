@@ -1,19 +1,18 @@
-"""Dropout on an expert bank's input that keeps neither its mask nor the dropped copy.
+"""Dropout on an expert bank's input that keeps a 1-byte mask and no dropped copy.
 
 ``Z = base(X) + s · Σ_i g_i · (dropout(X) A_i) B_i`` needs ``dropout(X)`` in the backward (for
-the gradient of ``A``) and plain dropout keeps its mask too (on CPU an fp32 tensor the size of
-``X``). Each adapted linear draws its own mask, so q, k and v (which read the same ``X``) kept
-three masks and three dropped copies: 6 × the size of ``X``, for 7 adapted linears per layer the
-largest share of an adapter's activations. Here the mask comes from a seed drawn per call
-(from torch's global generator, on the host: no device sync), and the backward regenerates it
-from that seed: what is kept is ``X`` itself (one tensor for q, k and v together) and an integer.
-The values are those of ordinary dropout (an independent Bernoulli(1 − p) mask per call, scaled
-by 1 / (1 − p)), the masks differ from ``nn.Dropout``'s only in which random numbers they use.
+the gradient of ``A``), and ordinary dropout on CPU also keeps its mask as an fp32 tensor the
+size of ``X``. Each adapted linear draws its own mask, so q, k and v (which read the same ``X``)
+kept three fp32 masks and three dropped copies: 6 × the size of ``X``, for 7 adapted linears per
+layer the largest share of an adapter's activations. Here each linear keeps its mask as booleans
+(¼ of an fp32 copy) and the dropped input is rebuilt from ``X`` and the mask when the backward
+needs it; ``X`` itself is kept once for every linear that reads it. The values are ordinary
+dropout's (a Bernoulli(1 − p) mask per linear and call, scaled by 1 / (1 − p)); on CUDA the mask
+comes from the same fused kernel as ``nn.Dropout``'s, on CPU from ``rand > p`` (as fast as
+``nn.Dropout``'s Bernoulli draw there, measured).
 
-Costs: the mask is drawn three times (forward, and in the backward for the input gradient and
-for ``A``'s gradient) instead of once. Written here because no library keeps dropout
-recomputable outside ``torch.compile`` (where inductor already regenerates masks in the backward:
-compiled, this module is an ordinary dropout).
+Written here because no library keeps the dropped input recomputable outside ``torch.compile``
+(compiled, this module is an ordinary dropout: inductor already decides what to keep).
 """
 
 from __future__ import annotations
@@ -24,30 +23,30 @@ from typing import Any
 import torch
 from torch import nn
 
-_SEED_RANGE = 2**62
 
-
-def _mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    gen = torch.Generator(device=like.device)
-    gen.manual_seed(seed)
-    return torch.empty_like(like).bernoulli_(1.0 - p, generator=gen).div_(1.0 - p)
-
-
-class _SeededDropout(torch.autograd.Function):
-    """``x · mask(seed)``; the backward draws the same mask again (nothing is saved)."""
+class _Dropout(torch.autograd.Function):
+    """``(x · mask / (1 − p), mask)`` with a boolean mask, kept for the backward."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, p: float, seed: int) -> torch.Tensor:  # type: ignore[override]
-        ctx.p, ctx.seed = p, seed
-        return x * _mask(x, p, seed)
+    def forward(ctx: Any, x: torch.Tensor, p: float):  # type: ignore[override]
+        if x.is_cuda:
+            h, mask = torch.native_dropout(x, p, True)
+        else:
+            mask = torch.rand_like(x, dtype=torch.float32) > p
+            h = (x * mask).mul_(1.0 / (1.0 - p))
+        ctx.scale = 1.0 / (1.0 - p)
+        ctx.save_for_backward(mask)
+        ctx.mark_non_differentiable(mask)
+        return h, mask
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
-        return grad * _mask(grad, ctx.p, ctx.seed), None, None
+    def backward(ctx: Any, grad: torch.Tensor, _mask: Any):  # type: ignore[override]
+        (mask,) = ctx.saved_tensors
+        return (grad * mask).mul_(ctx.scale), None
 
 
 class InputDropout(nn.Dropout):
-    """``nn.Dropout`` whose :meth:`recomputable` form keeps no mask and no dropped copy.
+    """``nn.Dropout`` whose :meth:`recomputable` form keeps a boolean mask, no dropped copy.
 
     Called as a module it is plain ``nn.Dropout`` (the benchmark's per-expert reference).
     """
@@ -56,15 +55,14 @@ class InputDropout(nn.Dropout):
         self, x: torch.Tensor
     ) -> tuple[torch.Tensor, contextlib.AbstractContextManager]:
         """``(dropout(x), scope)``: run the operations that read the dropped tensor inside
-        ``scope``; whatever of it they keep for the backward is kept as ``(x, seed)`` and
-        rebuilt when the backward needs it."""
+        ``scope``; whatever of it they keep for the backward is kept as ``x`` and the mask,
+        and rebuilt when the backward needs it."""
         if not (self.training and self.p > 0) or torch.compiler.is_compiling():
             return super().forward(x), contextlib.nullcontext()
-        seed = int(torch.randint(_SEED_RANGE, (1,)).item())  # the host's generator: no sync
-        h = _SeededDropout.apply(x, self.p, seed)
+        h, mask = _Dropout.apply(x, self.p)
         if not h.is_contiguous():
             return h, contextlib.nullcontext()
-        p, storage, inp = self.p, h.untyped_storage().data_ptr(), x.detach()
+        scale, storage, inp = 1.0 / (1.0 - self.p), h.untyped_storage().data_ptr(), x.detach()
         version = x._version
         # Saved-tensor hooks do not nest (the innermost wins): pass everything else to the
         # enclosing ones. Under activation checkpointing (whose hooks drop what the layer saves
@@ -74,24 +72,24 @@ class InputDropout(nn.Dropout):
         observer = outer is not None and getattr(outer[0], OBSERVER, False)
 
         def pack(t: torch.Tensor) -> Any:
-            # h itself or a view of it (a linear saves its 2-D reshape): kept as the seed.
+            # h itself or a view of it (a linear saves its 2-D reshape): kept as the mask.
             mine = t.untyped_storage().data_ptr() == storage and t.dtype == h.dtype
             if mine and (outer is None or observer):
                 if observer:
                     outer[0](inp)
-                return (_Recompute, seed, t.size(), t.stride(), t.storage_offset())
+                return (_Recompute, t.size(), t.stride(), t.storage_offset())
             return t if outer is None else outer[0](t)
 
         def unpack(saved: Any) -> torch.Tensor:
             if not (isinstance(saved, tuple) and saved and saved[0] is _Recompute):
                 return saved if outer is None else outer[1](saved)
-            _, s, size, stride, offset = saved
+            _, size, stride, offset = saved
             if inp._version != version:
                 raise RuntimeError(
                     "InputDropout: the adapted linear's input was modified in place after "
                     "the forward; its dropout cannot be recomputed"
                 )
-            full = (inp * _mask(inp, p, s)).contiguous()
+            full = (inp * mask).mul_(scale).contiguous()
             return full.as_strided(size, stride, offset)
 
         return h, torch.autograd.graph.saved_tensors_hooks(pack, unpack)
@@ -109,4 +107,4 @@ def _enclosing_hooks() -> tuple[Any, Any] | None:
 
 
 class _Recompute:
-    """Marks a saved tensor kept as ``(input, seed)`` (see :meth:`InputDropout.recomputable`)."""
+    """Marks a saved tensor rebuilt from the input and the mask (see ``recomputable``)."""
