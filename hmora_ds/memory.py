@@ -17,9 +17,13 @@ Everything is in bytes, per data-parallel rank (one GPU), for one layout:
 * **activations** – saved tensors per token per decoder layer (formula in
   :func:`layer_activation_bytes`), times tokens ``b · s`` and layers; with gradient
   checkpointing only the layer input (``h`` elements) is kept per layer plus one layer
-  recomputed in full. Plus the LM head: ``(2a + 8) · V`` bytes per token (logits in the
-  compute dtype and their gradient, fp32 log-probabilities saved by the label-smoothed cross
-  entropy and their gradient) and the task encoder (one transformer layer over the prompt).
+  recomputed in full. Plus the LM head: with ``train.ce_chunk_tokens`` one chunk's logits at a
+  time, ``(a + 8) · V`` bytes per chunk token (on CPU a chunk holds target tokens only), and
+  the hidden states' gradient, ``a · h`` per token; with the full logits (ZeRO-3, or
+  ``ce_chunk_tokens=0``) ``(2a + 8) · V`` bytes per token (logits in the compute dtype and
+  their gradient, fp32 log-probabilities saved by the label-smoothed cross entropy and their
+  gradient); and the task encoder (one transformer layer
+  over the prompt).
 * **full fine-tuning** makes every base parameter trainable: its states come from DeepSpeed's
   ``estimate_zero2/3_model_states_mem_needs`` (which assume exactly that), not from the
   frozen-base accounting above.
@@ -32,6 +36,7 @@ number is only shown for comparison.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,6 +142,8 @@ class Workload:
     compute_bytes: int  # 2 (bf16 autocast) or 4 (fp32)
     eager_attention: bool
     on_gpu: bool
+    # train.ce_chunk_tokens: the LM loss in chunks without the full logits (0: from them).
+    ce_chunk_tokens: int = 0
 
     @property
     def tokens(self) -> int:
@@ -215,8 +222,11 @@ def layer_activation_bytes(
 
     and each input ``X`` (width ``i``) read by adapters or token routers adds::
 
-             a·i             X itself, if an adapter or router reads it without dropout
-           + 2a·i            per adapter / router with dropout (mask in X's dtype + output)
+             a·i             X itself, if an adapter reads it (with dropout the dropped input
+                             is rebuilt from X: hmora_ds/experts/dropout.py) or a router reads
+                             it without dropout
+           + i               per adapter with dropout (its boolean mask)
+           + 2a·i            per router with dropout (mask in X's dtype + output)
 
     and each adapted linear: ``2a·E·R + 4E`` (expert activations before / after gating, fp32
     gates; Hydra ``a·R + a·E·R + 4E``; single LoRA ``a·R``); each token router ``16E``
@@ -244,11 +254,10 @@ def layer_activation_bytes(
         if not adapters and not routers:
             continue
         width = input_width(name, shapes)
-        plain = (adapters and ad.dropout == 0) or (routers and r.router_dropout == 0)
-        dropped = (len(adapters) if ad.dropout > 0 else 0) + (
-            len(routers) if r.router_dropout > 0 else 0
-        )
-        total += a * width * (1 if plain else 0) + 2 * a * width * dropped
+        keeps_x = bool(adapters) or (bool(routers) and r.router_dropout == 0)
+        masks = len(adapters) if ad.dropout > 0 else 0
+        dropped = len(routers) if r.router_dropout > 0 else 0
+        total += a * width * (1 if keeps_x else 0) + width * masks + 2 * a * width * dropped
         total += 16 * sum(routers)
         for e in adapters.values():
             rank = ad.rank
@@ -270,7 +279,17 @@ def activation_bytes(shapes: Shapes, method: Any, w: Workload) -> dict[str, floa
         layers = w.compute_bytes * shapes.hidden * w.tokens * shapes.layers + max(per_layer)
     else:
         layers = sum(per_layer)
-    logits = (2 * w.compute_bytes + 8) * shapes.vocab * w.tokens
+    if w.ce_chunk_tokens:
+        # One chunk's logits (compute dtype), fp32 copy and gradient at a time, plus the
+        # hidden states' gradient kept for the backward (hmora_ds/lm_head.py).
+        # On CPU only the target rows reach the head (the prompt rows are left out first).
+        rows = w.tokens if w.on_gpu else w.micro_batch * (w.seq_len - w.prompt_len)
+        chunk = min(w.ce_chunk_tokens, rows)
+        logits = (
+            w.compute_bytes + 8
+        ) * shapes.vocab * chunk + w.compute_bytes * shapes.hidden * w.tokens
+    else:
+        logits = (2 * w.compute_bytes + 8) * shapes.vocab * w.tokens
     encoder = 0.0
     if m.task_encoder_kind == "transformer":
         r = m.config.routing
@@ -348,6 +367,8 @@ def estimate(
         if st.contiguous_gradients or st.stage == 3:
             grads += 4 * bucket * (2 if st.overlap_comm else 1)
         est.device["gradients + buckets"] = grads
+    if st.stage == 3 and workload.ce_chunk_tokens:  # ZeRO-3 computes the loss from the logits
+        workload = dataclasses.replace(workload, ce_chunk_tokens=0)
     est.device.update(activation_bytes(shapes, method, workload))
     return est
 

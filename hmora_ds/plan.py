@@ -164,6 +164,7 @@ def workload(setup: Setup, micro: int, checkpointing: bool) -> Workload:
         compute_bytes=2 if precision == "bf16" else 4,
         eager_attention=run.model.attn_implementation == "eager",
         on_gpu=setup.on_gpu,
+        ce_chunk_tokens=run.train.ce_chunk_tokens,
     )
 
 
