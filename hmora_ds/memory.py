@@ -22,8 +22,7 @@ Everything is in bytes, per data-parallel rank (one GPU), for one layout:
   the hidden states' gradient, ``a · h`` per token; with the full logits (ZeRO-3, or
   ``ce_chunk_tokens=0``) ``(2a + 8) · V`` bytes per token (logits in the compute dtype and
   their gradient, fp32 log-probabilities saved by the label-smoothed cross entropy and their
-  gradient); and the task encoder (one transformer layer
-  over the prompt).
+  gradient); and the task encoder (one transformer layer over the prompt).
 * **full fine-tuning** makes every base parameter trainable: its states come from DeepSpeed's
   ``estimate_zero2/3_model_states_mem_needs`` (which assume exactly that), not from the
   frozen-base accounting above.

@@ -138,9 +138,6 @@ class RoutingContext:
         self._expand_batch = expand_batch
         self._records = []
         self._observations = []
-        for slot in self._slots:
-            slot.records.clear()
-            slot.observations.clear()
         self._recording = record
         try:
             yield self._records
@@ -148,7 +145,7 @@ class RoutingContext:
             # The task representation stays bound (checkpoint recompute needs it); recording
             # stops so a recompute during backward adds nothing.
             self._recording = False
-            for slot in self._slots:
+            for slot in self._slots:  # emptied here, so the next forward finds them empty
                 self._records.extend(slot.records)
                 self._observations.extend(slot.observations)
                 slot.records.clear()
