@@ -67,15 +67,19 @@ class AssetError(RuntimeError):
     """Raised when an asset cannot be fetched or is not where it should be."""
 
 
-def repo_root() -> Path:
-    """The checkout this package lives in (parent of the ``hmora_ds`` package)."""
-    return Path(__file__).resolve().parent.parent
-
-
 def cache_root() -> Path:
-    """Root of the offline cache: ``$HMORA_CACHE`` or ``<repo root>/.cache`` (gitignored)."""
+    """Root of the offline cache: ``$HMORA_CACHE``, else the user cache directory.
+
+    The user cache directory is ``~/.cache/hmora-ds`` on Linux (``$XDG_CACHE_HOME`` moves it),
+    the platform's equivalent elsewhere. The Makefile sets ``HMORA_CACHE`` to the checkout's
+    ``.cache/`` (gitignored), so ``make train`` / ``make test`` keep their assets there.
+    """
     env = os.environ.get("HMORA_CACHE")
-    return Path(env).expanduser().resolve() if env else repo_root() / ".cache"
+    if env:
+        return Path(env).expanduser().resolve()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("hmora-ds", appauthor=False))
 
 
 def asset_dir(asset: PipAsset, cache: Path | None = None) -> Path:

@@ -16,7 +16,6 @@ lists the ones without help (the test suite fails on them).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import inspect
 import re
@@ -24,6 +23,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from hmora_ds.cli import Parser, prog_name
 
 REPO = Path(__file__).resolve().parents[1]
 DOC_PATH = REPO / "docs" / "config.md"
@@ -249,8 +250,8 @@ def render(root: type | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m hmora_ds.config_doc",
+    p = Parser(
+        prog=prog_name("hmora_ds.config_doc"),
         description="Print the reference of every run-config key (docs/config.md).",
     )
     mode = p.add_mutually_exclusive_group()

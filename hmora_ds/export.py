@@ -15,13 +15,13 @@ planted file is named and nothing of it is unpickled. Every load is weights-only
 
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 import sys
 from pathlib import Path
 
 from hmora_ds.adapter_io import read_adapter_meta, write_adapter
+from hmora_ds.cli import Parser, prog_name
 from hmora_ds.train.checkpoint import safe_load, verified, weights_only_loads
 
 logger = logging.getLogger(__name__)
@@ -70,8 +70,8 @@ def export_adapter(checkpoint: str | Path, out: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m hmora_ds.export",
+    parser = Parser(
+        prog=prog_name("hmora_ds.export"),
         description="Export the adapter of a DeepSpeed checkpoint (ZeRO-0/1/2/3) to safetensors.",
     )
     parser.add_argument(

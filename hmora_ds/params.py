@@ -12,7 +12,6 @@ the ``method.`` prefix (``routing.eps=2``).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from collections import Counter
@@ -22,6 +21,7 @@ from typing import Any
 
 import torch
 
+from hmora_ds.cli import Parser, prog_name
 from hmora_ds.config import (
     HMoRAConfig,
     apply_overrides,
@@ -151,8 +151,8 @@ def method_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m hmora_ds.params",
+    parser = Parser(
+        prog=prog_name("hmora_ds.params"),
         description="Trainable parameters and TP % of an HMoRA preset on a base architecture "
         "(built on the meta device: no weights needed).",
     )

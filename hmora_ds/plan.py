@@ -14,7 +14,6 @@ what does or why nothing does.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import re
 import sys
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hmora_ds.cli import Parser, prog_name
 from hmora_ds.memory import (
     GIB,
     Counts,
@@ -34,10 +34,8 @@ from hmora_ds.memory import (
     usable_bytes,
 )
 from hmora_ds.params import MODEL_CONFIGS_DIR, load_model_config
+from hmora_ds.resources import CONFIGS_DIR, DS_CONFIGS_DIR
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS_DIR = REPO / "configs"
-DS_CONFIGS_DIR = REPO / "ds_configs"
 HARDWARE_RE = re.compile(r"^#\s*hardware:\s*(.*)$", re.MULTILINE)
 MICRO_BATCHES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
@@ -329,8 +327,8 @@ def report(setup: Setup, ds_paths: list[str] | None = None) -> tuple[str, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m hmora_ds.plan",
+    p = Parser(
+        prog=prog_name("hmora_ds.plan"),
         description="Per-GPU memory of a run config under ZeRO-2/3 (+ offload) and which "
         "layout and micro-batch fit (base model built on the meta device: no weights).",
     )

@@ -13,12 +13,13 @@ import pytest
 from hmora_ds.ablate import rows as rowio
 from hmora_ds.ablate.cli import build_options, main, parse_args
 from hmora_ds.ablate.runner import Options, device_slots, launch_prefix, parameters, plan
-from hmora_ds.ablate.scales import CPU, PAPER, REPO
+from hmora_ds.ablate.scales import CPU, PAPER
 from hmora_ds.ablate.studies import STUDIES, as_overrides, get_study
 from hmora_ds.ablate.table import TableRow, csv_text, markdown
 from hmora_ds.config import parse_override
 from tests._dist import run_command
 from tests._eval_helpers import toy_questions, write_local
+from tests._train_helpers import REPO
 
 
 def _options(study: str, scale=CPU, tmp_path=None, **kw) -> Options:

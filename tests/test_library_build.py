@@ -113,7 +113,7 @@ def test_build_trains_each_task_and_writes_the_manifest(tmp_path, monkeypatch, c
     assert failed == []
     assert _tasks_of(fake.calls) == ["[arc_easy]", "[openbookqa]"]
     cmd = fake.calls[0]
-    assert cmd[1].endswith("launchers/train.py")
+    assert cmd[1:3] == ["-m", "hmora_ds.train"]
     assert cmd[cmd.index("--resume") + 1] == "auto"  # a half-trained task continues
     assert f"output_dir={tmp_path / 'lib' / 'arc_easy'}" in cmd
     assert "preset=lora_r8" in cmd and "train.max_steps=7" in cmd

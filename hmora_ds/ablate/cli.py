@@ -36,14 +36,15 @@ from hmora_ds.ablate.runner import (
 from hmora_ds.ablate.scales import SCALES
 from hmora_ds.ablate.studies import STUDIES, as_overrides, get_study
 from hmora_ds.ablate.table import TableRow, write_tables
+from hmora_ds.cli import Parser, prog_name
 
 logger = logging.getLogger("hmora_ds.ablate")
 LAUNCHERS = ("deepspeed", "torchrun", "python")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m hmora_ds.ablate",
+    p = Parser(
+        prog=prog_name("hmora_ds.ablate"),
         description="Run one of the paper's ablation studies (train, evaluate, analyse every "
         "grid point × seed) and write its table. 'list' shows the studies.",
     )

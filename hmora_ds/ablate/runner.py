@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from hmora_ds.ablate import rows as rowio
-from hmora_ds.ablate.scales import REPO, Scale
+from hmora_ds.ablate.scales import Scale
 from hmora_ds.ablate.studies import (
     COMPOSITION_SHOTS,
     LIBRARY_DIR,
@@ -41,12 +41,15 @@ from hmora_ds.ablate.studies import (
 )
 from hmora_ds.lm_head import DEFAULT_CHUNK_TOKENS
 from hmora_ds.methods import library_missing
+from hmora_ds.resources import DEFAULT_DS_CONFIG
 from hmora_ds.train.config import RunConfig, load_run_config
 
 logger = logging.getLogger("hmora_ds.ablate")
 
-TRAIN = REPO / "launchers" / "train.py"
-EVAL = REPO / "launchers" / "eval.py"
+# The stages run the package's modules (as launchers/train.py and launchers/eval.py do), so a
+# study runs from an installed package as from a checkout.
+TRAIN = "hmora_ds.train"
+EVAL = "hmora_ds.eval"
 STUDY_JSON = "study.json"
 #: Keys the runner owns: a ``--set`` of them would fight the runner.
 OWNED = {"train.seed": "--seeds", "output_dir": "--out"}
@@ -83,7 +86,7 @@ class Options:
     local_dir: Path | None = None
     launcher: str = "deepspeed"
     nproc: int | None = None
-    deepspeed: Path = REPO / "ds_configs" / "zero2.json"
+    deepspeed: Path = DEFAULT_DS_CONFIG
     analyze: bool = False
     analysis_data: str = "mmlu"
     max_per_task: int | None = None
@@ -488,7 +491,6 @@ def run_logged(cmd: list[str], log: Path, env: dict[str, str], timeout: float | 
         # A new session per stage: the launcher and its ranks can be killed as one group.
         proc = subprocess.Popen(
             cmd,
-            cwd=REPO,
             env=env,
             stdout=f,
             stderr=subprocess.STDOUT,
@@ -670,7 +672,7 @@ def _check(rc: int, stage: str, log: Path) -> None:
 
 def _train(opts: Options, job: Job, record: dict, gpus: list[str] | None) -> dict[str, Any]:
     world = world_size(opts)
-    cmd = [*launch_prefix(opts.launcher, world, gpus), str(TRAIN)]
+    cmd = module_command(opts.launcher, world, gpus, TRAIN)
     cmd += ["--deepspeed", str(opts.deepspeed), "--config", str(opts.config)]
     # A row that crashed half-way continues from its last checkpoint (same config hash).
     cmd += ["--resume", "auto", *job.overrides]
@@ -798,7 +800,7 @@ def _evaluate(opts: Options, job: Job, record: dict, gpus: list[str] | None) -> 
     world = world_size(opts)
     m = job.run.model
     out = job.dir / "eval"
-    cmd = [*launch_prefix(opts.launcher, world, gpus), str(EVAL), "--model", m.name_or_path]
+    cmd = [*module_command(opts.launcher, world, gpus, EVAL), "--model", m.name_or_path]
     adapter = record["stages"]["train"].get("adapter")
     if adapter:  # None: the base model itself (a composition study's ``base`` row)
         cmd += ["--adapter", adapter]

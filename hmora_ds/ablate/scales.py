@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from hmora_ds.resources import CONFIGS_DIR
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class Scale:
 # keeps the default's size (offline_per_task=1000), so the cached build is reused.
 CPU = Scale(
     name="cpu",
-    config=REPO / "configs" / "default.yaml",
+    config=CONFIGS_DIR / "default.yaml",
     overrides=(
         "data.max_input_tokens=128",
         "data.max_output_tokens=32",
@@ -79,7 +79,7 @@ CPU = Scale(
 # study's --benchmarks / --mode / --source.
 PAPER = Scale(
     name="paper",
-    config=REPO / "configs" / "paper_qwen2_1.5b.yaml",
+    config=CONFIGS_DIR / "paper_qwen2_1.5b.yaml",
     overrides=(),
     seeds=(0, 1, 2, 3, 4),
     benchmarks="all",

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from hmora_ds.cli import Parser, prog_name
+
 logger = logging.getLogger("hmora_ds.analysis")
 
 FIG3 = "fig3_routing_entropy.png"
@@ -33,8 +35,8 @@ FIG4 = "fig4_task_tsne.png"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m hmora_ds.analyze",
+    p = Parser(
+        prog=prog_name("hmora_ds.analyze"),
         description="Analyses of trained HMoRA adapters (the paper's appendix E.4 / E.8).",
     )
     sub = p.add_subparsers(dest="command", required=True)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
+from hmora_ds.cli import Parser, prog_name
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hmora_ds.bench")
+    parser = Parser(prog=prog_name("hmora_ds.bench"))
     parser.add_argument("which", nargs="?", default="all", choices=["all", "step", "ep"])
     parser.add_argument("--quick", action="store_true", help="small shapes (a smoke test)")
     parser.add_argument("--out", default="bench/results")

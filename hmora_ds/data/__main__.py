@@ -17,6 +17,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from hmora_ds.cli import Parser, prog_name
 from hmora_ds.data.flan import FLAN_DATASET, HELD_OUT_PRESETS, PAPER_MIXTURE, FlanConfig, build_flan
 from hmora_ds.data.local import BadDataReport, iter_records
 from hmora_ds.data.offline import DEFAULT_MAX_PER_TASK, OfflineConfig, build_offline
@@ -48,7 +49,7 @@ def _cap(text: str) -> int | None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m hmora_ds.data", description=__doc__.split("\n")[0])
+    p = Parser(prog=prog_name("hmora_ds.data"), description="Build or check training data.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="cmd", required=True)
 

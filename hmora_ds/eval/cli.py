@@ -21,18 +21,20 @@ from typing import Any
 
 import torch
 
+from hmora_ds.cli import Parser, prog_name
 from hmora_ds.eval.benchmarks import SOURCES, EvalError
 from hmora_ds.eval.scoring import MODES, NORMS, ScoreConfig, Scorer
 from hmora_ds.eval.subsets import SPLITS, write_manifest
 from hmora_ds.eval.suite import SuiteConfig, prepare_suite, result_document, run_suite
 from hmora_ds.eval.tables import markdown_table
+from hmora_ds.resources import resolve_ds_config
 
 logger = logging.getLogger("hmora_ds.eval")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="launchers/eval.py",
+    p = Parser(
+        prog=prog_name("hmora_ds.eval", "launchers/eval.py"),
         description="Evaluate a base model or an HMoRA adapter on the paper's seven benchmarks.",
     )
     p.add_argument("--model", required=True, help="HF name / dir, .gguf, or smollm2-135m-instruct")
@@ -53,7 +55,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-input-tokens", type=int, default=1024)
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     p.add_argument("--attn-implementation", default="sdpa", choices=("sdpa", "eager"))
-    p.add_argument("--deepspeed", default=None, help="DeepSpeed JSON (e.g. ZeRO-3: partitioned)")
+    p.add_argument(
+        "--deepspeed",
+        default=None,
+        help="DeepSpeed JSON, a path or a shipped name (zero3: the base partitioned)",
+    )
     p.add_argument("--output-dir", type=Path, default=Path("runs/eval"))
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -102,7 +108,9 @@ def load_model(args: argparse.Namespace, info: Any, rank0_first) -> tuple[Any, A
     dtype = torch_dtype(args.dtype, on_gpu)
     ds_config = None
     if args.deepspeed:
-        ds_config = eval_ds_config(args.deepspeed, args.batch_size, info.world_size, on_gpu)
+        ds_config = eval_ds_config(
+            str(resolve_ds_config(args.deepspeed)), args.batch_size, info.world_size, on_gpu
+        )
     meta: dict[str, Any] = {"model": args.model, "checkpoint": ckpt, "adapter": None}
     if args.adapter:
         meta["adapter"] = str(args.adapter)

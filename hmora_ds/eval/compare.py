@@ -23,7 +23,6 @@ the spread over training seeds.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 from statistics import NormalDist
 from typing import Any
 
+from hmora_ds.cli import Parser, prog_name
 from hmora_ds.eval.benchmarks import BENCHMARKS, DISPLAY, MACRO
 
 #: Two-sided 95 % normal quantile, 1.959964…
@@ -204,7 +204,7 @@ def _interval(delta: PairedDelta) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hmora_ds.eval.compare")
+    parser = Parser(prog=prog_name("hmora_ds.eval.compare"))
     parser.add_argument("results", nargs="+", type=Path, help="results.json files")
     parser.add_argument("--labels", nargs="+", default=None)
     args = parser.parse_args(argv)

@@ -25,12 +25,13 @@ from hmora_ds.ablate.runner import (
     device_slots,
     eta_seconds,
     last_error,
-    launch_prefix,
+    module_command,
     on_slots,
     run_logged,
 )
-from hmora_ds.ablate.scales import CPU, REPO
+from hmora_ds.ablate.scales import CPU
 from hmora_ds.library import LIBRARY_FORMAT, LIBRARY_NAME, Library, LibraryEntry, LibraryError
+from hmora_ds.resources import DEFAULT_DS_CONFIG
 
 logger = logging.getLogger("hmora_ds.library")
 
@@ -64,7 +65,7 @@ class BuildOptions:
     sets: list[str] = field(default_factory=list)
     launcher: str = "deepspeed"
     nproc: int | None = None
-    deepspeed: Path = REPO / "ds_configs" / "zero2.json"
+    deepspeed: Path = DEFAULT_DS_CONFIG
     stage_timeout: float | None = None
     parallel_tasks: bool = False
 
@@ -283,7 +284,7 @@ def entry_of(out: Path, task: str) -> tuple[LibraryEntry, str | None, dict[str, 
 
 
 def _train(opts: BuildOptions, run: TaskRun, gpus: list[str] | None) -> None:
-    cmd = [*launch_prefix(opts.launcher, world_size(opts), gpus), str(TRAIN)]
+    cmd = module_command(opts.launcher, world_size(opts), gpus, TRAIN)
     cmd += ["--deepspeed", str(opts.deepspeed), "--config", str(opts.config)]
     cmd += ["--resume", "auto", *run.overrides]  # a half-trained task continues
     log = opts.out / LOGS / f"{run.task}.log"

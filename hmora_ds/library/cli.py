@@ -18,7 +18,9 @@ import logging
 import sys
 from pathlib import Path
 
-from hmora_ds.ablate.scales import CPU, REPO
+from hmora_ds.ablate.scales import CPU
+from hmora_ds.cli import Parser, prog_name
+from hmora_ds.resources import DEFAULT_DS_CONFIG
 
 logger = logging.getLogger("hmora_ds.library")
 
@@ -33,8 +35,9 @@ def _names(text: str | None, flag: str) -> list[str] | None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m hmora_ds.library", description="Build, show and compose a library of LoRAs."
+    p = Parser(
+        prog=prog_name("hmora_ds.library"),
+        description="Build, show and compose a library of LoRAs.",
     )
     # The deepspeed launcher puts --local_rank before the subcommand (the rank comes from
     # LOCAL_RANK in the environment; the flag is accepted and ignored).
@@ -59,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     b.add_argument("--launcher", choices=("deepspeed", "torchrun", "python"), default="deepspeed")
     b.add_argument("--nproc", type=int, default=None, help="ranks per task (CPU: 2; GPU: all)")
-    b.add_argument("--deepspeed", type=Path, default=REPO / "ds_configs" / "zero2.json")
+    b.add_argument("--deepspeed", type=Path, default=DEFAULT_DS_CONFIG)
     b.add_argument("--stage-timeout", type=float, default=None, help="seconds per task")
     b.add_argument(
         "--parallel-tasks",

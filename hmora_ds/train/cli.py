@@ -1,6 +1,7 @@
 """Command line of ``launchers/train.py``.
 
     deepspeed launchers/train.py --deepspeed ds_configs/zero2.json [--config configs/x.yaml]
+    hmora-ds train [--nproc N] --deepspeed zero2 --config default [...]
         [--resume auto|PATH | --overwrite] [key.sub=value …]
 
 ``--local_rank`` (injected by the ``deepspeed`` launcher) is accepted; ``torchrun`` and plain
@@ -21,22 +22,28 @@ import os
 import sys
 from pathlib import Path
 
-logger = logging.getLogger("hmora_ds.train")
+from hmora_ds.cli import Parser, prog_name
 
-REPO = Path(__file__).resolve().parents[2]
+logger = logging.getLogger("hmora_ds.train")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="launchers/train.py",
+    p = Parser(
+        prog=prog_name("hmora_ds.train", "launchers/train.py"),
         description="Fine-tune a Qwen2 / LLaMA model with HMoRA under DeepSpeed.",
     )
     p.add_argument(
         "--deepspeed",
-        default=str(REPO / "ds_configs" / "zero2.json"),
-        help="DeepSpeed JSON (ds_configs/zero2.json, zero3.json, zero3_offload.json)",
+        default="zero2",
+        help="DeepSpeed JSON: a path or a shipped one's name (zero2, zero3, zero3_offload, "
+        "zero2_ep)",
     )
-    p.add_argument("--config", default=None, help="run config YAML (configs/*.yaml)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="run config YAML: a path or a shipped one's name (default, paper_qwen2_1.5b, …); "
+        "none: the built-in defaults",
+    )
     start = p.add_mutually_exclusive_group()
     start.add_argument(
         "--resume",
@@ -75,14 +82,16 @@ def _close() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from hmora_ds.resources import resolve_ds_config, resolve_run_config
     from hmora_ds.runtime.writable import check_writable_dir
     from hmora_ds.train.config import load_run_config
     from hmora_ds.train.deepspeed_config import read_ds_config
 
     try:
-        run = load_run_config(args.config, args.overrides)
+        config = resolve_run_config(args.config) if args.config else None
+        run = load_run_config(config, args.overrides)
         check_writable_dir(run.output_dir)  # before anything loads
-        ds_config = read_ds_config(args.deepspeed)
+        ds_config = read_ds_config(resolve_ds_config(args.deepspeed))
     except ValueError as err:
         _error(str(err))
         return 2

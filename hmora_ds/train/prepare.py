@@ -8,13 +8,14 @@ Training does the same itself (rank 0 first), so this step is an optimisation fo
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
+from hmora_ds.cli import Parser, prog_name
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hmora_ds.train.prepare")
+    parser = Parser(prog=prog_name("hmora_ds.train.prepare"))
     parser.add_argument("--config", default=None)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
