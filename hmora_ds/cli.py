@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("hmora_ds.train.cli", "fine-tune a model (one process, or --nproc N ranks)"),
     "eval": ("hmora_ds.eval.cli", "evaluate a base model or an adapter on the benchmarks"),
     "export": ("hmora_ds.export", "export a checkpoint's adapter (or PEFT / merged model)"),
+    "chat": ("hmora_ds.chat", "talk to a model + adapter in the terminal (streaming)"),
+    "generate": ("hmora_ds.generate", "batch generation: JSONL prompts in, JSONL answers out"),
     "params": ("hmora_ds.params", "trainable parameters and TP % of a method on an architecture"),
     "plan": ("hmora_ds.plan", "memory plan: which ZeRO stage and batch fit your GPUs"),
     "data": ("hmora_ds.data.__main__", "build or inspect training data"),
