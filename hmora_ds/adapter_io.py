@@ -25,6 +25,7 @@ from hmora_ds.base_model import fingerprint_mismatch, gathered
 from hmora_ds.config import HMoRAConfig
 from hmora_ds.methods import adapter_parameters, frozen_adapter_tensors
 from hmora_ds.model import HMoRAModel
+from hmora_ds.peft_interop import PEFT_TAG
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -47,6 +48,8 @@ def adapter_metadata(model: HMoRAModel) -> dict[str, Any]:
     """What ``adapter_config.json`` says about a model (without the tensor shapes)."""
     return {
         "format": FORMAT,
+        # PEFT's loaders read this key: an unknown type stops them with this text.
+        "peft_type": PEFT_TAG,
         "hmora_ds_version": __version__,
         "config": model.config.to_dict(),
         "base_model": {

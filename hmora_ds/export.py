@@ -2,6 +2,8 @@
 
     python -m hmora_ds.export runs/default/checkpoints out/adapter     # the newest checkpoint
     python -m hmora_ds.export runs/default/checkpoints/step00000200 out/adapter
+    hmora-ds export runs/lora/adapter_best out/peft --peft     # PEFT LoRA (plain LoRA only)
+    hmora-ds export runs/lora/adapter_best out/merged --merge  # a full HF model, LoRA folded in
 
 DeepSpeed's ``zero_to_fp32`` reconstructs the full fp32 trainable tensors from the optimizer
 partitions of every rank (ZeRO-3 shards included), on CPU and without a process group; the
@@ -72,22 +74,57 @@ def export_adapter(checkpoint: str | Path, out: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(
         prog=prog_name("hmora_ds.export"),
-        description="Export the adapter of a DeepSpeed checkpoint (ZeRO-0/1/2/3) to safetensors.",
+        description="Export the adapter of a DeepSpeed checkpoint (ZeRO-0/1/2/3) to safetensors; "
+        "with --peft as a PEFT LoRA directory, with --merge as a full model with the LoRA folded "
+        "in (plain-LoRA adapters only).",
     )
     parser.add_argument(
-        "checkpoint",
-        help="a run's dir or its checkpoints dir (the newest complete checkpoint) or a step dir",
+        "source",
+        help="a run's dir or its checkpoints dir (the newest complete checkpoint), a step dir, "
+        "or (with --peft / --merge) an exported adapter directory",
     )
-    parser.add_argument("out", help="output adapter directory")
+    parser.add_argument("out", help="output directory")
+    form = parser.add_mutually_exclusive_group()
+    form.add_argument(
+        "--peft", action="store_true", help="write PEFT's format (PeftModel.from_pretrained)"
+    )
+    form.add_argument(
+        "--merge", action="store_true", help="write the base model with the LoRA merged in"
+    )
+    parser.add_argument(
+        "--model", default=None, help="--merge: the base model (default: the adapter's own)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:
-        path = export_adapter(args.checkpoint, args.out)
+        if args.peft or args.merge:
+            path = _convert(Path(args.source), Path(args.out), args.merge, args.model)
+        else:
+            path = export_adapter(args.source, args.out)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"adapter written to {path}")
+    what = "merged model" if args.merge else "PEFT adapter" if args.peft else "adapter"
+    print(f"{what} written to {path}")
     return 0
+
+
+def _convert(source: Path, out: Path, merge: bool, model: str | None) -> Path:
+    """``--peft`` / ``--merge`` of an adapter directory, or of a checkpoint's adapter."""
+    import tempfile
+
+    from hmora_ds import peft_interop
+    from hmora_ds.adapter_io import CONFIG_NAME
+
+    def convert(adapter: Path) -> Path:
+        if merge:
+            return peft_interop.merge(adapter, out, model)
+        return peft_interop.to_peft(adapter, out)
+
+    if (source / CONFIG_NAME).is_file():
+        return convert(source)
+    with tempfile.TemporaryDirectory() as tmp:
+        return convert(export_adapter(source, Path(tmp) / "adapter"))
 
 
 if __name__ == "__main__":
