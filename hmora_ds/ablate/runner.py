@@ -323,11 +323,18 @@ def _read_json(path: Path, flag: str) -> dict[str, Any]:
 
 #: Run-config keys added after rows were first run, with their defaults: at the default they
 #: are left out of the training hash, so rows trained before the key existed stay reusable.
-#: The ``train`` ones change how a step is computed, not what it computes (the chunked loss
-#: equals the full-logits one, a compiled layer its eager self).
+#: The ``train`` ones but ``epochs`` change how a step is computed, not what it computes (the
+#: chunked loss equals the full-logits one, a compiled layer its eager self); the data keys and
+#: ``train.epochs`` set to anything else change the row, and its hash.
 LATER_KEYS: dict[tuple[str, str], Any] = {
     ("data", "tasks"): None,
     ("data", "exclude_tasks"): [],
+    ("data", "format"): "auto",
+    ("data", "columns"): None,
+    ("data", "split"): "train",
+    ("data", "subset"): None,
+    ("data", "chat_template"): None,
+    ("train", "epochs"): None,
     ("train", "ce_chunk_tokens"): DEFAULT_CHUNK_TOKENS,
     ("train", "compile"): "none",
     ("train", "compile_backend"): "inductor",

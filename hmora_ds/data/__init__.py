@@ -2,13 +2,17 @@
 
 Training and evaluation use:
 
-* :func:`load_records` - records from a local file or builder directory;
+* :func:`load_records` - records from a local file or builder directory, or a Hugging Face
+  dataset, in any format of :mod:`hmora_ds.data.formats` (records, Alpaca, OpenAI messages,
+  ShareGPT);
+* :func:`apply_chat_template_setting` - ``data.chat_template`` on a tokenizer;
 * :func:`build_flan` / :func:`build_offline` / :func:`ensure_offline_mixture` - builders;
 * :class:`ChatEncoder`, :func:`encode_records`, :class:`DataCollator` - tokenisation
   and batches (``input_ids``, ``attention_mask``, ``labels``, ``prompt_mask``);
 * :class:`LengthGroupedSampler` - deterministic, resumable, rank-aware batches.
 """
 
+from hmora_ds.data.chat_templates import NAMED_TEMPLATES, apply_chat_template_setting
 from hmora_ds.data.collate import (
     IGNORE_INDEX,
     ChatEncoder,
@@ -19,6 +23,7 @@ from hmora_ds.data.collate import (
     encode_records,
 )
 from hmora_ds.data.flan import PAPER_MIXTURE, FlanConfig, build_flan
+from hmora_ds.data.formats import FORMATS, parse_rows
 from hmora_ds.data.local import BadDataReport, iter_records, load_records
 from hmora_ds.data.offline import (
     OfflineConfig,
@@ -30,7 +35,9 @@ from hmora_ds.data.records import DataError, read_manifest
 from hmora_ds.data.sampler import LengthGroupedSampler
 
 __all__ = [
+    "FORMATS",
     "IGNORE_INDEX",
+    "NAMED_TEMPLATES",
     "PAPER_MIXTURE",
     "BadDataReport",
     "ChatEncoder",
@@ -42,6 +49,7 @@ __all__ = [
     "FlanConfig",
     "LengthGroupedSampler",
     "OfflineConfig",
+    "apply_chat_template_setting",
     "build_flan",
     "build_offline",
     "default_offline_dir",
@@ -49,5 +57,6 @@ __all__ = [
     "ensure_offline_mixture",
     "iter_records",
     "load_records",
+    "parse_rows",
     "read_manifest",
 ]

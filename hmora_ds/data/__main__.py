@@ -6,6 +6,7 @@ Examples::
     python -m hmora_ds.data build-flan --out /tmp/f --num-samples 1000 --source my_flan.parquet
     python -m hmora_ds.data build-offline --out data/offline --max-per-task 10000
     python -m hmora_ds.data check my_data.jsonl
+    python -m hmora_ds.data check my_alpaca.json --format alpaca --columns output=answer
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from hmora_ds.cli import Parser, prog_name
 from hmora_ds.data.flan import FLAN_DATASET, HELD_OUT_PRESETS, PAPER_MIXTURE, FlanConfig, build_flan
+from hmora_ds.data.formats import FORMATS
 from hmora_ds.data.local import BadDataReport, iter_records
 from hmora_ds.data.offline import DEFAULT_MAX_PER_TASK, OfflineConfig, build_offline
 from hmora_ds.data.offline_tasks import TASKS
@@ -42,6 +44,16 @@ def _mixture(text: str) -> dict[str, float]:
 
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _columns(text: str) -> dict[str, str]:
+    out = {}
+    for part in text.split(","):
+        ours, sep, theirs = part.partition("=")
+        if not sep or not ours.strip() or not theirs.strip():
+            raise argparse.ArgumentTypeError(f"bad column entry {part!r} (want OURS=YOURS)")
+        out[ours.strip()] = theirs.strip()
+    return out
 
 
 def _cap(text: str) -> int | None:
@@ -98,8 +110,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     o.add_argument("--seed", type=int, default=42)
 
-    c = sub.add_parser("check", help="validate a local data file and print its task counts")
-    c.add_argument("path", type=Path)
+    c = sub.add_parser(
+        "check", help="validate a data file, directory or dataset and print its task counts"
+    )
+    c.add_argument("path", help="a file, a directory or a Hugging Face dataset")
+    c.add_argument("--format", default="auto", choices=FORMATS, help="as data.format")
+    c.add_argument(
+        "--columns",
+        type=_columns,
+        default=None,
+        metavar="OURS=YOURS,...",
+        help="as data.columns, e.g. instruction=question,output=answer",
+    )
+    c.add_argument("--split", default="train", help="split of a Hugging Face dataset")
+    c.add_argument("--subset", default=None, help="configuration of a Hugging Face dataset")
     return p
 
 
@@ -150,7 +174,15 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({k: m[k] for k in ("num_samples", "counts_by_task")}))
         else:
             reports: list[BadDataReport] = []
-            tasks = Counter(r["task_name"] for r in iter_records(args.path, reports))
+            records = iter_records(
+                args.path,
+                reports,
+                format=args.format,
+                columns=args.columns,
+                split=args.split,
+                subset=args.subset,
+            )
+            tasks = Counter(r["task_name"] for r in records)
             bad = {str(r.path): r.as_dict() for r in reports}
             print(
                 json.dumps(

@@ -26,7 +26,28 @@ Truncation (defaults from the paper: 1024 input / 512 output tokens): the target
 rendered prompt fits ``max_input_tokens`` (the chat-template wrapper is kept intact, so the
 truncated prompt is still exactly the template applied to a shorter source). The target is
 never dropped; a record whose prompt cannot fit (wrapper alone too long) or whose target is
-empty after tokenisation is skipped and counted.
+empty after tokenisation is skipped and counted. A record's ``system`` prompt is rendered as the
+chat's system message before the user turn (part of the prompt and of ``prompt_mask``).
+
+Multi-turn records (``messages``: user / assistant turns alternating) are rendered whole with
+the chat template (:meth:`ChatEncoder.encode_conversation`)::
+
+    [ system + user 1 + header | answer 1 + eot | user 2 + header | answer 2 + eot ]
+      prompt_mask = 1            labels           -100              labels
+
+* ``labels`` cover every assistant turn's tokens and its end-of-turn, -100 elsewhere;
+  ``prompt_mask`` the tokens before the first assistant turn (what task routing reads);
+  ``instruction_mask`` the first user message's text.
+* Each message's characters are found on the rendered text (the template rendered once more
+  with a sentinel per message gives the text around them; a template that rewrites a message
+  is searched for its stripped text), and the text is tokenised piecewise: the prompt, then
+  every assistant turn, its end-of-turn and the text up to the next assistant turn separately,
+  as the single-turn layout tokenises prompt and target.
+* Truncation: ``max_output_tokens`` bounds everything after the prompt (the assistant turns and
+  the user turns between them; the last end-of-turn not counted): whole turns are dropped from
+  the end until the rest fits (counted as ``dropped_turns``), a first answer longer than the
+  limit alone is cut as a target is; then the first user message is cut from the left until
+  the prompt fits ``max_input_tokens``, as a source is. The system prompt is always kept.
 """
 
 from __future__ import annotations
@@ -38,7 +59,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from jinja2.exceptions import TemplateError
 from tqdm.auto import tqdm
+
+from hmora_ds.data.records import MESSAGES_FIELD, SYSTEM_FIELD
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +92,12 @@ class EncodeConfig:
 
 @dataclass
 class EncodeStats:
-    """What happened while encoding a dataset (logged once, kept on the dataset)."""
+    """What happened while encoding a dataset (logged once, kept on the dataset).
+
+    ``conversations`` counts the multi-turn records, ``dropped_turns`` the assistant turns left
+    out of them to fit ``max_output_tokens``, ``skipped_unrendered`` the conversations the chat
+    template refused or did not copy verbatim enough to find their turns.
+    """
 
     records: int = 0
     encoded: int = 0
@@ -76,10 +105,14 @@ class EncodeStats:
     truncated_prompts: int = 0
     skipped_empty_target: int = 0
     skipped_prompt_too_long: int = 0
+    conversations: int = 0
+    dropped_turns: int = 0
+    skipped_unrendered: int = 0
 
     def log(self) -> None:
         """Log the counts; warn when records were skipped."""
         skipped = self.skipped_empty_target + self.skipped_prompt_too_long
+        skipped += self.skipped_unrendered
         level = logging.WARNING if skipped else logging.INFO
         logger.log(level, "Encoded %d/%d records: %s", self.encoded, self.records, asdict(self))
 
@@ -118,10 +151,13 @@ class ChatEncoder:
         self.template_kwargs = dict(
             DEFAULT_TEMPLATE_KWARGS if template_kwargs is None else template_kwargs
         )
-        self.eot_ids = self._end_of_turn_ids()
+        self._wrappers: dict[str | None, tuple[str, str]] = {}
+        self._warned_conversation = False
+        self.eot_text, self.eot_ids = self._end_of_turn()
 
-    def _end_of_turn_ids(self) -> list[int]:
-        """Tokens the template puts after an assistant message (trailing whitespace dropped)."""
+    def _end_of_turn(self) -> tuple[str, list[int]]:
+        """The text and tokens the template puts after an assistant message (trailing
+        whitespace dropped), or the eos token when it puts nothing."""
         msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _SENTINEL}]
         text = self.tokenizer.apply_chat_template(msgs, tokenize=False, **self.template_kwargs)
         suffix = text.split(_SENTINEL, 1)[1].rstrip() if _SENTINEL in text else ""
@@ -132,7 +168,7 @@ class ChatEncoder:
             raise ValueError(
                 "cannot find the chat template's end-of-turn token(s) nor an eos token"
             )
-        return ids
+        return suffix, ids
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -156,20 +192,23 @@ class ChatEncoder:
                 f"{wrapper} tokens; set it above {wrapper} (the paper: 1024)"
             )
 
-    def _wrapper(self) -> tuple[str, str]:
-        """The template's text before and after the source of a generation prompt."""
-        if not hasattr(self, "_wrapper_text"):
-            text = self.prompt_text(_SENTINEL)
+    def _wrapper(self, system: str | None = None) -> tuple[str, str]:
+        """The template's text before and after the source of a generation prompt (with the
+        system prompt ``system``; kept per system prompt, a dataset has few)."""
+        if system not in self._wrappers:
+            text = self.prompt_text(_SENTINEL, system)
             if text.count(_SENTINEL) != 1:
                 raise ValueError(
                     "chat_template: the user message must appear exactly once in the generation "
                     f"prompt to find the instruction's tokens (found {text.count(_SENTINEL)})"
                 )
             before, after = text.split(_SENTINEL)
-            self._wrapper_text = (before, after)
-        return self._wrapper_text
+            if len(self._wrappers) >= 64:
+                self._wrappers.pop(next(iter(self._wrappers)))
+            self._wrappers[system] = (before, after)
+        return self._wrappers[system]
 
-    def source_chars(self, prompt: str, source: str) -> tuple[int, int]:
+    def source_chars(self, prompt: str, source: str, system: str | None = None) -> tuple[int, int]:
         """Character span ``[start, end)`` of the source text inside a rendered prompt.
 
         The prompt is the wrapper's prefix, the source as the template rendered it (a template
@@ -178,7 +217,7 @@ class ChatEncoder:
         Raises:
             ValueError: the prompt is not the template applied to a user message.
         """
-        before, after = self._wrapper()
+        before, after = self._wrapper(system)
         if (
             len(prompt) >= len(before) + len(after)
             and prompt.startswith(before)
@@ -219,36 +258,44 @@ class ChatEncoder:
             out.append((ids, (first, len(ids) - k) if ce > cs else (len(ids), len(ids))))
         return out
 
-    def prompt_tokens(self, source: str) -> tuple[list[int], tuple[int, int]]:
-        """Tokens of ``prompt_text(source)`` and the token span ``[first, end)`` of the source
-        text within them (the instruction, see the module docstring)."""
-        text = self.prompt_text(source)
-        return self._tokens([text], [self.source_chars(text, source)])[0]
+    def prompt_tokens(
+        self, source: str, system: str | None = None
+    ) -> tuple[list[int], tuple[int, int]]:
+        """Tokens of ``prompt_text(source, system)`` and the token span ``[first, end)`` of the
+        source text within them (the instruction, see the module docstring)."""
+        text = self.prompt_text(source, system)
+        return self._tokens([text], [self.source_chars(text, source, system)])[0]
 
-    def prompt_text(self, source: str) -> str:
-        """The generation prompt for ``source`` (one user turn + assistant header)."""
+    def prompt_text(self, source: str, system: str | None = None) -> str:
+        """The generation prompt for ``source`` (an optional system message, one user turn,
+        the assistant header)."""
+        msgs = [{"role": "system", "content": system}] if system is not None else []
         return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": source}],
+            [*msgs, {"role": "user", "content": source}],
             add_generation_prompt=True,
             tokenize=False,
             **self.template_kwargs,
         )
 
     def encode_prompt(
-        self, source: str, prompt: tuple[list[int], tuple[int, int]] | None = None
+        self,
+        source: str,
+        prompt: tuple[list[int], tuple[int, int]] | None = None,
+        system: str | None = None,
     ) -> tuple[list[int], bool, tuple[int, int]] | None:
         """Prompt tokens for ``source``, left-truncating the source to fit ``max_input_tokens``.
 
         Args:
             source: The user message.
             prompt: Already-computed :meth:`prompt_tokens` of ``source`` (optional).
+            system: The system prompt (kept whole), or None.
 
         Returns:
             ``(ids, truncated, instruction span)``, or ``None`` if even an empty source does
             not fit.
         """
         limit = self.config.max_input_tokens
-        ids, span = prompt if prompt is not None else self.prompt_tokens(source)
+        ids, span = prompt if prompt is not None else self.prompt_tokens(source, system)
         if len(ids) <= limit:
             return ids, False, span
         src_ids = self._ids(source)
@@ -257,44 +304,59 @@ class ChatEncoder:
             if keep <= 0:
                 return None
             text = self.tokenizer.decode(src_ids[-keep:]).lstrip("\ufffd")
-            ids, span = self.prompt_tokens(text)
+            ids, span = self.prompt_tokens(text, system)
             if len(ids) <= limit:
                 return ids, True, span
             keep -= len(ids) - limit
         return None
 
-    def encode(self, source: str, target: str, stats: EncodeStats | None = None) -> dict | None:
+    def encode(
+        self,
+        source: str,
+        target: str,
+        stats: EncodeStats | None = None,
+        system: str | None = None,
+    ) -> dict | None:
         """Encode one example (see the module docstring for the layout and truncation).
 
         Returns:
             ``{"input_ids": list[int], "prompt_len": int, "instruction_span": (first, end)}``,
             or ``None`` if skipped.
         """
-        enc = self._encode_batch([source], [target], stats or EncodeStats())
+        enc = self._encode_batch([source], [target], stats or EncodeStats(), [system])
         return enc[0]
 
-    def encode_generation_prompt(self, source: str) -> dict | None:
+    def encode_generation_prompt(self, source: str, system: str | None = None) -> dict | None:
         """Encode a prompt alone for generation / scoring (labels all -100 after collation).
 
         Returns:
             ``{"input_ids": list[int], "prompt_len": int, "instruction_span": (first, end)}``,
             or ``None`` if it cannot fit.
         """
-        prompt = self.encode_prompt(source)
+        prompt = self.encode_prompt(source, system=system)
         if prompt is None:
             return None
         ids, _, span = prompt
         return {"input_ids": ids, "prompt_len": len(ids), "instruction_span": span}
 
     def _encode_batch(
-        self, sources: Sequence[str], targets: Sequence[str], stats: EncodeStats
+        self,
+        sources: Sequence[str],
+        targets: Sequence[str],
+        stats: EncodeStats,
+        systems: Sequence[str | None] | None = None,
     ) -> list[dict | None]:
-        prompts = [self.prompt_text(s) for s in sources]
-        spans = [self.source_chars(p, s) for p, s in zip(prompts, sources, strict=True)]
+        if not sources:
+            return []
+        systems = [None] * len(sources) if systems is None else list(systems)
+        prompts = [self.prompt_text(s, sy) for s, sy in zip(sources, systems, strict=True)]
+        spans = [
+            self.source_chars(p, s, sy) for p, s, sy in zip(prompts, sources, systems, strict=True)
+        ]
         p_tok = self._tokens(prompts, spans)
         t_ids = self.tokenizer(list(targets), add_special_tokens=False)["input_ids"]
         out: list[dict | None] = []
-        for source, ptok, tid in zip(sources, p_tok, t_ids, strict=True):
+        for source, system, ptok, tid in zip(sources, systems, p_tok, t_ids, strict=True):
             stats.records += 1
             if not tid:
                 stats.skipped_empty_target += 1
@@ -303,7 +365,7 @@ class ChatEncoder:
             if len(tid) > self.config.max_output_tokens:
                 tid = tid[: self.config.max_output_tokens]
                 stats.truncated_targets += 1
-            prompt = self.encode_prompt(source, ptok)
+            prompt = self.encode_prompt(source, ptok, system)
             if prompt is None:
                 stats.skipped_prompt_too_long += 1
                 out.append(None)
@@ -320,12 +382,162 @@ class ChatEncoder:
             )
         return out
 
+    # ------------------------------------------------------------------ multi-turn
+    def _render(self, msgs: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(msgs, tokenize=False, **self.template_kwargs)
+
+    def message_spans(self, msgs: list[dict], text: str) -> list[tuple[int, int]]:
+        """Character span ``[start, end)`` of every message's content in ``text``, the template
+        applied to ``msgs`` (see the module docstring).
+
+        Raises:
+            ValueError: a message is not in the rendered text.
+        """
+        marks = [f"\u2063HMORA_MSG_{i}\u2063" for i in range(len(msgs))]
+        skeleton = self._render(
+            [{"role": m["role"], "content": mark} for m, mark in zip(msgs, marks, strict=True)]
+        )
+        at = [skeleton.find(mark) for mark in marks]
+        pieces: list[str] | None = None
+        if all(a >= 0 and skeleton.count(m) == 1 for a, m in zip(at, marks, strict=True)) and (
+            at == sorted(at)
+        ):
+            ends = [0] + [a + len(m) for a, m in zip(at, marks, strict=True)]
+            pieces = [skeleton[ends[i] : at[i]] for i in range(len(msgs))]
+            pieces.append(skeleton[ends[-1] :])
+            spans, cursor = [], 0  # the template copies every message verbatim: exact spans
+            for piece, msg in zip(pieces, msgs, strict=False):
+                if not text.startswith(piece, cursor):
+                    break
+                cursor += len(piece)
+                if not text.startswith(msg["content"], cursor):
+                    break
+                spans.append((cursor, cursor + len(msg["content"])))
+                cursor += len(msg["content"])
+            if len(spans) == len(msgs) and text[cursor:] == pieces[-1]:
+                return spans
+        spans, cursor = [], 0  # a template that rewrites messages: their stripped text, in order
+        for i, msg in enumerate(msgs):
+            if pieces is not None and text.startswith(pieces[i], cursor):
+                cursor += len(pieces[i])
+            core = msg["content"].strip()
+            found = text.find(core, cursor)
+            if found < 0:
+                raise ValueError(
+                    f"chat_template: message {i + 1} ({msg['role']}) is not in the rendered "
+                    "conversation verbatim; its turns cannot be found"
+                )
+            spans.append((found, found + len(core)))
+            cursor = found + len(core)
+        return spans
+
+    def _conversation_pieces(
+        self, turns: Sequence[Mapping[str, str]], system: str | None
+    ) -> tuple[tuple[list[int], tuple[int, int]], list[list[int]], list[list[int]]]:
+        """The prompt's tokens and instruction span, every answer's tokens and the tokens of the
+        text between an answer's end-of-turn and the next answer (one fewer)."""
+        msgs = [{"role": "system", "content": system}] if system is not None else []
+        msgs += [{"role": t["role"], "content": t["content"]} for t in turns]
+        text = self._render(msgs)
+        spans = self.message_spans(msgs, text)
+        first_user = spans[len(msgs) - len(turns)]
+        answers = [spans[k] for k, m in enumerate(msgs) if m["role"] == "assistant"]
+        prompt = self._tokens([text[: answers[0][0]]], [first_user])[0]
+        texts = []
+        for j, (cs, ce) in enumerate(answers):
+            texts.append(text[cs:ce])
+            if j + 1 < len(answers):
+                end = ce + len(self.eot_text) if text.startswith(self.eot_text, ce) else ce
+                texts.append(text[end : answers[j + 1][0]])
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        return prompt, [list(x) for x in ids[0::2]], [list(x) for x in ids[1::2]]
+
+    def encode_conversation(
+        self,
+        turns: Sequence[Mapping[str, str]],
+        system: str | None = None,
+        stats: EncodeStats | None = None,
+    ) -> dict | None:
+        """Encode a multi-turn conversation (see the module docstring for layout and
+        truncation).
+
+        Args:
+            turns: ``{"role": "user" | "assistant", "content": str}`` alternating, from a user
+                turn to an assistant turn (:func:`hmora_ds.data.formats.parse_conversation`).
+            system: The system prompt, or None.
+            stats: Counts to update.
+
+        Returns:
+            ``{"input_ids", "prompt_len", "instruction_span", "label_mask"}`` (``label_mask``
+            1 on every kept answer's tokens and end-of-turn), or ``None`` if skipped.
+        """
+        stats = stats if stats is not None else EncodeStats()
+        stats.records += 1
+        stats.conversations += 1
+        turns = [dict(t) for t in turns]
+        try:
+            (pid, span), answers, between = self._conversation_pieces(turns, system)
+            limit = self.config.max_input_tokens
+            truncated_prompt = False
+            if len(pid) > limit:  # cut the first user message from the left, as a source
+                src_ids = self._ids(turns[0]["content"])
+                keep = len(src_ids) - (len(pid) - limit)
+                for _ in range(8):
+                    if keep <= 0:
+                        break
+                    turns[0]["content"] = self.tokenizer.decode(src_ids[-keep:]).lstrip("\ufffd")
+                    (pid, span), answers, between = self._conversation_pieces(turns, system)
+                    if len(pid) <= limit:
+                        truncated_prompt = True
+                        break
+                    keep -= len(pid) - limit
+                if len(pid) > limit:
+                    stats.skipped_prompt_too_long += 1
+                    return None
+        except (ValueError, TemplateError) as err:
+            stats.skipped_unrendered += 1
+            if not self._warned_conversation:
+                self._warned_conversation = True
+                logger.warning("conversation skipped (first of any such): %s", err)
+            return None
+        if not answers[0]:
+            stats.skipped_empty_target += 1
+            return None
+        budget, used, kept = self.config.max_output_tokens, 0, 0
+        for j, answer in enumerate(answers):
+            add = len(answer) + (len(self.eot_ids) + len(between[j - 1]) if j else 0)
+            if used + add > budget:
+                break
+            used, kept = used + add, kept + 1
+        if kept == 0:  # the first answer alone is too long: cut it, as a target
+            answers[0] = answers[0][:budget]
+            stats.truncated_targets += 1
+            kept = 1
+        stats.dropped_turns += len(answers) - kept
+        stats.truncated_prompts += int(truncated_prompt)
+        ids, mask = list(pid), [0] * len(pid)
+        for j in range(kept):
+            if j:
+                ids += between[j - 1]
+                mask += [0] * len(between[j - 1])
+            ids += answers[j] + self.eot_ids
+            mask += [1] * (len(answers[j]) + len(self.eot_ids))
+        stats.encoded += 1
+        return {
+            "input_ids": ids,
+            "prompt_len": len(pid),
+            "instruction_span": span,
+            "label_mask": mask,
+        }
+
 
 class EncodedDataset(torch.utils.data.Dataset):
     """Tokenised examples stored compactly (one flat int32 array + offsets).
 
     Items are ``{"input_ids": np.ndarray[int32] (L,), "prompt_len": int,
-    "instruction_span": (first, end), "index": int}``.
+    "instruction_span": (first, end), "index": int}``, plus ``"label_mask"``
+    (``np.ndarray[uint8] (L,)``, 1 on the tokens the model learns) when the dataset holds a
+    multi-turn conversation (``label_flat`` given).
 
     Attributes:
         lengths: Token count of every example, ``(N,)``.
@@ -334,6 +546,8 @@ class EncodedDataset(torch.utils.data.Dataset):
         stats: Encoding counts (truncations, skips).
         record_index: Position of every example's record in the encoded records (skipped
             records leave gaps), ``(N,)`` int64.
+        label_flat: 1 on the labelled tokens, aligned with ``flat`` (None: every token after
+            the prompt is labelled, the single-turn layout).
     """
 
     def __init__(
@@ -346,6 +560,7 @@ class EncodedDataset(torch.utils.data.Dataset):
         stats: EncodeStats,
         instruction_spans: np.ndarray | None = None,
         record_index: np.ndarray | None = None,
+        label_flat: np.ndarray | None = None,
     ) -> None:
         assert len(offsets) == len(prompt_lens) + 1 == len(task_names) + 1 == len(ids) + 1
         if instruction_spans is None:  # unknown: the whole prompt
@@ -359,12 +574,14 @@ class EncodedDataset(torch.utils.data.Dataset):
             record_index = np.arange(len(prompt_lens), dtype=np.int64)
         assert record_index.shape == (len(prompt_lens),)
         self.record_index = record_index
+        assert label_flat is None or label_flat.shape == flat.shape
+        self.label_flat = label_flat
 
     def __len__(self) -> int:
         return len(self.prompt_lens)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {
+        item = {
             "input_ids": self.flat[self.offsets[i] : self.offsets[i + 1]],
             "prompt_len": int(self.prompt_lens[i]),
             "instruction_span": (
@@ -373,6 +590,9 @@ class EncodedDataset(torch.utils.data.Dataset):
             ),
             "index": int(i),
         }
+        if self.label_flat is not None:
+            item["label_mask"] = self.label_flat[self.offsets[i] : self.offsets[i + 1]]
+        return item
 
 
 def encode_records(
@@ -381,7 +601,8 @@ def encode_records(
     *,
     progress: bool | None = None,
 ) -> EncodedDataset:
-    """Tokenise records (``source``, ``target``, optional ``task_name``/``id``).
+    """Tokenise records (``source``, ``target``, optional ``system`` / ``task_name`` / ``id``;
+    or ``messages``, a multi-turn conversation, see :meth:`ChatEncoder.encode_conversation`).
 
     Args:
         records: Records as produced by the loaders and builders.
@@ -399,18 +620,32 @@ def encode_records(
     task_names: list[str] = []
     ids: list[str] = []
     kept: list[int] = []
+    masks: list[list[int] | None] = []
     records = list(records)
     disable = None if progress is None else not progress  # None: tqdm asks the terminal
     bar = tqdm(total=len(records), desc="tokenise", unit=" rec", disable=disable)
     for start in range(0, len(records), _CHUNK):
         batch = records[start : start + _CHUNK]
-        encoded = encoder._encode_batch(
-            [r["source"] for r in batch], [r["target"] for r in batch], stats
+        single = [r for r in batch if MESSAGES_FIELD not in r]
+        done = iter(
+            encoder._encode_batch(
+                [r["source"] for r in single],
+                [r["target"] for r in single],
+                stats,
+                [r.get(SYSTEM_FIELD) for r in single],
+            )
         )
+        encoded = [
+            next(done)
+            if MESSAGES_FIELD not in r
+            else encoder.encode_conversation(r[MESSAGES_FIELD], r.get(SYSTEM_FIELD), stats)
+            for r in batch
+        ]
         for k, (rec, enc) in enumerate(zip(batch, encoded, strict=True)):
             if enc is None:
                 continue
             kept.append(start + k)
+            masks.append(enc.get("label_mask"))
             chunks.append(np.asarray(enc["input_ids"], dtype=np.int32))
             lengths.append(len(enc["input_ids"]))
             prompt_lens.append(enc["prompt_len"])
@@ -423,6 +658,16 @@ def encode_records(
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     flat = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
+    label_flat = None
+    if any(m is not None for m in masks):  # a conversation: every example gets its mask
+        label_flat = np.concatenate(
+            [
+                np.asarray(m, dtype=np.uint8)
+                if m is not None
+                else (np.arange(n) >= p).astype(np.uint8)
+                for m, n, p in zip(masks, lengths, prompt_lens, strict=True)
+            ]
+        )
     return EncodedDataset(
         flat,
         offsets,
@@ -432,6 +677,7 @@ def encode_records(
         stats,
         np.asarray(spans, dtype=np.int64).reshape(len(spans), 2),
         np.asarray(kept, dtype=np.int64),
+        label_flat,
     )
 
 
@@ -439,7 +685,8 @@ class DataCollator:
     """Pads encoded examples into the batch the model consumes.
 
     Returns a dict of LongTensors, all ``(B, T)``: ``input_ids``, ``attention_mask``,
-    ``labels`` (-100 on prompt and padding), ``prompt_mask`` (1 on prompt tokens only) and,
+    ``labels`` (-100 on prompt and padding; with a feature's ``label_mask``, -100 wherever it
+    is 0: a conversation's user turns), ``prompt_mask`` (1 on prompt tokens only) and,
     when the features carry an ``instruction_span`` (every :class:`ChatEncoder` feature does),
     ``instruction_mask`` (1 on the source text's tokens inside the prompt).
 
@@ -498,7 +745,15 @@ class DataCollator:
             input_ids_BT[i, s : s + n] = ids
             attention_BT[i, s : s + n] = 1
             prompt_BT[i, s : s + p] = 1
-            labels_BT[i, s + p : s + n] = ids[p:]
+            if f.get("label_mask") is not None:
+                mask = torch.as_tensor(np.asarray(f["label_mask"], dtype=bool))
+                if mask.shape != ids.shape:
+                    raise ValueError(
+                        f"label_mask of {mask.numel()} tokens for a sequence of {n} tokens"
+                    )
+                labels_BT[i, s : s + n] = torch.where(mask, ids, IGNORE_INDEX)
+            else:
+                labels_BT[i, s + p : s + n] = ids[p:]
             if instr_BT is not None:
                 first, end = (int(x) for x in f["instruction_span"])
                 if not 0 <= first <= end <= p:

@@ -1,12 +1,20 @@
-"""Local data files: JSONL / JSON / Parquet with ``source``, ``target`` and optional fields.
+"""Users' data: JSONL / JSON / Parquet files or Hugging Face datasets, in any format of
+:mod:`hmora_ds.data.formats` (records, Alpaca, OpenAI messages, ShareGPT).
 
 Schema (see ``docs/data.md``): every record needs string ``source`` and ``target``
-(non-empty); ``task_name``, ``task_source``, ``template`` and ``id`` are optional. Other
-fields are ignored by :func:`load_records` and passed through by :func:`iter_rows`.
+(non-empty), or ``messages`` for a multi-turn conversation; ``task_name``, ``task_source``,
+``template``, ``system`` and ``id`` are optional. Other fields are ignored by
+:func:`load_records` and passed through by :func:`iter_rows`.
 
-Bad records (missing fields, empty targets, non-strings, undecodable lines) are counted
-and skipped; each file gets **one** warning naming the file, the first bad lines and
-their reasons. A file with no usable record, an unknown format or a missing path raises.
+Bad records (missing fields, empty targets, non-strings, undecodable lines, malformed
+conversations) are counted and skipped; each file gets **one** warning naming the file, the
+first bad lines and their reasons. A file with no usable record, an unknown format or a missing
+path raises.
+
+A path that is not on disk and looks like a dataset name (``org/name``) is loaded with
+``datasets.load_dataset(name, subset, split=split)``; a directory written by
+``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` with ``datasets.load_from_disk``
+(offline).
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hmora_ds.data.records import DATA_FILE, DataError, validate_record
+from hmora_ds.data.formats import parse_rows
+from hmora_ds.data.records import DATA_FILE, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +49,7 @@ class BadDataReport:
         examples: ``(location, reason)`` of the first skipped records.
     """
 
-    path: Path
+    path: Path | str
     good: int = 0
     reasons: Counter = field(default_factory=Counter)
     examples: list[tuple[str, str]] = field(default_factory=list)
@@ -101,7 +110,10 @@ def resolve_files(path: str | Path) -> list[Path]:
         return [p / DATA_FILE]
     files = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(SUFFIXES))
     if not files:
-        raise DataError(f"{p}: directory holds no data file ({', '.join(SUFFIXES)})")
+        raise DataError(
+            f"{p}: directory holds no data file ({', '.join(SUFFIXES)}) and is no "
+            "Hugging Face save_to_disk directory"
+        )
     return files
 
 
@@ -171,26 +183,118 @@ def _iter_parquet(file: Path) -> Iterator[tuple[str, Any]]:
             yield f"row {row}", obj
 
 
-def iter_records(path: str | Path, reports: list[BadDataReport] | None = None) -> Iterator[dict]:
-    """Stream validated records from a local file or directory.
+#: A ``Dataset.save_to_disk`` directory has these two files; a ``DatasetDict`` one the third.
+_HF_DISK_FILES = ("state.json", "dataset_info.json")
+_HF_DICT_FILE = "dataset_dict.json"
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """Whether ``path`` is a directory written by ``save_to_disk`` (a Dataset or DatasetDict)."""
+    return path.is_dir() and (
+        (path / _HF_DICT_FILE).is_file() or all((path / f).is_file() for f in _HF_DISK_FILES)
+    )
+
+
+def looks_like_dataset_name(path: str) -> bool:
+    """Whether a path that is not on disk reads as a hub dataset name (``name`` or
+    ``org/name``), not as a local file that is missing."""
+    text = str(path)
+    return (
+        bool(text)
+        and text.count("/") <= 1
+        and not text.startswith((".", "/", "~"))
+        and "\\" not in text
+        and not text.endswith((*SUFFIXES, ".gz", ".csv", ".txt", ".jinja"))
+    )
+
+
+def _split_of(data: Any, split: str, where: str) -> Any:
+    """The ``split`` of a DatasetDict (a Dataset is returned as it is)."""
+    if hasattr(data, "keys") and not hasattr(data, "features"):
+        if split not in data:
+            raise DataError(
+                f"{where}: no split {split!r} (data.split); its splits: {', '.join(data.keys())}"
+            )
+        return data[split]
+    return data
+
+
+def load_hf_dataset(path: str | Path, split: str = "train", subset: str | None = None) -> Any:
+    """A Hugging Face dataset: a ``save_to_disk`` directory (``load_from_disk``, offline) or a
+    name / directory for ``datasets.load_dataset(path, subset, split=split)``.
+
+    Raises:
+        DataError: it cannot be loaded (one line naming the path, split and the cause).
+    """
+    import datasets
+
+    where = str(path)
+    try:
+        if is_saved_dataset(Path(path)):
+            return _split_of(datasets.load_from_disk(where), split, where)
+        return datasets.load_dataset(where, subset, split=split)
+    except DataError:
+        raise
+    except Exception as err:  # datasets raises many types (network, missing split, no files)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        what = f"split {split!r}" + (f", subset {subset!r}" if subset else "")
+        local = "" if Path(path).exists() else " is no local file or directory and"
+        raise DataError(
+            f"{where}{local} cannot be loaded as a Hugging Face dataset ({what}): {first}; "
+            f"a local data file ends in {', '.join(SUFFIXES)}"
+        ) from None
+
+
+def _iter_dataset(data: Any) -> Iterator[tuple[str, Any]]:
+    for i, row in enumerate(data, start=1):
+        yield f"row {i}", row
+
+
+def _sources(path: str | Path, split: str, subset: str | None) -> Iterator[tuple[Any, Any]]:
+    """``(name, rows(report))`` of every file (or the dataset) behind ``path``."""
+    p = Path(path)
+    if is_saved_dataset(p) or (not p.exists() and looks_like_dataset_name(str(path))):
+        data = load_hf_dataset(path, split, subset)
+        name = str(path) if split == "train" else f"{path}[{split}]"
+        yield name, lambda report: _iter_dataset(data)
+        return
+    for file in resolve_files(path):
+        yield file, lambda report, file=file: iter_rows(file, report)
+
+
+def iter_records(
+    path: str | Path,
+    reports: list[BadDataReport] | None = None,
+    *,
+    format: str = "auto",
+    columns: dict[str, str] | None = None,
+    split: str = "train",
+    subset: str | None = None,
+) -> Iterator[dict]:
+    """Stream validated records from a local file or directory, or a Hugging Face dataset.
 
     Args:
         path: A ``.jsonl``/``.jsonl.gz``/``.json``/``.parquet`` file, a builder output
-            directory (with ``data.jsonl``) or a directory of such files.
+            directory (with ``data.jsonl``), a directory of such files, a ``save_to_disk``
+            directory, or a hub dataset name.
         reports: If given, one :class:`BadDataReport` per file is appended to it.
+        format: ``auto``, ``records``, ``alpaca``, ``messages`` or ``sharegpt``
+            (:mod:`hmora_ds.data.formats`); ``auto`` decides per file.
+        columns: our field name → the user's column name, applied before detection.
+        split / subset: the split and configuration of a Hugging Face dataset.
 
     Yields:
-        Normalised records (``source``, ``target``, ``task_name``, ``id`` and the optional
-        string fields present).
+        Normalised records (``source``, ``target`` or ``messages``, ``task_name``, ``id`` and
+        the optional fields present).
 
     Raises:
         FileNotFoundError: Missing path.
-        DataError: Unknown format, unreadable file, or a file with no usable record.
+        DataError: Unknown format, unreadable file, a file whose format ``auto`` cannot tell,
+            or a file with no usable record.
     """
-    for file in resolve_files(path):
-        report = BadDataReport(file)
-        for loc, obj in iter_rows(file, report):
-            rec, why = validate_record(obj)
+    for name, rows in _sources(path, split, subset):
+        report = BadDataReport(name)
+        for loc, rec, why in parse_rows(rows(report), format, columns, name):
             if rec is None:
                 report.add(loc, why or "invalid record")
                 continue
@@ -201,9 +305,16 @@ def iter_records(path: str | Path, reports: list[BadDataReport] | None = None) -
             reports.append(report)
         if report.good == 0:
             detail = f" ({report.bad} bad: {dict(report.reasons)})" if report.bad else " (empty)"
-            raise DataError(f"{file}: no usable record{detail}")
+            raise DataError(f"{name}: no usable record{detail}")
 
 
-def load_records(path: str | Path) -> list[dict]:
-    """Load every usable record of a local file or directory (see :func:`iter_records`)."""
-    return list(iter_records(path))
+def load_records(
+    path: str | Path,
+    *,
+    format: str = "auto",
+    columns: dict[str, str] | None = None,
+    split: str = "train",
+    subset: str | None = None,
+) -> list[dict]:
+    """Load every usable record of a file, directory or dataset (see :func:`iter_records`)."""
+    return list(iter_records(path, format=format, columns=columns, split=split, subset=subset))

@@ -2,8 +2,11 @@
 
 A *record* is one instruction example: a ``source`` (the user prompt), a ``target`` (the
 answer the model learns to produce), a ``task_name``, and where known ``task_source``
-(the mixture it came from, e.g. ``T0-SF``) and ``template`` (the prompt template used).
-Every record carries a stable ``id``.
+(the mixture it came from, e.g. ``T0-SF``), ``template`` (the prompt template used) and
+``system`` (a system prompt). Every record carries a stable ``id``. A *multi-turn* record has
+``messages`` (the alternating user / assistant turns) instead of ``target``, and its first user
+message as ``source``. :mod:`hmora_ds.data.formats` turns the other formats (Alpaca, OpenAI
+messages, ShareGPT) into these records.
 
 Builders write a directory holding ``data.jsonl`` (one record per line) and
 ``manifest.json`` (what went in: counts per source and task, seed, held-out tasks,
@@ -28,7 +31,15 @@ MANIFEST_FILE = "manifest.json"
 # Task name given to local records that have none.
 DEFAULT_TASK = "unlabelled"
 REQUIRED_FIELDS = ("source", "target")
-OPTIONAL_STR_FIELDS = ("task_name", "task_source", "template")
+#: Optional system prompt of a record: rendered as the chat's system message before the user
+#: turn (a blank one counts as none).
+SYSTEM_FIELD = "system"
+OPTIONAL_STR_FIELDS = ("task_name", "task_source", "template", SYSTEM_FIELD)
+#: A multi-turn record's conversation: ``[{"role": "user" | "assistant", "content": str}, ...]``,
+#: alternating, starting with a user turn and ending with an assistant turn (the system prompt
+#: is the record's ``system`` field). Such a record has ``source`` (its first user message)
+#: but no ``target``.
+MESSAGES_FIELD = "messages"
 #: Optional 0/1 field: 1 marks a world-knowledge record (LoRAMoE's sample type). Records without
 #: it are typed by their task name (:func:`knowledge_flags`).
 KNOWLEDGE_FIELD = "knowledge"
@@ -51,7 +62,7 @@ def stable_id(*parts: str) -> str:
     return h.hexdigest()
 
 
-def validate_record(obj: Any) -> tuple[dict[str, str] | None, str | None]:
+def validate_record(obj: Any) -> tuple[dict[str, Any] | None, str | None]:
     """Check one raw object against the record schema.
 
     Args:
@@ -59,8 +70,8 @@ def validate_record(obj: Any) -> tuple[dict[str, str] | None, str | None]:
 
     Returns:
         ``(record, None)`` with a normalised record (``source``, ``target``, ``task_name``,
-        ``id``, any optional string fields and ``knowledge`` as 0 or 1 when given), or
-        ``(None, reason)`` when it is unusable.
+        ``id``, any optional string fields (``system`` among them) and ``knowledge`` as 0 or 1
+        when given), or ``(None, reason)`` when it is unusable.
     """
     if not isinstance(obj, Mapping):
         return None, f"not an object ({type(obj).__name__})"
@@ -73,27 +84,69 @@ def validate_record(obj: Any) -> tuple[dict[str, str] | None, str | None]:
         return None, "empty source"
     if not obj["target"].strip():
         return None, "empty target"
-    rec: dict[str, str] = {"source": obj["source"], "target": obj["target"]}
+    rec: dict[str, Any] = {"source": obj["source"], "target": obj["target"]}
+    why = _optional_fields(obj, rec)
+    if why:
+        return None, why
+    parts = [rec["task_name"], rec["source"], rec["target"]]
+    if SYSTEM_FIELD in rec:  # a record without a system prompt keeps its id of old
+        parts.append(rec[SYSTEM_FIELD])
+    _set_id(obj, rec, parts)
+    return rec, None
+
+
+def conversation_record(
+    messages: list[dict[str, str]], system: str | None, obj: Mapping[str, Any]
+) -> tuple[dict[str, Any] | None, str | None]:
+    """A multi-turn record: ``messages`` (alternating ``user`` / ``assistant`` turns, already
+    checked by :mod:`hmora_ds.data.formats`), ``source`` (its first user message: the prompt
+    task routing reads), the optional ``system`` prompt and the optional fields of ``obj``.
+
+    Returns:
+        ``(record, None)`` or ``(None, reason)``.
+    """
+    rec: dict[str, Any] = {"source": messages[0]["content"], MESSAGES_FIELD: messages}
+    if system is not None:
+        rec[SYSTEM_FIELD] = system
+    why = _optional_fields(obj, rec, skip=(SYSTEM_FIELD,))
+    if why:
+        return None, why
+    parts = [rec["task_name"], rec.get(SYSTEM_FIELD, "")]
+    parts += [f"{m['role']}:{m['content']}" for m in messages]
+    _set_id(obj, rec, parts)
+    return rec, None
+
+
+def _optional_fields(
+    obj: Mapping[str, Any], rec: dict[str, Any], skip: tuple[str, ...] = ()
+) -> str | None:
+    """Copy the optional fields of ``obj`` into ``rec`` (``task_name`` defaulted); the reason
+    when one is unusable, else None."""
     for key in OPTIONAL_STR_FIELDS:
         value = obj.get(key)
-        if value is None:
+        if value is None or key in skip:
             continue
         if not isinstance(value, str):
-            return None, f"non-string field '{key}' ({type(value).__name__})"
+            return f"non-string field '{key}' ({type(value).__name__})"
+        if key == SYSTEM_FIELD and not value.strip():
+            continue  # a blank system prompt is no system prompt
         rec[key] = value
     if obj.get(KNOWLEDGE_FIELD) is not None:
         flag = obj[KNOWLEDGE_FIELD]
         if isinstance(flag, bool) or (isinstance(flag, int) and flag in (0, 1)):
             rec[KNOWLEDGE_FIELD] = int(flag)
         else:
-            return None, f"field '{KNOWLEDGE_FIELD}' must be 0, 1, true or false"
+            return f"field '{KNOWLEDGE_FIELD}' must be 0, 1, true or false"
     rec.setdefault("task_name", DEFAULT_TASK)
+    return None
+
+
+def _set_id(obj: Mapping[str, Any], rec: dict[str, Any], parts: list[str]) -> None:
     raw_id = obj.get("id")
     if isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool) and str(raw_id):
         rec["id"] = str(raw_id)
     else:
-        rec["id"] = stable_id(rec["task_name"], rec["source"], rec["target"])
-    return rec, None
+        rec["id"] = stable_id(*parts)
 
 
 def write_jsonl(path: Path, records: Iterable[Mapping[str, Any]]) -> int:

@@ -72,10 +72,30 @@ class DataConfig:
 
     Attributes:
         kind: ``offline`` (the real offline mixture, built on first use), ``flan`` (a Flan v2
-            build directory) or ``local`` (a JSONL / JSON / Parquet file or directory).
+            build directory) or ``local`` (your own data: a JSONL / JSON / Parquet file or
+            directory, or a Hugging Face dataset; see docs/data.md, "Your own data").
         path: the file or directory for ``local`` / ``flan``; for ``offline`` an optional
-            build directory (default: in the cache).
-        val_path: held-out records for validation (default: ``val_fraction`` of the training set).
+            build directory (default: in the cache). With ``local`` also a Hugging Face
+            dataset: a hub name (``org/name``, read with ``datasets.load_dataset``) or a
+            ``save_to_disk`` directory (read offline).
+        format: with ``local``: ``auto`` (decided per file from its first record's keys),
+            ``records`` (``source`` / ``target``), ``alpaca`` (``instruction``, optional
+            ``input``, ``output``), ``messages`` (OpenAI ``messages``: role / content, loss on
+            the assistant turns only) or ``sharegpt`` (``conversations``: from / value).
+        columns: with ``local``: your column names for ours, applied before the format is
+            detected, e.g. ``{instruction: question, output: answer}`` or
+            ``{messages: dialog}`` (on the command line
+            ``data.columns='{instruction: question, output: answer}'``); null = none.
+        split: with a Hugging Face dataset: the split to train on (``data.val_path`` naming
+            a dataset reads its ``validation`` split).
+        subset: with a Hugging Face dataset: its configuration (``load_dataset``'s second
+            argument); null = the default one.
+        chat_template: the chat template of every prompt, in training and in its
+            evaluations: null (the tokenizer's own; a tokenizer without one is an error),
+            ``chatml``, ``llama3``, ``plain`` (for base models: the prompt is the source and a
+            newline, the answer ends with the eos token) or a path to a Jinja file.
+        val_path: held-out records for validation (default: ``val_fraction`` of the training set);
+            read like ``path`` (same format and columns).
         val_fraction: share of training records held out when ``val_path`` is unset.
         max_records: cap on training records (None = all).
         max_input_tokens / max_output_tokens: prompt and target limits (paper: 1024 / 512).
@@ -92,6 +112,11 @@ class DataConfig:
 
     kind: str = "offline"
     path: str | None = None
+    format: str = "auto"
+    columns: dict[str, str] | None = None
+    split: str = "train"
+    subset: str | None = None
+    chat_template: str | None = None
     val_path: str | None = None
     val_fraction: float = 0.02
     max_records: int | None = None
@@ -113,6 +138,7 @@ class DataConfig:
             _fail("data.kind", f"must be offline, flan or local, got {self.kind!r}")
         if self.kind in ("flan", "local") and not self.path:
             _fail("data.path", f"is required with data.kind={self.kind}")
+        self._check_sources()
         if not 0.0 <= self.val_fraction < 0.5:
             _fail("data.val_fraction", f"must lie in [0, 0.5), got {self.val_fraction}")
         for name in ("max_input_tokens", "max_output_tokens", "max_records", "offline_per_task"):
@@ -120,6 +146,45 @@ class DataConfig:
             if value is not None and value < 1:
                 none = " or null (all)" if name in ("max_records", "offline_per_task") else ""
                 _fail(f"data.{name}", f"must be a positive integer{none}, got {value}")
+
+    def _check_sources(self) -> None:
+        """``format``, ``columns``, ``split``, ``subset`` and ``chat_template``."""
+        from hmora_ds.data.chat_templates import template_problem
+        from hmora_ds.data.formats import COLUMN_FIELDS, FORMATS
+
+        if self.format not in FORMATS:
+            _fail("data.format", f"must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.columns is not None:
+            for ours, theirs in self.columns.items():
+                if ours not in COLUMN_FIELDS:
+                    _fail(
+                        "data.columns",
+                        f"{ours!r} is not one of our fields ({', '.join(COLUMN_FIELDS)}); map "
+                        "ours to yours, e.g. {instruction: question, output: answer}",
+                    )
+                elif not isinstance(theirs, str) or not theirs:
+                    _fail(
+                        "data.columns",
+                        f"{ours}: must name one of your columns (a string), got {theirs!r}",
+                    )
+        if not self.split:
+            _fail("data.split", "is empty; give a split name such as train")
+        if self.kind != "local":
+            defaults = {"format": "auto", "columns": None, "split": "train", "subset": None}
+            for name, default in defaults.items():
+                if getattr(self, name) != default:
+                    _fail(
+                        f"data.{name}",
+                        f"applies to data.kind=local only (data.kind={self.kind}); remove it "
+                        "or set data.kind=local",
+                    )
+        problem = template_problem(self.chat_template)
+        if problem:
+            _fail("data.chat_template", problem)
+
+
+#: ``train.max_steps`` at its default: the value ``train.epochs`` may replace.
+DEFAULT_MAX_STEPS = 10000
 
 
 @dataclass
@@ -131,7 +196,11 @@ class TrainConfig:
             ``train_micro_batch_size_per_gpu``).
         grad_accum: micro-batches accumulated per optimizer step; the global batch is
             ``micro_batch_size × grad_accum × ranks``.
-        max_steps: optimizer steps to train (fewer if early stopping ends the run).
+        max_steps: optimizer steps to train (fewer if early stopping ends the run); with
+            ``epochs`` leave it at its default (it is then derived from the data).
+        epochs: passes over the training data, or null (train ``max_steps`` steps). When set,
+            ``max_steps = ceil(epochs × training examples / global batch)``, computed once the
+            data is encoded (the log states it); may be fractional (0.5 = half the data).
         lr: peak learning rate (LoRA+ multiplies it by ``method.adapter.eta_b`` for ``B``).
         router_lr_mult: multiplies ``lr`` for the routers: token, task and sentence
             routers and a learnable α (1 = the paper); the task encoder and ``e_task`` keep
@@ -171,7 +240,8 @@ class TrainConfig:
 
     micro_batch_size: int = 4
     grad_accum: int = 3
-    max_steps: int = 10000
+    max_steps: int = DEFAULT_MAX_STEPS
+    epochs: float | None = None
     lr: float = 2e-5
     router_lr_mult: float = 1.0
     warmup_steps: int = 500
@@ -202,6 +272,16 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 _fail(f"train.{name}", f"must be a positive integer, got {value!r}")
+        if self.epochs is not None:
+            if not 0 < self.epochs < math.inf:
+                _fail("train.epochs", f"must be > 0 and finite, or null, got {self.epochs}")
+            elif self.max_steps != DEFAULT_MAX_STEPS:
+                _fail(
+                    "train.epochs",
+                    f"{self.epochs:g} and train.max_steps={self.max_steps} are both set; keep "
+                    "one: drop train.epochs, or train.max_steps (a config file's is reset with "
+                    f"train.max_steps={DEFAULT_MAX_STEPS}, its default)",
+                )
         if not 0 < self.lr < math.inf:
             _fail("train.lr", f"must be > 0 and finite, got {self.lr}")
         if not 0 < self.router_lr_mult < float("inf"):

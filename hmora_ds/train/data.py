@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from hmora_ds.data import (
     ensure_offline_mixture,
     load_records,
 )
+from hmora_ds.data.chat_templates import apply_chat_template_setting
 from hmora_ds.data.records import (
     DEFAULT_TASK,
     KNOWLEDGE_FIELD,
@@ -33,6 +35,10 @@ from hmora_ds.data.records import (
 from hmora_ds.train.config import RunConfig
 
 logger = logging.getLogger(__name__)
+
+
+#: The split a Hugging Face dataset named by ``data.val_path`` is read from.
+VALIDATION_SPLIT = "validation"
 
 
 def prepare_records(run: RunConfig) -> Path | None:
@@ -49,13 +55,22 @@ def _is_validation(record_id: str, fraction: float) -> bool:
     return h / 2**64 < fraction
 
 
+def _load(run: RunConfig, path: str | Path, split: str) -> list[dict]:
+    """Records of ``path`` read as the data config says (format, columns, dataset split)."""
+    d = run.data
+    if d.kind != "local":
+        return load_records(path)
+    return load_records(path, format=d.format, columns=d.columns, split=split, subset=d.subset)
+
+
 def split_records(run: RunConfig) -> tuple[list[dict], list[dict]]:
     """Training and validation records of the run."""
     d = run.data
-    path = prepare_records(run) if d.kind == "offline" else Path(d.path)
-    records = select_tasks(load_records(path), d.tasks, d.exclude_tasks, str(path))
+    path = prepare_records(run) if d.kind == "offline" else d.path
+    records = select_tasks(_load(run, path, d.split), d.tasks, d.exclude_tasks, str(path))
     if d.val_path:
-        val = select_tasks(load_records(d.val_path), d.tasks, d.exclude_tasks, d.val_path)
+        val_recs = _load(run, d.val_path, VALIDATION_SPLIT)
+        val = select_tasks(val_recs, d.tasks, d.exclude_tasks, d.val_path)
         train = records
     else:
         train, val = [], []
@@ -68,6 +83,31 @@ def split_records(run: RunConfig) -> tuple[list[dict], list[dict]]:
     if not train:
         raise ValueError(f"data: no training records in {path}")
     return train, val
+
+
+def epoch_steps(epochs: float, examples: int, global_batch: int) -> int:
+    """Optimizer steps of ``epochs`` passes over ``examples``: ceil(epochs × examples / global
+    batch), at least 1."""
+    return max(1, math.ceil(epochs * examples / global_batch - 1e-9))
+
+
+def resolve_max_steps(run: RunConfig, data: RunData, world_size: int) -> int:
+    """``train.max_steps``, derived from ``train.epochs`` and the encoded training examples when
+    that is set (written into ``run.train.max_steps``, so the schedule, the loop and the saved
+    run config use it; logged). Returns it."""
+    t = run.train
+    if t.epochs is None:
+        return t.max_steps
+    global_batch = t.micro_batch_size * t.grad_accum * world_size
+    steps = epoch_steps(t.epochs, len(data.train), global_batch)
+    logger.info(
+        "train.epochs=%s: %d training examples / global batch %d (micro %d x accum %d x %d "
+        "ranks) -> train.max_steps=%d",
+        t.epochs, len(data.train), global_batch, t.micro_batch_size, t.grad_accum, world_size,
+        steps,
+    )  # fmt: skip
+    t.max_steps = steps
+    return steps
 
 
 @dataclass
@@ -148,6 +188,7 @@ def add_record_columns(data: RunData, method: Any) -> list[str]:
 
 def build_run_data(run: RunConfig, tokenizer: Any, rank: int, world_size: int) -> RunData:
     """Encode the run's records with the tokenizer's chat template and set up sampling."""
+    apply_chat_template_setting(tokenizer, run.data.chat_template, run.model.name_or_path)
     train_recs, val_recs = split_records(run)
     encoder = ChatEncoder(
         tokenizer, EncodeConfig(run.data.max_input_tokens, run.data.max_output_tokens)

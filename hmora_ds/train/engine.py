@@ -104,11 +104,17 @@ def plan_engine(run: RunConfig, ds_config: dict[str, Any], info: DistInfo) -> En
 
 
 def resolve_base(run: RunConfig, rank: int) -> tuple[str, Any]:
-    """(local checkpoint path, tokenizer) of the base; rank 0 downloads first."""
+    """(local checkpoint path, tokenizer) of the base; rank 0 downloads first. The tokenizer
+    carries the chat template of ``data.chat_template`` (training and evaluation share it); a
+    tokenizer without one and no ``data.chat_template`` is a one-line error."""
+    from hmora_ds.data.chat_templates import apply_chat_template_setting
+
     checkpoint = rank0_first(
         lambda: resolve_checkpoint(run.model.name_or_path, run.model.gguf_file), rank
     )
-    return checkpoint, load_tokenizer(checkpoint, run.model.tokenizer)
+    tokenizer = load_tokenizer(checkpoint, run.model.tokenizer)
+    model = run.model.tokenizer or run.model.name_or_path
+    return checkpoint, apply_chat_template_setting(tokenizer, run.data.chat_template, model)
 
 
 @dataclass

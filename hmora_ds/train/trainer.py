@@ -26,7 +26,13 @@ from hmora_ds.parallel.expert_parallel import validate_expert_parallel
 from hmora_ds.runtime.dist import DistInfo, rank0_first
 from hmora_ds.train.checkpoint import ResumePoint
 from hmora_ds.train.config import RunConfig
-from hmora_ds.train.data import RunData, add_record_columns, build_run_data, prepare_records
+from hmora_ds.train.data import (
+    RunData,
+    add_record_columns,
+    build_run_data,
+    prepare_records,
+    resolve_max_steps,
+)
 from hmora_ds.train.deepspeed_config import zero_stage
 from hmora_ds.train.engine import build_engine, plan_engine, resolve_base, seed_everything
 from hmora_ds.train.evaluate import Evaluator, ValidationLoss
@@ -94,6 +100,7 @@ class Trainer:
         # The offline mixture is built once (rank 0) before every rank reads it.
         rank0_first(lambda: prepare_records(run), info.rank)
         self.data: RunData = build_run_data(run, self.tokenizer, info.rank, info.world_size)
+        resolve_max_steps(run, self.data, info.world_size)  # train.epochs: from the data
         # Two stages: the clustering decides the number of groups before the model exists.
         self.stages = plan_stages(run, self.plan.method, info, checkpoint, self.tokenizer,
                                   self.data.prompts, resume)  # fmt: skip
