@@ -163,9 +163,10 @@ def test_every_row_of_every_study_resolves_at_both_scales(tmp_path):
                 for item in as_overrides(job.row.overrides):
                     key, value = parse_override(item)
                     assert value == job.row.overrides[key]
-    assert STUDIES["baselines"].rows_for("cpu")[0].name == "lora-r8"
-    full_ft = STUDIES["baselines"].rows_for("paper")[0]
-    assert full_ft.name == "full-ft" and full_ft.unsupported
+    # Full fine-tuning runs at both scales: it saves a whole model, which the eval stage reads.
+    for scale in ("cpu", "paper"):
+        full_ft = STUDIES["baselines"].rows_for(scale)[0]
+        assert full_ft.name == "full-ft" and not full_ft.unsupported
 
 
 def test_device_slots_and_launch_commands(monkeypatch, tmp_path):
@@ -287,7 +288,6 @@ def test_table_mean_std_over_seeds_with_routing_columns():
         (["routing", "--set", "method.loss.aux=none"], "the routing study varies method.loss.aux"),
         (["routing", "--set", "train.seed=3"], "train.seed is set by the runner; use --seeds"),
         (["routing", "--rows", "soft,bogus"], "unknown row(s) bogus in study routing"),
-        (["baselines", "--rows", "full-ft"], "full-ft: --scale paper only"),
         (["routing", "--launcher", "python", "--nproc", "2"], "--launcher python runs one"),
         (["routing", "--source", "local"], "--source local and --local-dir DIR go together"),
     ],
@@ -422,10 +422,10 @@ def test_methods_study_has_one_row_per_registered_method_with_its_preset(tmp_pat
     assert {r.name: r.overrides["preset"] for r in s.rows} == {
         n.replace("_", "-"): get_method(n).preset for n in expected
     }
-    assert [r.name for r in s.rows if r.paper_only] == ["full-ft"]
+    assert not [r.name for r in s.rows if r.paper_only]
     jobs = plan(_options("methods", CPU, tmp_path), s.rows_for("cpu"))
     assert all(j.run.train.max_steps == 40 and j.run.train.router_lr_mult == 20.0 for j in jobs)
-    assert {j.run.hmora_config().method for j in jobs} == set(expected) - {"full_ft"}
+    assert {j.run.hmora_config().method for j in jobs} == set(expected)
 
 
 def test_methods_table_by_hand(tmp_path):

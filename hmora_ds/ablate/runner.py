@@ -690,6 +690,7 @@ def _train(opts: Options, job: Job, record: dict, gpus: list[str] | None) -> dic
         raise StageError("train", f"no {summary_path} after training (log: {log})")
     s = json.loads(summary_path.read_text())
     adapter = s.get("adapter_best") or s.get("adapter")
+    model = s.get("model_best") or s.get("model")  # a full fine-tune's whole model
     record["tp_percent"] = s["tp_percent"]  # the real model's count wins over the meta one
     record["trainable_parameters"] = s["trainable_parameters"]
     return {
@@ -701,6 +702,7 @@ def _train(opts: Options, job: Job, record: dict, gpus: list[str] | None) -> dic
         "tokens_per_s": s["tokens_per_s"],
         "train_seconds": s["seconds"],
         "adapter": str(Path(adapter).resolve()) if adapter else None,
+        **({"model": str(Path(model).resolve())} if model else {}),
     }
 
 
@@ -807,11 +809,13 @@ def _evaluate(opts: Options, job: Job, record: dict, gpus: list[str] | None) -> 
     world = world_size(opts)
     m = job.run.model
     out = job.dir / "eval"
-    cmd = [*module_command(opts.launcher, world, gpus, EVAL), "--model", m.name_or_path]
+    # A full fine-tune is evaluated as a model of its own (no adapter).
+    model = record["stages"]["train"].get("model") or m.name_or_path
+    cmd = [*module_command(opts.launcher, world, gpus, EVAL), "--model", model]
     adapter = record["stages"]["train"].get("adapter")
     if adapter:  # None: the base model itself (a composition study's ``base`` row)
         cmd += ["--adapter", adapter]
-    if m.gguf_file:
+    if m.gguf_file and model == m.name_or_path:
         cmd += ["--gguf-file", m.gguf_file]
     if m.tokenizer:
         cmd += ["--tokenizer", m.tokenizer]

@@ -280,14 +280,6 @@ def _experts() -> Study:
     )
 
 
-#: Why full fine-tuning cannot go through the ablation runner today (see docs/ablations.md).
-FULL_FT_UNSUPPORTED = (
-    "the trainer saves adapters only (save_adapter refuses a full fine-tune) and "
-    "launchers/eval.py evaluates a base model + adapter, so a full fine-tune has no "
-    "checkpoint the evaluation can read"
-)
-
-
 def _baselines() -> Study:
     """Every registered method's shipped presets (the built-ins are table 3's rows)."""
     from hmora_ds.methods import method_presets
@@ -296,9 +288,13 @@ def _baselines() -> Study:
     for preset, label, _ in method_presets():
         name = preset.replace("_", "-")
         if preset == "full_ft":
-            rows.append(Row(name, {"Method": label},
-                            {"preset": preset, "train.gradient_checkpointing": True},
-                            paper_only=True, unsupported=FULL_FT_UNSUPPORTED))  # fmt: skip
+            rows.append(
+                Row(
+                    name,
+                    {"Method": label},
+                    {"preset": preset, "train.gradient_checkpointing": True},
+                )
+            )
         else:
             rows.append(Row(name, {"Method": label}, {"preset": preset}))
     return Study(
@@ -450,9 +446,13 @@ def _methods() -> Study:
         label = cls.presets.get(cls.preset, name)
         row = name.replace("_", "-")
         if name == "full_ft":
-            rows.append(Row(row, {"Method": label},
-                            {"preset": cls.preset, "train.gradient_checkpointing": True},
-                            paper_only=True, unsupported=FULL_FT_UNSUPPORTED))  # fmt: skip
+            rows.append(
+                Row(
+                    row,
+                    {"Method": label},
+                    {"preset": cls.preset, "train.gradient_checkpointing": True},
+                )
+            )
         else:
             rows.append(Row(row, {"Method": label}, {"preset": cls.preset}))
     return Study(

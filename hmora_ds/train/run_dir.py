@@ -37,6 +37,8 @@ RUN_OUTPUTS = (
     "checkpoints",
     "adapter",
     "adapter_best",
+    "model",
+    "model_best",
     "tensorboard",
     "summary.json",
     "run_config.json",
@@ -45,7 +47,7 @@ RUN_OUTPUTS = (
 )
 #: Outputs that only a run that got somewhere writes: ``--resume auto`` will not start over
 #: on top of them.
-RESULTS = ("adapter", "adapter_best", "summary.json")
+RESULTS = ("adapter", "adapter_best", "model", "model_best", "summary.json")
 
 T = TypeVar("T")
 
@@ -106,7 +108,8 @@ def finished_message(
         summary = json.loads((out_dir / "summary.json").read_text())
     except (OSError, ValueError):
         return None
-    if summary.get("steps") != step or not (out_dir / "adapter").is_dir():
+    saved = (out_dir / "adapter").is_dir() or (out_dir / "model").is_dir()
+    if summary.get("steps") != step or not saved:
         return None
     return (
         f"the run in {out_dir} is finished ({step} steps, {summary.get('stop_reason')}): "

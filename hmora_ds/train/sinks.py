@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from hmora_ds.full_model import output_dirs
+
 logger = logging.getLogger(__name__)
 
 #: Per-step scalars written as ``train/<key>`` (when present), in this order; then the
@@ -231,11 +233,15 @@ def build_summary(
     out_dir: Path,
     ckpt_dir: Path,
     clustering: dict[str, Any] | None = None,
+    full_model: bool = False,
 ) -> dict[str, Any]:
     """The content of ``summary.json`` (keys in this order); ``report`` is the model's
     :class:`~hmora_ds.params.ParameterReport`, ``tokens`` the run's attended tokens,
-    ``clustering`` a two-stage run's (:meth:`hmora_ds.train.stages.StagePlan.summary`)."""
+    ``clustering`` a two-stage run's (:meth:`hmora_ds.train.stages.StagePlan.summary`).
+    ``adapter`` / ``adapter_best`` name the saved adapters; a full fine-tune (``full_model``)
+    has ``model`` / ``model_best`` instead."""
     first, last = lm_loss_ends(history)
+    final, best_name = output_dirs(full_model)
     extra = {"clustering": clustering} if clustering is not None else {}
     return {
         "steps": steps,
@@ -249,8 +255,8 @@ def build_summary(
         "zero_stage": zero_stage,
         "seconds": seconds,
         "tokens_per_s": tokens / max(seconds, 1e-9),
-        "adapter": str(out_dir / "adapter"),
-        "adapter_best": str(out_dir / "adapter_best") if best["tag"] else None,
+        final: str(out_dir / final),
+        best_name: str(out_dir / best_name) if best["tag"] else None,
         "checkpoints": str(ckpt_dir),
         "tensorboard": str(out_dir / "tensorboard"),
         **extra,
@@ -272,10 +278,11 @@ def format_summary(s: dict) -> str:
     lines += [
         f"   trainable    {s['trainable_parameters']:,} parameters, TP {s['tp_percent']:.2f}%",
         f"   throughput   {s['tokens_per_s']:.0f} tokens/s",
-        f"   adapter      {s['adapter']}",
     ]
-    if s.get("adapter_best"):
-        lines.append(f"   best adapter {s['adapter_best']}")
+    what = "model" if "model" in s else "adapter"
+    lines.append(f"   {what:<12} {s[what]}")
+    if s.get(f"{what}_best"):
+        lines.append(f"   best {what:<7} {s[what + '_best']}")
     c = s.get("clustering")
     if c:
         scores = ", ".join(f"{k}: {v:.3f}" for k, v in c["silhouette"].items())

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hmora_ds.adapter_io import adapter_metadata, save_adapter
+from hmora_ds.adapter_io import adapter_metadata
+from hmora_ds.full_model import output_dirs, save_trained
 from hmora_ds.metrics import RouterStatsAccumulator
 from hmora_ds.parallel.expert_parallel import validate_expert_parallel
 from hmora_ds.runtime.dist import DistInfo, rank0_first
@@ -249,14 +250,16 @@ class Trainer:
         return diverged, tokens
 
     def evaluate(self) -> bool:
-        """Evaluate; keep the best adapter; True when early stopping is due."""
+        """Evaluate; keep the best adapter (a full fine-tune: model); True when early stopping
+        is due."""
         step, ev = self.state.step, self.evaluator
         result = ev.evaluate(self.engine, step)
         value = result[ev.metric]
         self._sinks.log_eval(result, step)
         new_best = record_eval(self.state, value, ev.metric, ev.mode)
         if new_best:
-            save_adapter(self.model, self.out_dir / "adapter_best", write=self.info.is_main)
+            best = output_dirs(self.model.config.full_finetune)[1]
+            save_trained(self.model, self.out_dir / best, self.tokenizer, write=self.info.is_main)
         s = self.state
         log_eval_result(step, ev.metric, value, new_best, s.best, s.evals_without_improvement)
         return self.cadence.patience_exhausted(self.state)
@@ -279,7 +282,8 @@ class Trainer:
 
     # ----------------------------------------------------------------- the end
     def _finish(self, stop_reason: str) -> dict[str, Any]:
-        save_adapter(self.model, self.out_dir / "adapter", write=self.info.is_main)
+        final = output_dirs(self.model.config.full_finetune)[0]
+        save_trained(self.model, self.out_dir / final, self.tokenizer, write=self.info.is_main)
         self.state.seconds = self._elapsed()
         summary = build_summary(
             steps=self.state.step,
@@ -294,6 +298,7 @@ class Trainer:
             out_dir=self.out_dir,
             ckpt_dir=self.ckpt_dir,
             clustering=(self.stages.summary() if self.stages is not None else None),
+            full_model=self.model.config.full_finetune,
         )
         self._sinks.finish(summary)
         return summary
