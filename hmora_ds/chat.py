@@ -10,10 +10,9 @@ Routing follows training: see :mod:`hmora_ds.inference`.
 
 from __future__ import annotations
 
-import logging
 import sys
 
-from hmora_ds.cli import Parser, prog_name
+from hmora_ds.cli import Parser, configure_logging, prog_name
 
 
 def add_model_arguments(p: Parser) -> None:
@@ -29,6 +28,12 @@ def add_model_arguments(p: Parser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (temperature > 0)")
     p.add_argument("--max-input-tokens", type=int, default=2048, help="prompt limit")
     p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="chatml, llama3, plain or a .jinja file: the run's data.chat_template, if it set one "
+        "(default: the tokenizer's own)",
+    )
 
 
 def check_numbers(args) -> None:
@@ -54,6 +59,7 @@ def build_generator(args):
         gguf_file=args.gguf_file,
         dtype=args.dtype,
         device=args.device,
+        chat_template=args.chat_template,
     )
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
@@ -69,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     add_model_arguments(p)
     p.add_argument("--routing", action="store_true", help="print each layer's expert choices")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         check_numbers(args)
         gen = build_generator(args)
@@ -120,4 +125,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    configure_logging()
     sys.exit(main())

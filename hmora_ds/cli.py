@@ -153,6 +153,15 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def configure_logging() -> None:
+    """Warnings and errors of a command-line run, one line each (a command that sets up its
+    own logging, as ``train`` does, replaces this). Not done by the commands' ``main``
+    functions, so that calling one from Python leaves the caller's logging alone."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``hmora-ds <command> [args]``."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -173,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         return _launch(rest)
     # Set on the imported module: under ``python -m hmora_ds.cli`` this file is __main__.
     importlib.import_module("hmora_ds.cli")._invoked_as = f"hmora-ds {command}"
+    configure_logging()
     module = importlib.import_module(COMMANDS[command][0])
     result = module.main(rest)
     return int(result or 0)

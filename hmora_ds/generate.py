@@ -12,13 +12,12 @@ reported with its line number and the run stops before loading the model.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 from hmora_ds.chat import add_model_arguments, build_generator, check_numbers
-from hmora_ds.cli import Parser, prog_name
+from hmora_ds.cli import Parser, configure_logging, prog_name
 
 
 def conversation(row: Any, where: str) -> list[dict[str, str]]:
@@ -76,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, required=True, help="JSONL written with 'response'")
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         check_numbers(args)
         if args.batch_size < 1:
@@ -108,4 +106,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    configure_logging()
     sys.exit(main())

@@ -41,6 +41,7 @@ def load_for_inference(
     dtype: str = "auto",
     device: str = "auto",
     attn_implementation: str = "sdpa",
+    chat_template: str | None = None,
 ) -> tuple[Any, torch.nn.Module]:
     """The tokenizer and the model (the base, or the base with ``adapter``), in eval mode.
 
@@ -51,6 +52,7 @@ def load_for_inference(
         ValueError: one line naming the option (model, adapter, tokenizer) and the fix.
     """
     from hmora_ds.adapter_io import check_adapter, load_adapter
+    from hmora_ds.data.chat_templates import apply_chat_template_setting
     from hmora_ds.runtime.loading import (
         load_base_model,
         load_tokenizer,
@@ -63,6 +65,7 @@ def load_for_inference(
     where = pick_device(device)
     ckpt = resolve_checkpoint(model, gguf_file, option="--model", gguf_option="--gguf-file")
     tok = load_tokenizer(ckpt, tokenizer, option="--model", tokenizer_option="--tokenizer")
+    apply_chat_template_setting(tok, chat_template, model, "--chat-template")
     base = load_base_model(
         ckpt, torch_dtype(dtype, where.type == "cuda"), attn_implementation, option="--model"
     )

@@ -31,7 +31,8 @@ def on_ci() -> bool:
 
 
 def fetch_command(asset: assets.PipAsset) -> str:
-    """The command that fetches ``asset`` into the cache (``HMORA_CACHE``, which make sets to ``.cache``)."""
+    """The command that fetches ``asset`` into the cache (``HMORA_CACHE``; make sets it to
+    ``.cache``)."""
     attr = next(
         (name for name, value in vars(assets).items() if value == asset and name.isupper()), None
     )

@@ -3,6 +3,7 @@ mechanics (injection, routing, gradients, generation); they are built from real 
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -15,6 +16,19 @@ from hmora_ds.methods import library_missing
 from hmora_ds.model import HMoRAModel
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """A command's ``main`` called in-process may configure logging (a handler on the stream
+    pytest captured for that test, closed after it): give the next test the loggers back."""
+    loggers = [logging.getLogger(), logging.getLogger("hmora_ds")]
+    saved = [(list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
+    yield
+    for lg, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate
 
 #: Every shipped preset: a new method's preset is covered by the model tests without edits.
 PRESETS = tuple(available_presets())

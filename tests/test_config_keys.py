@@ -56,7 +56,7 @@ def test_train_takes_the_same_keys(tmp_path, capsys):
     # The launcher gets past the run config and stops at the next check (no ranks started).
     missing = tmp_path / "missing.json"
     assert train_cli.main(["--deepspeed", str(missing), *KEYS]) == 2
-    assert capsys.readouterr().err.startswith(f"error: --deepspeed: {missing} does not exist")
+    assert capsys.readouterr().err.startswith(f"error: --deepspeed: {missing} is neither a file")
 
 
 def test_ablate_set_takes_the_same_keys(tmp_path, capsys):

@@ -70,7 +70,9 @@ def template_text(value: str) -> str:
     return Path(value).expanduser().read_text(encoding="utf-8")
 
 
-def apply_chat_template_setting(tokenizer: Any, value: str | None, model: str) -> Any:
+def apply_chat_template_setting(
+    tokenizer: Any, value: str | None, model: str, setting: str = "data.chat_template"
+) -> Any:
     """Give ``tokenizer`` the chat template of ``data.chat_template`` (``value``), in place:
     training and every evaluation built from this tokenizer then use the same one.
 
@@ -78,6 +80,7 @@ def apply_chat_template_setting(tokenizer: Any, value: str | None, model: str) -
         tokenizer: the run's tokenizer.
         value: ``data.chat_template`` (None: keep the tokenizer's own).
         model: how the model was named (in the error).
+        setting: how the user gives the template (``--chat-template`` on a command line).
 
     Raises:
         ValueError: ``value`` is None and the tokenizer has no template (one line naming the
@@ -86,8 +89,11 @@ def apply_chat_template_setting(tokenizer: Any, value: str | None, model: str) -
     if value is None:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(
-                f"the tokenizer of {model} has no chat template; set data.chat_template={CHOICES}"
+                f"the tokenizer of {model} has no chat template; set {setting}={CHOICES}"
             )
         return tokenizer
+    problem = template_problem(value)
+    if problem:
+        raise ValueError(f"{setting}: {problem}")
     tokenizer.chat_template = template_text(value)
     return tokenizer

@@ -40,6 +40,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="HF name / dir, .gguf, or smollm2-135m-instruct")
     p.add_argument("--gguf-file", default=None, help="GGUF file inside --model's directory")
     p.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's)")
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="chatml, llama3, plain or a .jinja file: the training run's data.chat_template, "
+        "if it set one (default: the tokenizer's own)",
+    )
     p.add_argument("--adapter", default=None, help="adapter directory (save_adapter output)")
     p.add_argument("--benchmarks", default="all", help="'all' or e.g. mmlu,arc-e,csqa")
     p.add_argument("--split", default="test", choices=SPLITS, help="the paper's subsets")
@@ -99,6 +105,9 @@ def load_model(args: argparse.Namespace, info: Any, rank0_first) -> tuple[Any, A
         ckpt, args.tokenizer, option="--model", tokenizer_option="--tokenizer"
     )
     from hmora_ds.data import ChatEncoder, EncodeConfig
+    from hmora_ds.data.chat_templates import apply_chat_template_setting
+
+    apply_chat_template_setting(tokenizer, args.chat_template, args.model, "--chat-template")
 
     # The chat template and the prompt limit, before the base model loads.
     ChatEncoder(tokenizer, EncodeConfig(max_input_tokens=args.max_input_tokens)).check_room(
@@ -158,6 +167,11 @@ def check_args(args: argparse.Namespace) -> None:
         except AdapterError as err:
             raise type(err)(f"--adapter: {err}") from None
     check_model_source(args.model, args.gguf_file, option="--model", gguf_option="--gguf-file")
+    from hmora_ds.data.chat_templates import template_problem
+
+    problem = template_problem(args.chat_template)
+    if problem:
+        raise EvalError(f"--chat-template: {problem}")
 
 
 def main(argv: list[str] | None = None) -> int:
