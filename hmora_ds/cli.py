@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("hmora_ds.analyze", "routing and task-representation analyses of a run"),
     "ablate": ("hmora_ds.ablate.cli", "run the paper's ablation and comparison studies"),
     "bench": ("hmora_ds.bench.__main__", "step-time, memory and expert-parallel benchmarks"),
+    "lm-eval": ("hmora_ds.lm_eval_model", "lm-evaluation-harness with the hmora model class"),
     "library": ("hmora_ds.library.cli", "build, show and compose a library of LoRAs"),
     "compare": ("hmora_ds.eval.compare", "paired comparison of two evaluations"),
 }
