@@ -49,7 +49,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format hmora_ds tests launchers
 	$(VENV)/bin/ruff check --fix hmora_ds tests launchers
 
-# The embedded default: SmolLM2-135M-Instruct + the offline mixture, hmora_lw, 2 CPU ranks, ZeRO-2.
+# The embedded default: SmolLM2-135M-Instruct + the offline mixture, hmora_lw, ZeRO-2.
 TRAIN_CONFIG ?= configs/default.yaml
 TRAIN_ARGS ?=
 TRAIN_OUT ?= runs/default
@@ -58,9 +58,16 @@ TRAIN_OUT ?= runs/default
 TRAIN_RESUME ?= --resume auto
 EVAL_BENCHMARKS ?= arc-c,arc-e,obqa,csqa
 EVAL_QUESTIONS ?= 100
+# GPUs when torch sees any (all of them, one rank each), else 2 CPU ranks; TRAIN_GPUS=0 forces
+# the CPU. Evaluated once, when the recipe runs (after the venv exists).
+TRAIN_GPUS ?= $(shell $(PY) -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
 train: $(STAMP)
-	DS_ACCELERATOR=cpu $(PY) -m hmora_ds.train.prepare --config $(TRAIN_CONFIG) $(TRAIN_ARGS)
-	DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES= $(VENV)/bin/deepspeed --num_gpus 2 \
+	$(eval GPUS := $(TRAIN_GPUS))
+	$(eval RANKS := $(if $(filter 0,$(GPUS)),2,$(GPUS)))
+	$(eval ON := $(if $(filter 0,$(GPUS)),DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES=,))
+	@echo "make train: $(if $(filter 0,$(GPUS)),no GPU: 2 CPU ranks,$(GPUS) GPU rank(s))"
+	$(ON) $(PY) -m hmora_ds.train.prepare --config $(TRAIN_CONFIG) $(TRAIN_ARGS)
+	$(ON) $(VENV)/bin/deepspeed --num_gpus $(RANKS) \
 		--master_port $$($(PY) -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])') \
 		launchers/train.py --deepspeed ds_configs/zero2.json --config $(TRAIN_CONFIG) $(TRAIN_RESUME) \
 		$(TRAIN_ARGS)
@@ -70,7 +77,7 @@ train: $(STAMP)
 	@# scores the base's exact questions (its manifest), so the table's Δ is paired: it ends
 	@# with Δ's 95 % confidence interval and a verdict (better / worse / not detectable).
 	for who in base adapter; do \
-		DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES= $(VENV)/bin/torchrun --standalone --nproc_per_node 2 \
+		$(ON) $(VENV)/bin/torchrun --standalone --nproc_per_node $(RANKS) \
 			launchers/eval.py --model smollm2-135m-instruct --benchmarks $(EVAL_BENCHMARKS) \
 			--split validation --max-questions $(EVAL_QUESTIONS) --max-input-tokens 512 --mode loglik \
 			$$([ $$who = adapter ] && echo --adapter $(TRAIN_OUT)/adapter_best \
