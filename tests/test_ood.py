@@ -367,9 +367,9 @@ def test_ood_study_end_to_end_on_the_tiny_model(tiny_run_inputs, tmp_path):
     with LoRA per question."""
     import sys
 
-    from hmora_ds.ablate.scales import REPO
     from tests._dist import run_command
     from tests._eval_helpers import toy_questions, write_local
+    from tests._train_helpers import REPO
 
     mixture = tmp_path / "mixture"  # an offline build directory the runner reuses as is
     mixture.mkdir()

@@ -76,13 +76,15 @@ def test_distributed_layouts_equal_single_process(layouts, layout):
 def test_compiled_layers_under_zero3_equal_single_process(layouts, tiny_run_inputs, tmp_path):
     """``train.compile=layers`` through the real entry point on 2 ZeRO-3 ranks: DeepSpeed's
     parameter-gathering hooks split each compiled layer (``fullgraph`` off there) and the run
-    still equals the eager single process. ``aot_eager`` traces forward and backward as
-    inductor would, without its C++ build time."""
+    still equals the eager single process. The ``eager`` backend: what meets DeepSpeed here is
+    dynamo's capture and guards around the hooks; AOT tracing of the same layers (forward and
+    backward) is checked without DeepSpeed in tests/test_methods.py, at a fraction of the
+    time two ranks of it take."""
     run = tmp_path / "compiled"
     extra = ("train.micro_batch_size=1", "train.grad_accum=2", "train.compile=layers",
-             "train.compile_backend=aot_eager")  # fmt: skip
+             "train.compile_backend=eager")  # fmt: skip
     out = launch("torchrun", "zero3.json", overrides(tiny_run_inputs, run, *NO_DROPOUT, *extra))
-    assert "torch.compile: 4 layers (backend aot_eager, fullgraph False)" in out
+    assert "torch.compile: 4 layers (backend eager, fullgraph False)" in out
     torch.testing.assert_close(_losses(run), _losses(layouts / "single"), rtol=1e-5, atol=1e-6)
 
 
