@@ -117,7 +117,7 @@ METHOD_PREFIX = "method."
 #: package is a layer above this one, tests/test_config_keys.py keeps the two in sync).
 RUN_CONFIG_KEYS = frozenset(
     {"model", "preset", "data", "train", "eval", "checkpoint", "parallel", "dist", "output_dir"}
-    | {"plugins"}
+    | {"plugins", "log"}
 )
 
 

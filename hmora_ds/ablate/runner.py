@@ -344,6 +344,7 @@ LATER_KEYS: dict[tuple[str, str], Any] = {
 def _hashes(opts: Options, run: RunConfig, ds_json: dict, world: int) -> dict[str, str | None]:
     train = run.to_dict()
     train.pop("output_dir")
+    train.pop("log", None)  # what a run prints and where it logs: never a different row
     for (section, key), default in LATER_KEYS.items():
         if train.get(section, {}).get(key, default) == default:
             train.get(section, {}).pop(key, None)

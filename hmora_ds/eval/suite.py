@@ -8,6 +8,8 @@ A benchmark the source cannot provide stays in the results as ``unavailable`` wi
 from __future__ import annotations
 
 import logging
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from hmora_ds.eval.benchmarks import (
     load_benchmark,
     parse_benchmarks,
 )
-from hmora_ds.eval.distributed import score_questions
+from hmora_ds.eval.distributed import score_questions, world_info
 from hmora_ds.eval.prompts import ShotSampler
 from hmora_ds.eval.scoring import ScoreConfig, Scorer, accuracy
 from hmora_ds.eval.subsets import (
@@ -36,6 +38,25 @@ from hmora_ds.eval.subsets import (
 )
 
 logger = logging.getLogger(__name__)
+
+#: How :func:`run_suite` shows its progress on rank 0: ``auto`` (``bar`` when stderr is a
+#: terminal, else ``lines``), ``bar`` (a tqdm bar over the benchmarks), ``lines`` (a log line
+#: as each benchmark starts and one as it ends: accuracy, questions, seconds) or ``none`` (the
+#: end lines only). Training sets it from ``log.progress``.
+PROGRESS = "auto"
+
+
+def _progress(total: int, group: Any) -> tuple[Any, str]:
+    """The benchmarks' bar (disabled unless ``PROGRESS`` resolves to ``bar`` on rank 0) and
+    the resolved mode."""
+    from tqdm import tqdm
+
+    mode = PROGRESS
+    if mode == "auto":
+        mode = "bar" if sys.stderr.isatty() else "lines"
+    shown = mode == "bar" and world_info(group)[0] == 0
+    bar = tqdm(total=total, desc="eval", unit="benchmark", disable=not shown, leave=False)
+    return bar, mode
 
 
 @dataclass
@@ -127,10 +148,16 @@ def run_suite(
 ) -> dict[str, dict[str, Any]]:
     """Score every prepared benchmark (all ranks call this); per-benchmark results."""
     results: dict[str, dict[str, Any]] = {}
+    bar, progress = _progress(len(prepared), group)
     for bench, p in prepared.items():
+        bar.set_description(f"eval {bench}")
         if p.unavailable:
             results[bench] = {"status": "unavailable", "reason": p.unavailable}
+            bar.update(1)
             continue
+        if progress == "lines":
+            logger.info("%s: scoring %d questions", bench, len(p.questions))
+        start = time.perf_counter()
         preds = score_questions(
             model,
             scorer,
@@ -151,9 +178,17 @@ def run_suite(
         if bench in MACRO:
             res["subjects"] = {q.id: q.subject or "all" for q in p.questions}
         results[bench] = res
-        logger.info(
-            "%s: accuracy %.2f%% (%d questions)", bench, 100 * res["accuracy"], len(p.questions)
-        )
+        bar.set_postfix_str(f"{bench} {100 * res['accuracy']:.2f}%")
+        bar.update(1)
+        if progress != "bar":
+            logger.info(
+                "%s: accuracy %.2f%% (%d questions, %.1f s)",
+                bench,
+                100 * res["accuracy"],
+                len(p.questions),
+                time.perf_counter() - start,
+            )
+    bar.close()
     return results
 
 

@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import sys
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -36,6 +37,28 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+#: The deprecation warnings DeepSpeed 0.19 sets off in recent torch (2.13 here) through the
+#: collectives it proxies (``deepspeed/comm/torch.py``): once per rank under ZeRO-2, on every
+#: step of every rank under ZeRO-3. Nothing a user can act on: :func:`quiet_known_warnings`
+#: drops exactly these messages (every other warning, deprecations included, still shows).
+DEEPSPEED_COLLECTIVE_DEPRECATIONS = (
+    r"`torch\.distributed\."
+    r"(all_gather_into_tensor|_all_gather_base|reduce_scatter_tensor|_reduce_scatter_base"
+    r"|all_reduce_coalesced)` (is deprecated|is a private function|will be deprecated)"
+)
+
+
+def quiet_known_warnings() -> None:
+    """Ignore :data:`DEEPSPEED_COLLECTIVE_DEPRECATIONS` (FutureWarnings of
+    ``torch.distributed``) in this process, at the start of training and evaluation (calling
+    it again adds nothing: ``warnings`` keeps one copy of a filter)."""
+    # By message, not by module: the frame a warning is attributed to depends on how torch
+    # wraps the collective (today torch.distributed.c10d_logger).
+    warnings.filterwarnings(
+        "ignore", message=DEEPSPEED_COLLECTIVE_DEPRECATIONS, category=FutureWarning
+    )
 
 
 def _free_port() -> int:
@@ -106,7 +129,9 @@ def init_distributed(cache_dir: str | None = None, timeout_s: float | None = Non
 
     ``timeout_s`` bounds every collective's wait for the other ranks (the run config's
     ``dist.timeout_s``); None keeps DeepSpeed's default (10 minutes, ``DEEPSPEED_TIMEOUT``).
+    DeepSpeed's deprecated-collective warnings are filtered first (:func:`quiet_known_warnings`).
     """
+    quiet_known_warnings()
     prepare_environment(cache_dir)
     import deepspeed
 

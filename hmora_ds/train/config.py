@@ -448,6 +448,69 @@ class CheckpointConfig:
             _fail("checkpoint.keep_last", f"must be a positive integer, got {self.keep_last}")
 
 
+#: ``log.progress`` values.
+PROGRESS_MODES = ("auto", "bar", "lines", "none")
+#: ``log.wandb_mode`` values.
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass
+class LogConfig:
+    """What a run prints while it trains and where its metrics go besides TensorBoard
+    (docs/reliability.md, "Logs"). Nothing here changes what is trained.
+
+    Attributes:
+        progress: how rank 0 shows training progress: ``auto`` (a tqdm bar when stderr is a
+            terminal; plain log lines otherwise, as under SLURM or ``make train > log``),
+            ``bar``, ``lines`` (``step 40/200 (20%) | loss … | ETA 12m50s``) or ``none`` (no
+            progress; other log lines, such as evaluations, are still printed). Evaluations
+            during training follow it: a bar over the benchmarks, or a line per benchmark.
+        progress_every: steps between progress lines; null = ``train.log_every``. Lines are
+            also printed at step 1 and at the last step.
+        wandb: also log to Weights & Biases (rank 0): the TensorBoard scalars and the run
+            config. Needs ``pip install wandb`` (or ``pip install hmora-ds[wandb]``).
+        wandb_project: the W&B project.
+        wandb_run_name: the W&B run name; null = the name of ``output_dir``.
+        wandb_mode: ``offline`` (no network: the run is written under
+            ``<output_dir>/wandb``, uploaded later with ``wandb sync``), ``online`` (streams to
+            W&B; needs ``wandb login`` or ``WANDB_API_KEY``) or ``disabled``.
+    """
+
+    progress: str = "auto"
+    progress_every: int | None = None
+    wandb: bool = False
+    wandb_project: str = "hmora-ds"
+    wandb_run_name: str | None = None
+    wandb_mode: str = "offline"
+
+    def validate(self) -> None:
+        check_types(self, "log")
+        if self.progress not in PROGRESS_MODES:
+            _fail(
+                "log.progress",
+                f"must be {', '.join(PROGRESS_MODES[:-1])} or none, got {self.progress!r}",
+            )
+        every = self.progress_every
+        if every is not None and (not isinstance(every, int) or every < 1):
+            _fail(
+                "log.progress_every",
+                f"must be a positive integer or null (train.log_every), got {every!r}",
+            )
+        if self.wandb_mode not in WANDB_MODES:
+            _fail("log.wandb_mode", f"must be offline, online or disabled, got {self.wandb_mode!r}")
+        if not self.wandb_project:
+            _fail("log.wandb_project", "is empty; give a W&B project name")
+        if self.wandb is True:
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                _fail(
+                    "log.wandb",
+                    "is true but wandb is not installed: pip install wandb (or pip install "
+                    "hmora-ds[wandb]), or set log.wandb=false",
+                )
+
+
 @dataclass
 class RunConfig:
     """Everything one training run needs; saved resolved next to every checkpoint.
@@ -465,6 +528,8 @@ class RunConfig:
         checkpoint: DeepSpeed checkpoints.
         parallel: parallelism beyond data parallelism.
         dist: the distributed runtime (collective timeout, rank 0's watchdog).
+        log: progress lines or bar, Weights & Biases (``trainer_log.jsonl``, TensorBoard and
+            ``loss_curve.png`` are always written).
         output_dir: the run directory: checkpoints, exported adapters, TensorBoard logs,
             ``summary.json``.
         plugins: Python modules (``my_pkg.my_method``) or ``.py`` files imported before the
@@ -483,6 +548,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     output_dir: str = "runs/default"
     plugins: list[str] = field(default_factory=list)
 
@@ -490,7 +556,7 @@ class RunConfig:
         if isinstance(self.train.adam_betas, list):
             self.train.adam_betas = tuple(self.train.adam_betas)
         parts = (self.model, self.data, self.train, self.eval, self.checkpoint, self.parallel)
-        parts += (self.dist,)
+        parts += (self.dist, self.log)
         # Every bad key of every section in one error; then preset + method overrides.
         check_sections(
             lambda: check_types(self, ""),
@@ -537,6 +603,7 @@ class RunConfig:
             "checkpoint": CheckpointConfig,
             "parallel": ParallelConfig,
             "dist": DistConfig,
+            "log": LogConfig,
         }
         valid = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - valid)

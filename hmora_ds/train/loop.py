@@ -1,12 +1,12 @@
 """The training loop's cadence and the state it carries across checkpoints.
 
 :func:`run_loop` decides *when*: a step every iteration up to ``train.max_steps``; a logging
-window read back from the device every ``train.log_every`` steps, at step 1, at steps with
-router statistics and before every evaluation and checkpoint (reading back costs a host-device
-sync, so it never happens inside a step); an evaluation every ``eval.every`` steps and at the
-end; a checkpoint every ``checkpoint.every`` steps, at the end, at every new best and before
-early stopping. *What* happens is the caller's (:class:`LoopActions`, the
-:class:`~hmora_ds.train.trainer.Trainer`).
+window read back from the device every ``train.log_every`` steps (and ``log.progress_every``
+steps), at step 1, at steps with router statistics and before every evaluation and checkpoint
+(reading back costs a host-device sync, so it never happens inside a step); an evaluation
+every ``eval.every`` steps and at the end; a checkpoint every ``checkpoint.every`` steps, at
+the end, at every new best and before early stopping. *What* happens is the caller's
+(:class:`LoopActions`, the :class:`~hmora_ds.train.trainer.Trainer`).
 
 Stops: ``max_steps``; ``eval.patience`` evaluations in a row without improvement; or
 ``train.max_nonfinite_steps`` non-finite steps in a row (DeepSpeed skips such an update, its
@@ -120,6 +120,7 @@ class Cadence:
     max_nonfinite_steps: int
     evaluates: bool  # an evaluator exists (no validation data: no evaluations)
     router_stats: bool  # the method has routers whose statistics are logged
+    progress_every: int = 0  # log.progress_every (0: none); progress lines need a read-back
 
     @classmethod
     def from_run(cls, run: RunConfig, evaluates: bool, has_mixture: bool) -> Cadence:
@@ -134,6 +135,7 @@ class Cadence:
             max_nonfinite_steps=t.max_nonfinite_steps,
             evaluates=evaluates,
             router_stats=has_mixture,
+            progress_every=run.log.progress_every or t.log_every,
         )
 
     def wants_router_stats(self, step: int) -> bool:
@@ -146,9 +148,18 @@ class Cadence:
         return step % self.checkpoint_every == 0 or step == self.max_steps
 
     def due_flush(self, step: int, router: dict, due_eval: bool, due_ckpt: bool) -> bool:
-        """Read the window back: a logging step, router statistics, or an eval / checkpoint
-        (which must see every step's metrics) follows."""
-        return step % self.log_every == 0 or step == 1 or bool(router) or due_eval or due_ckpt
+        """Read the window back: a logging or progress-line step, router statistics, or an
+        eval / checkpoint (which must see every step's metrics) follows. (Decided from the
+        config alone, never from a terminal: every rank reads back at the same steps.)"""
+        progress = self.progress_every and step % self.progress_every == 0
+        return (
+            step % self.log_every == 0
+            or step == 1
+            or bool(progress)
+            or bool(router)
+            or due_eval
+            or due_ckpt
+        )
 
     def patience_exhausted(self, state: LoopState) -> bool:
         return state.evals_without_improvement >= self.patience

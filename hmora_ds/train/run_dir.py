@@ -44,6 +44,9 @@ RUN_OUTPUTS = (
     "run_config.json",
     "router_stats.jsonl",
     "clustering.json",
+    "trainer_log.jsonl",
+    "loss_curve.png",
+    "wandb",
 )
 #: Outputs that only a run that got somewhere writes: ``--resume auto`` will not start over
 #: on top of them.

@@ -6,7 +6,8 @@
   logging window's metrics back in one transfer;
 * :mod:`hmora_ds.train.loop` decides when to log, evaluate, checkpoint and stop, and holds the
   :class:`~hmora_ds.train.loop.LoopState` checkpoints carry;
-* :mod:`hmora_ds.train.sinks` writes TensorBoard, the progress bar, log lines and summary.json.
+* :mod:`hmora_ds.train.sinks` writes TensorBoard, the progress bar or lines, log lines,
+  ``trainer_log.jsonl``, W&B, summary.json and ``loss_curve.png``.
 
 :class:`Trainer` owns the run's objects and implements the loop's actions
 (:class:`~hmora_ds.train.loop.LoopActions`) with them.
@@ -140,10 +141,12 @@ class Trainer:
         return None
 
     def _benchmark_evaluator(self) -> Evaluator:
+        from hmora_ds.eval import suite as eval_suite
         from hmora_ds.eval.evaluator import BenchmarkEvaluator
         from hmora_ds.eval.scoring import ScoreConfig
         from hmora_ds.eval.suite import SuiteConfig
 
+        eval_suite.PROGRESS = self.run.log.progress  # a bar or a line per benchmark
         e = self.run.eval
         suite = SuiteConfig(
             benchmarks=[e.benchmarks],
@@ -189,15 +192,20 @@ class Trainer:
             t.max_steps,
             self.state.step,
             t.log_every,
+            log=self.run.log,
+            steps_per_epoch=len(self.data.sampler) / t.grad_accum,
         )
         self._batches = self._stage_batches(self.data.batches())
         self._started = time.time()
         self.engine.train()
         try:
-            stop_reason, _ = run_loop(self.state, self.cadence, self)
-        finally:  # an error (a failed save) is then printed on a line of its own
-            self._sinks.close_bar()
-        return self._finish(stop_reason)
+            try:
+                stop_reason, _ = run_loop(self.state, self.cadence, self)
+            finally:  # an error (a failed save) is then printed on a line of its own
+                self._sinks.close_bar()
+            return self._finish(stop_reason)
+        finally:  # after a failure: trainer_log.jsonl closed, the W&B run marked failed
+            self._sinks.close()
 
     def _stage_batches(self, batches):
         """The training batches, their ``cluster`` dropped from the first stage-2 step on
@@ -246,7 +254,7 @@ class Trainer:
         raws = [raw for _, raw in pending]
         metrics, tokens = window_metrics(raws, seconds, self.info.device)
         diverged = record_window(self.state, steps, metrics, self.cadence.max_nonfinite_steps)
-        self._sinks.log_window(steps, metrics, router)
+        self._sinks.log_window(steps, metrics, router, elapsed=self._elapsed())
         return diverged, tokens
 
     def evaluate(self) -> bool:
@@ -255,8 +263,8 @@ class Trainer:
         step, ev = self.state.step, self.evaluator
         result = ev.evaluate(self.engine, step)
         value = result[ev.metric]
-        self._sinks.log_eval(result, step)
         new_best = record_eval(self.state, value, ev.metric, ev.mode)
+        self._sinks.log_eval(result, step, ev.metric, self.state.best, new_best, self._elapsed())
         if new_best:
             best = output_dirs(self.model.config.full_finetune)[1]
             save_trained(self.model, self.out_dir / best, self.tokenizer, write=self.info.is_main)
