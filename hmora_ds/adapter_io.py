@@ -25,10 +25,16 @@ from hmora_ds.base_model import fingerprint_mismatch, gathered
 from hmora_ds.config import HMoRAConfig
 from hmora_ds.methods import adapter_parameters, frozen_adapter_tensors
 from hmora_ds.model import HMoRAModel
-from hmora_ds.peft_interop import PEFT_TAG
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+#: ``peft_type`` of every hmora-ds adapter: PEFT's loaders look it up among their types and
+#: stop with this text in the error
+#: (hmora_ds/peft_interop.py converts the plain-LoRA ones).
+PEFT_TAG = (
+    "HMORA_DS (an hmora-ds mixture-of-LoRA-experts adapter, not a PEFT one: load it with "
+    "hmora_ds.adapter_io.load_adapter; plain-LoRA adapters convert with hmora-ds export --peft)"
+)
 FORMAT = "hmora-ds-adapter"
 #: What to do about a damaged adapter (the end of every "corrupt file" message).
 REEXPORT = "copy it again or re-export it (python -m hmora_ds.export <run>/checkpoints <dir>)"

@@ -28,12 +28,6 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-#: ``peft_type`` of every hmora-ds adapter: PEFT's loaders look it up among their types and
-#: stop with this text in the error.
-PEFT_TAG = (
-    "HMORA_DS (an hmora-ds mixture-of-LoRA-experts adapter, not a PEFT one: load it with "
-    "hmora_ds.adapter_io.load_adapter; plain-LoRA adapters convert with hmora-ds export --peft)"
-)
 #: Methods whose adapter is one LoRA per adapted linear.
 PLAIN_LORA_METHODS = ("lora",)
 

@@ -23,7 +23,18 @@ PACKAGE = "hmora_ds"
 #: root package itself (``__version__`` and the public names it resolves lazily).
 LAYERS: dict[int, tuple[str, ...]] = {
     # foundations: configs, losses, the frozen base model, assets, process/model loading
-    0: ("__init__", "config", "losses", "lm_head", "base_model", "assets", "runtime"),
+    # and the command-line helpers and shipped config files every command uses
+    0: (
+        "__init__",
+        "config",
+        "losses",
+        "lm_head",
+        "base_model",
+        "assets",
+        "runtime",
+        "cli",
+        "resources",
+    ),
     # expert banks and dispatchers, routers and the routing context, routing statistics, the
     # K-means pre-clustering of prompts (HiMoLE stage 1; a method may use it)
     1: ("experts", "routing", "metrics", "cluster"),
@@ -41,6 +52,8 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "library",
         "composition",
         "compile",
+        "peft_interop",
+        "full_model",
     ),
     # libraries over the model: datasets, benchmark evaluation (training validates with eval)
     4: ("data", "eval"),
@@ -60,6 +73,11 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "library.hub",
         "library.cli",
         "library.__main__",
+        "inference",
+        "chat",
+        "generate",
+        "lm_eval_model",
+        "__main__",
     ),
 }
 

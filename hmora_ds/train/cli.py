@@ -57,9 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--overwrite",
         action="store_true",
         help="start over in a non-empty output_dir: first delete the previous run's outputs "
-        "there (checkpoints/, adapter/, adapter_best/, tensorboard/, summary.json, "
-        "run_config.json, router_stats.jsonl, clustering.json); other files (e.g. "
-        "evaluations) are kept",
+        "there (checkpoints/, adapter/, adapter_best/, model/, model_best/, tensorboard/, "
+        "wandb/, summary.json, run_config.json, router_stats.jsonl, trainer_log.jsonl, "
+        "loss_curve.png, clustering.json); other files (e.g. evaluations) are kept",
     )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument(
