@@ -30,6 +30,7 @@ def _root_logging_restored():
         lg.setLevel(level)
         lg.propagate = propagate
 
+
 #: Every shipped preset: a new method's preset is covered by the model tests without edits.
 PRESETS = tuple(available_presets())
 #: The presets that build a model by themselves: all but those of a method composing a LoRA
