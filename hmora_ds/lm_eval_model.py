@@ -6,9 +6,11 @@ fine-tune's saved model) under the harness everyone reports with.
         --tasks arc_easy --batch_size 8
 
 ``hmora-ds lm-eval`` is the harness's own ``lm-eval`` command (every flag as documented by
-lm-eval 0.4.13) with this model class registered; lm-eval has no plug-in mechanism for models
-outside its package, so its bare ``lm_eval`` command cannot see the class. From Python,
-``import hmora_ds.lm_eval_model`` registers it for ``lm_eval.simple_evaluate(model="hmora")``.
+lm-eval 0.4.13) with this model class registered. lm-eval has no plug-in mechanism for models
+outside its package: an installed wheel adds the class to lm-eval's model table through a
+start-up hook (``hmora_ds/_lm_eval_hook.py``), so the bare ``lm_eval --model hmora`` works
+there too. From Python, ``import hmora_ds.lm_eval_model`` registers it for
+``lm_eval.simple_evaluate(model="hmora")``.
 
 ``model_args``: ``pretrained`` (HF name / dir / ``.gguf`` / alias, as ``hmora-ds eval --model``),
 ``adapter`` (optional), ``tokenizer``, ``chat_template`` (as ``data.chat_template``), ``dtype``,

@@ -34,6 +34,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "runtime",
         "cli",
         "resources",
+        "_lm_eval_hook",
     ),
     # expert banks and dispatchers, routers and the routing context, routing statistics, the
     # K-means pre-clustering of prompts (HiMoLE stage 1; a method may use it)

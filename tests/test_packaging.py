@@ -116,7 +116,7 @@ def _copy_source(dst: Path) -> None:
     """The files a wheel is built from (the working tree, uncommitted changes included)."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
     shutil.copytree(REPO / "hmora_ds", dst / "hmora_ds", ignore=ignore)
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(REPO / name, dst / name)
 
 
@@ -157,3 +157,8 @@ def test_the_wheel_installs_into_a_fresh_venv_and_runs_from_any_directory(tmp_pa
     plan = run([cmd, "plan", "--preset", "default"])
     assert "verdict: the run config as written FITS" in plan
     assert not (work / ".cache").exists()  # nothing written next to the user
+    # lm-eval's own command finds the model class through the wheel's start-up hook, and its
+    # built-in models are all still there.
+    found = "from lm_eval.api.registry import get_model as g; print(g('hmora').__name__, g('hf'))"
+    models = run([py, "-c", found])
+    assert models.split()[0] == "HMoRALM" and "HFLM" in models
