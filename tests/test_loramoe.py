@@ -335,5 +335,5 @@ def test_a_training_run_feeds_each_records_knowledge_flag_to_the_constraint(
     assert 0 < knowledge < total
     assert re.search(rf"data: {total - knowledge} of {total} records have no 'knowledge' field",
                      log)  # fmt: skip
-    aux = [float(x) for x in re.findall(r"aux=([0-9.]+)", log)]
+    aux = [float(x) for x in re.findall(r"\baux[= ]([0-9.]+)", log)]
     assert aux and all(a > 0 for a in aux)

@@ -272,7 +272,7 @@ def test_training_runs_route_on_the_task_index_and_resume_restores_moles_frozen_
     m = re.search(r"data: (\d+) of (\d+) training records belong to one of 2 tasks \(qa (\d+), "
                   r"other 0\)", log)  # fmt: skip
     assert m and m.group(1) == m.group(2) == m.group(3), log[-3000:]
-    aux = [float(x) for x in re.findall(r"aux=([0-9.]+)", log)]
+    aux = [float(x) for x in re.findall(r"\baux[= ]([0-9.]+)", log)]
     assert aux and all(a > 0 for a in aux), log[-3000:]
 
     out = tmp_path / "mole"
