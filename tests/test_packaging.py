@@ -162,3 +162,23 @@ def test_the_wheel_installs_into_a_fresh_venv_and_runs_from_any_directory(tmp_pa
     found = "from lm_eval.api.registry import get_model as g; print(g('hmora').__name__, g('hf'))"
     models = run([py, "-c", found])
     assert models.split()[0] == "HMoRALM" and "HFLM" in models
+
+
+def test_train_nproc_starts_the_ranks_through_the_deepspeed_launcher(monkeypatch, capsys):
+    """``hmora-ds train --nproc N``: N ranks of ``python -m hmora_ds.train`` under the deepspeed
+    launcher, CPU ranks where torch sees no GPU, every other argument passed through unchanged.
+    The launcher itself runs in the end-to-end tests; here, the command it is given."""
+    import subprocess as sp
+
+    calls = []
+    monkeypatch.setattr(sp, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
+    monkeypatch.setattr(cli, "_has_cuda", lambda: False)
+    assert cli.main(["train", "--nproc", "2", "--config", "default", "train.max_steps=3"]) == 0
+    ((cmd, env),) = calls
+    assert cmd[0].endswith("deepspeed") and cmd[cmd.index("--num_gpus") + 1] == "2"
+    assert cmd[cmd.index("--module") + 1 :] == [
+        "hmora_ds.train", "--config", "default", "train.max_steps=3"
+    ]  # fmt: skip
+    assert env["DS_ACCELERATOR"] == "cpu" and env["CUDA_VISIBLE_DEVICES"] == ""
+    assert cli.main(["train", "--nproc", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --nproc: give a number of ranks >= 1"
