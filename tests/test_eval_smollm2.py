@@ -2,7 +2,9 @@
 
 Independent reference (another scorer): log-likelihood 36.5 % on the first 200 questions;
 letter-logit mode near chance before fine-tuning (ARC-E 27 %). Measured here (chat template,
-shared-prefix scoring): loglik per-token 45 %, per-char 31 %, unnormalised 51 %; letter 24-27 %.
+shared-prefix scoring): loglik per-token 45 %, per-char 31 %, unnormalised 51 %; letter 24-27 %
+on the first 200; on the first 100, which the test scores (half the time), 46 %, 31 %, 49 %;
+letter 22 %.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ def smollm2():
 def test_smollm2_arc_easy_loglik_above_chance_letter_near_chance(smollm2):
     olmo_dir_or_skip()
     tok, model = smollm2
-    qs = load_benchmark("arc_easy", "validation").questions[:200]
-    assert qs[0].id == "MCAS_2000_4_6"  # the split's own order: the *first* 200
+    qs = load_benchmark("arc_easy", "validation").questions[:100]
+    assert qs[0].id == "MCAS_2000_4_6"  # the split's own order: the *first* 100
     cpu = torch.device("cpu")
     scorer = Scorer(tok, ScoreConfig(mode="loglik", batch_size=16))
     items = scorer.items(qs, None)
@@ -42,9 +44,10 @@ def test_smollm2_arc_easy_loglik_above_chance_letter_near_chance(smollm2):
         scorer.config.norm = norm
         preds = dict(zip([q.id for q in qs], scorer.predict(qs, items, raw), strict=True))
         acc[norm] = accuracy("arc_easy", qs, preds)["accuracy"]
-    print(f"SmolLM2 ARC-E validation[:200] loglik accuracy: {acc}")
-    assert acc["tokens"] >= 0.38, acc  # chance is ~25 %; 200 questions: sd ~3 points
+    print(f"SmolLM2 ARC-E validation[:100] loglik accuracy: {acc}")
+    # chance is ~25 %; at 100 questions its sd is ~4.3 points, so 38 % is 3 sd above it
+    assert acc["tokens"] >= 0.38, acc
     letter = Scorer(tok, ScoreConfig(mode="letter", batch_size=16))
     acc_letter = accuracy("arc_easy", qs, score_questions(model, letter, qs, cpu))["accuracy"]
-    print(f"SmolLM2 ARC-E validation[:200] letter accuracy: {acc_letter:.3f}")
+    print(f"SmolLM2 ARC-E validation[:100] letter accuracy: {acc_letter:.3f}")
     assert 0.15 <= acc_letter <= 0.40  # a 135 M base model does not use the letters yet
