@@ -102,8 +102,8 @@ def format_duration(seconds: float | None) -> str:
 
 
 def eta_seconds(step: int, max_steps: int, first_step: int, seconds: float) -> float | None:
-    """Seconds left at ``step`` of ``max_steps``, at the pace of this session: ``seconds``
-    spent on steps ``first_step + 1 … step``. None before this session's first step."""
+    """Seconds left at ``step`` of ``max_steps``, at the pace of this launch: ``seconds``
+    spent on steps ``first_step + 1 … step``. None before this launch's first step."""
     done = step - first_step
     if done <= 0 or seconds < 0:
         return None
@@ -116,7 +116,7 @@ def format_progress(
     """One progress line, e.g. ``step 40/200 (20%) | loss 2.3141 | lm 2.2012 | aux 0.113 |
     lr 2.8e-04 | gnorm 0.52 | 1,234 tok/s | elapsed 3m12s | ETA 12m50s`` (``aux`` when the
     method has an auxiliary loss, ``gnorm`` when DeepSpeed reports a gradient norm). The ETA
-    is at this session's pace (:func:`eta_seconds`)."""
+    is at this launch's pace (:func:`eta_seconds`)."""
     pct = 100 * step / max_steps if max_steps else 100.0
     parts = [f"step {step}/{max_steps} ({pct:.0f}%)", f"loss {m['loss']:.4f}"]
     if "lm_loss" in m:
@@ -325,7 +325,7 @@ class Sinks:
         progress: ``bar``, ``lines`` or ``none`` (:func:`resolve_progress`).
         progress_every: steps between progress lines (default ``log_every``).
         max_steps: the run's last step.
-        initial_step: the step this session started from (a resumed run's checkpoint).
+        initial_step: the step this launch started from (a resumed run's checkpoint).
         trainer_log: ``trainer_log.jsonl`` (rank 0), or None.
         wandb: the W&B run (rank 0, ``log.wandb``), or None.
         steps_per_epoch: optimizer steps per pass over the training data (the ``epoch``

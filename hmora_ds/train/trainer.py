@@ -224,7 +224,7 @@ class Trainer:
             yield b
 
     def _elapsed(self) -> float:
-        """Training seconds of the whole run: earlier sessions' plus this one's."""
+        """Training seconds of the whole run: earlier launches' plus this one's."""
         return self._seconds_before + time.time() - self._started
 
     def train_step(self, batches, stats: RouterStatsAccumulator | None) -> StepMetrics:
