@@ -120,9 +120,9 @@ def _launch(argv: list[str]) -> int:
     Uses the ``deepspeed`` launcher next to this Python (GPUs when there are any, else CPU
     ranks with gloo), so the ranks see exactly the remaining arguments.
     """
-    import shutil
-    import socket
     import subprocess
+
+    from hmora_ds.runtime.dist import executable, free_port, on_cpu
 
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--nproc", type=int)
@@ -130,28 +130,16 @@ def _launch(argv: list[str]) -> int:
     if known.nproc is None or known.nproc < 1:
         print("error: --nproc: give a number of ranks >= 1", file=sys.stderr)
         return 2
-    local = Path(sys.executable).parent / "deepspeed"
-    launcher = str(local) if local.exists() else shutil.which("deepspeed")
+    launcher = executable("deepspeed")
     if not launcher:
         print("error: --nproc needs the deepspeed launcher on PATH", file=sys.stderr)
         return 2
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = dict(os.environ)
-    if not _has_cuda():
+    if on_cpu():
         env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
-    cmd = [launcher, "--num_gpus", str(known.nproc), "--master_port", str(port)]
+    cmd = [launcher, "--num_gpus", str(known.nproc), "--master_port", str(free_port())]
     cmd += ["--module", "hmora_ds.train", *rest]
     return subprocess.call(cmd, env=env)
-
-
-def _has_cuda() -> bool:
-    if os.environ.get("DS_ACCELERATOR") == "cpu" or os.environ.get("CUDA_VISIBLE_DEVICES") == "":
-        return False
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def configure_logging() -> None:

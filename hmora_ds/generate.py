@@ -26,6 +26,7 @@ def conversation(row: Any, where: str) -> list[dict[str, str]]:
     Raises:
         ValueError: one line naming ``where`` (file:line) and the accepted fields.
     """
+    from hmora_ds.data.formats import alpaca_prompt
     from hmora_ds.inference import check_messages
 
     if not isinstance(row, dict):
@@ -43,7 +44,7 @@ def conversation(row: Any, where: str) -> list[dict[str, str]]:
             return [*head, {"role": "user", "content": row[key]}]
     if isinstance(row.get("instruction"), str) and row["instruction"].strip():
         extra = row.get("input")
-        text = row["instruction"] + (f"\n\n{extra}" if isinstance(extra, str) and extra else "")
+        text = alpaca_prompt(row["instruction"], extra if isinstance(extra, str) else None)
         return [*head, {"role": "user", "content": text}]
     raise ValueError(
         f"{where}: no prompt; give one of prompt, source, instruction (+ input) or messages"
@@ -82,19 +83,19 @@ def main(argv: list[str] | None = None) -> int:
         rows = read_inputs(args.input)
         args.output.parent.mkdir(parents=True, exist_ok=True)
         gen = build_generator(args)
-        for _, conv in rows:
-            gen.encode(conv)  # every prompt fits, before any generation
+        # Encoded once, before any generation: a prompt that cannot fit stops the run here.
+        encoded = [gen.encode(conv)[0] for _, conv in rows]
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from tqdm.auto import tqdm
 
     # Similar lengths share a batch (less padding); the output keeps the input order.
-    order = sorted(range(len(rows)), key=lambda i: len(gen.encode(rows[i][1])[0]["input_ids"]))
+    order = sorted(range(len(rows)), key=lambda i: len(encoded[i]["input_ids"]))
     answers: dict[int, str] = {}
     for start in tqdm(range(0, len(order), args.batch_size), desc="generate", unit="batch"):
         chunk = order[start : start + args.batch_size]
-        for i, text in zip(chunk, gen.answer_batch([rows[i][1] for i in chunk]), strict=True):
+        for i, text in zip(chunk, gen.answer_encoded([encoded[i] for i in chunk]), strict=True):
             answers[i] = text
     tmp = args.output.with_name(args.output.name + ".tmp")
     with tmp.open("w") as f:

@@ -141,6 +141,9 @@ class Generator:
         )
         self.encoder.check_room("--max-input-tokens")
         self.device = next(model.parameters()).device
+        from hmora_ds.data.collate import DataCollator
+
+        self.collator = DataCollator.from_tokenizer(tokenizer, padding_side="left")
 
     def _render(self, messages: Sequence[dict[str, Any]]) -> tuple[list[int], tuple[int, int]]:
         text = self.tokenizer.apply_chat_template(
@@ -182,10 +185,7 @@ class Generator:
             turns, dropped = turns[cut:], dropped + cut
 
     def _batch(self, encoded: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        from hmora_ds.data.collate import DataCollator
-
-        collator = DataCollator.from_tokenizer(self.tokenizer, padding_side="left")
-        batch = collator(encoded)
+        batch = self.collator(encoded)
         keys = ("input_ids", "attention_mask", "prompt_mask", "instruction_mask")
         return {k: batch[k].to(self.device) for k in keys}
 
@@ -214,7 +214,11 @@ class Generator:
     @torch.no_grad()
     def answer_batch(self, conversations: Sequence[Sequence[dict[str, Any]]]) -> list[str]:
         """Answers of several conversations, generated together (left padding)."""
-        encoded = [self.encode(c)[0] for c in conversations]
+        return self.answer_encoded([self.encode(c)[0] for c in conversations])
+
+    @torch.no_grad()
+    def answer_encoded(self, encoded: list[dict[str, Any]]) -> list[str]:
+        """Answers of prompts already :meth:`encode`-d, generated together (left padding)."""
         batch = self._batch(encoded)
         out = self._generate(batch)
         width = batch["input_ids"].shape[1]

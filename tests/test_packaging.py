@@ -172,7 +172,7 @@ def test_train_nproc_starts_the_ranks_through_the_deepspeed_launcher(monkeypatch
 
     calls = []
     monkeypatch.setattr(sp, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
-    monkeypatch.setattr(cli, "_has_cuda", lambda: False)
+    monkeypatch.setattr("hmora_ds.runtime.dist.on_cpu", lambda: True)
     assert cli.main(["train", "--nproc", "2", "--config", "default", "train.max_steps=3"]) == 0
     ((cmd, env),) = calls
     assert cmd[0].endswith("deepspeed") and cmd[cmd.index("--num_gpus") + 1] == "2"

@@ -531,17 +531,10 @@ def last_error(log: Path) -> str:
     return lines[-1][-300:] if lines else "no output"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _bin(name: str) -> str:
-    local = Path(sys.executable).parent / name
-    found = str(local) if local.exists() else shutil.which(name)
+    from hmora_ds.runtime.dist import executable
+
+    found = executable(name)
     if not found:
         raise AblateError(f"--launcher {name}: no {name} executable next to Python or on PATH")
     return found
@@ -553,7 +546,9 @@ def launch_prefix(launcher: str, nproc: int, gpus: list[str] | None) -> list[str
         return [sys.executable]
     if launcher == "torchrun":
         return [_bin("torchrun"), "--standalone", "--nproc_per_node", str(nproc)]
-    prefix = [_bin("deepspeed"), "--master_port", str(_free_port())]
+    from hmora_ds.runtime.dist import free_port
+
+    prefix = [_bin("deepspeed"), "--master_port", str(free_port())]
     # On GPUs the deepspeed launcher honours CUDA_VISIBLE_DEVICES only without --num_gpus.
     return prefix if gpus else [*prefix, "--num_gpus", str(nproc)]
 

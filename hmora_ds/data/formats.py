@@ -183,6 +183,12 @@ def _passthrough(obj: Mapping[str, Any]) -> dict[str, Any]:
     return {k: obj[k] for k in _PASSTHROUGH if k in obj}
 
 
+def alpaca_prompt(instruction: str, extra: str | None) -> str:
+    """The user message of an alpaca row: the instruction, then its ``input`` after a blank
+    line when there is one (training records and ``hmora-ds generate`` alike)."""
+    return f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+
+
 def _alpaca(obj: Mapping[str, Any]) -> tuple[dict | None, str | None]:
     for key in ("instruction", "output"):
         if obj.get(key) is None:
@@ -196,9 +202,7 @@ def _alpaca(obj: Mapping[str, Any]) -> tuple[dict | None, str | None]:
         return None, "empty instruction"
     if not obj["output"].strip():
         return None, "empty output"
-    source = obj["instruction"]
-    if extra and extra.strip():
-        source = f"{source}\n\n{extra}"
+    source = alpaca_prompt(obj["instruction"], extra)
     return validate_record({**_passthrough(obj), "source": source, "target": obj["output"]})
 
 

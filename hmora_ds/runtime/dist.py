@@ -61,10 +61,20 @@ def quiet_known_warnings() -> None:
     )
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def executable(name: str) -> str | None:
+    """A launcher (``deepspeed``, ``torchrun``) of this Python's environment, else on PATH."""
+    import shutil
+    from pathlib import Path
+
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else shutil.which(name)
 
 
 def prepare_environment(cache_dir: str | None = None) -> None:
@@ -81,7 +91,7 @@ def prepare_environment(cache_dir: str | None = None) -> None:
             LOCAL_RANK="0",
             LOCAL_WORLD_SIZE="1",
             MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(_free_port()),
+            MASTER_PORT=str(free_port()),
         )
     os.environ.setdefault("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"))
 
