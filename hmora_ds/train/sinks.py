@@ -189,9 +189,9 @@ def read_trainer_log(path: Path) -> list[dict[str, Any]]:
 
 # ----------------------------------------------------------------- Weights & Biases
 class WandbSink:
-    """A W&B run of this training session (rank 0): the TensorBoard scalars and the run
+    """A W&B run of this launch of a training run (rank 0): the TensorBoard scalars and the run
     config. A resumed run starts a new W&B run in the same group (named as the first), so
-    the sessions of one run sit together; ``trainer_log.jsonl`` holds the run's one history."""
+    the launches of one run sit together; ``trainer_log.jsonl`` holds the run's one history."""
 
     def __init__(self, run: Any) -> None:
         self.run = run
@@ -360,7 +360,7 @@ class Sinks:
         self.trainer_log = trainer_log
         self.wandb = wandb
         self.steps_per_epoch = steps_per_epoch
-        self._session_start = time.time()
+        self._launch_start = time.time()
         self._closed = False
 
     @classmethod
@@ -416,10 +416,20 @@ class Sinks:
         if self.bar is not None:
             self.bar.close()
 
-    def _epoch(self, step: int) -> float | None:
-        if not self.steps_per_epoch:
-            return None
-        return round(step / self.steps_per_epoch, 4)
+    def _write_record(
+        self, kind: str, step: int, fields: dict[str, Any], elapsed: float | None
+    ) -> None:
+        """One line of ``trainer_log.jsonl``: kind, step, epoch (when known), ``fields``, then
+        the run's training seconds so far."""
+        if self.trainer_log is None:
+            return
+        record: dict[str, Any] = {"kind": kind, "step": step}
+        if self.steps_per_epoch:
+            record["epoch"] = round(step / self.steps_per_epoch, 4)
+        record.update(fields)
+        if elapsed is not None:
+            record["elapsed_s"] = round(elapsed, 3)
+        self.trainer_log.write(record)
 
     def _logged(self, step: int, router: dict) -> bool:
         """A step whose scalars go to TensorBoard, W&B and ``trainer_log.jsonl``."""
@@ -440,7 +450,7 @@ class Sinks:
         elapsed: float | None = None,
     ) -> None:
         """Write a logging window's steps; ``router`` (its statistics) belongs to the last step;
-        ``elapsed``: the run's training seconds so far (every session's).
+        ``elapsed``: the run's training seconds so far (every launch's).
 
         The bar's postfix shows the window's last step (``tokens_per_s`` is the window's); in
         ``lines`` mode a progress line is logged for each due step.
@@ -451,7 +461,7 @@ class Sinks:
             self.log_step(step, m, router if step == steps[-1] else {}, elapsed)
             if self._progress_due(step):
                 eta = eta_seconds(
-                    step, self.max_steps, self.initial_step, time.time() - self._session_start
+                    step, self.max_steps, self.initial_step, time.time() - self._launch_start
                 )
                 logger.info("%s", format_progress(step, self.max_steps, m, elapsed, eta))
         if metrics and self.bar is not None:
@@ -479,14 +489,8 @@ class Sinks:
                 self.writer.add_scalar(tag, value, step)
             if self.wandb is not None:
                 self.wandb.log(scalars, step)
-            if self.trainer_log is not None:
-                record: dict[str, Any] = {"kind": "train", "step": step}
-                if self.steps_per_epoch:
-                    record["epoch"] = self._epoch(step)
-                record.update({tag.split("/", 1)[1]: v for tag, v in scalars.items()})
-                if elapsed is not None:
-                    record["elapsed_s"] = round(elapsed, 3)
-                self.trainer_log.write(record)
+            fields = {tag.split("/", 1)[1]: v for tag, v in scalars.items()}
+            self._write_record("train", step, fields, elapsed)
         if router:
             self.log_router(step, router)
 
@@ -528,24 +532,19 @@ class Sinks:
                 self.writer.add_scalar(f"eval/{k}", v, step)
         if self.wandb is not None:
             self.wandb.log({f"eval/{k}": v for k, v in result.items()}, step)
-        if self.trainer_log is not None and metric is not None:
-            record: dict[str, Any] = {"kind": "eval", "step": step}
-            if self.steps_per_epoch:
-                record["epoch"] = self._epoch(step)
+        if metric is not None:
             best = best or {}
-            record.update(
-                metric=metric,
-                value=result.get(metric),
-                best=best.get("value"),
-                best_step=best.get("step"),
-                new_best=new_best,
-            )
+            fields: dict[str, Any] = {
+                "metric": metric,
+                "value": result.get(metric),
+                "best": best.get("value"),
+                "best_step": best.get("step"),
+                "new_best": new_best,
+            }
             others = {k: v for k, v in result.items() if k != metric}
             if others:
-                record["results"] = others
-            if elapsed is not None:
-                record["elapsed_s"] = round(elapsed, 3)
-            self.trainer_log.write(record)
+                fields["results"] = others
+            self._write_record("eval", step, fields, elapsed)
 
     def finish(self, summary: dict[str, Any]) -> None:
         """Write ``summary.json`` and ``loss_curve.png``, close TensorBoard,
