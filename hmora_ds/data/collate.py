@@ -53,7 +53,7 @@ the chat template (:meth:`ChatEncoder.encode_conversation`)::
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -294,20 +294,40 @@ class ChatEncoder:
             ``(ids, truncated, instruction span)``, or ``None`` if even an empty source does
             not fit.
         """
+        fitted = self._cut_to_fit(
+            source,
+            lambda text: self.prompt_tokens(text, system),
+            lambda built: len(built[0]),
+            first=prompt,
+        )
+        if fitted is None:
+            return None
+        (ids, span), truncated = fitted
+        return ids, truncated, span
+
+    def _cut_to_fit(
+        self,
+        text: str,
+        build: Callable[[str], Any],
+        size: Callable[[Any], int],
+        first: Any = None,
+    ) -> tuple[Any, bool] | None:
+        """``build(text)``, with ``text`` cut from the left until ``size`` of the result is at
+        most ``max_input_tokens``: ``(result, truncated)``, or None if no cut fits. ``first``:
+        ``build(text)`` already computed."""
         limit = self.config.max_input_tokens
-        ids, span = prompt if prompt is not None else self.prompt_tokens(source, system)
-        if len(ids) <= limit:
-            return ids, False, span
-        src_ids = self._ids(source)
-        keep = len(src_ids) - (len(ids) - limit)
+        built = first if first is not None else build(text)
+        if size(built) <= limit:
+            return built, False
+        src_ids = self._ids(text)
+        keep = len(src_ids) - (size(built) - limit)
         for _ in range(8):  # re-rendering can shift a token or two at the cut
             if keep <= 0:
                 return None
-            text = self.tokenizer.decode(src_ids[-keep:]).lstrip("\ufffd")
-            ids, span = self.prompt_tokens(text, system)
-            if len(ids) <= limit:
-                return ids, True, span
-            keep -= len(ids) - limit
+            built = build(self.tokenizer.decode(src_ids[-keep:]).lstrip("\ufffd"))
+            if size(built) <= limit:
+                return built, True
+            keep -= size(built) - limit
         return None
 
     def encode(
@@ -474,26 +494,19 @@ class ChatEncoder:
         stats = stats if stats is not None else EncodeStats()
         stats.records += 1
         stats.conversations += 1
-        turns = [dict(t) for t in turns]
         try:
-            (pid, span), answers, between = self._conversation_pieces(turns, system)
-            limit = self.config.max_input_tokens
-            truncated_prompt = False
-            if len(pid) > limit:  # cut the first user message from the left, as a source
-                src_ids = self._ids(turns[0]["content"])
-                keep = len(src_ids) - (len(pid) - limit)
-                for _ in range(8):
-                    if keep <= 0:
-                        break
-                    turns[0]["content"] = self.tokenizer.decode(src_ids[-keep:]).lstrip("\ufffd")
-                    (pid, span), answers, between = self._conversation_pieces(turns, system)
-                    if len(pid) <= limit:
-                        truncated_prompt = True
-                        break
-                    keep -= len(pid) - limit
-                if len(pid) > limit:
-                    stats.skipped_prompt_too_long += 1
-                    return None
+            # The first user message is cut from the left until the prompt fits, as a source.
+            fitted = self._cut_to_fit(
+                turns[0]["content"],
+                lambda text: self._conversation_pieces(
+                    [{**turns[0], "content": text}, *turns[1:]], system
+                ),
+                lambda pieces: len(pieces[0][0]),
+            )
+            if fitted is None:
+                stats.skipped_prompt_too_long += 1
+                return None
+            ((pid, span), answers, between), truncated_prompt = fitted
         except (ValueError, TemplateError) as err:
             stats.skipped_unrendered += 1
             if not self._warned_conversation:
