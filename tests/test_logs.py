@@ -234,17 +234,15 @@ def test_suite_logs_a_line_per_benchmark_off_a_terminal(monkeypatch, caplog):
         "openbookqa": Prepared("openbookqa", unavailable="not in local"),
     }
     monkeypatch.setattr(suite, "score_questions", lambda m, s, q, *a, **k: {x.id: 0 for x in q})
-    monkeypatch.setattr(suite, "PROGRESS", "lines")
     with caplog.at_level(logging.INFO, logger="hmora_ds.eval.suite"):
-        results = run_suite(None, None, prepared, None)
+        results = run_suite(None, None, prepared, None, progress="lines")
     assert results["openbookqa"]["status"] == "unavailable"
     messages = [r.getMessage() for r in caplog.records]
     assert messages[0] == "arc_easy: scoring 4 questions"
     assert re.fullmatch(r"arc_easy: accuracy 50\.00% \(4 questions, \d+\.\d s\)", messages[1])
     caplog.clear()
-    monkeypatch.setattr(suite, "PROGRESS", "none")  # the result lines only
     with caplog.at_level(logging.INFO, logger="hmora_ds.eval.suite"):
-        run_suite(None, None, prepared, None)
+        run_suite(None, None, prepared, None, progress="none")  # the result lines only
     (only,) = [r.getMessage() for r in caplog.records]
     assert only.startswith("arc_easy: accuracy 50.00% (4 questions, ")
 

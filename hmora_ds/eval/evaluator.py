@@ -44,7 +44,9 @@ class BenchmarkEvaluator:
         score: ScoreConfig,
         device: torch.device,
         autocast_dtype: torch.dtype | None = None,
+        progress: str = "auto",
     ) -> None:
+        self.progress = progress  # how run_suite shows its progress (log.progress)
         self.prepared = prepare_suite(suite, score.shots, score.seed)
         if all(p.unavailable for p in self.prepared.values()):
             raise EvalError(f"no selected benchmark is available from source {suite.source!r}")
@@ -54,7 +56,14 @@ class BenchmarkEvaluator:
         self.last_results: dict[str, dict[str, Any]] = {}
 
     def evaluate(self, model: Any, step: int) -> dict[str, float]:
-        results = run_suite(model, self.scorer, self.prepared, self.device, self.autocast_dtype)
+        results = run_suite(
+            model,
+            self.scorer,
+            self.prepared,
+            self.device,
+            self.autocast_dtype,
+            progress=self.progress,
+        )
         self.last_results = results
         avg = average(results)
         out = {self.metric: float(avg["value"])}

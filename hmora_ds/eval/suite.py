@@ -8,7 +8,6 @@ A benchmark the source cannot provide stays in the results as ``unavailable`` wi
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,21 +38,15 @@ from hmora_ds.eval.subsets import (
 
 logger = logging.getLogger(__name__)
 
-#: How :func:`run_suite` shows its progress on rank 0: ``auto`` (``bar`` when stderr is a
-#: terminal, else ``lines``), ``bar`` (a tqdm bar over the benchmarks), ``lines`` (a log line
-#: as each benchmark starts and one as it ends: accuracy, questions, seconds) or ``none`` (the
-#: end lines only). Training sets it from ``log.progress``.
-PROGRESS = "auto"
 
-
-def _progress(total: int, group: Any) -> tuple[Any, str]:
-    """The benchmarks' bar (disabled unless ``PROGRESS`` resolves to ``bar`` on rank 0) and
+def _progress(total: int, group: Any, progress: str) -> tuple[Any, str]:
+    """The benchmarks' bar (disabled unless ``progress`` resolves to ``bar`` on rank 0) and
     the resolved mode."""
     from tqdm import tqdm
 
-    mode = PROGRESS
-    if mode == "auto":
-        mode = "bar" if sys.stderr.isatty() else "lines"
+    from hmora_ds.runtime.dist import resolve_progress
+
+    mode = resolve_progress(progress)
     shown = mode == "bar" and world_info(group)[0] == 0
     bar = tqdm(total=total, desc="eval", unit="benchmark", disable=not shown, leave=False)
     return bar, mode
@@ -145,10 +138,16 @@ def run_suite(
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
     group: Any = None,
+    progress: str = "auto",
 ) -> dict[str, dict[str, Any]]:
-    """Score every prepared benchmark (all ranks call this); per-benchmark results."""
+    """Score every prepared benchmark (all ranks call this); per-benchmark results.
+
+    ``progress`` (rank 0; training passes ``log.progress``): ``auto`` (``bar`` when stderr is
+    a terminal, else ``lines``), ``bar`` (a tqdm bar over the benchmarks), ``lines`` (a log
+    line as each benchmark starts and one as it ends: accuracy, questions, seconds) or
+    ``none`` (the end lines only)."""
     results: dict[str, dict[str, Any]] = {}
-    bar, progress = _progress(len(prepared), group)
+    bar, progress = _progress(len(prepared), group, progress)
     for bench, p in prepared.items():
         bar.set_description(f"eval {bench}")
         if p.unavailable:

@@ -19,6 +19,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 
@@ -59,6 +60,18 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings(
         "ignore", message=DEEPSPEED_COLLECTIVE_DEPRECATIONS, category=FutureWarning
     )
+
+
+def resolve_progress(mode: str, stream: Any = None) -> str:
+    """``log.progress`` as shown: ``auto`` is ``bar`` when ``stream`` (stderr) is a
+    terminal, ``lines`` otherwise; ``bar``, ``lines`` and ``none`` stay as they are."""
+    if mode != "auto":
+        return mode
+    stream = sys.stderr if stream is None else stream
+    try:
+        return "bar" if stream.isatty() else "lines"
+    except (AttributeError, ValueError):  # a replaced or closed stream
+        return "lines"
 
 
 def free_port() -> int:

@@ -19,7 +19,6 @@ import contextlib
 import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from hmora_ds.full_model import output_dirs
+from hmora_ds.runtime.dist import resolve_progress
 
 logger = logging.getLogger(__name__)
 
@@ -75,18 +75,6 @@ def drop_lines_after(path: Path, step: int) -> None:
 
 
 # ----------------------------------------------------------------- progress lines
-def resolve_progress(mode: str, stream: Any = None) -> str:
-    """``log.progress`` as shown: ``auto`` is ``bar`` when ``stream`` (stderr) is a
-    terminal, ``lines`` otherwise; ``bar``, ``lines`` and ``none`` stay as they are."""
-    if mode != "auto":
-        return mode
-    stream = sys.stderr if stream is None else stream
-    try:
-        return "bar" if stream.isatty() else "lines"
-    except (AttributeError, ValueError):  # a replaced or closed stream
-        return "lines"
-
-
 def format_duration(seconds: float | None) -> str:
     """``42s``, ``3m12s``, ``2h05m``, ``3d04h``; ``?`` when unknown."""
     if seconds is None or not math.isfinite(seconds):

@@ -141,12 +141,10 @@ class Trainer:
         return None
 
     def _benchmark_evaluator(self) -> Evaluator:
-        from hmora_ds.eval import suite as eval_suite
         from hmora_ds.eval.evaluator import BenchmarkEvaluator
         from hmora_ds.eval.scoring import ScoreConfig
         from hmora_ds.eval.suite import SuiteConfig
 
-        eval_suite.PROGRESS = self.run.log.progress  # a bar or a line per benchmark
         e = self.run.eval
         suite = SuiteConfig(
             benchmarks=[e.benchmarks],
@@ -164,7 +162,12 @@ class Trainer:
             seed=e.seed,
         )
         return BenchmarkEvaluator(
-            self.tokenizer, suite, score, self.info.device, self.autocast_dtype
+            self.tokenizer,
+            suite,
+            score,
+            self.info.device,
+            self.autocast_dtype,
+            progress=self.run.log.progress,  # a bar or a line per benchmark
         )
 
     # ----------------------------------------------------------------- the run
