@@ -223,6 +223,38 @@ def test_planted_pickle_never_runs(finished, tmp_path, capsys, name, layout):
     assert not (tmp_path / "exported").exists()
 
 
+class _ByName:
+    """Pickles as ``getattr(cls, name)``: how Debian's Python 3.11.2 and Python 3.12+ write an
+    enum member (the host's 3.11.7 writes ``cls(value)``)."""
+
+    def __init__(self, cls, name: str) -> None:
+        self.cls, self.name = cls, name
+
+    def __reduce__(self):
+        return (getattr, (self.cls, self.name))
+
+
+def test_enum_members_pickled_by_name_load_and_nothing_else_does(tmp_path):
+    """ZeRO optimizer states written in the Docker image (Debian's Python) name the stage enum
+    through ``builtins.getattr``; the scan and the weights-only loaders accept exactly that (a
+    member of an allowed enum), and refuse getattr on anything else."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    good = tmp_path / "optim.pt"
+    torch.save({"zero_stage": _ByName(ZeroStageEnum, "gradients"), "t": torch.ones(2)}, good)
+    ckpt.scan_pickle(good)
+    assert ckpt.safe_load(good)["zero_stage"] is ZeroStageEnum.gradients
+    with ckpt.weights_only_loads():
+        assert torch.load(good, weights_only=False)["zero_stage"] is ZeroStageEnum.gradients
+
+    for cls, name in [(ZeroStageEnum, "__class__"), (LossScaler, "__init__"), (ZeroStageEnum, "x")]:
+        bad = tmp_path / f"bad_{name}.pt"
+        torch.save({"x": _ByName(cls, name)}, bad)
+        with pytest.raises(ckpt.CheckpointError, match="not an allowed enum member"):
+            ckpt.safe_load(bad)
+
+
 def test_a_failed_write_names_the_file(tmp_path):
     """A full disk surfaced as torch's "unexpected pos" RuntimeError with no file name; the
     checkpoint writer now reports the OS error and the file (/dev/full: ENOSPC on write)."""

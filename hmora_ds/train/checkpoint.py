@@ -38,6 +38,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -95,7 +96,24 @@ def _safe_globals() -> list[Any]:
     found += [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
     core = getattr(np, "_core", None) or np.core
     found.append(core.multiarray._reconstruct)
+    # Some Pythons (Debian's 3.11.2, 3.12+) pickle an enum member as getattr(EnumClass, "NAME"):
+    # that name is served by a lookup of members of the allowed enums only, never a real getattr.
+    found.append((_enum_member, "builtins.getattr"))
     return found
+
+
+#: Enums whose members checkpoints may name (``getattr(cls, name)`` in the pickle).
+def _allowed_enums() -> tuple[type, ...]:
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return (ZeroStageEnum,)
+
+
+def _enum_member(cls: Any, name: Any) -> Any:
+    """The weights-only unpickler's ``builtins.getattr``: a member of an allowed enum by name."""
+    if cls not in _allowed_enums() or not isinstance(name, str) or name not in cls.__members__:
+        raise pickle.UnpicklingError(f"getattr({cls!r}, {name!r}) is not an allowed enum member")
+    return cls.__members__[name]
 
 
 @contextlib.contextmanager
@@ -128,9 +146,13 @@ def safe_load(path: Path, map_location: str | None = "cpu") -> Any:
 def _first_line(err: BaseException) -> str:
     """The informative line of an error: the weights-only unpickler's own reason (torch puts
     it after a paragraph of advice), else the first line."""
-    for line in str(err).splitlines():
-        if "WeightsUnpickler error:" in line:
-            return line.split("WeightsUnpickler error:", 1)[1].split(". Please")[0].strip()
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        # The reason follows the marker, on its line or (for errors raised by an allowed
+        # callable) on the next non-empty one.
+        rest = text.split("WeightsUnpickler error:", 1)[1]
+        reason = next((line.strip() for line in rest.splitlines() if line.strip()), "")
+        return reason.split(". Please")[0][:300]
     return first_line(err)[:300]
 
 
