@@ -6,7 +6,8 @@
 #   any command on PATH     run it (bash, make, deepspeed, torchrun, mpirun, launchers/*.sh ...)
 # HMORA_SSHD=1 also starts the ssh server in the background before the command (node 0 of a
 # pdsh job must accept ssh from itself). Keys: mount a directory holding id_ed25519 and
-# id_ed25519.pub at /run/hmora-ssh (docker/compose.yaml does); it becomes ~/.ssh.
+# id_ed25519.pub at /run/hmora-ssh (docker/compose.yaml does); it becomes ~/.ssh. Commands run
+# over ssh see the container's environment (~/.ssh/environment, PermitUserEnvironment).
 set -euo pipefail
 cd /workspace/hmora-ds
 
@@ -36,6 +37,11 @@ Host *
   LogLevel ERROR
 CONF
   chmod 600 "$dir/config"
+  # Commands that arrive over ssh (pdsh, mpirun) start with sshd's bare environment: give them
+  # the container's own (venv PATH, cache, accelerator, HF / NCCL / DeepSpeed settings).
+  env | grep -E '^(PATH|VIRTUAL_ENV|LANG|PYTHONUNBUFFERED|PDSH_RCMD_TYPE)=|^(HMORA_CACHE|DS_|HF_|NCCL_|TORCH_|OMP_|CUDA_|NVIDIA_|TRANSFORMERS_|PIP_)' \
+    >"$dir/environment" || true
+  chmod 600 "$dir/environment"
 }
 
 case "${1:-}" in

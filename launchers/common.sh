@@ -39,6 +39,31 @@ validate_hostfile() {
   printf '%s %s %s\n' "$hosts" "$slots" "$first"
 }
 
+# hostfile_hosts FILE: the host names of a (validated) hostfile, one per line.
+hostfile_hosts() {
+  sed -e 's/#.*//' "$1" | awk 'NF { print $1 }'
+}
+
+# wait_for_ssh SECONDS HOST...: wait until every host accepts ssh (key only, no prompt), up to
+# SECONDS in all; a node whose sshd is still starting (a container, a node just booted) is
+# waited for instead of failing DeepSpeed's one-shot reachability check. Exits 2 naming the
+# host that never answered.
+wait_for_ssh() {
+  local limit="$1" host waited=0 said=""
+  shift
+  for host in "$@"; do
+    until ssh -o BatchMode=yes -o ConnectTimeout=5 "$host" true >/dev/null 2>&1; do
+      if ((waited >= limit)); then
+        die "node '$host' is not reachable over ssh after ${limit} s (try: ssh $host true); \
+SSH_WAIT=N waits longer"
+      fi
+      [[ -n "$said" ]] || { echo "waiting for ssh on $host (up to ${limit} s)" >&2; said=1; }
+      sleep 2
+      waited=$((waited + 2))
+    done
+  done
+}
+
 # require_int NAME VALUE: VALUE must be a non-negative integer.
 require_int() {
   [[ "$2" =~ ^[0-9]+$ ]] || die "$1 must be a non-negative integer, got '$2'"

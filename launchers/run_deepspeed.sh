@@ -11,6 +11,8 @@
 #   --master-addr ADDR       rendezvous host (default: $MASTER_ADDR, else the hostfile's first)
 #   --master-port PORT       rendezvous port (default: $MASTER_PORT, else 29500)
 #   --dry-run                print the command instead of running it
+# Over ssh (a hostfile without --node-rank), every node is first waited for until it accepts
+# ssh, up to SSH_WAIT seconds (default 60).
 # TRAIN_ARGS go to launchers/train.py unchanged, e.g.
 #   --deepspeed ds_configs/zero2.json --config configs/paper_qwen2_1.5b.yaml train.lr=1e-4
 set -euo pipefail
@@ -49,6 +51,11 @@ if [[ -n "$hostfile" ]]; then
     cmd+=(--launcher "$launcher")
   fi
   echo "hostfile $hostfile: $hosts node(s), $slots rank(s), master $master_addr:$master_port" >&2
+  if [[ -z "$node_rank" && "${DRY_RUN:-0}" != 1 ]]; then
+    require_int SSH_WAIT "${SSH_WAIT:-60}"
+    mapfile -t names < <(hostfile_hosts "$hostfile")
+    wait_for_ssh "${SSH_WAIT:-60}" "${names[@]}"
+  fi
 else
   [[ -z "$node_rank" ]] || die "--node-rank needs --hostfile (it names the nodes)"
   if [[ -n "$num_gpus" ]]; then

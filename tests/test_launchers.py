@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
+
+# Also run inside the CPU image by `make image-test` (tests/test_image.py).
+pytestmark = pytest.mark.image
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((REPO / "launchers").glob("*.sh")) + sorted(
@@ -141,3 +145,23 @@ def test_node_rank_must_be_in_the_hostfile(tmp_path):
     hostfile.write_text("a slots=1\nb slots=1\n")
     proc = _run(REPO / "launchers" / "run_deepspeed.sh", "--hostfile", hostfile, "--node-rank", "2")
     assert proc.returncode == 2 and "lists 2 node(s)" in proc.stderr
+
+
+def test_an_unreachable_node_fails_naming_it_before_deepspeed_starts(tmp_path):
+    """Over ssh, every node is waited for (SSH_WAIT seconds), then named if it never answers;
+    DeepSpeed's own one-shot check would give a traceback instead."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\nnode-b.invalid slots=1\n")
+    env = {**os.environ, "SSH_WAIT": "0", "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    # localhost answers (a stand-in ssh that accepts it), node-b.invalid does not.
+    fake_ssh = tmp_path / "ssh"
+    fake_ssh.write_text('#!/usr/bin/env bash\n[[ "$*" == *" localhost true" ]]\n')
+    fake_ssh.chmod(0o755)
+    proc = _run(REPO / "launchers" / "run_deepspeed.sh", "--hostfile", hostfile, "--", env=env)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == (
+        "error: node 'node-b.invalid' is not reachable over ssh after 0 s "
+        "(try: ssh node-b.invalid true); SSH_WAIT=N waits longer"
+    )
+    assert "+ deepspeed" not in proc.stderr
