@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed
 export HMORA_CACHE ?= $(CURDIR)/.cache
 PYTEST_ARGS ?=
 
-.PHONY: install mpi test lint format train bench mutate clean
+.PHONY: install mpi test lint format train bench mutate clean image-tools image-cpu image-cuda \
+	image-test
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,15 +40,45 @@ test: $(STAMP) mpi
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5) - failing"; exit 1; fi; \
 	exit $$rc
 
+# Container images (docs/scaling.md, "Docker"): built with docker where its engine runs, else
+# with buildah and run with podman (Debian's packages, installed here when root and missing).
+# The base is pulled where possible, else bootstrapped from Debian's packages (docker/build.sh).
+image-tools:
+	@if { command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; } \
+	  || { command -v buildah >/dev/null 2>&1 && command -v podman >/dev/null 2>&1 \
+	       && command -v debootstrap >/dev/null 2>&1 && command -v runc >/dev/null 2>&1; }; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "make: installing buildah, podman, runc and debootstrap with apt-get"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends buildah podman runc debootstrap; } >/dev/null \
+	    || { echo "make: apt-get could not install buildah/podman"; exit 1; }; \
+	else \
+	  echo "make: no Docker engine, and buildah/podman are missing: install one (as root:" \
+	    "apt-get install buildah podman runc debootstrap)"; exit 1; \
+	fi
+
+image-cpu: image-tools
+	docker/build.sh cpu
+
+image-cuda: image-tools
+	docker/build.sh cuda
+
+# Inside the CPU image: 2-rank ZeRO-2 training of the tiny model, export, params, the image's
+# `make test -m image` subset, and two containers as two nodes (tests/test_image.py).
+image-test: $(STAMP) image-cpu
+	@rc=0; $(PY) -m pytest -m docker tests/test_image.py $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make image-test: pytest collected no tests (exit 5)"; exit 1; fi; \
+	exit $$rc
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check hmora_ds tests launchers
-	$(VENV)/bin/ruff format --check hmora_ds tests launchers
+	$(VENV)/bin/ruff check hmora_ds tests launchers docker
+	$(VENV)/bin/ruff format --check hmora_ds tests launchers docker
 	$(VENV)/bin/hadolint docker/Dockerfile docker/Dockerfile.cpu
-	for f in launchers/*.sh launchers/slurm/*.sbatch docker/entrypoint.sh; do bash -n "$$f" || exit 1; done
+	for f in launchers/*.sh launchers/slurm/*.sbatch docker/*.sh; do bash -n "$$f" || exit 1; done
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format hmora_ds tests launchers
-	$(VENV)/bin/ruff check --fix hmora_ds tests launchers
+	$(VENV)/bin/ruff format hmora_ds tests launchers docker
+	$(VENV)/bin/ruff check --fix hmora_ds tests launchers docker
 
 # The embedded default: SmolLM2-135M-Instruct + the offline mixture, hmora_lw, ZeRO-2.
 TRAIN_CONFIG ?= configs/default.yaml

@@ -1,5 +1,5 @@
-"""Docker files: hadolint-clean, and consistent with the package (no Docker engine here, so
-building is documented in docs/scaling.md, not tested)."""
+"""Docker files: hadolint-clean and consistent with the package. Building and running the
+images is tests/test_image.py (`make image-test`)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+# Also run inside the CPU image by `make image-test` (tests/test_image.py).
+pytestmark = pytest.mark.image
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
@@ -48,9 +51,51 @@ def test_image_contract(dockerfile):
     assert re.search(r"^USER \S+", text, re.MULTILINE)  # not root
     assert 'ENTRYPOINT ["/usr/local/bin/hmora-entrypoint"]' in text
     assert "openmpi-bin" in text
+    # The base is an argument whose default is the public image (docker/build.sh swaps in a
+    # locally bootstrapped one where that cannot be pulled).
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)\nFROM \$\{BASE_IMAGE\}$", text, re.MULTILINE)
+    assert base, "expected 'ARG BASE_IMAGE=<default>' right before 'FROM ${BASE_IMAGE}'"
     if dockerfile.name == "Dockerfile":
-        assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:[\d.]+-\S*runtime", text, re.MULTILINE)
-        assert "pdsh" in text and "openssh-server" in text
+        assert re.fullmatch(r"nvidia/cuda:[\d.]+-\S*runtime\S*", base.group(1))
+    else:
+        assert base.group(1) == "python:3.11-slim-bookworm"
+    # Every node can serve a pdsh / mpirun launch over ssh.
+    assert "pdsh" in text and "openssh-server" in text and "EXPOSE 2222" in text
+    # The dependency layer installs what `make install` installs, from pyproject.toml.
+    extras = "dev analysis" if dockerfile.name == "Dockerfile.cpu" else "mpi"
+    assert f"requirements.py {extras} >" in text
+
+
+def _requirements(*extras: str) -> list[str]:
+    proc = subprocess.run(
+        [sys.executable, str(DOCKER / "requirements.py"), *extras],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split()
+
+
+def test_image_requirements_are_the_packages_make_installs():
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extra = project["optional-dependencies"]
+    reqs = _requirements("dev", "analysis")
+    # Everything `pip install -e ".[dev,analysis]"` asks for, but torch (installed first, from
+    # the image's own index), once each.
+    want = [r for r in project["dependencies"] + extra["dev"] + extra["analysis"]]
+    assert set(reqs) == {r.replace(" ", "") for r in want if not r.startswith("torch")}
+    assert len(reqs) == len(set(reqs)) and not any(r.startswith("torch") for r in reqs)
+    assert "mpi4py>=3.1" in _requirements("mpi")
+
+
+def test_image_requirements_reject_an_unknown_extra():
+    proc = subprocess.run(
+        [sys.executable, str(DOCKER / "requirements.py"), "gpu"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith("requirements.py: unknown extra(s) gpu; pyproject.toml")
 
 
 def test_entrypoint_runs_the_training_launcher():
@@ -68,7 +113,9 @@ def test_compose_two_nodes_share_checkpoints(tmp_path):
     assert "checkpoints" in compose["volumes"]
     assert services["node1"]["command"] == ["sshd"]
     cmd = services["node0"]["command"]
-    hostfile = cmd[cmd.index("--hostfile") + 1]
+    # `${HOSTFILE:-docker/hostfile.compose}`: the default when HOSTFILE is not set.
+    hostfile = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", cmd[cmd.index("--hostfile") + 1])
+    assert hostfile == "docker/hostfile.compose"
     # The compose hostfile names exactly the services and passes the launchers' validation.
     proc = subprocess.run(
         [str(REPO / "launchers" / "run_deepspeed.sh"), "--hostfile", hostfile, "--dry-run"],
@@ -84,3 +131,16 @@ def test_compose_two_nodes_share_checkpoints(tmp_path):
 def test_dockerignore_keeps_local_state_out():
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".venv", ".cache", "runs", "docker/ssh"} <= set(ignored)
+
+
+@pytest.mark.parametrize("script", sorted(DOCKER.glob("*.sh")), ids=lambda p: p.name)
+def test_docker_scripts_parse(script):
+    assert subprocess.run(["bash", "-n", str(script)], timeout=30).returncode == 0
+
+
+def test_build_script_refuses_an_unknown_flavour():
+    proc = subprocess.run(
+        [str(DOCKER / "build.sh"), "tpu"], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "usage: docker/build.sh cpu|cuda [--tag NAME]"

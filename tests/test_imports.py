@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+# Also run inside the CPU image by `make image-test` (tests/test_image.py).
+pytestmark = pytest.mark.image
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "hmora_ds"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PATHS = [p for p in ("hmora_ds", "tests", "launchers") if (ROOT / p).exists()]
+PATHS = [p for p in ("hmora_ds", "tests", "launchers", "docker") if (ROOT / p).exists()]
 
 
 def _ruff() -> list[str]:

@@ -27,7 +27,8 @@ from safetensors.torch import load_file
 from tests._dist import free_port
 from tests._train_helpers import BIN, NO_DROPOUT, REPO, TIMEOUT, launch, overrides, summary
 
-pytestmark = [pytest.mark.slow, pytest.mark.multirank]
+# Also run inside the CPU image by `make image-test` (tests/test_image.py).
+pytestmark = [pytest.mark.slow, pytest.mark.multirank, pytest.mark.image]
 
 #: Launcher variables a test must not inherit (each path sets or discovers its own).
 RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

@@ -5,6 +5,9 @@ import pytest
 from hmora_ds.config import load_config
 from hmora_ds.params import build_meta_model, load_model_config, main, parameter_report
 
+# Also run inside the CPU image by `make image-test` (tests/test_image.py).
+pytestmark = pytest.mark.image
+
 
 @pytest.fixture(scope="module")
 def qwen2_cfg():
