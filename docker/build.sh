@@ -9,6 +9,7 @@
 # nvidia/cuda:...) when it can be pulled; else a Debian bookworm base bootstrapped here from
 # Debian's packages (debootstrap + buildah, python3 3.11 from Debian), tagged
 # localhost/hmora-ds-base:bookworm and reused by later builds (BASE_REBUILD=1 makes it again).
+# NO_CACHE=1 rebuilds every layer (a cold build).
 # Proxies: PIP_CERT (or SSL_CERT_FILE), when set, is mounted for pip inside the build.
 # Local wheels: when PIP_FIND_LINKS names a directory holding torch's 2.13.0 CPU wheel, the CPU
 # build mounts it and installs torch from it (buildah/podman only).
@@ -104,6 +105,7 @@ if [[ "$engine" != docker && -n "$ca_bundle" && -f "$ca_bundle" ]]; then
   echo "build: pip trusts ${ca_bundle} during the build (mounted read-only)"
   args+=(--volume "${ca_bundle}:/run/hmora-build-ca.crt:ro" --build-arg PIP_CERT=/run/hmora-build-ca.crt)
 fi
+[[ "${NO_CACHE:-0}" == 1 ]] && args+=(--no-cache)
 case "$engine" in
   # chroot isolation: builds as root inside VMs and sandboxes where runc/crun cannot start
   # containers; --layers keeps the dependency layer across code changes.
