@@ -36,7 +36,8 @@ from safetensors.torch import load_file
 
 from tests._train_helpers import NO_DROPOUT, REPO, launch, overrides, summary
 
-pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.multirank]
+# Only `docker`: `-m slow` or `-m multirank` must not start an image build.
+pytestmark = pytest.mark.docker
 
 IMAGE = os.environ.get("HMORA_IMAGE", "hmora-ds:cpu")
 UID = 1000  # the images' user (ARG USER_UID)
