@@ -169,11 +169,26 @@ def _fetch_sdist(asset: PipAsset, tmp: Path, staging: Path) -> None:
     root.rename(staging)
 
 
+def _plain_members(tar: tarfile.TarFile, archive: Path) -> list[tarfile.TarInfo]:
+    """What ``filter="data"`` would let through, for Pythons without extraction filters:
+    regular files and directories with relative paths that stay inside the destination.
+    Anything else (links, devices, absolute or ``..`` paths) is refused, naming the member."""
+    members = tar.getmembers()
+    for m in members:
+        parts = Path(m.name).parts
+        if not (m.isfile() or m.isdir()) or m.name.startswith("/") or ".." in parts:
+            raise AssetError(f"{archive.name}: refusing to unpack member {m.name!r}")
+    return members
+
+
 def _unpack(archive: Path, dest: Path) -> None:
     dest.mkdir()
     if archive.name.endswith((".tar.gz", ".tgz", ".tar")):
         with tarfile.open(archive) as tar:
-            tar.extractall(dest, filter="data")
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(dest, filter="data")
+            else:  # Pythons before 3.10.12 / 3.11.4 (Debian bookworm's 3.11.2) lack filters
+                tar.extractall(dest, members=_plain_members(tar, archive))
     elif archive.suffix == ".zip":
         with zipfile.ZipFile(archive) as zf:
             zf.extractall(dest)

@@ -4,6 +4,8 @@ asset and the command that fetches it; under ``CI=true`` it fails instead; any o
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from hmora_ds import assets
@@ -94,3 +96,44 @@ def test_missing_package_skips_or_fails_on_ci(monkeypatch):
     with pytest.raises(pytest.skip.Exception, match="'hmora_no_such_package' is not installed"):
         require_module("hmora_no_such_package")
     require_module("torch")  # present: nothing happens
+
+
+def _tar(path, members: dict[str, bytes], link: str | None = None):
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if link:
+            info = tarfile.TarInfo("pkg-1.0/link")
+            info.type, info.linkname = tarfile.SYMTYPE, link
+            tar.addfile(info)
+    return path
+
+
+@pytest.mark.parametrize("filters", [True, False], ids=["with filters", "before filters"])
+def test_sdists_unpack_only_plain_files_inside_the_destination(tmp_path, monkeypatch, filters):
+    """With extraction filters (Python >= 3.11.4) and without (Debian bookworm's 3.11.2, in the
+    Docker images), an sdist unpacks its files and nothing may land outside the destination."""
+    import tarfile
+
+    if filters and not hasattr(tarfile, "data_filter"):
+        pytest.skip("this Python's tarfile has no extraction filters (3.11.4+ / 3.10.12+)")
+    if not filters:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    good = _tar(tmp_path / "good.tar.gz", {"pkg-1.0/a/b.txt": b"hello"})
+    assets._unpack(good, tmp_path / "good")
+    assert (tmp_path / "good" / "pkg-1.0" / "a" / "b.txt").read_bytes() == b"hello"
+
+    # Our check names the member; the standard filters raise their own FilterError.
+    refused = assets.AssetError if not filters else tarfile.FilterError
+    evil = _tar(tmp_path / "evil.tar.gz", {"pkg-1.0/../../escaped.txt": b"x"})
+    with pytest.raises(refused, match=re.escape("pkg-1.0/../../escaped.txt")):
+        assets._unpack(evil, tmp_path / "evil")
+    linked = _tar(tmp_path / "link.tar.gz", {"pkg-1.0/a.txt": b"a"}, link="/etc/passwd")
+    with pytest.raises(refused, match=re.escape("pkg-1.0/link")):
+        assets._unpack(linked, tmp_path / "link")
+    assert not (tmp_path / "escaped.txt").exists()
