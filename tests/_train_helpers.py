@@ -96,6 +96,43 @@ NO_DROPOUT = (
 )
 
 
+# Two ranks × micro 1 × accumulation 2: the same global batch as one process × micro 2.
+DIST_ARGS = (*NO_DROPOUT, "train.micro_batch_size=1", "train.grad_accum=2")
+
+
+def single_process_run(tiny: Path, out: Path) -> Path:
+    """The reference of the multi-node and container runs: 1 process × micro 2 × accum 2."""
+    args = overrides(tiny, out, *NO_DROPOUT, "train.micro_batch_size=2")
+    launch("python", "zero2.json", [*args, "train.grad_accum=2"])
+    return out
+
+
+def node_commands(script: str, hostfile: str, port: str, tiny: Path, out: Path) -> list[list[str]]:
+    """One ``run_deepspeed.sh --node-rank R`` command per node of a 2-node hostfile (no ssh:
+    what each machine of a cluster runs), training ``DIST_ARGS`` into ``out``."""
+    train = ["--deepspeed", "ds_configs/zero2.json", *overrides(tiny, out, *DIST_ARGS)]
+    return [
+        [script, "--hostfile", hostfile, "--node-rank", str(rank), "--master-addr", "127.0.0.1",
+         "--master-port", port, "--", *train]
+        for rank in (0, 1)
+    ]  # fmt: skip
+
+
+def assert_same_two_rank_run(run: Path, single: Path) -> None:
+    """A 2-rank ZeRO-2 run of ``DIST_ARGS`` repeats ``single``: losses and final adapter."""
+    from safetensors.torch import load_file
+
+    assert summary(run)["world_size"] == 2 and summary(run)["zero_stage"] == 2
+    losses = [torch.tensor([h["loss"] for h in summary(r)["history"]]) for r in (run, single)]
+    assert len(losses[0]) == 6
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    a = load_file(str(single / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
 def launch(kind: str, ds: str, args: list[str], env: dict | None = None, expect: int = 0):
     if kind == "python":
         cmd = [sys.executable, LAUNCHER]

@@ -34,7 +34,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests._train_helpers import NO_DROPOUT, REPO, launch, overrides, summary
+from tests._train_helpers import (
+    DIST_ARGS,
+    REPO,
+    assert_same_two_rank_run,
+    node_commands,
+    overrides,
+    single_process_run,
+)
 
 # Only `docker`: `-m slow` or `-m multirank` must not start an image build.
 pytestmark = pytest.mark.docker
@@ -45,7 +52,6 @@ WORKSPACE = "/workspace/hmora-ds"
 INPUTS = "/workspace/inputs"
 WORK = "/workspace/work"
 RUN_TIMEOUT = 600
-DIST_ARGS = (*NO_DROPOUT, "train.micro_batch_size=1", "train.grad_accum=2")
 
 
 def _engine_sh(expr: str) -> subprocess.CompletedProcess:
@@ -151,22 +157,7 @@ def cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def single(tiny_run_inputs, tmp_path_factory) -> Path:
     """The host's single-process run: 1 rank × micro 2 × accumulation 2."""
-    out = tmp_path_factory.mktemp("image_single") / "run"
-    args = overrides(tiny_run_inputs, out, *NO_DROPOUT, "train.micro_batch_size=2")
-    launch("python", "zero2.json", [*args, "train.grad_accum=2"])
-    return out
-
-
-def _assert_same_run(run: Path, single: Path, world: int = 2) -> None:
-    assert summary(run)["world_size"] == world and summary(run)["zero_stage"] == 2
-    losses = [torch.tensor([h["loss"] for h in summary(r)["history"]]) for r in (run, single)]
-    assert len(losses[0]) == 6
-    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
-    a = load_file(str(single / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(run / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-5, msg=name)
+    return single_process_run(tiny_run_inputs, tmp_path_factory.mktemp("image_single") / "run")
 
 
 def _mounts(inputs: Path, work: Path, cache: Path):
@@ -180,7 +171,7 @@ def test_train_export_and_params_in_the_image(engine, inputs, cache, single, tmp
     train += overrides(Path(INPUTS), Path(WORK) / "run", *DIST_ARGS)
     rc, out = engine.run(train, mounts=mounts)
     assert rc == 0, f"training in the image exited {rc}:\n{out[-4000:]}"
-    _assert_same_run(work / "run", single)
+    assert_same_two_rank_run(work / "run", single)
 
     rc, out = engine.run(["hmora-ds", "export", f"{WORK}/run", f"{WORK}/export"], mounts=mounts)
     assert rc == 0, f"export in the image exited {rc}:\n{out[-4000:]}"
@@ -253,32 +244,15 @@ def test_two_containers_as_two_nodes_equal_one_process(engine, inputs, cache, si
     (work / "hostfile").write_text("node-a slots=1\nnode-b slots=1\n")
     _owned_dir(work)
     port = str(29500 + uuid.uuid4().int % 2000)
-    train = ["--deepspeed", "ds_configs/zero2.json"]
-    train += overrides(Path(INPUTS), Path(WORK) / "run", *DIST_ARGS)
-    runs = [
-        {
-            "args": [
-                "launchers/run_deepspeed.sh",
-                "--hostfile",
-                f"{WORK}/hostfile",
-                "--node-rank",
-                str(rank),
-                "--master-addr",
-                "127.0.0.1",
-                "--master-port",
-                port,
-                "--",
-                *train,
-            ],
-            "mounts": _mounts(inputs, work, cache),
-        }
-        for rank in (0, 1)
-    ]
+    cmds = node_commands(
+        "launchers/run_deepspeed.sh", f"{WORK}/hostfile", port, Path(INPUTS), Path(WORK) / "run"
+    )
+    runs = [{"args": cmd, "mounts": _mounts(inputs, work, cache)} for cmd in cmds]
     results = _run_together(engine, runs)
     for rank, (rc, out) in enumerate(results):
         assert rc == 0, f"container (node {rank}) exited {rc}:\n{out[-4000:]}"
     assert "nnodes=2" in results[1][1] and "node_rank=1" in results[1][1]
-    _assert_same_run(work / "run", single)
+    assert_same_two_rank_run(work / "run", single)
 
 
 def test_compose_recipe_over_ssh_equals_one_process(engine, inputs, cache, single, tmp_path):
@@ -346,7 +320,7 @@ def test_compose_recipe_over_ssh_equals_one_process(engine, inputs, cache, singl
     finally:
         subprocess.run(engine.cmd("network", "rm", "-f", network), capture_output=True, timeout=60)
     assert "node1" in out
-    _assert_same_run(work / "compose", single)
+    assert_same_two_rank_run(work / "compose", single)
 
 
 def _expand(value: str, env: dict[str, str]) -> str:

@@ -21,18 +21,24 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from tests._dist import free_port
-from tests._train_helpers import BIN, NO_DROPOUT, REPO, TIMEOUT, launch, overrides, summary
+from tests._train_helpers import (
+    BIN,
+    DIST_ARGS,
+    REPO,
+    TIMEOUT,
+    assert_same_two_rank_run,
+    node_commands,
+    overrides,
+    single_process_run,
+)
 
 # Also run inside the CPU image by `make image-test` (tests/test_image.py).
 pytestmark = [pytest.mark.slow, pytest.mark.multirank, pytest.mark.image]
 
 #: Launcher variables a test must not inherit (each path sets or discovers its own).
 RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-DIST_ARGS = (*NO_DROPOUT, "train.micro_batch_size=1", "train.grad_accum=2")
 
 
 def _env() -> dict[str, str]:
@@ -77,51 +83,20 @@ def _run_all(cmds: list[list[str]], timeout: float = TIMEOUT) -> list[tuple[int,
 
 @pytest.fixture(scope="module")
 def single(tiny_run_inputs, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("multinode") / "single"
-    args = overrides(tiny_run_inputs, out, *NO_DROPOUT, "train.micro_batch_size=2")
-    launch("python", "zero2.json", [*args, "train.grad_accum=2"])
-    return out
-
-
-def _assert_same_run(run: Path, single: Path) -> None:
-    assert summary(run)["world_size"] == 2 and summary(run)["zero_stage"] == 2
-    losses = [torch.tensor([h["loss"] for h in summary(r)["history"]]) for r in (run, single)]
-    assert len(losses[0]) == 6
-    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
-    a = load_file(str(single / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(run / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-5, msg=name)
+    return single_process_run(tiny_run_inputs, tmp_path_factory.mktemp("multinode") / "single")
 
 
 def test_two_nodes_through_hostfile_equal_single_node(tiny_run_inputs, single, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# two 'nodes', both this machine\nnode-a slots=1\nnode-b slots=1\n")
     port = str(free_port())
-    train_args = ["--deepspeed", "ds_configs/zero2.json"]
-    train_args += overrides(tiny_run_inputs, tmp_path / "run", *DIST_ARGS)
-    cmds = [
-        [
-            str(REPO / "launchers" / "run_deepspeed.sh"),
-            "--hostfile",
-            str(hostfile),
-            "--node-rank",
-            str(rank),
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            port,
-            "--",
-            *train_args,
-        ]
-        for rank in (0, 1)
-    ]
+    script = str(REPO / "launchers" / "run_deepspeed.sh")
+    cmds = node_commands(script, str(hostfile), port, tiny_run_inputs, tmp_path / "run")
     results = _run_all(cmds)
     for rank, (rc, out) in enumerate(results):
         assert rc == 0, f"node {rank} exited {rc}:\n{out[-4000:]}"
     assert "nnodes=2" in results[1][1] and "node_rank=1" in results[1][1]
-    _assert_same_run(tmp_path / "run", single)
+    assert_same_two_rank_run(tmp_path / "run", single)
 
 
 def test_mpirun_with_mpi4py_discovery_equals_single_node(tiny_run_inputs, single, tmp_path):
@@ -145,4 +120,4 @@ def test_mpirun_with_mpi4py_discovery_equals_single_node(tiny_run_inputs, single
     ]
     [(rc, out)] = _run_all([cmd])
     assert rc == 0, f"mpirun exited {rc}:\n{out[-4000:]}"
-    _assert_same_run(tmp_path / "run", single)
+    assert_same_two_rank_run(tmp_path / "run", single)
