@@ -6,7 +6,7 @@
 # share one image store, so an image built by one is run by the other.
 
 die() {
-  echo "docker/$(basename "$0"): $*" >&2
+  echo "error: $*" >&2
   exit 1
 }
 

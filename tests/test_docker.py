@@ -144,3 +144,16 @@ def test_build_script_refuses_an_unknown_flavour():
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "usage: docker/build.sh cpu|cuda [--tag NAME]"
+
+
+def test_no_engine_is_named_with_the_fix():
+    """Where neither Docker nor podman is present, the image tests skip with this line."""
+    proc = subprocess.run(
+        ["bash", "-c", "source docker/engine.sh && PATH=/nonexistent run_engine"],
+        cwd=REPO, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        "error: no container runtime: install Docker, or (Debian, as root) apt-get install "
+        "podman runc (make image-test does this itself when run as root)"
+    )
