@@ -3,8 +3,10 @@
     hmora-ds generate --model smollm2-135m-instruct --adapter DIR --input q.jsonl --output a.jsonl
 
 Each input line is an object with one of: ``prompt`` (a user message), ``source`` (our
-training records), ``instruction`` (+ optional ``input``, alpaca) or ``messages`` (an OpenAI
-conversation ending with a user turn); ``system`` is an optional system prompt. Each output
+training records), ``instruction`` (+ optional ``input``, alpaca) or ``messages`` (a
+conversation ending with the user turn to answer, checked by the rules of training data:
+OpenAI ``role``/``content`` or ShareGPT ``from``/``value``, see docs/data.md); ``system`` is an
+optional system prompt. Each output
 line is the input object with ``response`` added, in input order. A line that cannot be used is
 reported with its line number and the run stops before loading the model.
 """
@@ -34,11 +36,8 @@ def conversation(row: Any, where: str) -> list[dict[str, str]]:
     system = row.get("system")
     head = [{"role": "system", "content": system}] if isinstance(system, str) and system else []
     if "messages" in row:
-        msgs = row["messages"]
-        if not isinstance(msgs, list):
-            raise ValueError(f"{where}: messages must be a list of {{role, content}}")
-        check_messages(msgs, f"{where}: messages")
-        return [*head, *msgs] if head and msgs[0].get("role") != "system" else list(msgs)
+        msgs = check_messages(row["messages"], where)
+        return [*head, *msgs] if head and msgs[0]["role"] != "system" else msgs
     for key in ("prompt", "source"):
         if isinstance(row.get(key), str) and row[key].strip():
             return [*head, {"role": "user", "content": row[key]}]

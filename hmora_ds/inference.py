@@ -22,8 +22,6 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("system", "user", "assistant")
-
 
 def pick_device(name: str = "auto") -> torch.device:
     """``auto``: the first GPU when there is one, else the CPU."""
@@ -74,22 +72,22 @@ def load_for_inference(
     return tok, net
 
 
-def check_messages(messages: Sequence[dict[str, Any]], where: str = "messages") -> None:
-    """A conversation to answer: roles system / user / assistant, string contents, ending with
-    a user turn.
+def check_messages(messages: Any, where: str = "conversation") -> list[dict[str, str]]:
+    """A conversation to answer, checked by the rules of training data (the same roles and
+    keys, system message first, user and assistant alternating) and ending with the user turn
+    to answer; returned as ``{"role", "content"}`` messages (ShareGPT's ``from``/``value``
+    and ``human``/``gpt`` become OpenAI's).
 
     Raises:
         ValueError: one line naming ``where`` and what is wrong.
     """
-    if not messages:
-        raise ValueError(f"{where}: empty conversation")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise ValueError(f"{where}[{i}]: role must be one of {', '.join(ROLES)}")
-        if not isinstance(m.get("content"), str):
-            raise ValueError(f"{where}[{i}]: content must be a string")
-    if messages[-1]["role"] != "user":
-        raise ValueError(f"{where}: the last message must be the user's (the one to answer)")
+    from hmora_ds.data.formats import parse_conversation
+
+    parsed, why = parse_conversation(messages, "messages", to_answer=True)
+    if parsed is None:
+        raise ValueError(f"{where}: {why}")
+    system, turns = parsed
+    return [{"role": "system", "content": system}, *turns] if system is not None else turns
 
 
 @dataclass
@@ -166,8 +164,7 @@ class Generator:
         Raises:
             ValueError: even the newest user message alone does not fit.
         """
-        check_messages(messages)
-        msgs = list(messages)
+        msgs = check_messages(messages)
         system = [m for m in msgs[:1] if m["role"] == "system"]
         turns = msgs[len(system) :]
         dropped = 0

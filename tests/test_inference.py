@@ -28,8 +28,23 @@ def test_each_input_shape_becomes_a_conversation_and_bad_lines_name_their_line(t
     assert conversation({"messages": msgs}, "f:1") == msgs
     with pytest.raises(ValueError, match=r"^f:2: no prompt; give one of prompt, source"):
         conversation({"question": "x"}, "f:2")
-    with pytest.raises(ValueError, match=r"the last message must be the user's"):
+    with pytest.raises(ValueError, match=r"^f:3: the last message must be the user's"):
         conversation({"messages": msgs[:2]}, "f:3")
+    # The rules of training data: ShareGPT's keys and roles, normalised; alternation; types.
+    sharegpt = [{"from": "system", "value": "s"}, {"from": "human", "value": "q"}]
+    assert conversation({"messages": sharegpt}, "f:4") == [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "q"},
+    ]
+    two_users = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    with pytest.raises(
+        ValueError, match=r"^f:5: roles do not alternate user/assistant \(message 2"
+    ):
+        conversation({"messages": two_users}, "f:5")
+    with pytest.raises(ValueError, match=r"^f:6: non-list field 'messages' \(str\)$"):
+        conversation({"messages": "hi"}, "f:6")
+    with pytest.raises(ValueError, match=r"^f:7: unknown role 'bot' \(message 1"):
+        conversation({"messages": [{"role": "bot", "content": "x"}]}, "f:7")
     bad = tmp_path / "in.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"prompt": \n')
     with pytest.raises(ValueError, match=r"in.jsonl:2: invalid JSON"):

@@ -136,12 +136,16 @@ def undetectable_message(where: Any, keys: list[str]) -> str:
     )
 
 
-def parse_conversation(conv: Any, key: str) -> tuple[tuple[str | None, list[dict]] | None, str]:
+def parse_conversation(
+    conv: Any, key: str, *, to_answer: bool = False
+) -> tuple[tuple[str | None, list[dict]] | None, str]:
     """Check a conversation: ``((system, turns), "")`` or ``(None, reason)``.
 
     ``turns`` are ``{"role": "user" | "assistant", "content": str}``, alternating, starting
-    with a user turn and ending with an assistant turn; ``system`` is the system message's text
-    (None without one, or a blank one).
+    with a user turn and ending with an assistant turn (a training example) or, with
+    ``to_answer``, with the user turn to answer (``hmora-ds chat`` / ``generate``); ``system``
+    is the system message's text (None without one, or a blank one). Roles and keys as in
+    :data:`ROLES` (OpenAI ``role``/``content`` or ShareGPT ``from``/``value``).
     """
     if not isinstance(conv, (list, tuple)):
         return None, f"non-list field '{key}' ({type(conv).__name__})"
@@ -174,7 +178,9 @@ def parse_conversation(conv: Any, key: str) -> tuple[tuple[str | None, list[dict
         turns.append({"role": ours, "content": content})
     if not turns:
         return None, "no user or assistant turn"
-    if turns[-1]["role"] != "assistant":
+    if to_answer and turns[-1]["role"] != "user":
+        return None, "the last message must be the user's (the one to answer)"
+    if not to_answer and turns[-1]["role"] != "assistant":
         return None, "conversation ends on a user turn"
     return (system, turns), ""
 
