@@ -12,10 +12,12 @@ die() {
 }
 
 # validate_hostfile FILE: every non-blank, non-comment line must read "HOSTNAME slots=N" (the
-# format DeepSpeed, pdsh and OpenMPI share); hosts must be unique. Prints "HOSTS SLOTS FIRST"
-# (host count, total slots, first host) on success; exits 2 naming the bad line otherwise.
+# format DeepSpeed, pdsh and OpenMPI share); hosts must be unique. Prints "HOSTS SLOTS NAME..."
+# (host count, total slots, the host names in file order) on success; exits 2 naming the bad
+# line otherwise.
 validate_hostfile() {
-  local file="$1" line n=0 hosts=0 slots=0 first="" host count
+  local file="$1" line n=0 hosts=0 slots=0 host count
+  local -a names=()
   local -A seen=()
   [[ -f "$file" ]] || die "hostfile '$file' does not exist"
   while IFS= read -r line || [[ -n "$line" ]]; do
@@ -31,17 +33,12 @@ validate_hostfile() {
     count="${BASH_REMATCH[2]}"
     [[ -n "${seen[$host]:-}" ]] && die "hostfile '$file' line $n: host '$host' is listed twice"
     seen[$host]=1
-    [[ -z "$first" ]] && first="$host"
+    names+=("$host")
     hosts=$((hosts + 1))
     slots=$((slots + count))
   done <"$file"
   ((hosts > 0)) || die "hostfile '$file' names no host; expected lines 'HOSTNAME slots=N'"
-  printf '%s %s %s\n' "$hosts" "$slots" "$first"
-}
-
-# hostfile_hosts FILE: the host names of a (validated) hostfile, one per line.
-hostfile_hosts() {
-  sed -e 's/#.*//' "$1" | awk 'NF { print $1 }'
+  printf '%s %s %s\n' "$hosts" "$slots" "${names[*]}"
 }
 
 # wait_for_ssh SECONDS HOST...: wait until every host accepts ssh (key only, no prompt), up to

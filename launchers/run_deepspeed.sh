@@ -40,8 +40,9 @@ case "$launcher" in pdsh | openmpi) ;; *) die "--launcher must be pdsh or openmp
 
 cmd=(deepspeed --master_port "$master_port")
 if [[ -n "$hostfile" ]]; then
-  read -r hosts slots first < <(validate_hostfile "$hostfile") || exit 2
-  [[ -n "$master_addr" ]] || master_addr="$first"
+  read -r hosts slots host_list < <(validate_hostfile "$hostfile") || exit 2
+  read -r -a names <<<"$host_list"
+  [[ -n "$master_addr" ]] || master_addr="${names[0]}"
   cmd+=(--hostfile "$hostfile" --master_addr "$master_addr")
   if [[ -n "$node_rank" ]]; then
     require_int --node-rank "$node_rank"
@@ -53,7 +54,6 @@ if [[ -n "$hostfile" ]]; then
   echo "hostfile $hostfile: $hosts node(s), $slots rank(s), master $master_addr:$master_port" >&2
   if [[ -z "$node_rank" && "${DRY_RUN:-0}" != 1 ]]; then
     require_int SSH_WAIT "${SSH_WAIT:-60}"
-    mapfile -t names < <(hostfile_hosts "$hostfile")
     wait_for_ssh "${SSH_WAIT:-60}" "${names[@]}"
   fi
 else

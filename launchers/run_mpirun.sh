@@ -35,7 +35,7 @@ command -v mpirun >/dev/null || [[ "${DRY_RUN:-0}" == 1 ]] ||
 cmd=(mpirun --bind-to none --map-by slot)
 ((EUID == 0)) && cmd+=(--allow-run-as-root)
 if [[ -n "$hostfile" ]]; then
-  read -r _hosts slots _first < <(validate_hostfile "$hostfile") || exit 2
+  read -r _hosts slots _names < <(validate_hostfile "$hostfile") || exit 2
   cmd+=(--hostfile "$hostfile")
   [[ -n "$np" ]] || np="$slots"
 fi
