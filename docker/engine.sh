@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Container engine helpers, sourced by docker/build.sh and docker/run.sh.
+# Container engine helpers, sourced by docker/build.sh and tests/test_image.py.
 #
 # IMAGE_ENGINE=docker|buildah|podman picks the engine; otherwise: docker when its engine answers,
 # else buildah (building) / podman (running), Debian's packages, as root. buildah and podman

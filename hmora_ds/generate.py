@@ -6,9 +6,9 @@ Each input line is an object with one of: ``prompt`` (a user message), ``source`
 training records), ``instruction`` (+ optional ``input``, alpaca) or ``messages`` (a
 conversation ending with the user turn to answer, checked by the rules of training data:
 OpenAI ``role``/``content`` or ShareGPT ``from``/``value``, see docs/data.md); ``system`` is an
-optional system prompt. Each output
-line is the input object with ``response`` added, in input order. A line that cannot be used is
-reported with its line number and the run stops before loading the model.
+optional system prompt. Each output line is the input object with ``response`` added, in input
+order. A line that cannot be used is reported with its line number and the run stops before
+loading the model.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from hmora_ds.config import parse_override
 from tests._train_helpers import (
     DIST_ARGS,
     REPO,
@@ -240,7 +241,8 @@ def _run_together(engine: Engine, runs: list[dict], timeout=RUN_TIMEOUT) -> list
 
 
 def test_two_containers_as_two_nodes_equal_one_process(engine, inputs, cache, single, tmp_path):
-    work = _owned_dir(tmp_path / "work")
+    work = tmp_path / "work"
+    work.mkdir()
     (work / "hostfile").write_text("node-a slots=1\nnode-b slots=1\n")
     _owned_dir(work)
     port = str(29500 + uuid.uuid4().int % 2000)
@@ -272,17 +274,18 @@ def test_compose_recipe_over_ssh_equals_one_process(engine, inputs, cache, singl
     }, f"the documented key step ({keygen!r}) made no key pair"
     ssh = _owned_dir(project / "docker" / "ssh")
 
-    work = _owned_dir(tmp_path / "work")
+    work = tmp_path / "work"
+    work.mkdir()
     # RUN_CONFIG: a run config of the tiny model (the compose default is the 7B preset); the
     # compose hostfile's slots (4 GPUs per node) become one CPU rank per node via HOSTFILE.
     cfg: dict = {}  # the single-process run's settings, as a run config file
     for item in overrides(Path(INPUTS), Path(WORKSPACE) / "runs" / "compose", *DIST_ARGS):
-        key, _, value = item.partition("=")
+        key, value = parse_override(item)
         node = cfg
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = value
     (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     (work / "hostfile").write_text("node0 slots=1\nnode1 slots=1\n")
     _owned_dir(work)
@@ -312,7 +315,7 @@ def test_compose_recipe_over_ssh_equals_one_process(engine, inputs, cache, singl
         node1 = subprocess.Popen(node1_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  text=True)  # fmt: skip
         try:
-            [(rc, out)] = _run_together(engine, runs[1:])
+            rc, out = engine.run(**runs[1])
         finally:
             engine.remove(node1_name)
             node1_out = node1.communicate(timeout=60)[0]

@@ -102,8 +102,8 @@ def _safe_globals() -> list[Any]:
     return found
 
 
-#: Enums whose members checkpoints may name (``getattr(cls, name)`` in the pickle).
 def _allowed_enums() -> tuple[type, ...]:
+    """Enums whose members checkpoints may name (``getattr(cls, name)`` in the pickle)."""
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
     return (ZeroStageEnum,)
