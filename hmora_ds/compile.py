@@ -48,7 +48,10 @@ def configure_dynamo() -> None:
     # With gradient checkpointing the checkpoint is inside the compiled layer: the routers'
     # records are a forward side effect that the recomputation must not repeat (as in eager,
     # where the routing context stops recording after the forward).
-    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    # (A torch older than the pinned one may lack this switch: then checkpointing inside a
+    # compiled layer is what breaks, not compilation itself.)
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     # One compiled variant per distinct layer structure (HMoRA's token / hybrid / task layers,
     # MoLA's expert counts), × the first layer (whose input needs no gradient) × static and
     # dynamic sequence length: more than dynamo's default limit of 8 per code object, and

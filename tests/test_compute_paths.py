@@ -112,6 +112,35 @@ def test_dispatch_plan_groups_pairs_by_expert():
     assert sorted(plan.token[:5].tolist()) == [5, 6, 7, 8, 9]  # expert 0: the second row
 
 
+@pytest.mark.parametrize("k, n", [(4, 4), (4, 16), (12, 3), (16, 8)])
+def test_grouped_mm_operands_are_padded_to_16_byte_strides(k, n):
+    """torch._grouped_mm (CUDA, bf16) rejects strides that are not multiples of 16 bytes: a
+    rank-4 expert (AdaMoLE) in bf16 failed on the GPU with "strides should be multiple of 16
+    bytes". The padding must hand it aligned operands and give back the unpadded product and
+    gradients (checked here with the slice loop standing in for the CUDA kernel)."""
+    from hmora_ds.experts.dispatch import aligned_grouped_mm, sliced_mm
+
+    seen = []
+
+    def kernel(x, w, offs):
+        seen.append((x.shape[-1], w.shape[-1]))
+        return sliced_mm(x, w, offs)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, k, generator=g, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(3, k, n, generator=g, dtype=torch.bfloat16, requires_grad=True)
+    offsets = torch.tensor([4, 4, 10], dtype=torch.int32)  # expert 1 gets no token
+    out = aligned_grouped_mm(x, w, offsets, kernel)
+    assert all(size * 2 % 16 == 0 for size in seen[0])
+    ref = sliced_mm(x.detach(), w.detach(), offsets)
+    assert out.shape == (10, n) and torch.equal(out, ref)  # zeros add exact zeros
+    out.float().square().sum().backward()
+    xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    sliced_mm(xr, wr, offsets).float().square().sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(w.grad, wr.grad)
+
+
 def test_auto_selects_sparse_only_where_the_dense_adapter_dominates():
     # the paper's settings (r = 8, e <= 32, hidden 1536): measured faster dense on an H100
     assert not any(prefer_sparse(e, 2, 8, 1536) for e in (4, 8, 16, 32))

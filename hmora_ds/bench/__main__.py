@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--batch", type=int, help="step benchmark: sequences per step")
     parser.add_argument("--seq", type=int, help="step benchmark: tokens per sequence")
+    parser.add_argument("--steps", type=int, help="step benchmark: timed steps per variant")
+    parser.add_argument("--warmup", type=int, help="step benchmark: warm-up steps per variant")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.which in ("all", "step"):
@@ -37,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
             profile=prof,
             batch=args.batch,
             seq=args.seq,
+            steps=args.steps,
+            warmup=args.warmup,
         )
         print(path.with_suffix(".md").read_text())
         print(f"written: {path} and {path.with_suffix('.md')}")

@@ -512,14 +512,18 @@ def measure(
     return row
 
 
-def _step_flops(step) -> float:
+def _step_flops(step) -> float | None:
     """Floating-point operations one step executes: matrix products and attention, forward
     and backward (input and weight gradients), as torch's FlopCounterMode counts them."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with counter:
-        step()
+    try:
+        with counter:
+            step()
+    except AssertionError as exc:  # torch < 2.13 cannot count grouped-query SDPA
+        logger.warning("bench step: FLOPs not counted (%s)", exc)
+        return None
     return float(counter.get_total_flops())
 
 
@@ -742,6 +746,9 @@ def markdown(doc: dict[str, Any]) -> str:
             f"| {f['fast path']} | {f['before_ms']:.1f} | {f['after_ms']:.1f} "
             f"| {f['speedup']:.2f}× | {f['before_mb']:.0f} | {f['after_mb']:.0f} |"
         )
+    if doc.get("failed"):
+        lines += ["", "## Failed variants (not measured)", ""]
+        lines += [f"- {f['name']}: {f['error']}" for f in doc["failed"]]
     return "\n".join(lines) + "\n"
 
 
@@ -764,7 +771,14 @@ def _machine(device: torch.device) -> dict[str, Any]:
 
 
 def _write(
-    path: Path, device: str, quick: bool, shape, dev, rows: list[dict[str, Any]], peak: float
+    path: Path,
+    device: str,
+    quick: bool,
+    shape,
+    dev,
+    rows: list[dict[str, Any]],
+    peak: float,
+    failed: list[dict[str, str]] | None = None,
 ) -> None:
     machine = _machine(dev)
     machine["gemm_peak_tflops"] = peak / 1e12
@@ -780,6 +794,7 @@ def _write(
         if device == "cuda"
         else "parameters + gradients + AdamW state + tensors saved for backward (exact count)",
         "rows": rows,
+        "failed": failed or [],
     }
     doc.update(summarize(rows, peak / 1e12))
     tmp = path.with_suffix(".tmp")
@@ -796,6 +811,8 @@ def run(
     profile: list[str] | None = None,
     batch: int | None = None,
     seq: int | None = None,
+    steps: int | None = None,
+    warmup: int | None = None,
 ) -> Path:
     """Measure every variant, write ``step_<device>.json`` / ``.md``; returns the JSON path."""
     from tqdm import tqdm
@@ -812,6 +829,7 @@ def run(
     if batch or seq:
         shape.update({k: v for k, v in (("batch", batch), ("seq", seq)) if v})
         tag = f"_b{shape['batch']}x{shape['seq']}"
+    shape.update({k: v for k, v in (("steps", steps), ("warmup", warmup)) if v})
     torch.manual_seed(0)
     cfg = _base_config(shape)
     cfg._attn_implementation = "sdpa"
@@ -823,19 +841,35 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"step_{device}{'_quick' if quick else ''}{tag}.json"
     rows: list[dict[str, Any]] = []
-    todo = [v for v in variants(device) if only is None or v.name in only]
-    if only is not None and len(todo) != len(only):
-        known = [v.name for v in variants(device)]
-        raise SystemExit(f"bench step: --only names unknown variant(s); choose from {known}")
+    known = {v.name: v for v in variants(device)}
+    unknown = [name for name in only or [] if name not in known]
+    if unknown:
+        raise SystemExit(
+            f"bench step: --only names unknown variant(s) {unknown}; choose from {list(known)}"
+        )
+    # --only runs in the order given (the most wanted rows first when time is short).
+    todo = [known[name] for name in only] if only is not None else list(known.values())
     peak = gemm_peak(dev)
+    failed: list[dict[str, str]] = []
     for v in tqdm(todo, desc="bench step", unit="variant"):
         prof = out if profile and v.name in profile else None
-        if v.fp32 and device == "cuda":
-            vbase = copy.deepcopy(base).float()
+        vbase = copy.deepcopy(base).float() if v.fp32 and device == "cuda" else base
+        try:
             rows.append(measure(v, vbase, shape, shape_name, dev, prof))
-            del vbase
+        except Exception as exc:  # one variant's failure (e.g. a compiler error) is reported
+            # in the results and the log, and the other variants are still measured.
+            logger.exception("bench step: variant %r failed", v.name)
+            failed.append({"name": v.name, "error": f"{type(exc).__name__}: {exc}"[:500]})
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
         else:
-            rows.append(measure(v, base, shape, shape_name, dev, prof))
-        logger.info("%s: %.1f ms, %.0f MB", v.name, rows[-1]["step_ms"], rows[-1]["peak_mb"])
-        _write(path, device, quick, shape, dev, rows, peak)  # after every row: keeps the rest
+            logger.info("%s: %.1f ms, %.0f MB", v.name, rows[-1]["step_ms"], rows[-1]["peak_mb"])
+        del vbase
+        _write(path, device, quick, shape, dev, rows, peak, failed)  # after every row
+    if failed:
+        names = ", ".join(f["name"] for f in failed)
+        raise SystemExit(
+            f"bench step: {len(failed)} variant(s) failed ({names}); the others are in {path}"
+        )
     return path

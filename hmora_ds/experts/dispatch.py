@@ -26,7 +26,7 @@ expert to the largest load would cost more than the dense path.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,11 +103,34 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, plan: DispatchPlan) -> torc
     if x.is_cuda and hasattr(torch, "_grouped_mm"):
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
         if dtype == torch.bfloat16:
-            return torch._grouped_mm(x.to(dtype), w.to(dtype), offs=plan.offsets)
+            return aligned_grouped_mm(x.to(dtype), w.to(dtype), plan.offsets, torch._grouped_mm)
     if torch.compiler.is_compiling():  # the slice sizes are data: one opaque op, no break
         return sliced_mm(x, w, plan.offsets)
     parts = x.split(plan.counts)
     return torch.cat([xi @ w[i] for i, xi in enumerate(parts)])
+
+
+GROUPED_MM_ALIGN_BYTES = 16
+
+
+def aligned_grouped_mm(
+    x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, mm: Callable[..., torch.Tensor]
+) -> torch.Tensor:
+    """``mm(x, w, offs=offsets)`` with ``x``'s and ``w``'s inner sizes zero-padded to a multiple
+    of 16 bytes, which ``torch._grouped_mm`` requires of every stride ("strides should be
+    multiple of 16 bytes"): a rank of 4 in bf16 (AdaMoLE's experts) is 8 bytes. The zeros add
+    nothing to the products; the padded output columns are cut off (autograd sees a pad and a
+    slice, so the gradients are those of the unpadded product)."""
+    multiple = GROUPED_MM_ALIGN_BYTES // x.element_size()
+    k, n = x.shape[-1], w.shape[-1]
+    pad_k, pad_n = -k % multiple, -n % multiple
+    if pad_k:
+        x = F.pad(x, (0, pad_k))
+        w = F.pad(w, (0, 0, 0, pad_k))
+    if pad_n:
+        w = F.pad(w, (0, pad_n))
+    out = mm(x, w, offs=offsets)
+    return out[:, :n] if pad_n else out
 
 
 # ``x[slice_i] @ w[i]`` as a custom op for torch.compile. The slice sizes are data (how many
