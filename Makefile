@@ -74,7 +74,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check hmora_ds tests launchers docker
 	$(VENV)/bin/ruff format --check hmora_ds tests launchers docker
 	$(VENV)/bin/hadolint docker/Dockerfile docker/Dockerfile.cpu
-	for f in launchers/*.sh launchers/slurm/*.sbatch docker/*.sh; do bash -n "$$f" || exit 1; done
+	for f in launchers/*.sh launchers/slurm/*.sbatch docker/*.sh bench/*.sh; do bash -n "$$f" || exit 1; done
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format hmora_ds tests launchers docker

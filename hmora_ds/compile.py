@@ -79,10 +79,17 @@ def compile_regions(model: nn.Module) -> dict[str, list[nn.Module]]:
 
 
 def compile_model(
-    model: nn.Module, mode: str, *, fullgraph: bool = True, backend: str = "inductor"
+    model: nn.Module,
+    mode: str,
+    *,
+    fullgraph: bool = True,
+    backend: str = "inductor",
+    compile_mode: str | None = None,
 ) -> int:
     """Compile ``model``'s regions in place (``nn.Module.compile``: parameter names, state
     dicts and checkpoints are unchanged). Returns the number of compiled modules.
+    ``compile_mode`` is ``torch.compile``'s ``mode`` (the step benchmark tries
+    ``reduce-overhead``, CUDA graphs).
 
     Raises:
         ValueError: an unknown ``mode``, or ``blocks`` on a model with no adapted linear.
@@ -99,7 +106,7 @@ def compile_model(
             "use train.compile=layers (a full fine-tune) or none"
         )
     for module in regions:
-        module.compile(fullgraph=fullgraph, backend=backend)
+        module.compile(fullgraph=fullgraph, backend=backend, mode=compile_mode)
     logger.info(
         "torch.compile: %d %s (backend %s, fullgraph %s); the first steps compile them",
         len(regions),

@@ -112,6 +112,9 @@ class Variant:
     peft: bool = False
     # train.compile of the variant (none | blocks | layers).
     compile: str = "none"
+    # CUDA: the compiled regions replayed as CUDA graphs (torch.compile mode="reduce-overhead",
+    # an experiment of the benchmark: train.compile does not offer it).
+    cuda_graphs: bool = False
     # The LM loss from the full logits (train.ce_chunk_tokens=0) instead of in chunks.
     full_logits: bool = False
     note: str = ""
@@ -229,6 +232,11 @@ def variants(device: str) -> list[Variant]:
                           ("hmora", "HMoRA w/o LW")):  # fmt: skip
         rows.append(Variant(f"{label} compiled", "compiled", preset, compile="layers",
                             note="train.compile=layers (inductor)"))  # fmt: skip
+    if device == "cuda":
+        for preset, label in (("lora_r64", "LoRA r=64"), ("hmora_lw", "HMoRA w LW")):
+            rows.append(Variant(f"{label} compiled + CUDA graphs", "compiled", preset,
+                                compile="layers", cuda_graphs=True,
+                                note='layers compiled with mode="reduce-overhead"'))  # fmt: skip
     lw = "hmora_lw"
     rows += [
         Variant("LW: full logits (no chunked CE)", "fast paths", lw, full_logits=True),
@@ -345,7 +353,12 @@ def _build(v: Variant, base: torch.nn.Module, shape_name: str, device: torch.dev
     if v.compile != "none":
         from hmora_ds.compile import compile_model
 
-        compile_model(model, v.compile, backend=shape.get("compile_backend", "inductor"))
+        compile_model(
+            model,
+            v.compile,
+            backend=shape.get("compile_backend", "inductor"),
+            compile_mode="reduce-overhead" if v.cuda_graphs else None,
+        )
     return model, _adamw(model)
 
 
@@ -408,6 +421,8 @@ def _step_fn(v: Variant, model, opt, batch, device: torch.device, autocast: bool
     others = [{"input_ids": ids, "attention_mask": mask, "prompt_mask": pmask}] * v.step_batches
 
     def step():
+        if v.cuda_graphs:  # a new iteration: the graphs' previous outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         opt.zero_grad(set_to_none=True)
         with ac:
             out = model(
@@ -454,13 +469,17 @@ def measure(
     warmup, steps = (1, 3) if v.slow else (shape["warmup"], shape["steps"])
     if v.compile != "none":
         warmup += 1  # the first step compiles every layer variant
+    # CUDA graphs keep a step's activations in the graphs' private memory pool, allocated while
+    # the graphs are recorded (warm-up) and only reused by the timed replays: their peak is
+    # counted from before the warm-up, every other row's over the timed steps.
+    if device.type == "cuda" and v.cuda_graphs:
+        torch.cuda.reset_peak_memory_stats(device)
     with patch:
         for _ in range(warmup):
             step()
         sync()
-        if device.type == "cuda":
+        if device.type == "cuda" and not v.cuda_graphs:
             torch.cuda.reset_peak_memory_stats(device)
-            start_mem = torch.cuda.memory_allocated(device)
         for _ in range(steps):
             t0 = time.perf_counter()
             step()
@@ -468,7 +487,6 @@ def measure(
             times.append(time.perf_counter() - t0)
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device)
-            del start_mem
         else:
             saved = _SavedBytes(_state_storages(model))
             with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda x: x):
@@ -576,6 +594,8 @@ TARGETS = (
     ("HMoRA w LW step / LoRA r=64 step", "HMoRA w LW", "LoRA r=64", "step_ms", 1.10),
     ("compiled: HMoRA w LW step / LoRA r=64 step", "HMoRA w LW compiled", "LoRA r=64 compiled",
      "step_ms", 1.10),
+    ("CUDA graphs: HMoRA w LW step / LoRA r=64 step", "HMoRA w LW compiled + CUDA graphs",
+     "LoRA r=64 compiled + CUDA graphs", "step_ms", 1.10),
     ("HMoRA w LW step / frozen-base limit", "HMoRA w LW", "frozen base", "step_ms", 1.35),
     ("compiled: HMoRA w LW step / frozen-base limit", "HMoRA w LW compiled", "frozen base",
      "step_ms", 1.35),
@@ -605,6 +625,8 @@ FAST_PATHS = (
     ("compiled decoder layers (LoRA r=64)", "LoRA r=64", "LoRA r=64 compiled"),
     ("compiled decoder layers (HMoRA w LW)", "HMoRA w LW", "HMoRA w LW compiled"),
     ("compiled decoder layers (HMoRA w/o LW)", "HMoRA w/o LW", "HMoRA w/o LW compiled"),
+    ("CUDA graphs (LoRA r=64)", "LoRA r=64 compiled", "LoRA r=64 compiled + CUDA graphs"),
+    ("CUDA graphs (HMoRA w LW)", "HMoRA w LW compiled", "HMoRA w LW compiled + CUDA graphs"),
 )
 
 
