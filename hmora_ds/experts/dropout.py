@@ -68,17 +68,25 @@ class InputDropout(nn.Dropout):
         # enclosing ones. Under activation checkpointing (whose hooks drop what the layer saves
         # and recompute it) the dropped tensor is left to the checkpoint; an observer that only
         # counts saved bytes (``observes_saved_tensors``) is shown what is kept instead: x.
+        # Another recomputable dropout's scope around this one (a router called inside its
+        # experts' scope) is looked through: what decides is the hooks around it.
         outer = _enclosing_hooks()
-        observer = outer is not None and getattr(outer[0], OBSERVER, False)
+        base = outer
+        while base is not None and hasattr(base[0], _SCOPE):
+            base = getattr(base[0], _SCOPE)
+        observer = base is not None and getattr(base[0], OBSERVER, False)
+        recompute = base is None or observer
 
         def pack(t: torch.Tensor) -> Any:
             # h itself or a view of it (a linear saves its 2-D reshape): kept as the mask.
             mine = t.untyped_storage().data_ptr() == storage and t.dtype == h.dtype
-            if mine and (outer is None or observer):
+            if mine and recompute:
                 if observer:
                     outer[0](inp)
                 return (_Recompute, t.size(), t.stride(), t.storage_offset())
             return t if outer is None else outer[0](t)
+
+        setattr(pack, _SCOPE, outer)
 
         def unpack(saved: Any) -> torch.Tensor:
             if not (isinstance(saved, tuple) and saved and saved[0] is _Recompute):
@@ -98,6 +106,8 @@ class InputDropout(nn.Dropout):
 #: An outer ``saved_tensors_hooks`` pack function with this attribute set only observes (it
 #: returns its argument): it is shown the tensors actually kept (the benchmark's memory count).
 OBSERVER = "observes_saved_tensors"
+#: Set on a recomputable dropout's own pack function: the hooks that enclose that scope.
+_SCOPE = "_input_dropout_enclosing_hooks"
 
 
 def _enclosing_hooks() -> tuple[Any, Any] | None:

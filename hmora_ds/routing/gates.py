@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from hmora_ds.experts.dispatch import DispatchPlan
+from hmora_ds.experts.dropout import InputDropout
 from hmora_ds.routing.context import RouterId
 
 if TYPE_CHECKING:
@@ -80,13 +81,17 @@ class Router(nn.Module):
 
     def __init__(self, in_features: int, num_experts: int, dropout: float) -> None:
         super().__init__()
-        self.dropout = nn.Dropout(dropout)
+        # Its dropped input is kept for the backward as a boolean mask over the layer input,
+        # which the layer keeps anyway (as the experts' dropout does), not as an fp32 copy.
+        self.dropout = InputDropout(dropout)
         self.linear = nn.Linear(in_features, num_experts, bias=True)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """h(x) in the router's own dtype (fp32 routers on a bf16 base model read its bf16
         hidden states)."""
-        return self.linear(self.dropout(x).to(self.linear.weight.dtype))
+        h, scope = self.dropout.recomputable(x)
+        with scope:
+            return self.linear(h.to(self.linear.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.logits(x)
