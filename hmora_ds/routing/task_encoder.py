@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -150,5 +151,16 @@ class TaskEncoder(nn.Module):
             table = table * (~is_task).unsqueeze(-1).to(x.dtype)
         x = x + table
         ignore = pos > lengths.unsqueeze(1)  # keys after e_task are padding
-        out = self.encoder(x, src_key_padding_mask=ignore)
-        return out.gather(1, lengths.view(bsz, 1, 1).expand(bsz, 1, d)).squeeze(1)
+        if torch.is_grad_enabled():
+            # Recomputed in the backward instead of keeping its activations (attention weights,
+            # FFN, dropout masks: on CPU shapes a tenth of HMoRA's saved tensors) for one small
+            # layer's forward; the dropout masks are redrawn from the saved RNG state, so the
+            # gradients are the kept activations' exactly.
+            out = torch.utils.checkpoint.checkpoint(
+                self.encoder, x, src_key_padding_mask=ignore, use_reentrant=False
+            )
+        else:
+            out = self.encoder(x, src_key_padding_mask=ignore)
+        # Indexing rather than gather: its backward keeps the indices only, not the (B, T, D)
+        # encoder output.
+        return out[torch.arange(bsz, device=out.device), lengths]
