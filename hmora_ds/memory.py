@@ -22,7 +22,7 @@ Everything is in bytes, per data-parallel rank (one GPU), for one layout:
   the hidden states' gradient, ``a · h`` per token; with the full logits (ZeRO-3, or
   ``ce_chunk_tokens=0``) ``(2a + 8) · V`` bytes per token (logits in the compute dtype and
   their gradient, fp32 log-probabilities saved by the label-smoothed cross entropy and their
-  gradient); and the task encoder (one transformer layer over the prompt).
+  gradient); and the task encoder (one transformer layer over the prompt, checkpointed: its input).
 * **full fine-tuning** makes every base parameter trainable: its states come from DeepSpeed's
   ``estimate_zero2/3_model_states_mem_needs`` (which assume exactly that), not from the
   frozen-base accounting above.
@@ -221,15 +221,16 @@ def layer_activation_bytes(
 
     and each input ``X`` (width ``i``) read by adapters or token routers adds::
 
-             a·i             X itself, if an adapter reads it (with dropout the dropped input
-                             is rebuilt from X: hmora_ds/experts/dropout.py) or a router reads
-                             it without dropout
-           + i               per adapter with dropout (its boolean mask)
-           + 2a·i            per router with dropout (mask in X's dtype + output)
+             a·i             X itself (with dropout the dropped input is rebuilt from X:
+                             hmora_ds/experts/dropout.py, for adapters and routers alike)
+           + i               per adapter or router with dropout (its boolean mask)
+           + a·i             per router with dropout on a 2-byte base: its fp32 linear's input
+                             is a cast of the dropped input, kept as autocast's bf16 copy
 
     and each adapted linear: ``2a·E·R + 4E`` (expert activations before / after gating, fp32
-    gates; Hydra ``a·R + a·E·R + 4E``; single LoRA ``a·R``); each token router ``16E``
-    (fp32 probabilities, top-k / mixing buffers). Full fine-tuning (weights trainable) saves
+    gates; Hydra ``a·R + a·E·R + 4E``; single LoRA ``a·R``); each top-k token router ``16E``
+    (fp32 probabilities, top-k / mixing buffers; a soft router's probabilities are its
+    adapters' gates, counted there). Full fine-tuning (weights trainable) saves
     every linear input and both normalised RMSNorm outputs: ``a·(4h + q + f)`` more.
     Checked against the bytes autograd saves on tiny LLaMAs (tests/test_plan.py).
     """
@@ -253,11 +254,10 @@ def layer_activation_bytes(
         if not adapters and not routers:
             continue
         width = input_width(name, shapes)
-        keeps_x = bool(adapters) or (bool(routers) and r.router_dropout == 0)
         masks = len(adapters) if ad.dropout > 0 else 0
         dropped = len(routers) if r.router_dropout > 0 else 0
-        total += a * width * (1 if keeps_x else 0) + width * masks + 2 * a * width * dropped
-        total += 16 * sum(routers)
+        total += a * width + width * (masks + dropped) + (a * width * dropped if a < 4 else 0)
+        total += (16 if r.mode == "topk" else 0) * sum(routers)
         for e in adapters.values():
             rank = ad.rank
             if e == 1:
@@ -291,11 +291,11 @@ def activation_bytes(shapes: Shapes, method: Any, w: Workload) -> dict[str, floa
         logits = (2 * w.compute_bytes + 8) * shapes.vocab * w.tokens
     encoder = 0.0
     if m.task_encoder_kind == "transformer":
-        r = m.config.routing
-        ffn = int(r.encoder_ffn_mult * shapes.hidden)
         tokens = w.micro_batch * w.prompt_len
-        # nn.TransformerEncoderLayer in fp32: ~6 h-wide tensors, 3 FFN-wide, the scores.
-        encoder = 4 * tokens * (6 * shapes.hidden + 3 * ffn + 2 * r.encoder_heads * w.prompt_len)
+        # Checkpointed (hmora_ds/routing/task_encoder.py): only its fp32 input is kept. Its
+        # activations (~6 h-wide tensors, 3 FFN-wide, the scores) exist again only while its
+        # backward runs, after every decoder layer's, so they do not raise the peak.
+        encoder = 4 * tokens * shapes.hidden
     return {"activations": float(layers), "logits": float(logits), "task encoder": encoder}
 
 

@@ -104,3 +104,109 @@ def test_an_input_changed_in_place_after_the_forward_is_a_clear_error():
         inp.add_(1.0)
     with pytest.raises(RuntimeError, match=r"input was modified in place after the forward"):
         y.sum().backward()
+
+
+def _kept_bytes(fn, module) -> tuple[torch.Tensor, int]:
+    """``fn()`` and the bytes of the tensors autograd keeps for its backward, ``module``'s
+    parameters excluded."""
+    seen: dict[int, int] = {}
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    setattr(pack, OBSERVER, True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def test_router_dropout_keeps_the_input_and_a_boolean_mask():
+    """The routers' input dropout (router_dropout, 0.1 in the paper's settings) is the experts'
+    recomputable one: ordinary dropout's values and gradients, and for the backward only the
+    layer input (which the layer keeps anyway) and a 1-byte mask instead of an fp32 mask and an
+    fp32 dropped copy."""
+    from hmora_ds.routing.gates import Router
+
+    torch.manual_seed(0)
+    router = Router(16, 4, dropout=0.3).train()
+    x = torch.randn(6, 5, 16, requires_grad=True)
+    seen = []
+    router.linear.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    logits, kept = _kept_bytes(lambda: router.logits(x), router)
+    mask = seen[0] / x.detach()  # 0 or 1 / (1 − p)
+    assert 0.15 < (mask == 0).float().mean() < 0.45
+    assert kept == x.numel() * (4 + 1)  # x (fp32) and the mask (bool)
+    g = torch.randn_like(logits)
+    got = torch.autograd.grad(logits, (x, router.linear.weight), g)
+    ref = torch.autograd.grad(
+        F.linear(x * mask, router.linear.weight, router.linear.bias), (x, router.linear.weight), g
+    )
+    for u, v in zip(got, ref, strict=True):
+        torch.testing.assert_close(u, v, rtol=1e-6, atol=1e-6)
+    # what it was, nn.Dropout before the linear: an fp32 mask (on CPU) and a dropped copy
+    _, plain = _kept_bytes(lambda: router.linear(F.dropout(x, 0.3, training=True)), router)
+    assert plain == x.numel() * (4 + 4)
+
+
+def test_task_encoder_is_recomputed_in_the_backward_with_the_same_gradients(monkeypatch):
+    """The task encoder runs under activation checkpointing in training: its attention, FFN
+    and dropout activations are not kept, and the backward's recomputation redraws the same
+    dropout masks, so gradients equal those of the encoder whose activations are kept."""
+    from hmora_ds.routing.task_encoder import TaskEncoder
+
+    torch.manual_seed(0)
+    enc = TaskEncoder(32, num_heads=4, dropout=0.2).train()
+    embeds = torch.randn(3, 12, 32)
+    prompt = (torch.arange(12) < torch.tensor([[5], [9], [12]])).long()
+
+    def run():
+        torch.manual_seed(3)
+        enc.zero_grad()
+        out, kept = _kept_bytes(lambda: enc(embeds, prompt), enc)
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in enc.named_parameters()}, kept
+
+    out, grads, kept = run()
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda fn, *a, **k: fn(*a, **{
+        key: v for key, v in k.items() if key != "use_reentrant"}))  # fmt: skip
+    out_kept, grads_kept, kept_all = run()
+    torch.testing.assert_close(out, out_kept, rtol=0, atol=0)
+    assert grads.keys() == grads_kept.keys() and len(grads) > 4
+    for name, g in grads_kept.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-6, atol=1e-6, msg=name)
+    assert kept < 0.25 * kept_all, (kept, kept_all)
+
+
+def test_a_router_called_inside_the_experts_scope_still_keeps_only_its_mask():
+    """Routers run inside their experts' recomputable scope (the gates are computed in the
+    block's forward): the inner scope looks through the outer one, so both dropped inputs are
+    rebuilt from the one kept input and two boolean masks (it used to keep the router's copy)."""
+    from hmora_ds.routing.gates import Router
+
+    torch.manual_seed(0)
+    experts, router = InputDropout(0.3).train(), Router(16, 4, dropout=0.3).train()
+    x = torch.randn(6, 5, 16, requires_grad=True)
+    a = torch.randn(8, 16, requires_grad=True)
+    seen = []
+    router.linear.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+
+    def block():
+        h, scope = experts.recomputable(x)
+        seen.append(h.detach())
+        with scope:
+            return F.linear(h, a).sum(-1, keepdim=True) + router.logits(x)
+
+    out, kept = _kept_bytes(block, router)
+    assert kept == x.numel() * (4 + 1 + 1) + a.numel() * 4  # x, two masks, and A
+    m_experts, m_router = seen[0] / x.detach(), seen[1] / x.detach()
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, a, router.linear.weight), g)
+    ref_out = F.linear(x * m_experts, a).sum(-1, keepdim=True) + F.linear(
+        x * m_router, router.linear.weight, router.linear.bias
+    )
+    ref = torch.autograd.grad(ref_out, (x, a, router.linear.weight), g)
+    for u, v in zip(got, ref, strict=True):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
