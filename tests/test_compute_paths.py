@@ -142,7 +142,7 @@ def test_grouped_mm_operands_are_padded_to_16_byte_strides(k, n):
 
 
 def test_auto_selects_sparse_only_where_the_dense_adapter_dominates():
-    # the paper's settings (r = 8, e <= 32, hidden 1536): measured faster dense on an H100
+    # the paper's settings (r = 8, e <= 32, hidden 1536): measured faster dense (H100, H200)
     assert not any(prefer_sparse(e, 2, 8, 1536) for e in (4, 8, 16, 32))
     assert prefer_sparse(32, 2, 32, 512)  # E·R = 2·I, a token uses 1/16 of the experts
     assert not prefer_sparse(8, 2, 256, 512)  # wide, but top-2 of 8 saves too little

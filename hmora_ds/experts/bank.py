@@ -31,10 +31,11 @@ from hmora_ds.experts.dropout import InputDropout
 
 # adapter.compute=auto picks the sparse path only where the dense adapter is the expensive part
 # of the block: E·R at least SPARSE_MIN_WIDTH × the layer's input width, with each token using at
-# most 1/8 of the experts. Measured (bench/results/step_cuda.md, H100, Qwen2-1.5B shape): with
-# r = 8 and e ≤ 32 (E·R ≤ 256 ≪ 1536) the dense path is faster at every e (sparse 0.6–0.7×) and
-# uses less memory (the grouped GEMM saves the gathered token rows for backward), so the paper's
-# settings stay dense. See docs/performance.md.
+# most 1/8 of the experts. Measured (Qwen2-1.5B shape, bf16; H100 at e = 4 … 32, H200 at e = 32
+# in bench/results/step_cuda.md): with r = 8 (E·R ≤ 256 ≪ 1536) the dense path is faster at every
+# e (sparse 0.6–0.76×) and uses less memory (the grouped GEMM saves the gathered token rows for
+# backward), so the paper's settings stay dense. The sparse side of the rule (E·R ≥ 2·I) is a
+# FLOP argument: no measured run has reached it. See docs/performance.md.
 SPARSE_MIN_WIDTH = 2.0
 SPARSE_MIN_RATIO = 8
 
