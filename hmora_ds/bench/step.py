@@ -167,13 +167,18 @@ def _dropout_per_expert(model: Any) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _kept_dropout_masks(model: Any) -> Iterator[None]:
-    """Before: the expert banks' input dropout is ``nn.Dropout`` (an fp32 mask on CPU and the
-    dropped copy kept per adapted linear) instead of a boolean mask and no copy."""
+    """Before: the expert banks' and routers' input dropout is ``nn.Dropout`` (an fp32 mask on
+    CPU and the dropped copy kept per adapted linear and router) instead of a boolean mask and
+    no copy."""
     from hmora_ds.experts.dropout import InputDropout
 
-    mods = [m for m in model.modules() if isinstance(m, InputDropout)]
+    class PlainDropout(InputDropout):
+        def recomputable(self, x):
+            return torch.nn.Dropout.forward(self, x), contextlib.nullcontext()
+
+    mods = [m for m in model.modules() if type(m) is InputDropout]
     for m in mods:
-        m.__class__ = torch.nn.Dropout
+        m.__class__ = PlainDropout
     try:
         yield
     finally:
