@@ -122,3 +122,23 @@ def test_flops_not_counted_where_torch_cannot_count_them(caplog):
     assert _step_flops(step) is None
     assert "FLOPs not counted (sdpa_flop_count" in caplog.text
     assert _step_flops(lambda: torch.ones(4, 8) @ torch.ones(8, 2)) == 2 * 4 * 8 * 2
+
+
+def test_gpu_check_script_stays_within_its_budget(tmp_path):
+    """bench/gpu_check.sh gives each phase what is left of BUDGET_S and skips a phase with
+    under 20 s left (saying so), so a device lease is never overrun; its outputs still land in
+    OUT (log.txt, results.tar.gz)."""
+    import sys
+    import tarfile
+
+    out = tmp_path / "out"
+    env = {"BUDGET_S": "15", "PYTHON": sys.executable, "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = (out / "log.txt").read_text()
+    for phase in ("gpu tests", "bench 4x1024", "bench 8x1024"):
+        assert f"== {phase}: skipped, " in log and "s of the budget left" in log, log
+    assert "python 3." in log and "torch " in log  # the versions it ran with
+    with tarfile.open(out / "results.tar.gz") as tar:
+        assert "./log.txt" in tar.getnames()
