@@ -69,11 +69,10 @@ class InputDropout(nn.Dropout):
         # and recompute it) the dropped tensor is left to the checkpoint; an observer that only
         # counts saved bytes (``observes_saved_tensors``) is shown what is kept instead: x.
         # Another recomputable dropout's scope around this one (a router called inside its
-        # experts' scope) is looked through: what decides is the hooks around it.
+        # experts' scope) is looked through: what decides is the hooks around it, which each
+        # scope records on its pack function.
         outer = _enclosing_hooks()
-        base = outer
-        while base is not None and hasattr(base[0], _SCOPE):
-            base = getattr(base[0], _SCOPE)
+        base = outer if outer is None else getattr(outer[0], _SCOPE, outer)
         observer = base is not None and getattr(base[0], OBSERVER, False)
         recompute = base is None or observer
 
@@ -86,7 +85,7 @@ class InputDropout(nn.Dropout):
                 return (_Recompute, t.size(), t.stride(), t.storage_offset())
             return t if outer is None else outer[0](t)
 
-        setattr(pack, _SCOPE, outer)
+        setattr(pack, _SCOPE, base)
 
         def unpack(saved: Any) -> torch.Tensor:
             if not (isinstance(saved, tuple) and saved and saved[0] is _Recompute):
@@ -106,7 +105,8 @@ class InputDropout(nn.Dropout):
 #: An outer ``saved_tensors_hooks`` pack function with this attribute set only observes (it
 #: returns its argument): it is shown the tensors actually kept (the benchmark's memory count).
 OBSERVER = "observes_saved_tensors"
-#: Set on a recomputable dropout's own pack function: the hooks that enclose that scope.
+#: Set on a recomputable dropout's own pack function: the hooks that decide for that scope
+#: (the first enclosing ones that are not such a scope), or None.
 _SCOPE = "_input_dropout_enclosing_hooks"
 
 
