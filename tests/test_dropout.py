@@ -32,6 +32,32 @@ def test_values_and_gradients_are_those_of_dropout_with_the_same_mask():
         torch.testing.assert_close(u, v, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_the_cpu_mask_drops_each_element_independently_with_probability_p(p):
+    """The CPU mask takes four 16-bit draws from each 64-bit random number: every lane drops
+    with probability p (to 5 standard errors), neighbours independently, a new mask per call
+    and the same one for the same seed."""
+    drop = InputDropout(p).train()
+    x = torch.ones(1024, 257)  # not a multiple of 4 elements
+
+    def dropped() -> torch.Tensor:
+        h, _ = drop.recomputable(x)
+        kept = h[h != 0]
+        torch.testing.assert_close(kept, torch.full_like(kept, 1 / (1 - p)))
+        return (h == 0).flatten()
+
+    torch.manual_seed(0)
+    first, second = dropped(), dropped()
+    torch.manual_seed(0)
+    assert torch.equal(dropped(), first)
+    assert not torch.equal(first, second)
+    for lane in range(4):
+        sub = first[lane::4].double()
+        assert abs(sub.mean().item() - p) < 5 * (p * (1 - p) / sub.numel()) ** 0.5, lane
+    both = (first[:-1] & first[1:]).double().mean().item()
+    assert abs(both - p * p) < 5 * (p * p * (1 - p * p) / first.numel()) ** 0.5
+
+
 def test_eval_mode_and_plain_calls_are_ordinary_dropout():
     drop = InputDropout(0.5)
     x = torch.randn(3, 8)
@@ -209,3 +235,29 @@ def test_a_router_called_inside_the_experts_scope_still_keeps_only_its_mask():
     ref = torch.autograd.grad(ref_out, (x, a, router.linear.weight), g)
     for u, v in zip(got, ref, strict=True):
         torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_module_keeps_a_boolean_mask_with_dropouts_values_and_gradients():
+    """``Dropout`` (the task encoder's residual and FFN dropout): ``nn.Dropout``'s values and
+    gradients for the mask it drew, a 1-byte mask kept instead of nn.Dropout's fp32 one on the
+    CPU, and the identity in eval mode."""
+    from hmora_ds.experts.dropout import Dropout
+    from hmora_ds.routing.task_encoder import TaskEncoder
+
+    torch.manual_seed(0)
+    drop = Dropout(0.25).train()
+    x = torch.randn(64, 48, requires_grad=True)
+    h, kept = _kept_bytes(lambda: drop(x), drop)
+    mask = (h / x).detach()
+    kept_values = mask[mask != 0]
+    torch.testing.assert_close(kept_values, torch.full_like(kept_values, 1 / 0.75))
+    assert 0.18 < (mask == 0).float().mean() < 0.32
+    assert kept == x.numel()  # booleans
+    _, plain = _kept_bytes(lambda: F.dropout(x, 0.25, training=True), drop)
+    assert plain == 4 * x.numel()
+    g = torch.randn_like(h)
+    (got,) = torch.autograd.grad(h, x, g)
+    torch.testing.assert_close(got, g * mask)
+    assert torch.equal(drop.eval()(x), x)
+    layer = TaskEncoder(32, num_heads=4, dropout=0.2).encoder.layers[0]
+    assert all(type(getattr(layer, n)) is Dropout for n in ("dropout", "dropout1", "dropout2"))

@@ -23,6 +23,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from hmora_ds.experts.dropout import Dropout
+
 
 def sinusoid_positions(length: int, dim: int, device: torch.device) -> torch.Tensor:
     """The (length, dim) sinusoidal table of "Attention is all you need" (RMS = sqrt(1/2))."""
@@ -100,6 +102,10 @@ class TaskEncoder(nn.Module):
                 dropout=dropout,
                 batch_first=True,
             )
+            # The residual and FFN dropouts keep boolean masks and draw them faster on the CPU
+            # (the attention weights' dropout is inside scaled_dot_product_attention).
+            for name in ("dropout", "dropout1", "dropout2"):
+                setattr(layer, name, Dropout(dropout))
             self.encoder = nn.TransformerEncoder(
                 layer, num_layers=num_layers, enable_nested_tensor=False
             )
