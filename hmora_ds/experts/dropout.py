@@ -5,8 +5,8 @@ the gradient of ``A``), and ordinary dropout on CPU also keeps its mask as an fp
 size of ``X``. Each adapted linear draws its own mask, so q, k and v (which read the same ``X``)
 kept three fp32 masks and three dropped copies: 6 × the size of ``X``, for 7 adapted linears per
 layer the largest share of an adapter's activations. Here each linear keeps its mask in one byte
-per element (¼ of an fp32 copy) and the dropped input is rebuilt from ``X`` and the mask when the backward
-needs it; ``X`` itself is kept once for every linear that reads it. The values are ordinary
+per element (¼ of an fp32 copy) and the dropped input is rebuilt from ``X`` and the mask when the
+backward needs it; ``X`` itself is kept once for every linear that reads it. The values are ordinary
 dropout's (a Bernoulli(1 − p) mask per linear and call, scaled by 1 / (1 − p)); on CUDA the mask
 comes from the same fused kernel as ``nn.Dropout``'s, on CPU from four 16-bit draws per 64-bit
 random number (:func:`_cpu_keep_mask`; ``p`` rounded to a multiple of 2⁻¹⁶).
@@ -76,9 +76,10 @@ class Dropout(nn.Dropout):
     """``nn.Dropout`` that keeps a 1-byte mask for the backward and draws it faster on the CPU.
 
     On the CPU ``nn.Dropout`` keeps an fp32 mask and spends one random draw per element; this
-    one keeps one byte per element and draws four elements per 64-bit number (:func:`_cpu_keep_mask`). On
-    other devices it is ``native_dropout``, as ``nn.Dropout`` is. Same values in distribution
-    (a Bernoulli(1 − p) mask, scaled by 1 / (1 − p)); not the same draws as ``nn.Dropout``'s.
+    one keeps one byte per element and draws four elements per 64-bit number
+    (:func:`_cpu_keep_mask`). On other devices it is ``native_dropout``, as ``nn.Dropout`` is.
+    Same values in distribution (a Bernoulli(1 − p) mask, scaled by 1 / (1 − p)); not the same
+    draws as ``nn.Dropout``'s.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
