@@ -261,3 +261,66 @@ def test_dropout_module_keeps_a_boolean_mask_with_dropouts_values_and_gradients(
     assert torch.equal(drop.eval()(x), x)
     layer = TaskEncoder(32, num_heads=4, dropout=0.2).encoder.layers[0]
     assert all(type(getattr(layer, n)) is Dropout for n in ("dropout", "dropout1", "dropout2"))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_dropout_and_projection_as_one_node_equal_the_recomputable_scope(autocast):
+    """``InputDropout.project`` (the banks' common path: dropout and the A projection as one
+    autograd node, no saved-tensor hooks): the same mask for the same seed, the same output and
+    gradients as the recomputable scope around ``F.linear``, and the same saved tensors (x and a
+    1-byte mask; A is a parameter). Under bf16 autocast it computes in bf16, as F.linear does,
+    and returns each gradient in its input's dtype (fp32 for the fp32 adapter)."""
+    drop = InputDropout(0.3).train()
+    # under autocast the input is the bf16 base model's hidden state, the adapter fp32
+    x = torch.randn(6, 5, 16, dtype=torch.bfloat16 if autocast else None, requires_grad=True)
+    lin = torch.nn.Linear(16, 8, bias=False)
+    a = lin.weight
+    ac = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+
+    def fused():
+        with ac:
+            return drop.project(x, a)
+
+    def scoped():
+        h, scope = drop.recomputable(x)
+        with scope, ac:
+            return F.linear(h, a)
+
+    results = []
+    for fn in (fused, scoped):
+        torch.manual_seed(5)
+        y, kept = _kept_bytes(fn, lin)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(11)).to(y.dtype)
+        results.append((y, kept, torch.autograd.grad(y, (x, a), g)))
+    (y, kept, grads), (y_ref, kept_ref, grads_ref) = results
+    assert y.dtype == (torch.bfloat16 if autocast else torch.float32)
+    # x and the mask (the scope under autocast also keeps F.linear's bf16 copy of A)
+    assert kept == x.numel() * (x.element_size() + 1)
+    assert kept_ref == kept + (a.numel() * 2 if autocast else 0)
+    tol = {"rtol": 1e-2, "atol": 1e-2} if autocast else {"rtol": 1e-6, "atol": 1e-6}
+    torch.testing.assert_close(y, y_ref, **tol)
+    for got, ref, inp in zip(grads, grads_ref, (x, a), strict=True):
+        assert got.dtype == inp.dtype
+        torch.testing.assert_close(got, ref, **tol)
+
+
+def test_plain_lora_and_dense_experts_take_the_one_node_path():
+    """In training, each adapted linear of a plain LoRA and of HMoRA's dense experts projects
+    through the one-node dropout; in eval mode none does."""
+    for preset, per_layer in (("lora_r8", 7), ("hmora_lw", 7)):
+        model = tiny_hmora(preset).train()
+        ids, attn, labels, prompt = batch()
+        out = model(ids, attn, labels, prompt)
+        names, todo, seen = [], [out.loss.grad_fn], set()
+        while todo:
+            fn = todo.pop()
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            names.append(type(fn).__name__)
+            todo.extend(f for f, _ in fn.next_functions)
+        layers = model.base_model.config.num_hidden_layers
+        assert names.count("_DropoutLinearBackward") == per_layer * layers, preset
+        with torch.no_grad():
+            model.eval()
+            assert model(ids, attn, labels, prompt).loss.grad_fn is None

@@ -173,6 +173,9 @@ def _kept_dropout_masks(model: Any) -> Iterator[None]:
     from hmora_ds.experts.dropout import InputDropout
 
     class PlainDropout(InputDropout):
+        def projects(self):
+            return False
+
         def recomputable(self, x):
             return torch.nn.Dropout.forward(self, x), contextlib.nullcontext()
 

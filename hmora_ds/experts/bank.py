@@ -73,29 +73,57 @@ class ExpertBankForward:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        if isinstance(self.dropout, InputDropout):
-            h, scope = self.dropout.recomputable(x)
+        drop = self.dropout
+        if isinstance(drop, InputDropout) and drop.projects() and self._projects_first(x):
+            # dropout and the A projection as one autograd node (the common case: a plain
+            # LoRA or the dense experts); it keeps x and the mask, as the scope below does.
+            return self._adapted(x, None, out, drop.project(x, self.lora_A))
+        if isinstance(drop, InputDropout):
+            h, scope = drop.recomputable(x)
         else:
-            h, scope = self.dropout(x), contextlib.nullcontext()
+            h, scope = drop(x), contextlib.nullcontext()
         with scope:  # the dropped input is kept for the backward as its seed
             return self._adapted(x, h, out)
 
-    def _adapted(self, x: torch.Tensor, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        if not torch.is_autocast_enabled(x.device.type):
+    def _projects_first(self, x: torch.Tensor) -> bool:
+        """Whether the update starts with ``dropout(x) · Aᵀ`` and needs nothing else of the
+        dropped input: a plain LoRA, or dense experts whose router does not look at their
+        outputs, in the adapters' dtype or under autocast."""
+        router = self.router
+        if router is not None and (
+            getattr(router, "observe_update", None) is not None
+            or not isinstance(self._dispatcher(), DenseDispatcher)
+        ):
+            return False
+        return x.dtype == self.adapter_dtype or torch.is_autocast_enabled(x.device.type)
+
+    def _adapted(
+        self,
+        x: torch.Tensor,
+        h: torch.Tensor | None,
+        out: torch.Tensor,
+        projected: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The adapted output from the dropped input ``h``, or from ``projected`` = ``h · Aᵀ``
+        already computed (see :meth:`_projects_first`)."""
+        if h is not None and not torch.is_autocast_enabled(x.device.type):
             h = h.to(self.adapter_dtype)
         router = self.router
         if router is None:  # a single plain LoRA
-            h = F.linear(h, self.lora_A)
+            h = F.linear(h, self.lora_A) if projected is None else projected
         else:
             gates = router.gates(x)  # (B, T, E) or (B, 1, E), fp32
             dispatcher = self._dispatcher()
-            observe = getattr(router, "observe_update", None)
-            if observe is not None:  # a router that looks at its experts' outputs (HiMoLE)
-                observe(x, gates, lambda g: dispatcher.delta(self, h, x, g))
-            if not isinstance(dispatcher, DenseDispatcher):
-                delta = dispatcher.delta(self, h, x, gates)
-                return out + delta.view(*out.shape[:-1], -1).to(out.dtype)
-            h = dispatcher.hidden(self, h, gates)
+            if projected is not None:  # dense, no observer (_projects_first)
+                h = dispatcher.gate(self, projected, gates)
+            else:
+                observe = getattr(router, "observe_update", None)
+                if observe is not None:  # a router that looks at its experts' outputs (HiMoLE)
+                    observe(x, gates, lambda g: dispatcher.delta(self, h, x, g))
+                if not isinstance(dispatcher, DenseDispatcher):
+                    delta = dispatcher.delta(self, h, x, gates)
+                    return out + delta.view(*out.shape[:-1], -1).to(out.dtype)
+                h = dispatcher.hidden(self, h, gates)
         # out + s · h Bᵀ as ONE GEMM with the residual add and the scaling fused in (addmm's
         # beta/alpha): no separate (N, O) multiply and add, the widest tensors of the block.
         if not torch.is_autocast_enabled(x.device.type) and out.dtype != h.dtype:

@@ -223,7 +223,11 @@ class DenseDispatcher(Dispatcher):
         return F.linear(self.hidden(block, h, gates), block.lora_B) * block.scaling
 
     def hidden(self, block: Any, h: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        h = F.linear(h, block.lora_A)  # (N…, E·R) or (N…, R) with a shared (Hydra) A
+        # (N…, E·R) or (N…, R) with a shared (Hydra) A
+        return self.gate(block, F.linear(h, block.lora_A), gates)
+
+    def gate(self, block: Any, h: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """``h = dropout(x)·[A_1 … A_E]`` with each expert's R-wide slice scaled by its gate."""
         r, e = block.rank, block.num_experts
         if block.hydra:
             h = h.unsqueeze(-2) * gates.unsqueeze(-1)  # (N…, E, R)

@@ -30,11 +30,7 @@ class _Dropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, p: float):  # type: ignore[override]
         scale = 1.0 / (1.0 - p)
-        if x.device.type == "cpu":
-            mask = _cpu_keep_mask(x, p)
-            h = _apply(x, mask, scale)
-        else:  # one fused kernel (nn.Dropout's)
-            h, mask = torch.native_dropout(x, p, True)
+        h, mask = _draw(x, p, scale)
         ctx.scale = scale
         ctx.save_for_backward(mask)
         ctx.mark_non_differentiable(mask)
@@ -44,6 +40,46 @@ class _Dropout(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor, _mask: Any):  # type: ignore[override]
         (mask,) = ctx.saved_tensors
         return _apply(grad, mask, ctx.scale), None
+
+
+class _DropoutLinear(torch.autograd.Function):
+    """``dropout(x) · Wᵀ`` as one node that keeps ``x``, the 1-byte mask and ``W`` for the
+    backward, never the dropped copy (which the gradient of ``W`` rebuilds).
+
+    The same saved tensors as :meth:`InputDropout.recomputable` around ``F.linear``, without its
+    per-call saved-tensor hooks and closures: on a GPU, where an eager step is bound by the host
+    issuing kernels, those were the adapters' largest host cost. Under autocast the product runs
+    in the autocast dtype, as ``F.linear`` does; the backward computes in the gradient's dtype and
+    returns each gradient in its input's dtype (what autocast's casts do for ``F.linear``).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, p: float):  # type: ignore[override]
+        scale = 1.0 / (1.0 - p)
+        h, mask = _draw(x, p, scale)
+        ctx.scale = scale
+        ctx.save_for_backward(x, mask, weight)
+        return torch.nn.functional.linear(h, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
+        x, mask, weight = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _apply(grad.matmul(weight.to(grad.dtype)), mask, ctx.scale).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            h = _apply(x, mask, ctx.scale).to(grad.dtype)
+            g2 = grad.reshape(-1, grad.shape[-1])
+            grad_w = g2.t().mm(h.reshape(-1, h.shape[-1])).to(weight.dtype)
+        return grad_x, grad_w, None
+
+
+def _draw(x: torch.Tensor, p: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dropout(x), keep-mask)``."""
+    if x.device.type == "cpu":
+        mask = _cpu_keep_mask(x, p)
+        return _apply(x, mask, scale), mask
+    return torch.native_dropout(x, p, True)  # one fused kernel (nn.Dropout's)
 
 
 #: The CPU mask's resolution: each element's draw is a uniform 16-bit integer.
@@ -93,6 +129,17 @@ class InputDropout(nn.Dropout):
 
     Called as a module it is plain ``nn.Dropout`` (the benchmark's per-expert reference).
     """
+
+    def projects(self) -> bool:
+        """Whether :meth:`project` applies: training with 0 < p < 1, outside ``torch.compile``
+        (compiled, inductor decides what to keep)."""
+        return self.training and 0 < self.p < 1 and not torch.compiler.is_compiling()
+
+    def project(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``dropout(x) · weightᵀ`` keeping what :meth:`recomputable` keeps around ``F.linear``
+        (``x`` and the mask), as one autograd node (:class:`_DropoutLinear`). Only while
+        :meth:`projects`."""
+        return _DropoutLinear.apply(x, weight, self.p)
 
     def recomputable(
         self, x: torch.Tensor
