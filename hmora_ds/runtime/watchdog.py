@@ -386,7 +386,10 @@ class RankWatch:
 
     def _heartbeat_loop(self) -> None:
         last_step, last_beat = self._current_step(), time.monotonic()
-        tick = min(0.1, self.interval)
+        # A finished step is reported within a tick, so a frozen rank's last report is at most
+        # one step behind what the other ranks saw it do, even with steps of a few tens of ms
+        # (at 0.1 s, two tiny CPU steps could pass unreported). Reading the step is cheap.
+        tick = min(0.01, self.interval)
         while not self._stop.wait(tick):
             step = self._current_step()
             if step == last_step and time.monotonic() - last_beat < self.interval:
