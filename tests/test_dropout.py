@@ -324,3 +324,19 @@ def test_plain_lora_and_dense_experts_take_the_one_node_path():
         with torch.no_grad():
             model.eval()
             assert model(ids, attn, labels, prompt).loss.grad_fn is None
+
+
+def test_a_scope_over_an_input_without_gradient_shows_its_mask_to_the_counter():
+    """The first layer's input needs no gradient when the base is frozen: the dropout node then
+    keeps nothing, and the scope alone keeps the mask, which an observing counter is shown."""
+    drop = InputDropout(0.3).train()
+    x = torch.randn(6, 5, 16)
+    lin = torch.nn.Linear(16, 8, bias=False)
+
+    def fn():
+        h, scope = drop.recomputable(x)
+        with scope:
+            return F.linear(h, lin.weight)
+
+    _, kept = _kept_bytes(fn, lin)
+    assert kept == x.numel() * (4 + 1)  # x (fp32) and the mask (1 byte)

@@ -171,7 +171,10 @@ class InputDropout(nn.Dropout):
             mine = t.untyped_storage().data_ptr() == storage and t.dtype == h.dtype
             if mine and recompute:
                 if observer:
+                    # shown what is kept instead: x, and the mask (the dropout node keeps it
+                    # too, unless x needs no gradient: then only this scope does)
                     outer[0](inp)
+                    outer[0](mask)
                 return (_Recompute, t.size(), t.stride(), t.storage_offset())
             return t if outer is None else outer[0](t)
 
