@@ -74,11 +74,11 @@ class ExpertBankForward:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         drop = self.dropout
-        if isinstance(drop, InputDropout) and drop.projects() and self._projects_first(x):
-            # dropout and the A projection as one autograd node (the common case: a plain
-            # LoRA or the dense experts); it keeps x and the mask, as the scope below does.
-            return self._adapted(x, None, out, drop.project(x, self.lora_A))
         if isinstance(drop, InputDropout):
+            if drop.projects() and self._projects_first(x):
+                # dropout and the A projection as one autograd node (the common case: a plain
+                # LoRA or the dense experts); it keeps x and the mask, as the scope below does.
+                return self._adapted(x, None, out, drop.project(x, self.lora_A))
             h, scope = drop.recomputable(x)
         else:
             h, scope = drop(x), contextlib.nullcontext()

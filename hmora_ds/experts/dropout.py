@@ -119,9 +119,16 @@ class Dropout(nn.Dropout):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and 0 < self.p < 1) or torch.compiler.is_compiling():
+        if not _drops(self):
             return super().forward(x)
         return _Dropout.apply(x, self.p)[0]
+
+
+def _drops(module: nn.Dropout) -> bool:
+    """Whether ``module`` drops anything here with this file's own node: training with
+    0 < p < 1, outside ``torch.compile`` (compiled, it is ordinary dropout and inductor decides
+    what to keep)."""
+    return module.training and 0 < module.p < 1 and not torch.compiler.is_compiling()
 
 
 class InputDropout(nn.Dropout):
@@ -131,9 +138,8 @@ class InputDropout(nn.Dropout):
     """
 
     def projects(self) -> bool:
-        """Whether :meth:`project` applies: training with 0 < p < 1, outside ``torch.compile``
-        (compiled, inductor decides what to keep)."""
-        return self.training and 0 < self.p < 1 and not torch.compiler.is_compiling()
+        """Whether :meth:`project` applies: training with 0 < p < 1, outside ``torch.compile``."""
+        return _drops(self)
 
     def project(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``dropout(x) · weightᵀ`` keeping what :meth:`recomputable` keeps around ``F.linear``
@@ -147,7 +153,7 @@ class InputDropout(nn.Dropout):
         """``(dropout(x), scope)``: run the operations that read the dropped tensor inside
         ``scope``; whatever of it they keep for the backward is kept as ``x`` and the mask,
         and rebuilt when the backward needs it."""
-        if not (self.training and 0 < self.p < 1) or torch.compiler.is_compiling():
+        if not _drops(self):
             return super().forward(x), contextlib.nullcontext()
         h, mask = _Dropout.apply(x, self.p)
         if not h.is_contiguous():
