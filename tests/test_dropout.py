@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hmora_ds.bench.step import _kept_dropout_masks
-from hmora_ds.experts.dropout import OBSERVER, InputDropout
+from hmora_ds.bench.step import _kept_dropout_masks, _SavedBytes, _state_storages
+from hmora_ds.experts.dropout import InputDropout
 from tests.conftest import batch, randomize_adapters, tiny_hmora
 
 
@@ -66,21 +66,18 @@ def test_eval_mode_and_plain_calls_are_ordinary_dropout():
     assert torch.equal(drop(x), x)  # a module call: nn.Dropout itself
 
 
+def _kept_bytes(fn, module) -> tuple[torch.Tensor, int]:
+    """``fn()`` and the bytes of the tensors autograd keeps for its backward: the benchmark's
+    count (``module``'s parameters and buffers excluded; shown what the recomputed dropout
+    really keeps)."""
+    saved = _SavedBytes(_state_storages(module))
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+        out = fn()
+    return out, saved.total
+
+
 def _saved_bytes(model, ids, attn, labels, prompt) -> int:
-    seen: dict[int, int] = {}
-    state = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in state:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    setattr(pack, OBSERVER, True)  # shown what the recomputed dropout really keeps
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(ids, attn, labels, prompt)
-    return sum(seen.values())
+    return _kept_bytes(lambda: model(ids, attn, labels, prompt), model)[1]
 
 
 def test_the_step_keeps_fewer_bytes_than_with_nn_dropout():
@@ -129,23 +126,6 @@ def test_an_input_changed_in_place_after_the_forward_is_a_clear_error():
         inp.add_(1.0)
     with pytest.raises(RuntimeError, match=r"input was modified in place after the forward"):
         y.sum().backward()
-
-
-def _kept_bytes(fn, module) -> tuple[torch.Tensor, int]:
-    """``fn()`` and the bytes of the tensors autograd keeps for its backward, ``module``'s
-    parameters excluded."""
-    seen: dict[int, int] = {}
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    setattr(pack, OBSERVER, True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(seen.values())
 
 
 def test_router_dropout_keeps_the_input_and_a_boolean_mask():
