@@ -77,8 +77,10 @@ class ExpertBankForward:
         if isinstance(drop, InputDropout):
             if drop.projects() and self._projects_first(x):
                 # dropout and the A projection as one autograd node (the common case: a plain
-                # LoRA or the dense experts); it keeps x and the mask, as the scope below does.
-                return self._adapted(x, None, out, drop.project(x, self.lora_A))
+                # LoRA or the dense experts); it keeps x and the mask, as the scope below does,
+                # and applies the scaling s inside its products (the update is linear in it).
+                projected = drop.project(x, self.lora_A, alpha=self.scaling)
+                return self._adapted(x, None, out, projected)
             h, scope = drop.recomputable(x)
         else:
             h, scope = drop(x), contextlib.nullcontext()
@@ -104,8 +106,8 @@ class ExpertBankForward:
         out: torch.Tensor,
         projected: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The adapted output from the dropped input ``h``, or from ``projected`` = ``h · Aᵀ``
-        already computed (see :meth:`_projects_first`)."""
+        """The adapted output from the dropped input ``h``, or from ``projected`` = ``s · h · Aᵀ``
+        already computed, scaling included (see :meth:`_projects_first`)."""
         if h is not None and not torch.is_autocast_enabled(x.device.type):
             h = h.to(self.adapter_dtype)
         router = self.router
@@ -126,10 +128,12 @@ class ExpertBankForward:
                 h = dispatcher.hidden(self, h, gates)
         # out + s · h Bᵀ as ONE GEMM with the residual add and the scaling fused in (addmm's
         # beta/alpha): no separate (N, O) multiply and add, the widest tensors of the block.
+        # (A projected h carries s already: alpha = 1, which addmm's backward does not multiply.)
+        scaling = 1.0 if projected is not None else self.scaling
         if not torch.is_autocast_enabled(x.device.type) and out.dtype != h.dtype:
-            return out + (F.linear(h, self.lora_B) * self.scaling).to(out.dtype)  # fp32 LoRA
+            return out + (F.linear(h, self.lora_B) * scaling).to(out.dtype)  # fp32 LoRA
         out2d = out.reshape(-1, self.out_features)
-        fused = torch.addmm(out2d, h.reshape(-1, h.shape[-1]), self.lora_B.t(), alpha=self.scaling)
+        fused = torch.addmm(out2d, h.reshape(-1, h.shape[-1]), self.lora_B.t(), alpha=scaling)
         return fused.view(out.shape)
 
 

@@ -43,35 +43,66 @@ class _Dropout(torch.autograd.Function):
 
 
 class _DropoutLinear(torch.autograd.Function):
-    """``dropout(x) · Wᵀ`` as one node that keeps ``x``, the 1-byte mask and ``W`` for the
-    backward, never the dropped copy (which the gradient of ``W`` rebuilds).
+    """``alpha · dropout(x) · Wᵀ (+ b)`` as one node that keeps ``x``, the 1-byte mask and ``W``
+    for the backward, never the dropped copy (which the gradient of ``W`` rebuilds).
 
     The same saved tensors as :meth:`InputDropout.recomputable` around ``F.linear``, without its
     per-call saved-tensor hooks and closures: on a GPU, where an eager step is bound by the host
-    issuing kernels, those were the adapters' largest host cost. Under autocast the product runs
-    in the autocast dtype, as ``F.linear`` does; the backward computes in the gradient's dtype and
-    returns each gradient in its input's dtype (what autocast's casts do for ``F.linear``).
+    issuing kernels, those were the adapters' largest host cost. Dropout's ``1 / (1 − p)`` and
+    the caller's ``alpha`` (a LoRA's scaling) are one factor of the matrix products (``addmm``'s
+    ``alpha``), never a pass of their own over a tensor: forward and backward each multiply by
+    the mask once and otherwise only run GEMMs. Under autocast the products run in the autocast
+    dtype, as ``F.linear`` does; the backward computes in the gradient's dtype and returns each
+    gradient in its input's dtype (what autocast's casts do for ``F.linear``).
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, p: float):  # type: ignore[override]
-        scale = 1.0 / (1.0 - p)
-        h, mask = _draw(x, p, scale)
-        ctx.scale = scale
+    def forward(ctx: Any, x, weight, bias, p: float, alpha: float):  # type: ignore[override]
+        if x.device.type == "cpu":
+            mask = _cpu_keep_mask(x, p)
+            kept, factor = x * mask, alpha / (1.0 - p)
+        else:  # one fused kernel (nn.Dropout's); its output is already scaled by 1 / (1 - p)
+            kept, mask = torch.native_dropout(x, p, True)
+            factor = alpha
+        ctx.factor = alpha / (1.0 - p)  # of the backward's x ⊙ mask
         ctx.save_for_backward(x, mask, weight)
-        return torch.nn.functional.linear(h, weight)
+        ctx.has_bias = bias is not None
+        flat = kept.reshape(-1, x.shape[-1])
+        if bias is None:
+            out = _scaled_mm(flat, weight.t(), factor)
+        else:
+            out = torch.addmm(bias, flat, weight.t(), alpha=factor)
+        return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
         x, mask, weight = ctx.saved_tensors
-        grad_x = grad_w = None
+        g2 = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _apply(grad.matmul(weight.to(grad.dtype)), mask, ctx.scale).to(x.dtype)
+            gx = _scaled_mm(g2, weight.to(grad.dtype), ctx.factor)
+            grad_x = (gx * mask.reshape(gx.shape)).to(x.dtype).view(x.shape)
         if ctx.needs_input_grad[1]:
-            h = _apply(x, mask, ctx.scale).to(grad.dtype)
-            g2 = grad.reshape(-1, grad.shape[-1])
-            grad_w = g2.t().mm(h.reshape(-1, h.shape[-1])).to(weight.dtype)
-        return grad_x, grad_w, None
+            kept = (x * mask).to(grad.dtype).reshape(-1, x.shape[-1])
+            grad_w = _scaled_mm(g2.t(), kept, ctx.factor).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g2.sum(0).to(weight.dtype)
+        return grad_x, grad_w, grad_b, None, None
+
+
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``alpha · a · b`` as one kernel: ``addmm`` with ``beta = 0`` ignores its input, which
+    must still be a tensor of the product's dtype and device (one cached zero each)."""
+    device = a.device
+    autocast = torch.is_autocast_enabled(device.type)
+    dtype = torch.get_autocast_dtype(device.type) if autocast else a.dtype
+    zero = _ZEROS.get((device, dtype))
+    if zero is None:
+        zero = _ZEROS[(device, dtype)] = torch.zeros((), device=device, dtype=dtype)
+    return torch.addmm(zero, a, b, beta=0, alpha=alpha)
+
+
+_ZEROS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
 def _draw(x: torch.Tensor, p: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,11 +172,17 @@ class InputDropout(nn.Dropout):
         """Whether :meth:`project` applies: training with 0 < p < 1, outside ``torch.compile``."""
         return _drops(self)
 
-    def project(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """``dropout(x) · weightᵀ`` keeping what :meth:`recomputable` keeps around ``F.linear``
-        (``x`` and the mask), as one autograd node (:class:`_DropoutLinear`). Only while
-        :meth:`projects`."""
-        return _DropoutLinear.apply(x, weight, self.p)
+    def project(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        alpha: float = 1.0,
+    ) -> torch.Tensor:
+        """``alpha · dropout(x) · weightᵀ + bias`` keeping what :meth:`recomputable` keeps
+        around ``F.linear`` (``x`` and the mask), as one autograd node (:class:`_DropoutLinear`),
+        with ``alpha`` folded into the products. Only while :meth:`projects`."""
+        return _DropoutLinear.apply(x, weight, bias, self.p, alpha)
 
     def recomputable(
         self, x: torch.Tensor
@@ -181,15 +218,19 @@ class InputDropout(nn.Dropout):
                     # too, unless x needs no gradient: then only this scope does)
                     outer[0](inp)
                     outer[0](mask)
-                return (_Recompute, t.size(), t.stride(), t.storage_offset())
+                return (_Recompute, mask, t.size(), t.stride(), t.storage_offset())
             return t if outer is None else outer[0](t)
 
         setattr(pack, _SCOPE, base)
 
         def unpack(saved: Any) -> torch.Tensor:
-            if not (isinstance(saved, tuple) and saved and saved[0] is _Recompute):
+            # this scope's own marker (an enclosing scope's, saved by an operation run inside
+            # this one, goes to that scope's unpack)
+            if not (isinstance(saved, tuple) and saved and saved[0] is _Recompute) or (
+                saved[1] is not mask
+            ):
                 return saved if outer is None else outer[1](saved)
-            _, size, stride, offset = saved
+            _, _, size, stride, offset = saved
             if inp._version != version:
                 raise RuntimeError(
                     "InputDropout: the adapted linear's input was modified in place after "

@@ -35,7 +35,7 @@ from torch import nn
 from hmora_ds.losses import _all_reduce
 from hmora_ds.methods.base import Method, register_method
 from hmora_ds.routing.context import RouterId, RoutingRecord
-from hmora_ds.routing.gates import RouterGroup
+from hmora_ds.routing.gates import RouterGroup, RouterLinear
 
 #: The batch input with each sequence's type: 1 = world knowledge, 0 = downstream task.
 KNOWLEDGE_INPUT = "knowledge"  # the records' field of that name (data.records.KNOWLEDGE_FIELD)
@@ -158,7 +158,7 @@ class LoRAMoERouter(RouterGroup):
             layer, targets, in_features, in_features, "token", 0.0, num_experts, "soft", 1,
             "sum", dropout, False, context,
         )  # fmt: skip
-        self.token_router.linear = nn.Linear(in_features, num_experts, bias=False)
+        self.token_router.linear = RouterLinear(in_features, num_experts, bias=False)
         self.knowledge_experts, self.delta = knowledge_experts, delta
         self.lbc_id = RouterId(layer, self.targets, LBC_KIND)
 

@@ -37,6 +37,7 @@ from torch import nn
 from hmora_ds.losses import stacked_load_balance_loss
 from hmora_ds.methods.base import Method, register_method
 from hmora_ds.routing.context import RoutingRecord
+from hmora_ds.routing.gates import RouterLinear
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +225,7 @@ class MoLA(Method):
     ) -> nn.Module:  # fmt: skip
         group = self.router_group(model, layer, targets, in_features, num_experts)
         if not self.options.router_bias:  # the official code's router: Linear(in, E, bias=False)
-            group.token_router.linear = nn.Linear(in_features, num_experts, bias=False)
+            group.token_router.linear = RouterLinear(in_features, num_experts, bias=False)
         return group
 
     def aux_losses(self, records: list[RoutingRecord], group: Any) -> dict[str, torch.Tensor]:

@@ -75,6 +75,24 @@ def topk_gates(probs: torch.Tensor, k: int, renorm: str = "paper") -> torch.Tens
     return torch.zeros_like(probs).scatter(-1, top_idx, kept)
 
 
+class RouterLinear(nn.Linear):
+    """A router's linear ``h``. Given the router's input dropout it computes ``h(dropout(x))``
+    itself: dropout and the product as one autograd node (:meth:`InputDropout.project`) where
+    it can, else through the dropout's recomputable scope. Either way it is called as a module,
+    so hooks on it run (ZeRO-3 gathers its parameters in one)."""
+
+    def forward(self, x: torch.Tensor, dropout: InputDropout | None = None) -> torch.Tensor:
+        if dropout is None:
+            return super().forward(x)
+        if dropout.projects() and (
+            x.dtype == self.weight.dtype or torch.is_autocast_enabled(x.device.type)
+        ):
+            return dropout.project(x, self.weight, self.bias)
+        h, scope = dropout.recomputable(x)
+        with scope:
+            return super().forward(h.to(self.weight.dtype))
+
+
 class Router(nn.Module):
     """``h(x) = Linear(dropout(x))`` → logits ∈ R^E (appendix A); returns ``softmax(h(x))`` in
     fp32 (fp64 for an fp64 model)."""
@@ -84,14 +102,17 @@ class Router(nn.Module):
         # Its dropped input is kept for the backward as a boolean mask over the layer input,
         # which the layer keeps anyway (as the experts' dropout does), not as an fp32 copy.
         self.dropout = InputDropout(dropout)
-        self.linear = nn.Linear(in_features, num_experts, bias=True)
+        self.linear = RouterLinear(in_features, num_experts, bias=True)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """h(x) in the router's own dtype (fp32 routers on a bf16 base model read its bf16
         hidden states)."""
-        h, scope = self.dropout.recomputable(x)
+        linear = self.linear
+        if isinstance(linear, RouterLinear):
+            return linear(x, self.dropout)
+        h, scope = self.dropout.recomputable(x)  # a plain nn.Linear put in its place
         with scope:
-            return self.linear(h.to(self.linear.weight.dtype))
+            return linear(h.to(linear.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.logits(x)
