@@ -9,6 +9,8 @@ letter 22 %.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -27,7 +29,14 @@ def smollm2():
     from hmora_ds.runtime.loading import load_base_model, load_tokenizer, resolve_checkpoint
 
     ckpt = require_asset(assets.SMOLLM2, lambda: resolve_checkpoint("smollm2-135m-instruct"))
-    return load_tokenizer(ckpt), load_base_model(ckpt, torch.float32).eval()
+    # The suite computes on one thread (tests/conftest.py: tiny models, run many times); a real
+    # 135 M model over a hundred questions is arithmetic, twice as fast on both cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        yield load_tokenizer(ckpt), load_base_model(ckpt, torch.float32).eval()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_smollm2_arc_easy_loglik_above_chance_letter_near_chance(smollm2):
