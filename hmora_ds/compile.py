@@ -18,9 +18,9 @@ branches. Two things are dynamic by nature, and are marked so:
   (``capture_dynamic_output_shape_ops``) instead of breaking the graph there.
 
 Sequence lengths vary from batch to batch; dynamo recompiles once and then treats them as dynamic
-(its automatic dynamic shapes). Under ZeRO-3 every parameter access goes through DeepSpeed's
-gathering hooks, which DeepSpeed marks ``torch.compiler.disable``: there the regions are compiled
-with ``fullgraph=False`` and split at those hooks.
+(its automatic dynamic shapes). Under ZeRO-3 every module call goes through DeepSpeed's gathering
+and release hooks: there the regions are compiled with ``fullgraph=False`` and split at those
+hooks, which run eagerly (:func:`leave_hooks_eager`).
 """
 
 from __future__ import annotations
@@ -115,3 +115,31 @@ def compile_model(
         fullgraph,
     )
     return len(regions)
+
+
+def leave_hooks_eager(model: nn.Module, package: str = "deepspeed") -> int:
+    """Run the module hooks that ``package`` registered on ``model`` eagerly inside compiled
+    regions (``torch.compiler.disable``); returns how many were wrapped.
+
+    DeepSpeed marks only some of its ZeRO-3 hooks disabled. Dynamo traces the others (the
+    post-forward release, the pre-backward hook), whose guards on the module they were called
+    for fail for every other module: each hook was compiled again per module, up to the
+    recompile limit (64 × per hook and rank, most of a small run's time), only to break the
+    graph where it calls into DeepSpeed anyway. The hooks are looked up at call time, so
+    wrapping them in place after ``deepspeed.initialize`` takes effect in the compiled regions.
+    """
+    import torch
+
+    wrapped = 0
+    for module in model.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key, fn in list(hooks.items()):
+                if (getattr(fn, "__module__", None) or "").partition(".")[0] != package:
+                    continue
+                if getattr(fn, "_hmora_eager", False):
+                    continue
+                eager = torch.compiler.disable(fn)
+                eager._hmora_eager = True
+                hooks[key] = eager
+                wrapped += 1
+    return wrapped

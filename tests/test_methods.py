@@ -106,6 +106,32 @@ def test_compiled_adapted_blocks_equal_eager():
     inv.check_compiled_layers(load_config("hmora_lw"), backend="eager", mode="blocks")
 
 
+def test_deepspeed_hooks_run_eagerly_inside_compiled_regions():
+    """``leave_hooks_eager``: hooks registered from DeepSpeed's modules (its ZeRO-3 release and
+    backward hooks) run eagerly inside a compiled region, so dynamo does not compile them once
+    per module; other hooks are left to dynamo; wrapping twice wraps nothing more."""
+    from hmora_ds.compile import leave_hooks_eager
+
+    seen: dict[str, list[bool]] = {"deepspeed": [], "user": []}
+
+    def hook_from(package):
+        def hook(module, args, output):
+            seen[package].append(torch.compiler.is_compiling())
+
+        hook.__module__ = f"{package}.runtime.zero.parameter_offload"
+        return hook
+
+    torch._dynamo.reset()
+    block = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    for package in seen:
+        block[0].register_forward_hook(hook_from(package))
+    assert leave_hooks_eager(block) == 1 and leave_hooks_eager(block) == 0
+    block.compile(backend="eager", fullgraph=False)
+    block(torch.randn(2, 4))
+    assert seen["deepspeed"] and not any(seen["deepspeed"])  # eager: never traced
+    assert seen["user"] and all(seen["user"])  # traced into the compiled graph
+
+
 def test_inductor_compiled_layers_with_checkpointing_equal_eager():
     """The real compiler (C++ code generation on CPU) on whole decoder layers with gradient
     checkpointing inside them (one batch length: the checks above cover the guards)."""

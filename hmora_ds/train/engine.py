@@ -207,8 +207,8 @@ def build_optimizer(model: HMoRAModel, t: TrainConfig, ep: int):
 def compile_for_engine(model: HMoRAModel, run: RunConfig, plan: EnginePlan) -> None:
     """``train.compile``: regional ``torch.compile`` before DeepSpeed wraps the model (the
     modules keep their names, so checkpoints are those of an eager run). Under ZeRO-3 the
-    regions may not be one graph: DeepSpeed's parameter-gathering hooks are
-    ``torch.compiler.disable``-d, so dynamo splits each region at them."""
+    regions may not be one graph: DeepSpeed's parameter-gathering hooks run eagerly (see
+    :func:`hmora_ds.compile.leave_hooks_eager`), so dynamo splits each region at them."""
     from hmora_ds.compile import compile_model
 
     compile_model(
@@ -256,5 +256,9 @@ def build_engine(
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=plan.ds_config
     )
+    if run.train.compile != "none":
+        from hmora_ds.compile import leave_hooks_eager
+
+        leave_hooks_eager(engine.module)
     dp_group = dist.group.WORLD if info.world_size > 1 else None
     return BuiltEngine(engine, engine.module, report, dp_group)
