@@ -298,6 +298,63 @@ def test_dropout_and_projection_as_one_node_equal_the_recomputable_scope(autocas
         close(got, ref)
 
 
+@pytest.mark.parametrize("bool_mask", [True, False])
+def test_task_encoder_attention_dropout_is_the_fast_draw_over_exact_attention(
+    monkeypatch, bool_mask
+):
+    """The task encoder's self-attention in CPU training: the attention weights are softmax(q
+    kᵀ / √d) over the unpadded keys (nn.MultiheadAttention's, which it equals in eval mode),
+    dropped by the 1-byte-mask draw at rate p, then · v and the output projection; gradients
+    are those of that computation. Its parameters are the ones ``nn.TransformerEncoderLayer``
+    draws for the seed (rebuilding the module draws no random numbers)."""
+    import hmora_ds.routing.task_encoder as te
+
+    torch.manual_seed(0)
+    enc = te.TaskEncoder(32, num_heads=4, dropout=0.3).train()
+    attn = enc.encoder.layers[0].self_attn
+    assert type(attn) is te.SelfAttention
+    torch.manual_seed(0)
+    plain = torch.nn.TransformerEncoderLayer(32, 4, 64, 0.3, batch_first=True)
+    for name, value in plain.self_attn.state_dict().items():
+        torch.testing.assert_close(attn.state_dict()[name], value, rtol=0, atol=0)
+
+    x = torch.randn(3, 6, 32, requires_grad=True)
+    pad = torch.tensor([[0, 0, 0, 0, 1, 1], [0] * 6, [0, 0, 1, 1, 1, 1]], dtype=torch.bool)
+    mask_arg = pad if bool_mask else torch.zeros(3, 6).masked_fill(pad, float("-inf"))
+    seen = []
+    real = te.drop
+    monkeypatch.setattr(te, "drop", lambda w, p: seen.append((w, real(w, p), p)) or seen[-1][1])
+    y, _ = attn(x, x, x, key_padding_mask=mask_arg, need_weights=False)
+    ((weights, dropped, p),) = seen
+    assert p == 0.3
+    with torch.no_grad():  # the weights are nn.MultiheadAttention's
+        _, ref_w = attn.eval()(x, x, x, key_padding_mask=pad, average_attn_weights=False)
+        attn.train()
+    torch.testing.assert_close(weights, ref_w, rtol=1e-6, atol=1e-6)
+    keep = dropped.detach() / weights.detach().clamp_min(1e-30)
+    live = weights.detach() > 0
+    torch.testing.assert_close(
+        keep[live & (keep > 0)], torch.full_like(keep[live & (keep > 0)], 1 / 0.7)
+    )
+    assert 0.15 < (keep[live] == 0).float().mean() < 0.45
+
+    def reference(x):  # exact attention with the drawn mask, written out
+        q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        split = lambda t: t.view(3, 6, 4, 8).transpose(1, 2)  # noqa: E731
+        s = split(q) @ split(k).transpose(-2, -1) / 8**0.5
+        w = torch.softmax(s.masked_fill(pad[:, None, None, :], float("-inf")), dim=-1) * keep
+        out = (w @ split(v)).transpose(1, 2).reshape(3, 6, 32)
+        return attn.out_proj(out)
+
+    ref = reference(x)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(y)
+    params = (x, attn.in_proj_weight, attn.out_proj.weight)
+    for u, v in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(ref, params, g),
+                    strict=True):  # fmt: skip
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
+
+
 def test_plain_lora_dense_experts_and_routers_take_the_one_node_path():
     """In training, each adapted linear of a plain LoRA and of HMoRA's dense experts, and each
     of HMoRA's routers, projects through the one-node dropout; in eval mode none does."""

@@ -152,7 +152,13 @@ class Dropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _drops(self):
             return super().forward(x)
-        return _Dropout.apply(x, self.p)[0]
+        return drop(x, self.p)
+
+
+def drop(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Training-mode dropout of :class:`Dropout` (a 1-byte mask kept for the backward) as a
+    function, for ``0 < p < 1``."""
+    return _Dropout.apply(x, p)[0]
 
 
 def _drops(module: nn.Dropout) -> bool:

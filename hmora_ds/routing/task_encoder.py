@@ -20,10 +20,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from hmora_ds.experts.dropout import Dropout
+from hmora_ds.experts.dropout import Dropout, drop
 
 
 def sinusoid_positions(length: int, dim: int, device: torch.device) -> torch.Tensor:
@@ -58,6 +59,52 @@ def pack_prompt(
     packed = embeds.gather(1, order.unsqueeze(-1).expand_as(embeds))
     packed = packed * valid.unsqueeze(-1).to(packed.dtype)
     return packed, lengths
+
+
+class SelfAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` whose dropout on the attention weights, in CPU training, is
+    :func:`~hmora_ds.experts.dropout.drop` (a 1-byte mask, four draws per random number).
+
+    There ``scaled_dot_product_attention`` computes the same products and softmax itself (its
+    CPU kernel has no dropout) and draws the mask with ``bernoulli_``, one random number per
+    weight: 2 % of HMoRA w LW's CPU step, the most the task encoder added besides its GEMMs.
+    Elsewhere (eval, other devices, compiled, cross-attention or returned weights) it is
+    ``nn.MultiheadAttention``, whose fused kernels draw their own masks.
+    """
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
+                attn_mask=None, average_attn_weights=True, is_causal=False):  # fmt: skip
+        if (
+            not (self.training and 0 < self.dropout < 1 and query.device.type == "cpu")
+            or torch.compiler.is_compiling()
+            or need_weights
+            or attn_mask is not None
+            or is_causal
+            or not (query is key is value and self.batch_first and query.dim() == 3)
+            or not self._qkv_same_embed_dim
+            or self.in_proj_bias is None
+            or self.bias_k is not None
+            or self.add_zero_attn
+        ):
+            return super().forward(
+                query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                is_causal=is_causal,
+            )  # fmt: skip
+        b, t, d = query.shape
+        heads = self.num_heads
+        qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.view(b, t, 3, heads, d // heads).permute(2, 0, 3, 1, 4)  # (B, H, T, d/H)
+        scores = (q * (d // heads) ** -0.5) @ k.transpose(-2, -1)  # (B, H, T, T)
+        if key_padding_mask is not None:  # True or -inf on keys to ignore
+            pad = key_padding_mask.view(b, 1, 1, t)
+            if pad.dtype == torch.bool:
+                scores = scores.masked_fill(pad, float("-inf"))
+            else:
+                scores = scores + pad.to(scores.dtype)
+        weights = drop(torch.softmax(scores, dim=-1), self.dropout)
+        out = (weights @ v).transpose(1, 2).reshape(b, t, d)
+        return self.out_proj(out), None
 
 
 class TaskEncoder(nn.Module):
@@ -102,10 +149,15 @@ class TaskEncoder(nn.Module):
                 dropout=dropout,
                 batch_first=True,
             )
-            # The residual and FFN dropouts keep boolean masks and draw them faster on the CPU
-            # (the attention weights' dropout is inside scaled_dot_product_attention).
+            # The residual, FFN and attention-weight dropouts keep 1-byte masks and draw them
+            # faster on the CPU (the same parameters: the attention module is rebuilt on the
+            # meta device, drawing no random numbers, and takes the original's tensors).
             for name in ("dropout", "dropout1", "dropout2"):
                 setattr(layer, name, Dropout(dropout))
+            attn = SelfAttention(hidden_size, num_heads, dropout=dropout, batch_first=True,
+                                 device="meta")  # fmt: skip
+            attn.load_state_dict(layer.self_attn.state_dict(), assign=True)
+            layer.self_attn = attn
             self.encoder = nn.TransformerEncoder(
                 layer, num_layers=num_layers, enable_nested_tensor=False
             )
