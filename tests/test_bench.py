@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hmora_ds.bench.step import variants
+from hmora_ds.bench.step import INTERLEAVED, variants
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -70,6 +70,15 @@ def test_make_bench_quick(tmp_path):
     assert by["PEFT LoRA r=8"]["tp_percent"] == pytest.approx(by["LoRA r=8"]["tp_percent"])
     md = (tmp_path / "step_cpu_quick.md").read_text()
     assert md.startswith("# Training-step benchmark (cpu)") and "## Targets" in md
+    # the step targets between eager rows come from the interleaved timing
+    assert list(step["interleaved"]) == list(INTERLEAVED)
+    assert all(ms > 0 for ms in step["interleaved"].values())
+    t = {x["target"]: x for x in step["targets"]}
+    lw = t["HMoRA w LW step / LoRA r=64 step"]
+    assert lw["value"] == step["interleaved"]["HMoRA w LW"] / step["interleaved"]["LoRA r=64"]
+    assert lw["rows_value"] == by["HMoRA w LW"]["vs_lora_r64"]
+    assert t["HMoRA w LW peak memory / LoRA r=64"]["rows_value"] is None
+    assert "timed one step each in turn" in md
 
     ep = json.loads((tmp_path / "expert_parallel_quick.json").read_text())
     rows = {r["ep_size"]: r for r in ep["rows"]}
@@ -142,3 +151,19 @@ def test_gpu_check_script_stays_within_its_budget(tmp_path):
     assert "python 3." in log and "torch " in log  # the versions it ran with
     with tarfile.open(out / "results.tar.gz") as tar:
         assert "./log.txt" in tar.getnames()
+
+
+def test_interleave_times_one_step_of_each_variant_in_turn(monkeypatch):
+    """The targets' timing: every round runs one step of each variant, in the same order."""
+    from hmora_ds.bench import step as bench
+
+    calls = []
+    monkeypatch.setattr(bench, "_prepare", lambda v, *a: (None, None, lambda: calls.append(v.name)))
+    todo = [v for v in variants("cpu") if v.name in ("frozen base", "LoRA r=64", "HMoRA w LW")]
+    shape = {**bench.SHAPES["quick"], "warmup": 1, "steps": 3}
+    got = bench.interleave(todo, None, shape, "quick", torch.device("cpu"))
+    assert calls == ["frozen base", "LoRA r=64", "HMoRA w LW"] * 4
+    assert list(got) == ["frozen base", "LoRA r=64", "HMoRA w LW"] and min(got.values()) >= 0
+    patched = [v for v in variants("cpu") if v.patch is not None][:1]
+    with pytest.raises(ValueError, match="patched variants"):
+        bench.interleave(patched, None, shape, "quick", torch.device("cpu"))

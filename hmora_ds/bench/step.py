@@ -459,20 +459,10 @@ def measure(
     device: torch.device,
     profile_dir: Path | None = None,
 ) -> dict[str, Any]:
-    torch.manual_seed(0)
-    model, opt = _build(v, base, shape_name, device)
-    model.train()
-    b, t, vocab = shape["batch"], shape["seq"], shape["vocab_size"]
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(4, vocab, (b, t), generator=g).to(device)
-    labels = ids.clone()
-    labels[:, : t // 2] = -100  # the first half is the prompt, as in instruction tuning
-    mask = torch.ones_like(ids)
-    pmask = (labels == -100).long()
-    autocast = device.type == "cuda"
-    step = _step_fn(v, model, opt, (ids, labels, mask, pmask), device, autocast)
+    model, opt, step = _prepare(v, base, shape, shape_name, device)
+    b, t = shape["batch"], shape["seq"]
     patch = v.patch(model) if v.patch is not None else contextlib.nullcontext()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = _sync(device)
     times = []
     warmup, steps = (1, 3) if v.slow else (shape["warmup"], shape["steps"])
     if v.compile != "none":
@@ -536,6 +526,66 @@ def measure(
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def _prepare(v: Variant, base, shape: dict[str, Any], shape_name: str, device: torch.device):
+    """``(model, optimizer, step)`` of variant ``v`` on the benchmark's fixed batch."""
+    torch.manual_seed(0)
+    model, opt = _build(v, base, shape_name, device)
+    model.train()
+    b, t, vocab = shape["batch"], shape["seq"], shape["vocab_size"]
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, vocab, (b, t), generator=g).to(device)
+    labels = ids.clone()
+    labels[:, : t // 2] = -100  # the first half is the prompt, as in instruction tuning
+    mask = torch.ones_like(ids)
+    pmask = (labels == -100).long()
+    autocast = device.type == "cuda"
+    return model, opt, _step_fn(v, model, opt, (ids, labels, mask, pmask), device, autocast)
+
+
+def _sync(device: torch.device) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+#: The eager rows the step targets compare, timed once more in alternation (:func:`interleave`).
+INTERLEAVED = ("frozen base", "LoRA r=8", "PEFT LoRA r=8", "LoRA r=64", "HMoRA w LW",
+               "HMoRA w/o LW")  # fmt: skip
+
+
+def interleave(
+    todo: list[Variant], base, shape: dict[str, Any], shape_name: str, device: torch.device
+) -> dict[str, float]:
+    """Median step (ms) of each variant, timed in rounds of one step of every variant in turn.
+
+    Each row of the table is timed in its own minute of the run: a machine whose speed drifts
+    between minutes (a shared CPU's turbo and neighbours; measured up to 7 % between two full
+    runs) moves one row against another, and so the targets' ratios. In alternation the drift
+    touches every variant of a round alike and cancels in their ratios. All the models are
+    built at once (patched variants are not: their patch may be global)."""
+    if any(v.patch is not None for v in todo):
+        raise ValueError("interleave: patched variants cannot be timed side by side")
+    sync = _sync(device)
+    steps = {}
+    for v in todo:
+        model, opt, step = _prepare(v, base, shape, shape_name, device)
+        steps[v.name] = (model, opt, step)
+    for _ in range(shape["warmup"]):
+        for _model, _opt, step in steps.values():
+            step()
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(shape["steps"]):
+        for name, (_model, _opt, step) in steps.items():
+            t0 = time.perf_counter()
+            step()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    del steps
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
 def _step_flops(step) -> float | None:
@@ -638,9 +688,16 @@ FAST_PATHS = (
 )
 
 
-def summarize(rows: list[dict[str, Any]], peak: float | None = None) -> dict[str, Any]:
-    """Ratios, targets and fast paths; ``peak``: the measured GEMM rate in TFLOP/s."""
+def summarize(
+    rows: list[dict[str, Any]],
+    peak: float | None = None,
+    interleaved: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Ratios, targets and fast paths; ``peak``: the measured GEMM rate in TFLOP/s;
+    ``interleaved``: step medians (ms) of :func:`interleave`, which a step target between two
+    of its variants uses instead of their rows."""
     by = {r["name"]: r for r in rows}
+    interleaved = interleaved or {}
     ref, limit = by.get("LoRA r=64"), by.get("frozen base")
     for r in rows:
         if r.get("gflop") is None and r["name"].endswith(" compiled"):
@@ -654,8 +711,12 @@ def summarize(rows: list[dict[str, Any]], peak: float | None = None) -> dict[str
     targets = []
     for label, a, b, key, bound in TARGETS:
         if a in by and b in by:
-            value = by[a][key] / by[b][key]
-            targets.append({"target": label, "value": value, "limit": bound, "met": value <= bound})
+            value = rows_value = by[a][key] / by[b][key]
+            paired = key == "step_ms" and a in interleaved and b in interleaved
+            if paired:
+                value = interleaved[a] / interleaved[b]
+            targets.append({"target": label, "value": value, "limit": bound, "met": value <= bound,
+                            "rows_value": rows_value if paired else None})  # fmt: skip
     name, bound = ROOFLINE_TARGET
     if by.get(name, {}).get("roofline") is not None:
         value = by[name]["roofline"]
@@ -757,12 +818,23 @@ def markdown(doc: dict[str, Any]) -> str:
             f"| {_fmt(r.get('gflop'), 1)} "
             f"| {_fmt(None if r.get('roofline') is None else 100 * r['roofline'], 1)} |"
         )
-    lines += ["", "## Targets", "", "| target | measured | limit | met |", "|---|---|---|---|"]
+    lines += ["", "## Targets", ""]
+    if doc.get("interleaved"):
+        lines += [
+            "A step ratio between two eager variants is measured interleaved: "
+            f"{', '.join(doc['interleaved'])} were built together and timed one step each in "
+            f"turn, {s['steps']} rounds after {s['warmup']} (medians "
+            + ", ".join(f"{n} {ms:.1f} ms" for n, ms in doc["interleaved"].items())
+            + "), so a drift of the machine's speed during the run cancels in the ratio; the "
+            "last column is the same ratio from the table's rows, each timed in its own minute.",
+            "",
+        ]
+    lines += ["| target | measured | limit | met | from the rows |", "|---|---|---|---|---|"]
     for t in doc["targets"]:
         op = "≥" if t.get("higher_is_better") else "≤"
         lines.append(
             f"| {t['target']} | {t['value']:.2f} | {op} {t['limit']:.2f} "
-            f"| {'yes' if t['met'] else '**no**'} |"
+            f"| {'yes' if t['met'] else '**no**'} | {_fmt(t.get('rows_value'))} |"
         )
     lines += [
         "",
@@ -809,6 +881,7 @@ def _write(
     rows: list[dict[str, Any]],
     peak: float,
     failed: list[dict[str, str]] | None = None,
+    interleaved: dict[str, float] | None = None,
 ) -> None:
     machine = _machine(dev)
     machine["gemm_peak_tflops"] = peak / 1e12
@@ -825,8 +898,9 @@ def _write(
         else "parameters + gradients + AdamW state + tensors saved for backward (exact count)",
         "rows": rows,
         "failed": failed or [],
+        "interleaved": interleaved or {},
     }
-    doc.update(summarize(rows, peak / 1e12))
+    doc.update(summarize(rows, peak / 1e12, interleaved))
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     tmp.replace(path)
@@ -897,6 +971,12 @@ def run(
             logger.info("%s: %.1f ms, %.0f MB", v.name, rows[-1]["step_ms"], rows[-1]["peak_mb"])
         del vbase
         _write(path, device, quick, shape, dev, rows, peak, failed)  # after every row
+    measured = {r["name"] for r in rows}
+    pairs = [known[name] for name in INTERLEAVED if name in measured]
+    if len(pairs) >= 2:
+        logger.info("bench step: timing %s interleaved", ", ".join(v.name for v in pairs))
+        interleaved = interleave(pairs, base, shape, shape_name, dev)
+        _write(path, device, quick, shape, dev, rows, peak, failed, interleaved)
     if failed:
         names = ", ".join(f["name"] for f in failed)
         raise SystemExit(
