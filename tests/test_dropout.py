@@ -168,6 +168,52 @@ def test_router_dropout_keeps_the_input_and_a_boolean_mask():
     assert plain == x.numel() * (4 + 4)
 
 
+def test_task_encoder_is_recomputed_in_the_backward_with_the_same_gradients(monkeypatch):
+    """A task encoder of several layers runs under activation checkpointing in training: its
+    attention, FFN and dropout activations are not kept, and the backward's recomputation
+    redraws the same dropout masks, so gradients equal those of the encoder whose activations
+    are kept. One layer (the default) is not checkpointed: computing only the e_task slot, it
+    keeps less than the whole layer's activations would, without recomputing anything."""
+    from hmora_ds.routing.task_encoder import TaskEncoder
+
+    embeds = torch.randn(3, 12, 32)
+    prompt = (torch.arange(12) < torch.tensor([[5], [9], [12]])).long()
+    probe = torch.randn(3, 32)  # (a layer-normed output's squares sum to a constant)
+
+    def run(enc):
+        torch.manual_seed(3)
+        enc.zero_grad()
+        out, kept = _kept_bytes(lambda: enc(embeds, prompt), enc)
+        (out * probe).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in enc.named_parameters()}, kept
+
+    torch.manual_seed(0)
+    enc = TaskEncoder(32, num_layers=2, num_heads=4, dropout=0.2).train()
+    torch.manual_seed(0)
+    single = TaskEncoder(32, num_layers=1, num_heads=4, dropout=0.2).train()
+    out, grads, kept = run(enc)
+    _, _, kept_single = run(single)
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda fn, *a, **k: calls.append(
+        fn) or fn(*a, **{key: v for key, v in k.items() if key != "use_reentrant"}))  # fmt: skip
+    out_kept, grads_kept, kept_all = run(enc)
+    _, _, kept_single_again = run(single)
+    assert len(calls) == 1  # the 2-layer encoder's forward, not the 1-layer one's
+    torch.testing.assert_close(out, out_kept, rtol=0, atol=0)
+    assert grads.keys() == grads_kept.keys() and len(grads) > 4
+    for name, g in grads_kept.items():
+        assert g.abs().max() > 0, name
+        torch.testing.assert_close(grads[name], g, rtol=1e-6, atol=1e-6, msg=name)
+    assert kept < 0.25 * kept_all, (kept, kept_all)
+    # one layer, kept: less than the first of two layers, which keeps every position
+    assert kept_single == kept_single_again < 0.6 * (kept_all - kept_single), (
+        kept_single,
+        kept_all,
+    )
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", checkpoint)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_the_one_node_projection_applies_its_factor_and_bias(bias):
     """``project(x, W, b, alpha)`` is ``alpha · dropout(x) · Wᵀ + b`` (the banks pass the LoRA

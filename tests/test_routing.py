@@ -131,12 +131,13 @@ def test_positions_are_scaled_to_the_embeddings():
 
 
 def _encoder_layer_input(enc: TaskEncoder, embeds, mask):
-    """What the first transformer layer of ``enc`` receives (B, T+1, D)."""
+    """What the transformer layers of ``enc`` receive (B, T+1, D)."""
     seen = []
-    hook = enc.encoder.layers[0].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    encode = enc.encode
+    enc.encode = lambda x, *args: encode(*seen.append(x) or (x, *args))
     with torch.no_grad():
         enc(embeds, mask)
-    hook.remove()
+    del enc.encode
     return seen[0]
 
 
@@ -528,3 +529,35 @@ def test_alpha_is_the_layers_value_even_where_the_sigmoid_saturates():
     g = group("token", 0.25, False)
     assert g.shared is False and g._memo is None and g._plan is None
     assert g.token_router.linear.bias is not None
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_task_encoder_computes_only_the_slot_of_its_last_layer(layers):
+    """The last layer runs for the e_task slot alone: the output and its gradients equal the
+    whole encoder's output at the slot (dropout off, so both draw nothing), in training and in
+    eval mode, with padded rows of different lengths."""
+    torch.manual_seed(0)
+    enc = TaskEncoder(32, num_layers=layers, num_heads=4, dropout=0.0)
+    embeds = torch.randn(3, 9, 32) * 0.5
+    prompt = (torch.arange(9) < torch.tensor([[4], [9], [6]])).long()
+
+    def whole(x, ignore, lengths):  # every position of every layer, then the slot
+        return enc.encoder(x, src_key_padding_mask=ignore)[torch.arange(3), lengths]
+
+    probe = torch.randn(3, 32)  # (a layer-normed output's squares sum to a constant)
+
+    for train in (True, False):
+        enc.train(train)
+        results = []
+        for encode in (enc.encode, whole):
+            enc.encode = encode
+            enc.zero_grad()
+            out = enc(embeds, prompt)
+            (out * probe).sum().backward()
+            results.append((out, {n: p.grad.clone() for n, p in enc.named_parameters()}))
+            del enc.encode
+        (got, grads), (ref, ref_grads) = results
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+        assert len(grads) == 12 * layers + 1  # 12 tensors a layer, and e_task
+        for n, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[n], rtol=1e-5, atol=1e-6, msg=n)

@@ -68,8 +68,10 @@ class SelfAttention(nn.MultiheadAttention):
     There ``scaled_dot_product_attention`` computes the same products and softmax itself (its
     CPU kernel has no dropout) and draws the mask with ``bernoulli_``, one random number per
     weight: 2 % of HMoRA w LW's CPU step, the most the task encoder added besides its GEMMs.
-    Elsewhere (eval, other devices, compiled, cross-attention or returned weights) it is
-    ``nn.MultiheadAttention``, whose fused kernels draw their own masks.
+    The queries may be fewer positions than the keys (the e_task slot alone, see
+    :meth:`TaskEncoder.encode`). Elsewhere (eval, other devices, compiled, a mask or weights
+    asked for, keys other than the values) it is ``nn.MultiheadAttention``, whose fused kernels
+    draw their own masks.
     """
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
@@ -80,7 +82,7 @@ class SelfAttention(nn.MultiheadAttention):
             or need_weights
             or attn_mask is not None
             or is_causal
-            or not (query is key is value and self.batch_first and query.dim() == 3)
+            or not (key is value and self.batch_first and query.dim() == 3)
             or not self._qkv_same_embed_dim
             or self.in_proj_bias is None
             or self.bias_k is not None
@@ -91,19 +93,26 @@ class SelfAttention(nn.MultiheadAttention):
                 attn_mask=attn_mask, average_attn_weights=average_attn_weights,
                 is_causal=is_causal,
             )  # fmt: skip
-        b, t, d = query.shape
-        heads = self.num_heads
-        qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)
-        q, k, v = qkv.view(b, t, 3, heads, d // heads).permute(2, 0, 3, 1, 4)  # (B, H, T, d/H)
-        scores = (q * (d // heads) ** -0.5) @ k.transpose(-2, -1)  # (B, H, T, T)
+        (b, tq, d), tk, heads = query.shape, key.shape[1], self.num_heads
+        w, bias = self.in_proj_weight, self.in_proj_bias
+        if query is key:
+            q, k, v = F.linear(query, w, bias).chunk(3, dim=-1)
+        else:
+            q = F.linear(query, w[:d], bias[:d])
+            k, v = F.linear(key, w[d:], bias[d:]).chunk(2, dim=-1)
+
+        def split(t: torch.Tensor, n: int) -> torch.Tensor:  # (B, n, D) -> (B, H, n, D/H)
+            return t.reshape(b, n, heads, d // heads).transpose(1, 2)
+
+        scores = (split(q, tq) * (d // heads) ** -0.5) @ split(k, tk).transpose(-2, -1)
         if key_padding_mask is not None:  # True or -inf on keys to ignore
-            pad = key_padding_mask.view(b, 1, 1, t)
+            pad = key_padding_mask.view(b, 1, 1, tk)
             if pad.dtype == torch.bool:
                 scores = scores.masked_fill(pad, float("-inf"))
             else:
                 scores = scores + pad.to(scores.dtype)
-        weights = drop(torch.softmax(scores, dim=-1), self.dropout)
-        out = (weights @ v).transpose(1, 2).reshape(b, t, d)
+        weights = drop(torch.softmax(scores, dim=-1), self.dropout)  # (B, H, Tq, Tk)
+        out = (weights @ split(v, tk)).transpose(1, 2).reshape(b, tq, d)
         return self.out_proj(out), None
 
 
@@ -209,16 +218,37 @@ class TaskEncoder(nn.Module):
             table = table * (~is_task).unsqueeze(-1).to(x.dtype)
         x = x + table
         ignore = pos > lengths.unsqueeze(1)  # keys after e_task are padding
-        if torch.is_grad_enabled():
-            # Recomputed in the backward instead of keeping its activations (attention weights,
-            # FFN, dropout masks: on CPU shapes a tenth of HMoRA's saved tensors) for one small
-            # layer's forward; the dropout masks are redrawn from the saved RNG state, so the
-            # gradients are the kept activations' exactly.
-            out = torch.utils.checkpoint.checkpoint(
-                self.encoder, x, src_key_padding_mask=ignore, use_reentrant=False
+        if torch.is_grad_enabled() and len(self.encoder.layers) > 1:
+            # Layers before the last keep every position's activations (attention weights, FFN,
+            # dropout masks): recomputed in the backward instead, the masks redrawn from the
+            # saved RNG state, so the gradients are the kept activations' exactly. The last
+            # layer alone (the default) keeps little more than its keys and values.
+            return torch.utils.checkpoint.checkpoint(
+                self.encode, x, ignore, lengths, use_reentrant=False
             )
-        else:
-            out = self.encoder(x, src_key_padding_mask=ignore)
-        # Indexing rather than gather: its backward keeps the indices only, not the (B, T, D)
-        # encoder output.
-        return out[torch.arange(bsz, device=out.device), lengths]
+        return self.encode(x, ignore, lengths)
+
+    def encode(self, x: torch.Tensor, ignore: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The encoder's output at each row's e_task slot (B, D) for its input ``x`` (B, T, D),
+        ``ignore`` (B, T) marking padding keys and the slots' positions ``lengths`` (B,).
+
+        Only the slot is read, so the last layer computes only the slot's position: its query,
+        its attention over every key, its residuals, norms and FFN (the keys and values are
+        still projected at every position). The same output as the whole layer indexed at the
+        slot (a post-norm layer's position depends on the others only through its attention),
+        for about a quarter of the layer's multiply-adds; earlier layers, whose every position
+        feeds the next, run whole. Dropout draws masks for the computed positions only.
+        """
+        layers = self.encoder.layers
+        for layer in layers[:-1]:
+            x = layer(x, src_key_padding_mask=ignore)
+        last = layers[-1]
+        # Indexing rather than gather: its backward keeps the indices only.
+        slot = x[torch.arange(x.shape[0], device=x.device), lengths].unsqueeze(1)  # (B, 1, D)
+        h = last.self_attn(slot, x, x, key_padding_mask=ignore, need_weights=False)[0]
+        h = last.norm1(slot + last.dropout1(h))  # post-norm (norm_first=False, built so above)
+        ff = last.linear2(last.dropout(last.activation(last.linear1(h))))
+        h = last.norm2(h + last.dropout2(ff))
+        if self.encoder.norm is not None:
+            h = self.encoder.norm(h)
+        return h.squeeze(1)
