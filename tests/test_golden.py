@@ -27,6 +27,12 @@ from tests._golden import (
 from tests.conftest import tiny_base
 
 TOL = 1e-6
+# Gradients: 1e-5. The record is float64, but the base models' rotary embeddings compute cos/sin
+# in float32 (transformers), whose vectorised kernels round differently from one CPU instruction
+# set to another (AVX-512, AVX2): on an AVX2 machine every case's gradients differ from the
+# record by 0.05-1.2 × 1e-6 of their scale (HiMoLE on LLaMA the most), logits and losses by
+# under 3e-8. A changed method moves them by orders of magnitude more.
+GRAD_TOL = 1e-5
 
 
 @functools.cache
@@ -34,14 +40,16 @@ def golden() -> dict:
     return json.loads(GOLDEN_FILE.read_text())
 
 
-def _assert_fingerprint(got: list[float], want: list[float], numel: int, what: str) -> None:
-    """[sum, Σx², ⟨x, g⟩] equal up to TOL × the scale of such sums (‖x‖·√n)."""
+def _assert_fingerprint(
+    got: list[float], want: list[float], numel: int, what: str, tol: float = TOL
+) -> None:
+    """[sum, Σx², ⟨x, g⟩] equal up to ``tol`` × the scale of such sums (‖x‖·√n)."""
     scale = math.sqrt(max(want[1], 0.0) * numel) + 1e-30
     for i, label in enumerate(("sum", "sum of squares", "projection")):
         ref = want[i] if i != 1 else math.sqrt(max(want[1], 0.0))
         val = got[i] if i != 1 else math.sqrt(max(got[1], 0.0))
-        tol = TOL * (scale if i != 1 else ref + 1e-30)
-        assert abs(val - ref) <= tol, f"{what}: {label} {val!r} != {ref!r} (tol {tol:.3g})"
+        bound = tol * (scale if i != 1 else ref + 1e-30)
+        assert abs(val - ref) <= bound, f"{what}: {label} {val!r} != {ref!r} (tol {bound:.3g})"
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -58,7 +66,8 @@ def test_outputs_and_gradients_match_the_golden_record(preset, arch):
     _assert_fingerprint(got["logits"], want["logits"], 3 * 12 * 300, "logits")
     assert got["grads"].keys() == want["grads"].keys()
     for name, fp in want["grads"].items():
-        _assert_fingerprint(got["grads"][name], fp, math.prod(want["trainable"][name]), name)
+        numel = math.prod(want["trainable"][name])
+        _assert_fingerprint(got["grads"][name], fp, numel, name, GRAD_TOL)
 
 
 def test_tp_reports_match_exactly():
