@@ -442,3 +442,48 @@ def test_a_scope_over_an_input_without_gradient_shows_its_mask_to_the_counter():
 
     _, kept = _kept_bytes(fn, lin)
     assert kept == x.numel() * (4 + 1)  # x (fp32) and the mask (1 byte)
+
+
+@pytest.mark.parametrize("preset", ["lora_r8", "hmora_lw"])
+def test_base_product_accumulated_into_the_update_equals_the_module_call(preset):
+    """In training with dropout, a bank over a hook-free ``nn.Linear`` adds the base product
+    into its update (``u = h Bᵀ + b; u += x Wᵀ``) instead of copying the base output into the
+    update's ``addmm``: the same loss and gradients (to float32 rounding) for the same masks as
+    calling the base layer, which a hook on it forces (and the hook runs). q, k and v have
+    biases (Qwen2); HMoRA w LW's hydra experts are gated by routers."""
+    from hmora_ds.experts import MoRALinear
+
+    model = tiny_hmora(preset, layers=2)
+    randomize_adapters(model)
+    model.train()
+    ids, attn, labels, prompt = batch()
+    banks = [m for m in model.modules() if isinstance(m, MoRALinear)]
+    with torch.no_grad():  # HF initialises biases to 0: give them values that count
+        for b in banks:
+            if b.base_layer.bias is not None:
+                b.base_layer.bias.normal_(0.0, 0.5)
+    assert any(b.base_layer.bias is not None for b in banks)
+    assert all(b._base_into_update(torch.zeros(1, b.in_features)) for b in banks)
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)  # the same dropout masks in both runs
+        loss = model(ids, attn, labels, prompt).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), grads
+
+    loss, grads = run()
+    calls = []
+    handles = [b.base_layer.register_forward_hook(lambda *a: calls.append(1)) for b in banks]
+    try:
+        assert not any(b._base_into_update(torch.zeros(1, b.in_features)) for b in banks)
+        loss_ref, grads_ref = run()
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(calls) == len(banks)  # every base layer was called, its hook ran
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == grads_ref.keys() and grads
+    for name, g in grads.items():
+        torch.testing.assert_close(g, grads_ref[name], rtol=1e-5, atol=1e-6, msg=name)

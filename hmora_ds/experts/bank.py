@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hmora_ds.experts.dispatch import DenseDispatcher, Dispatcher, SparseDispatcher
-from hmora_ds.experts.dropout import InputDropout
+from hmora_ds.experts.dropout import InputDropout, scaled_mm
 
 # adapter.compute=auto picks the sparse path only where the dense adapter is the expensive part
 # of the block: E·R at least SPARSE_MIN_WIDTH × the layer's input width, with each token using at
@@ -72,15 +72,16 @@ class ExpertBankForward:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
         drop = self.dropout
+        if isinstance(drop, InputDropout) and drop.projects() and self._projects_first(x):
+            # dropout and the A projection as one autograd node (the common case: a plain
+            # LoRA or the dense experts); it keeps x and the mask, as the scope below does,
+            # and applies the scaling s inside its products (the update is linear in it).
+            projected = drop.project(x, self.lora_A, alpha=self.scaling)
+            out = None if self._base_into_update(x) else self.base_layer(x)
+            return self._adapted(x, None, out, projected)
+        out = self.base_layer(x)
         if isinstance(drop, InputDropout):
-            if drop.projects() and self._projects_first(x):
-                # dropout and the A projection as one autograd node (the common case: a plain
-                # LoRA or the dense experts); it keeps x and the mask, as the scope below does,
-                # and applies the scaling s inside its products (the update is linear in it).
-                projected = drop.project(x, self.lora_A, alpha=self.scaling)
-                return self._adapted(x, None, out, projected)
             h, scope = drop.recomputable(x)
         else:
             h, scope = drop(x), contextlib.nullcontext()
@@ -99,15 +100,30 @@ class ExpertBankForward:
             return False
         return x.dtype == self.adapter_dtype or torch.is_autocast_enabled(x.device.type)
 
+    def _base_into_update(self, x: torch.Tensor) -> bool:
+        """Whether the base layer's product is accumulated into the update's (see
+        :meth:`_adapted`) instead of the update into a copy of the base output: a plain
+        ``nn.Linear`` with no hooks (ZeRO-3's gathering hooks, a user's), outside autocast,
+        everything in one dtype."""
+        base = self.base_layer
+        return (
+            type(base) is nn.Linear
+            and not _has_hooks(base)
+            and not torch.is_autocast_enabled(x.device.type)
+            and x.dtype == base.weight.dtype == self.lora_B.dtype
+        )
+
     def _adapted(
         self,
         x: torch.Tensor,
         h: torch.Tensor | None,
-        out: torch.Tensor,
+        out: torch.Tensor | None,
         projected: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The adapted output from the dropped input ``h``, or from ``projected`` = ``s · h · Aᵀ``
-        already computed, scaling included (see :meth:`_projects_first`)."""
+        already computed, scaling included (see :meth:`_projects_first`). ``out``: the base
+        layer's output, or None (only with ``projected``) to compute it here, accumulated into
+        the update (:meth:`_base_into_update`)."""
         if h is not None and not torch.is_autocast_enabled(x.device.type):
             h = h.to(self.adapter_dtype)
         router = self.router
@@ -130,6 +146,20 @@ class ExpertBankForward:
         # beta/alpha): no separate (N, O) multiply and add, the widest tensors of the block.
         # (A projected h carries s already: alpha = 1, which addmm's backward does not multiply.)
         scaling = 1.0 if projected is not None else self.scaling
+        if out is None:
+            # u = h Bᵀ (+ bias), then u += x Wᵀ in place: the base product accumulates into
+            # the update (GEMM beta = 1), where the update added into the base output first
+            # copies that output (addmm's beta) - a write and a read of the widest tensor less
+            # per adapted linear. u is this block's own tensor, so the in-place product is safe
+            # for autograd (a module's output under ZeRO-3 is a view: hence the plain-Linear
+            # condition). The same sum; rounding differs only in the order of the additions.
+            base, h2d = self.base_layer, h.reshape(-1, h.shape[-1])
+            if base.bias is None:
+                u = scaled_mm(h2d, self.lora_B.t(), scaling)
+            else:
+                u = torch.addmm(base.bias, h2d, self.lora_B.t(), alpha=scaling)
+            u.addmm_(x.reshape(-1, x.shape[-1]), base.weight.t())
+            return u.view(*x.shape[:-1], self.out_features)
         if not torch.is_autocast_enabled(x.device.type) and out.dtype != h.dtype:
             return out + (F.linear(h, self.lora_B) * scaling).to(out.dtype)  # fp32 LoRA
         out2d = out.reshape(-1, self.out_features)
@@ -232,6 +262,18 @@ class MoRALinear(ExpertBankForward, nn.Module):
             f"experts={self.num_experts}, scaling={self.scaling:g}"
             + (", sparse" if self.sparse else "")
         )
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs any hook (its own or a global one), which a computation
+    that uses its weights without calling it would skip."""
+    from torch.nn.modules import module as m
+
+    own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
+           module._backward_pre_hooks)  # fmt: skip
+    glob = (m._global_forward_hooks, m._global_forward_pre_hooks, m._global_backward_hooks,
+            m._global_backward_pre_hooks)  # fmt: skip
+    return any(own) or any(glob)
 
 
 _DENSE, _SPARSE = DenseDispatcher(), SparseDispatcher()

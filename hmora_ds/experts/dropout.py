@@ -71,7 +71,7 @@ class _DropoutLinear(torch.autograd.Function):
         ctx.has_bias = bias is not None
         flat = kept.reshape(-1, x.shape[-1])
         if bias is None:
-            out = _scaled_mm(flat, weight.t(), factor)
+            out = scaled_mm(flat, weight.t(), factor)
         else:
             out = torch.addmm(bias, flat, weight.t(), alpha=factor)
         return out.view(*x.shape[:-1], weight.shape[0])
@@ -82,19 +82,23 @@ class _DropoutLinear(torch.autograd.Function):
         g2 = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            gx = _scaled_mm(g2, weight.to(grad.dtype), ctx.factor)
-            # in x's shape, not a view of gx: autograd can add the other gradients of x into
-            # it in place instead of into a new tensor (a view cannot be accumulated into)
-            grad_x = (gx.view(x.shape) * mask).to(x.dtype)
+            gx = scaled_mm(g2, weight.to(grad.dtype), ctx.factor)
+            if gx.dtype == x.dtype:
+                # masked in place (gx is this node's own product), and returned in x's shape
+                # as a tensor of its own, not a view of gx: autograd then adds x's other
+                # gradients into it in place too (it cannot accumulate into a view)
+                grad_x = torch.ops.aten._unsafe_view(gx.mul_(mask.view(gx.shape)), x.shape)
+            else:
+                grad_x = (gx.view(x.shape) * mask).to(x.dtype)
         if ctx.needs_input_grad[1]:
             kept = (x * mask).to(grad.dtype).reshape(-1, x.shape[-1])
-            grad_w = _scaled_mm(g2.t(), kept, ctx.factor).to(weight.dtype)
+            grad_w = scaled_mm(g2.t(), kept, ctx.factor).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0).to(weight.dtype)
         return grad_x, grad_w, grad_b, None, None
 
 
-def _scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+def scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
     """``alpha · a · b`` as one kernel: ``addmm`` with ``beta = 0`` ignores its input, which
     must still be a tensor of the product's dtype and device (one cached zero each)."""
     device = a.device
