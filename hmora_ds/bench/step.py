@@ -857,11 +857,7 @@ def markdown(doc: dict[str, Any]) -> str:
 def _machine(device: torch.device) -> dict[str, Any]:
     import transformers
 
-    name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else (platform.processor() or platform.machine())
-    )
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return {
         "device_name": name,
         "cpus": os.cpu_count(),
@@ -870,6 +866,21 @@ def _machine(device: torch.device) -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
     }
+
+
+def _cpu_name() -> str:
+    """The CPU's model and the vector instruction set torch's kernels use on it (AVX2, AVX512):
+    float32 results and speed ratios differ between instruction sets."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                model,
+            )
+    except OSError:
+        pass
+    return f"{model} ({torch.backends.cpu.get_cpu_capability()})"
 
 
 def _write(
