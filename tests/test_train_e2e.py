@@ -71,7 +71,11 @@ def test_distributed_layouts_equal_single_process(layouts, layout):
     b = load_file(str(dist_run / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-5, msg=name)
+        # Adam normalises each element's step: an element whose gradient is at rounding level
+        # moves by up to lr per step in either run, and one process and two ranks round their
+        # reductions differently. At lr 1e-3 the runs' adapters differ by up to 1.6e-5 on an
+        # AVX2 machine (LoRA B of values ~8e-3; within 1e-5 on earlier machines): 5e-5 = lr / 20.
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=5e-5, msg=name)
     assert not torch.equal(a["task_encoder.task_embedding"], torch.zeros(64))
 
 
