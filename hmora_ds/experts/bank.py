@@ -153,11 +153,8 @@ class ExpertBankForward:
             # per adapted linear. u is this block's own tensor, so the in-place product is safe
             # for autograd (a module's output under ZeRO-3 is a view: hence the plain-Linear
             # condition). The same sum; rounding differs only in the order of the additions.
-            base, h2d = self.base_layer, h.reshape(-1, h.shape[-1])
-            if base.bias is None:
-                u = scaled_mm(h2d, self.lora_B.t(), scaling)
-            else:
-                u = torch.addmm(base.bias, h2d, self.lora_B.t(), alpha=scaling)
+            base = self.base_layer
+            u = scaled_mm(h.reshape(-1, h.shape[-1]), self.lora_B.t(), scaling, base.bias)
             u.addmm_(x.reshape(-1, x.shape[-1]), base.weight.t())
             return u.view(*x.shape[:-1], self.out_features)
         if not torch.is_autocast_enabled(x.device.type) and out.dtype != h.dtype:

@@ -69,11 +69,7 @@ class _DropoutLinear(torch.autograd.Function):
         ctx.factor = alpha / (1.0 - p)  # of the backward's x ⊙ mask
         ctx.save_for_backward(x, mask, weight)
         ctx.has_bias = bias is not None
-        flat = kept.reshape(-1, x.shape[-1])
-        if bias is None:
-            out = scaled_mm(flat, weight.t(), factor)
-        else:
-            out = torch.addmm(bias, flat, weight.t(), alpha=factor)
+        out = scaled_mm(kept.reshape(-1, x.shape[-1]), weight.t(), factor, bias)
         return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -98,9 +94,14 @@ class _DropoutLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
-def scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``alpha · a · b`` as one kernel: ``addmm`` with ``beta = 0`` ignores its input, which
-    must still be a tensor of the product's dtype and device (one cached zero each)."""
+def scaled_mm(
+    a: torch.Tensor, b: torch.Tensor, alpha: float, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``alpha · a · b (+ bias)`` as one kernel. Without a bias, ``addmm`` with ``beta = 0``
+    ignores its input, which must still be a tensor of the product's dtype and device (one
+    cached zero each)."""
+    if bias is not None:
+        return torch.addmm(bias, a, b, alpha=alpha)
     device = a.device
     autocast = torch.is_autocast_enabled(device.type)
     dtype = torch.get_autocast_dtype(device.type) if autocast else a.dtype
