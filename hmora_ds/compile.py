@@ -18,15 +18,24 @@ branches. Two things are dynamic by nature, and are marked so:
   (``capture_dynamic_output_shape_ops``) instead of breaking the graph there.
 
 Sequence lengths vary from batch to batch; dynamo recompiles once and then treats them as dynamic
-(its automatic dynamic shapes). Under ZeRO-3 every module call goes through DeepSpeed's gathering
-and release hooks: there the regions are compiled with ``fullgraph=False`` and split at those
-hooks, which run eagerly (:func:`leave_hooks_eager`).
+(its automatic dynamic shapes).
+
+Under ZeRO-3 DeepSpeed gathers and releases parameters in hooks around every module call, which
+dynamo cannot trace: a compiled layer would break into a graph per adapted linear and router,
+each recompiled for every parameter shape, input and grad mode (about 200 compiles per rank on a
+4-layer model, most steps of a short run spent compiling). So each decoder layer becomes a ZeRO-3
+*leaf* (:func:`gather_layers_whole`): DeepSpeed gathers all of its parameters, and those of the
+routers its adapted linears call, in one hook at the layer's entry. A compiled layer is then one
+graph between its own entry and exit hooks, which run eagerly (:func:`leave_hooks_eager`), and
+compiled blocks run no hook at all.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from hmora_ds.base_model import decoder_layers
@@ -117,9 +126,77 @@ def compile_model(
     return len(regions)
 
 
-def leave_hooks_eager(model: nn.Module, package: str = "deepspeed") -> int:
+def gather_layers_whole(model: nn.Module) -> list[nn.Module]:
+    """Under ZeRO-3 with ``train.compile``, make each decoder layer gather its parameters at
+    once, so that no DeepSpeed hook runs inside a compiled layer or block; call before
+    ``deepspeed.initialize``. Returns the router modules the layers now gather, whose own
+    DeepSpeed hooks :func:`leave_hooks_eager` then removes.
+
+    - Each decoder layer is a ZeRO-3 leaf module (``set_z3_leaf_module``): DeepSpeed hooks the
+      layer and none of its submodules, and gathers every parameter under it at its entry.
+    - The routers live outside the decoder layers (``model.routers``) and are called from the
+      adapted linears inside them: their parameters are registered as the calling layer's
+      external parameters (``register_external_parameter``), gathered and released with it. A
+      router also called from outside the layers keeps its own hooks.
+    - DeepSpeed reduces a leaf's gradients in a full backward hook on the module, which fires
+      when the gradient of the module's positional inputs is ready, or, if none requires a
+      gradient, when that of its outputs is: before its parameters' gradients exist. So the
+      first layer's input (the frozen embedding's output) is made to require a gradient, as
+      transformers' ``enable_input_require_grads`` does for gradient checkpointing (its gradient
+      costs the first layer's input-gradient products, about 1 / layers of the backward's), and
+      a layer called in training without such an input stops the run with an error rather than
+      reduce gradients that do not exist yet. (The attention block is called with keyword
+      inputs only: the layer, not the block, is the unit gathered under ``blocks`` too.)
+    """
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+    from deepspeed.utils import set_z3_leaf_module
+
+    layers = compile_regions(model)["layers"]
+    inside: dict[int, nn.Module] = {}
+    banks_inside: set[int] = set()
+    for layer in layers:
+        set_z3_leaf_module(layer, True)
+        layer.register_forward_pre_hook(_needs_grad_input)
+        banks = _banks(layer)
+        banks_inside.update(id(b) for b in banks)
+        routers = {id(b.router): b.router for b in banks if b.router is not None}
+        for router in routers.values():
+            for param in router.parameters():
+                register_external_parameter(layer, param)
+        inside.update(routers)
+    called_outside = {
+        id(b.router) for b in _banks(model) if b.router is not None and id(b) not in banks_inside
+    }
+    base = getattr(model, "base_model", model)
+    base.get_input_embeddings().register_forward_hook(_require_grad)
+    return [router for key, router in inside.items() if key not in called_outside]
+
+
+def _banks(module: nn.Module) -> list[MoRALinear]:
+    return [m for m in module.modules() if isinstance(m, MoRALinear)]
+
+
+def _require_grad(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+    if torch.is_grad_enabled() and not output.requires_grad:
+        output.requires_grad_(True)
+
+
+def _needs_grad_input(module: nn.Module, args: tuple) -> None:
+    if torch.is_grad_enabled() and not any(torch.is_tensor(a) and a.requires_grad for a in args):
+        raise RuntimeError(
+            f"train.compile under ZeRO-3: {type(module).__name__} was called in training "
+            "without a positional input that requires a gradient, so DeepSpeed would reduce its "
+            "gradients before they exist; use train.compile=none with this model"
+        )
+
+
+def leave_hooks_eager(
+    model: nn.Module, package: str = "deepspeed", gathered: Sequence[nn.Module] = ()
+) -> int:
     """Run the module hooks that ``package`` registered on ``model`` eagerly inside compiled
-    regions (``torch.compiler.disable``); returns how many were wrapped.
+    regions (``torch.compiler.disable``); returns how many were wrapped. The hooks of the
+    modules in ``gathered`` and their submodules (routers whose parameters their calling region
+    gathers, see :func:`gather_regions_whole`) are removed instead.
 
     DeepSpeed marks only some of its ZeRO-3 hooks disabled. Dynamo traces the others (the
     post-forward release, the pre-backward hook), whose guards on the module they were called
@@ -128,13 +205,15 @@ def leave_hooks_eager(model: nn.Module, package: str = "deepspeed") -> int:
     graph where it calls into DeepSpeed anyway. The hooks are looked up at call time, so
     wrapping them in place after ``deepspeed.initialize`` takes effect in the compiled regions.
     """
-    import torch
-
+    removed = {id(m) for module in gathered for m in module.modules()}
     wrapped = 0
     for module in model.modules():
         for hooks in (module._forward_pre_hooks, module._forward_hooks):
             for key, fn in list(hooks.items()):
                 if (getattr(fn, "__module__", None) or "").partition(".")[0] != package:
+                    continue
+                if id(module) in removed:
+                    del hooks[key]
                     continue
                 if getattr(fn, "_hmora_eager", False):
                     continue

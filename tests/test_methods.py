@@ -132,6 +132,57 @@ def test_deepspeed_hooks_run_eagerly_inside_compiled_regions():
     assert seen["user"] and all(seen["user"])  # traced into the compiled graph
 
 
+def test_zero3_layers_gather_their_routers_whole():
+    """``gather_layers_whole`` (ZeRO-3 with ``train.compile``): each decoder layer is a
+    ZeRO-3 leaf holding, as external parameters, exactly the parameters of the routers its
+    adapted linears call; those routers' DeepSpeed hooks are removed while other modules' are
+    wrapped; the embedding's output requires a gradient in training only, and a layer called in
+    training without a positional input that requires one is refused."""
+    from deepspeed.utils import z3_leaf_module
+
+    from hmora_ds.base_model import decoder_layers
+    from hmora_ds.compile import gather_layers_whole, leave_hooks_eager
+    from hmora_ds.experts import MoRALinear
+
+    model = inv.build(load_config("hmora_lw"))
+    regions = list(decoder_layers(model.base_model))
+    routers = gather_layers_whole(model)
+    assert routers and all(z3_leaf_module(r) for r in regions)
+    for region in regions:
+        called = {
+            id(m.router): m.router
+            for m in region.modules()
+            if isinstance(m, MoRALinear) and m.router is not None
+        }
+        want = {id(p) for r in called.values() for p in r.parameters()}
+        assert want and set(region._external_params) == want
+    assert {id(r) for r in routers} == {
+        id(m.router) for m in model.modules() if isinstance(m, MoRALinear) and m.router is not None
+    }
+
+    def ds_hook(*_):
+        return None
+
+    ds_hook.__module__ = "deepspeed.runtime.zero.parameter_offload"
+    router_linear = next(m for m in routers[0].modules() if isinstance(m, torch.nn.Linear))
+    layer = next(iter(decoder_layers(model.base_model)))
+    for module in (router_linear, layer):
+        module.register_forward_pre_hook(ds_hook)
+    assert leave_hooks_eager(model, gathered=routers) == 1
+    assert not router_linear._forward_pre_hooks
+    # the layer's own input check stays traced; DeepSpeed's hook is wrapped to run eagerly
+    eager = [getattr(h, "_hmora_eager", False) for h in layer._forward_pre_hooks.values()]
+    assert eager == [False, True]
+
+    emb = model.base_model.get_input_embeddings()
+    ids = torch.tensor([[1, 2, 3]])
+    assert emb(ids).requires_grad
+    with torch.no_grad():
+        assert not emb(ids).requires_grad
+    with pytest.raises(RuntimeError, match=r"^train\.compile under ZeRO-3: .* was called"):
+        layer(torch.zeros(1, 3, model.base_model.config.hidden_size))
+
+
 def test_inductor_compiled_layers_with_checkpointing_equal_eager():
     """The real compiler (C++ code generation on CPU) on whole decoder layers with gradient
     checkpointing inside them (one batch length: the checks above cover the guards)."""

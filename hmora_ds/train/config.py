@@ -229,6 +229,7 @@ class TrainConfig:
             ``none``, ``blocks`` (each decoder layer's attention and MLP, where the adapters
             and routers are) or ``layers`` (whole decoder layers; the one to use with
             ``gradient_checkpointing``). The first steps are slower while the regions compile.
+            Under ZeRO-3 each decoder layer's parameters are then gathered at once.
         compile_backend: the ``torch.compile`` backend (``inductor``; ``aot_eager`` or
             ``eager`` to tell a compiler problem from a capture problem).
         max_nonfinite_steps: stop the run after this many non-finite losses in a row.

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from hmora_ds.adapter_io import AdapterError, check_adapter, load_adapter
 from hmora_ds.composition import build_model as build_model_of
@@ -204,19 +205,18 @@ def build_optimizer(model: HMoRAModel, t: TrainConfig, ep: int):
     return optimizer, scheduler
 
 
-def compile_for_engine(model: HMoRAModel, run: RunConfig, plan: EnginePlan) -> None:
+def compile_for_engine(model: HMoRAModel, run: RunConfig, plan: EnginePlan) -> list[nn.Module]:
     """``train.compile``: regional ``torch.compile`` before DeepSpeed wraps the model (the
-    modules keep their names, so checkpoints are those of an eager run). Under ZeRO-3 the
-    regions may not be one graph: DeepSpeed's parameter-gathering hooks run eagerly (see
-    :func:`hmora_ds.compile.leave_hooks_eager`), so dynamo splits each region at them."""
-    from hmora_ds.compile import compile_model
+    modules keep their names, so checkpoints are those of an eager run). Under ZeRO-3 each
+    decoder layer gathers its parameters at its entry
+    (:func:`hmora_ds.compile.gather_layers_whole`), so no DeepSpeed hook runs inside a block
+    and a compiled layer is one graph between DeepSpeed's entry and exit hooks, which run
+    eagerly (``fullgraph`` off); returns the routers whose DeepSpeed hooks are then removed."""
+    from hmora_ds.compile import compile_model, gather_layers_whole
 
-    compile_model(
-        model,
-        run.train.compile,
-        fullgraph=zero_stage(plan.ds_config) < 3,
-        backend=run.train.compile_backend,
-    )
+    zero3 = zero_stage(plan.ds_config) >= 3
+    compile_model(model, run.train.compile, fullgraph=not zero3, backend=run.train.compile_backend)
+    return gather_layers_whole(model) if zero3 else []
 
 
 def build_engine(
@@ -243,8 +243,9 @@ def build_engine(
     if run.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.ce_chunk_tokens = run.train.ce_chunk_tokens
+    gathered: list[nn.Module] = []
     if run.train.compile != "none":
-        compile_for_engine(model, run, plan)
+        gathered = compile_for_engine(model, run, plan)
     logger.info(
         "model %s (%s): %s trainable parameters, TP %.2f%%",
         run.model.name_or_path,
@@ -259,6 +260,6 @@ def build_engine(
     if run.train.compile != "none":
         from hmora_ds.compile import leave_hooks_eager
 
-        leave_hooks_eager(engine.module)
+        leave_hooks_eager(engine.module, gathered=gathered)
     dp_group = dist.group.WORLD if info.world_size > 1 else None
     return BuiltEngine(engine, engine.module, report, dp_group)
