@@ -140,13 +140,14 @@ def gather_layers_whole(model: nn.Module) -> list[nn.Module]:
       router also called from outside the layers keeps its own hooks.
     - DeepSpeed reduces a leaf's gradients in a full backward hook on the module, which fires
       when the gradient of the module's positional inputs is ready, or, if none requires a
-      gradient, when that of its outputs is: before its parameters' gradients exist. So the
-      first layer's input (the frozen embedding's output) is made to require a gradient, as
-      transformers' ``enable_input_require_grads`` does for gradient checkpointing (its gradient
-      costs the first layer's input-gradient products, about 1 / layers of the backward's), and
-      a layer called in training without such an input stops the run with an error rather than
-      reduce gradients that do not exist yet. (The attention block is called with keyword
-      inputs only: the layer, not the block, is the unit gathered under ``blocks`` too.)
+      gradient, when that of its outputs is: before its parameters' gradients exist. So a
+      layer's hidden states that require no gradient (the first layer's, from the frozen
+      embedding) enter it as a leaf that requires one (:func:`_hidden_states_require_grad`),
+      as transformers' ``enable_input_require_grads`` does for gradient checkpointing, but
+      for the decoder only (the task encoder reads the same embeddings). That gradient costs
+      the first layer's input-gradient products, about 1 / layers of the backward's. (The
+      attention block is called with keyword inputs only: the layer, not the block, is the
+      unit gathered under ``blocks`` too.)
     """
     from deepspeed.runtime.zero.partition_parameters import register_external_parameter
     from deepspeed.utils import set_z3_leaf_module
@@ -156,7 +157,7 @@ def gather_layers_whole(model: nn.Module) -> list[nn.Module]:
     banks_inside: set[int] = set()
     for layer in layers:
         set_z3_leaf_module(layer, True)
-        layer.register_forward_pre_hook(_needs_grad_input)
+        layer.register_forward_pre_hook(_hidden_states_require_grad)
         banks = _banks(layer)
         banks_inside.update(id(b) for b in banks)
         routers = {id(b.router): b.router for b in banks if b.router is not None}
@@ -167,8 +168,6 @@ def gather_layers_whole(model: nn.Module) -> list[nn.Module]:
     called_outside = {
         id(b.router) for b in _banks(model) if b.router is not None and id(b) not in banks_inside
     }
-    base = getattr(model, "base_model", model)
-    base.get_input_embeddings().register_forward_hook(_require_grad)
     return [router for key, router in inside.items() if key not in called_outside]
 
 
@@ -176,18 +175,23 @@ def _banks(module: nn.Module) -> list[MoRALinear]:
     return [m for m in module.modules() if isinstance(m, MoRALinear)]
 
 
-def _require_grad(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-    if torch.is_grad_enabled() and not output.requires_grad:
-        output.requires_grad_(True)
-
-
-def _needs_grad_input(module: nn.Module, args: tuple) -> None:
-    if torch.is_grad_enabled() and not any(torch.is_tensor(a) and a.requires_grad for a in args):
+@torch.compiler.disable
+def _hidden_states_require_grad(module: nn.Module, args: tuple) -> tuple | None:
+    """A decoder layer's pre-hook under ZeRO-3 gathering (:func:`gather_layers_whole`): in
+    training, hidden states that require no gradient are replaced by a detached leaf that
+    does (they have no graph to lose). Eager, beside DeepSpeed's own entry hooks: traced, it
+    would be one more compiled frame per variant of its input."""
+    if not torch.is_grad_enabled():
+        return None
+    if not args or not torch.is_tensor(args[0]):
         raise RuntimeError(
             f"train.compile under ZeRO-3: {type(module).__name__} was called in training "
-            "without a positional input that requires a gradient, so DeepSpeed would reduce its "
-            "gradients before they exist; use train.compile=none with this model"
+            "without its hidden states as the first positional input, so DeepSpeed would "
+            "reduce its gradients before they exist; use train.compile=none with this model"
         )
+    if args[0].requires_grad:
+        return None
+    return (args[0].detach().requires_grad_(True), *args[1:])
 
 
 def leave_hooks_eager(
@@ -195,8 +199,8 @@ def leave_hooks_eager(
 ) -> int:
     """Run the module hooks that ``package`` registered on ``model`` eagerly inside compiled
     regions (``torch.compiler.disable``); returns how many were wrapped. The hooks of the
-    modules in ``gathered`` and their submodules (routers whose parameters their calling region
-    gathers, see :func:`gather_regions_whole`) are removed instead.
+    modules in ``gathered`` and their submodules (routers whose parameters their calling layer
+    gathers, see :func:`gather_layers_whole`) are removed instead.
 
     DeepSpeed marks only some of its ZeRO-3 hooks disabled. Dynamo traces the others (the
     post-forward release, the pre-backward hook), whose guards on the module they were called

@@ -136,8 +136,8 @@ def test_zero3_layers_gather_their_routers_whole():
     """``gather_layers_whole`` (ZeRO-3 with ``train.compile``): each decoder layer is a
     ZeRO-3 leaf holding, as external parameters, exactly the parameters of the routers its
     adapted linears call; those routers' DeepSpeed hooks are removed while other modules' are
-    wrapped; the embedding's output requires a gradient in training only, and a layer called in
-    training without a positional input that requires one is refused."""
+    wrapped; in training a layer's hidden states enter it requiring a gradient, and a layer
+    called without them as its first positional input is refused."""
     from deepspeed.utils import z3_leaf_module
 
     from hmora_ds.base_model import decoder_layers
@@ -174,13 +174,17 @@ def test_zero3_layers_gather_their_routers_whole():
     eager = [getattr(h, "_hmora_eager", False) for h in layer._forward_pre_hooks.values()]
     assert eager == [False, True]
 
-    emb = model.base_model.get_input_embeddings()
-    ids = torch.tensor([[1, 2, 3]])
-    assert emb(ids).requires_grad
+    # in training, hidden states without a gradient enter the layer as a leaf that needs one
+    seen = []
+    layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].requires_grad))
+    h = torch.randn(1, 3, model.base_model.config.hidden_size)
+    pos = model.base_model.model.rotary_emb(h, torch.arange(3)[None])
+    layer(h, position_embeddings=pos)
     with torch.no_grad():
-        assert not emb(ids).requires_grad
+        layer(h, position_embeddings=pos)
+    assert seen == [True, False]
     with pytest.raises(RuntimeError, match=r"^train\.compile under ZeRO-3: .* was called"):
-        layer(torch.zeros(1, 3, model.base_model.config.hidden_size))
+        layer(hidden_states=h, position_embeddings=pos)
 
 
 def test_inductor_compiled_layers_with_checkpointing_equal_eager():
