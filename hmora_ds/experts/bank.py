@@ -77,9 +77,14 @@ class ExpertBankForward:
             # dropout and the A projection as one autograd node (the common case: a plain
             # LoRA or the dense experts); it keeps x and the mask, as the scope below does,
             # and applies the scaling s inside its products (the update is linear in it).
+            # The base product comes first: the backward runs the later node first, so the
+            # dropout node's gradient of x (a tensor of its own) reaches x before the base
+            # product's (a view of its GEMM's output), and autograd adds the others into it
+            # in place: it reuses only the first gradient to arrive.
+            own = self._base_into_update(x)
+            out = self._base_product(x) if own else self.base_layer(x)
             projected = drop.project(x, self.lora_A, alpha=self.scaling)
-            out = None if self._base_into_update(x) else self.base_layer(x)
-            return self._adapted(x, None, out, projected)
+            return self._adapted(x, None, out, projected, own_out=own)
         out = self.base_layer(x)
         if isinstance(drop, InputDropout):
             h, scope = drop.recomputable(x)
@@ -101,10 +106,10 @@ class ExpertBankForward:
         return x.dtype == self.adapter_dtype or torch.is_autocast_enabled(x.device.type)
 
     def _base_into_update(self, x: torch.Tensor) -> bool:
-        """Whether the base layer's product is accumulated into the update's (see
-        :meth:`_adapted`) instead of the update into a copy of the base output: a plain
-        ``nn.Linear`` with no hooks (ZeRO-3's gathering hooks, a user's), outside autocast,
-        everything in one dtype."""
+        """Whether the base layer's product is computed here (:meth:`_base_product`) and the
+        update accumulated into it in place (see :meth:`_adapted`), instead of into a copy of
+        the base module's output: a plain ``nn.Linear`` with no hooks (ZeRO-3's gathering
+        hooks, a user's), outside autocast, everything in one dtype."""
         base = self.base_layer
         return (
             type(base) is nn.Linear
@@ -113,17 +118,24 @@ class ExpertBankForward:
             and x.dtype == base.weight.dtype == self.lora_B.dtype
         )
 
+    def _base_product(self, x: torch.Tensor) -> torch.Tensor:
+        """``x Wᵀ + b`` of the plain base linear as a 2-D tensor of this block's own (see
+        :meth:`_base_into_update`)."""
+        base = self.base_layer
+        return scaled_mm(x.reshape(-1, x.shape[-1]), base.weight.t(), 1.0, base.bias)
+
     def _adapted(
         self,
         x: torch.Tensor,
         h: torch.Tensor | None,
-        out: torch.Tensor | None,
+        out: torch.Tensor,
         projected: torch.Tensor | None = None,
+        own_out: bool = False,
     ) -> torch.Tensor:
         """The adapted output from the dropped input ``h``, or from ``projected`` = ``s · h · Aᵀ``
         already computed, scaling included (see :meth:`_projects_first`). ``out``: the base
-        layer's output, or None (only with ``projected``) to compute it here, accumulated into
-        the update (:meth:`_base_into_update`)."""
+        layer's output; with ``own_out``, the 2-D product of :meth:`_base_product`, into which
+        the update is accumulated in place."""
         if h is not None and not torch.is_autocast_enabled(x.device.type):
             h = h.to(self.adapter_dtype)
         router = self.router
@@ -146,17 +158,14 @@ class ExpertBankForward:
         # beta/alpha): no separate (N, O) multiply and add, the widest tensors of the block.
         # (A projected h carries s already: alpha = 1, which addmm's backward does not multiply.)
         scaling = 1.0 if projected is not None else self.scaling
-        if out is None:
-            # u = h Bᵀ (+ bias), then u += x Wᵀ in place: the base product accumulates into
-            # the update (GEMM beta = 1), where the update added into the base output first
-            # copies that output (addmm's beta) - a write and a read of the widest tensor less
-            # per adapted linear. u is this block's own tensor, so the in-place product is safe
-            # for autograd (a module's output under ZeRO-3 is a view: hence the plain-Linear
-            # condition). The same sum; rounding differs only in the order of the additions.
-            base = self.base_layer
-            u = scaled_mm(h.reshape(-1, h.shape[-1]), self.lora_B.t(), scaling, base.bias)
-            u.addmm_(x.reshape(-1, x.shape[-1]), base.weight.t())
-            return u.view(*x.shape[:-1], self.out_features)
+        if own_out:
+            # u = x Wᵀ + b, then u += s · h Bᵀ in place (GEMM beta = 1), where the update added
+            # into the base module's output first copies that output (addmm's beta): a write
+            # and a read of the widest tensor less per adapted linear. u is this block's own
+            # tensor and no node keeps it, so the in-place product is safe for autograd (a
+            # module's output under ZeRO-3 is a view: hence the plain-Linear condition).
+            out.addmm_(h.reshape(-1, h.shape[-1]), self.lora_B.t(), alpha=scaling)
+            return out.view(*x.shape[:-1], self.out_features)
         if not torch.is_autocast_enabled(x.device.type) and out.dtype != h.dtype:
             return out + (F.linear(h, self.lora_B) * scaling).to(out.dtype)  # fp32 LoRA
         out2d = out.reshape(-1, self.out_features)

@@ -77,6 +77,11 @@ class _DropoutLinear(torch.autograd.Function):
         x, mask, weight = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_w = grad_b = None
+        if mask.device.type == "cpu" and all(ctx.needs_input_grad[:2]):
+            # On the CPU a product with the 1-byte mask first casts it to a full temporary
+            # (CPU kernels do not cast inside the loop): cast once for both products here.
+            # (CUDA kernels cast in the loop; a cast there would be one more kernel.)
+            mask = mask.to(grad.dtype)
         if ctx.needs_input_grad[0]:
             gx = scaled_mm(g2, weight.to(grad.dtype), ctx.factor)
             if gx.dtype == x.dtype:
