@@ -109,11 +109,15 @@ class ExpertBankForward:
         """Whether the base layer's product is computed here (:meth:`_base_product`) and the
         update accumulated into it in place (see :meth:`_adapted`), instead of into a copy of
         the base module's output: a plain ``nn.Linear`` with no hooks (ZeRO-3's gathering
-        hooks, a user's), outside autocast, everything in one dtype."""
+        hooks, a user's) and a weight ZeRO-3 does not partition, outside autocast, everything
+        in one dtype. (A partitioned weight is released after the forward and gathered again
+        for the backward: ZeRO-3's own ``F.linear`` keeps the parameter for it, where the
+        product here would keep a view of the gathered weight alive until the backward.)"""
         base = self.base_layer
         return (
             type(base) is nn.Linear
             and not _has_hooks(base)
+            and not hasattr(base.weight, "ds_id")
             and not torch.is_autocast_enabled(x.device.type)
             and x.dtype == base.weight.dtype == self.lora_B.dtype
         )
