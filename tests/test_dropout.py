@@ -446,11 +446,12 @@ def test_a_scope_over_an_input_without_gradient_shows_its_mask_to_the_counter():
 
 @pytest.mark.parametrize("preset", ["lora_r8", "hmora_lw"])
 def test_base_product_accumulated_into_the_update_equals_the_module_call(preset):
-    """In training with dropout, a bank over a hook-free ``nn.Linear`` adds the base product
-    into its update (``u = h Bᵀ + b; u += x Wᵀ``) instead of copying the base output into the
-    update's ``addmm``: the same loss and gradients (to float32 rounding) for the same masks as
-    calling the base layer, which a hook on it forces (and the hook runs). q, k and v have
-    biases (Qwen2); HMoRA w LW's hydra experts are gated by routers."""
+    """In training with dropout, a bank over a hook-free ``nn.Linear`` computes the base
+    product itself and adds its update into it (``u = x Wᵀ + b; u += s h Bᵀ``) instead of
+    copying the base output into the update's ``addmm``: the same loss and gradients (to
+    float32 rounding) for the same masks as calling the base layer, which a hook on it forces
+    (and the hook runs), as a weight ZeRO-3 partitions does. q, k and v have biases (Qwen2);
+    HMoRA w LW's hydra experts are gated by routers."""
     from hmora_ds.experts import MoRALinear
 
     model = tiny_hmora(preset, layers=2)
@@ -464,6 +465,10 @@ def test_base_product_accumulated_into_the_update_equals_the_module_call(preset)
                 b.base_layer.bias.normal_(0.0, 0.5)
     assert any(b.base_layer.bias is not None for b in banks)
     assert all(b._base_into_update(torch.zeros(1, b.in_features)) for b in banks)
+    weight = banks[0].base_layer.weight
+    weight.ds_id = 0  # what ZeRO-3 marks its partitioned parameters with
+    assert not banks[0]._base_into_update(torch.zeros(1, banks[0].in_features))
+    del weight.ds_id
 
     def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         model.zero_grad(set_to_none=True)
