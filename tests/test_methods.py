@@ -170,7 +170,7 @@ def test_zero3_layers_gather_their_routers_whole():
         module.register_forward_pre_hook(ds_hook)
     assert leave_hooks_eager(model, gathered=routers) == 1
     assert not router_linear._forward_pre_hooks
-    # the layer's own input check stays traced; DeepSpeed's hook is wrapped to run eagerly
+    # the layer's own pre-hook (already eager) is left as it is; DeepSpeed's is wrapped
     eager = [getattr(h, "_hmora_eager", False) for h in layer._forward_pre_hooks.values()]
     assert eager == [False, True]
 

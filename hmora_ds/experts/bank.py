@@ -166,8 +166,8 @@ class ExpertBankForward:
             # u = x Wᵀ + b, then u += s · h Bᵀ in place (GEMM beta = 1), where the update added
             # into the base module's output first copies that output (addmm's beta): a write
             # and a read of the widest tensor less per adapted linear. u is this block's own
-            # tensor and no node keeps it, so the in-place product is safe for autograd (a
-            # module's output under ZeRO-3 is a view: hence the plain-Linear condition).
+            # tensor (never a module's output) and no node keeps it, so the in-place product
+            # is safe for autograd.
             out.addmm_(h.reshape(-1, h.shape[-1]), self.lora_B.t(), alpha=scaling)
             return out.view(*x.shape[:-1], self.out_features)
         if not torch.is_autocast_enabled(x.device.type) and out.dtype != h.dtype:
