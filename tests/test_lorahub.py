@@ -112,6 +112,7 @@ def test_search_is_deterministic_for_a_seed():
     np.testing.assert_array_equal(a.weights, b.weights)
 
 
+@pytest.mark.multirank
 def test_search_split_over_two_gloo_ranks(tmp_path):
     from tests._dist import run_ranks
 
@@ -124,6 +125,7 @@ def test_search_split_over_two_gloo_ranks(tmp_path):
     assert min(v for _, v in r0["evals"]) <= r0["evals"][0][1]
 
 
+@pytest.mark.multirank
 def test_a_dead_rank_does_not_hang_the_others(tmp_path):
     import torch.multiprocessing as mp
 

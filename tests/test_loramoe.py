@@ -308,6 +308,7 @@ def test_the_batch_input_is_the_records_field():
     assert KNOWLEDGE_INPUT == KNOWLEDGE_FIELD
 
 
+@pytest.mark.slow
 def test_a_training_run_feeds_each_records_knowledge_flag_to_the_constraint(
     tiny_run_inputs, tmp_path
 ):

@@ -248,6 +248,7 @@ def _tiny_run_library(root, model_dir, tasks):
     return root
 
 
+@pytest.mark.slow
 def test_training_runs_route_on_the_task_index_and_resume_restores_moles_frozen_loras(
     tiny_run_inputs, tmp_path
 ):

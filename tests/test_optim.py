@@ -167,6 +167,7 @@ def _engine_worker(rank: int, world: int, out_dir) -> None:
     torch.save({"lrs": lrs, "moves": moves, "engine_lr": engine.get_lr()}, out_dir / "lrs.pt")
 
 
+@pytest.mark.multirank
 def test_deepspeed_schedule_keeps_the_router_ratio_through_warmup_and_decay(tmp_path):
     run_ranks(_engine_worker, 1, tmp_path, tmp_path, timeout=180)
     got = torch.load(tmp_path / "lrs.pt")

@@ -384,6 +384,7 @@ def test_hub_name_fails_fast_when_offline(monkeypatch, offline_hub):
         resolve_checkpoint("nobody/no-such-model")
 
 
+@pytest.mark.slow
 def test_train_cli_missing_model_is_one_line_and_fast(tmp_path, offline_hub):
     """Fault: launchers/train.py with an unknown hub name and no network: ~50 s of retries,
     then a traceback ending in OSError; now exit 2 within seconds, one line."""

@@ -368,6 +368,7 @@ def test_frozen_rank_is_named_and_the_run_ends(tiny_run_inputs, tmp_path):
 
 
 # ------------------------------------------------------------------ item 9: output_dir
+@pytest.mark.slow
 def test_unwritable_output_dir_is_refused_before_loading(tmp_path):
     """Fault: a read-only output_dir failed only at the first write (after loading the model,
     or at the first checkpoint). A path under /proc cannot be written even by root."""

@@ -162,6 +162,7 @@ def test_per_layer_experts_and_a_variable_count_per_token():
     torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.multirank
 def test_the_toy_passes_the_invariant_table(tmp_path):
     from tests import _method_invariants as inv
     from tests._dist import run_ranks
