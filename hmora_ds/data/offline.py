@@ -18,6 +18,7 @@ import json
 import logging
 import random
 import re
+import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -357,13 +358,32 @@ def ensure_offline_mixture(
     A directory with a ``manifest.json`` of the same settings is reused as is.
     """
     out = Path(out) if out else default_offline_dir(max_per_task, seed)
-    if (out / MANIFEST_FILE).is_file():
+
+    def built() -> bool:
+        if not (out / MANIFEST_FILE).is_file():
+            return False
         m = json.loads((out / MANIFEST_FILE).read_text())
-        if (
+        return (
             m.get("kind") == "offline"
             and m.get("max_per_task") == max_per_task
             and m.get("seed") == seed
-        ):
-            return out
-    build_offline(OfflineConfig(out=out, max_per_task=max_per_task, seed=seed))
+        )
+
+    if built():
+        return out
+    if out.exists():  # another build's (or the user's) directory: rebuilt in place
+        build_offline(OfflineConfig(out=out, max_per_task=max_per_task, seed=seed))
+        return out
+    # A new directory is built beside it and renamed into place, so that two processes
+    # building the same mixture at once (two jobs sharing the cache) never read or remove
+    # each other's half-written files: the first rename wins, the other build is dropped.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
+        staging = Path(tmp) / "out"
+        build_offline(OfflineConfig(out=staging, max_per_task=max_per_task, seed=seed))
+        try:
+            staging.rename(out)
+        except OSError:
+            if not built():
+                raise
     return out
