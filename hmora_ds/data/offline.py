@@ -18,7 +18,6 @@ import json
 import logging
 import random
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -377,13 +376,6 @@ def ensure_offline_mixture(
     # A new directory is built beside it and renamed into place, so that two processes
     # building the same mixture at once (two jobs sharing the cache) never read or remove
     # each other's half-written files: the first rename wins, the other build is dropped.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
-        staging = Path(tmp) / "out"
+    with assets.staged_dir(out, complete=built) as staging:
         build_offline(OfflineConfig(out=staging, max_per_task=max_per_task, seed=seed))
-        try:
-            staging.rename(out)
-        except OSError:
-            if not built():
-                raise
     return out
